@@ -1,0 +1,242 @@
+"""Building blocks shared by every model family: the conv-bn-relu block, filter grouping of
+existing convolutions (root modules), He initialisation and input checks.
+
+A *root module* (Section 3, Fig. 4) is a grouped spatial convolution followed by an ungrouped
+1x1 convolution. deeproots builds every network ungrouped and then groups the layers a
+schedule names with :func:`apply_groups`, so the same function converts any user's CNN.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ConvBNAct",
+    "GroupsError",
+    "apply_groups",
+    "convert",
+    "conv_layers",
+    "layer_name",
+    "he_init",
+    "InputCheck",
+    "check_positive",
+    "check_groups_mapping",
+]
+
+
+class GroupsError(ValueError):
+    """A groups mapping that cannot be applied to a model."""
+
+
+class ConvBNAct(nn.Module):
+    """Convolution, then batch norm (optional), then ReLU (optional).
+
+    Attributes are named ``conv``, ``bn`` and ``act`` (torchvision's ``BasicConv2d``), so a
+    layer is addressed by the block's path, e.g. ``"conv2a"`` or ``"inception3a.branch2.1"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: Optional[int] = None,
+        groups: int = 1,
+        bias: bool = False,
+        bn: bool = True,
+        bn_affine: bool = True,
+        act: bool = True,
+    ) -> None:
+        super().__init__()
+        if padding is None:
+            padding = kernel_size // 2
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias
+        )
+        self.bn = nn.BatchNorm2d(out_channels, affine=bn_affine) if bn else nn.Identity()
+        self.act = nn.ReLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def layer_name(path: str) -> str:
+    """The name deeproots uses for a conv at module path ``path``: the path, less a trailing
+    ``.conv`` (so the conv inside ``ConvBNAct`` block ``conv2a`` is called ``conv2a``)."""
+    return path[: -len(".conv")] if path.endswith(".conv") else path
+
+
+def conv_layers(model: nn.Module) -> Dict[str, nn.Conv2d]:
+    """All ``nn.Conv2d`` modules of ``model``, keyed by :func:`layer_name`, in model order."""
+    return {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def check_groups_mapping(groups: Mapping[str, int]) -> None:
+    """A GroupsError unless ``groups`` maps layer names to whole numbers >= 1."""
+    if not isinstance(groups, Mapping):
+        raise GroupsError(
+            f"groups must be a mapping of layer name (or wildcard pattern) to a whole number "
+            f"of groups, e.g. {{'conv2a': 8}}; got {type(groups).__name__} {groups!r}"
+        )
+    for key, value in groups.items():
+        if not isinstance(key, str) or not key:
+            raise GroupsError(f"groups mapping keys must be layer names (strings); got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GroupsError(
+                f"groups for {key!r} must be a whole number >= 1; got {value!r}"
+            )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def apply_groups(
+    model: nn.Module, groups: Optional[Mapping[str, int]], *, reinit: bool = True
+) -> Dict[str, int]:
+    """Give the conv layers named in ``groups`` that many filter groups, in place.
+
+    Keys are layer names as :func:`conv_layers` lists them, or shell-style patterns over them
+    (``"layer3.*.conv2"``); when several keys match a layer the last one wins. Each matched
+    ``nn.Conv2d`` is replaced by one with the same shape and ``groups=g`` (its weight becomes
+    ``[out, in/g, k, k]``), He-initialised when ``reinit``. A value of 1 ungroups a layer.
+
+    Returns the ``{layer name: groups}`` that was applied. Raises :class:`GroupsError` when
+    a key matches no conv layer, a value is not a whole number >= 1, or a layer's input or
+    output channels are not divisible by its groups.
+    """
+    if not groups:
+        return {}
+    check_groups_mapping(groups)
+    layers = conv_layers(model)
+    names = list(layers)
+    for key in groups:
+        if not any(fnmatch.fnmatchcase(n, key) for n in names):
+            close = difflib.get_close_matches(key, names, n=4, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise GroupsError(
+                f"groups key {key!r} matches no conv layer of {type(model).__name__}{hint}. "
+                f"Conv layers are named by module path (see deeproots.conv_layers(model))"
+            )
+    applied: Dict[str, int] = {}
+    modules = dict(model.named_modules())
+    for path, module in list(modules.items()):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        name = layer_name(path)
+        wanted = None
+        for key, value in groups.items():
+            if fnmatch.fnmatchcase(name, key):
+                wanted = value
+        if wanted is None or wanted == module.groups:
+            continue
+        cin, cout = module.in_channels, module.out_channels
+        if cin % wanted or cout % wanted:
+            common = [d for d in _divisors(cin) if cout % d == 0]
+            raise GroupsError(
+                f"layer {name!r} has {cin} input and {cout} output channels, which "
+                f"{wanted} groups do not divide; groups that divide both: "
+                f"{', '.join(map(str, common))}"
+            )
+        grouped = nn.Conv2d(
+            cin,
+            cout,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            groups=wanted,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        if reinit:
+            he_init(grouped)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(modules[parent_path] if parent_path else model, attr, grouped)
+        applied[name] = wanted
+    return applied
+
+
+def convert(model: nn.Module, groups: Mapping[str, int]) -> nn.Module:
+    """Turn your own CNN into a root network: group the named conv layers, in place.
+
+    ``deeproots.convert(model, {"features.3": 4})`` gives that conv 4 filter groups and a fresh
+    He initialisation (the grouped filters are a new architecture to train from scratch, as
+    in the paper, not an approximation of the old weights). Returns ``model``.
+    """
+    apply_groups(model, groups, reinit=True)
+    return model
+
+
+def he_init(module: nn.Module) -> None:
+    """He et al. (2015) initialisation, as the paper uses (Sections 4.1, 4.3), for one conv or
+    linear layer: normal with std sqrt(2 / fan_in) for convs, zero biases. fan_in counts only
+    the channels a filter sees (in / groups), so grouped filters get the right scale."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0, 0.01)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class InputCheck:
+    """Mixin: a clear error for a batch the network cannot take.
+
+    Subclasses set ``in_channels``, ``min_input_size`` (the smallest height and width for
+    which every layer still has an output) and, for networks with fixed-size classifiers,
+    ``max_input_size``; ``forward`` calls ``self.check_input(x)``.
+    """
+
+    in_channels: int = 3
+    min_input_size: int = 1
+    max_input_size: Optional[int] = None
+    default_input_size: Tuple[int, int, int] = (3, 224, 224)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless ``x`` is an (N, in_channels, H, W) batch of a size this
+        network takes."""
+        name = getattr(self, "name", type(self).__name__)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} expects a batch of images shaped (N, {self.in_channels}, H, W); "
+                f"got {shape}"
+            )
+        _, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(
+                f"{name} was built for {self.in_channels}-channel input; got {c} channels "
+                f"(shape {tuple(x.shape)}). Build it with in_channels={c} to accept this."
+            )
+        lo, hi = self.min_input_size, self.max_input_size
+        if min(h, w) < lo or (hi is not None and max(h, w) > hi):
+            accepted = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(
+                f"input {h}x{w} does not fit {name}: height and width must be {accepted} "
+                f"pixels (default {self.default_input_size[1]}x{self.default_input_size[2]})"
+                + (f". {self.input_size_hint}" if getattr(self, "input_size_hint", "") else "")
+            )
+
+
+def check_positive(name: str, value: int) -> None:
+    """A ValueError unless ``value`` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
+
+
+def init_weights(modules: Iterable[nn.Module]) -> None:
+    """He-initialise every conv, linear and batch-norm layer in ``modules``."""
+    for m in modules:
+        he_init(m)

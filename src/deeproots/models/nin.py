@@ -1,0 +1,92 @@
+"""Network-in-Network (Lin et al., 2013) for CIFAR-10 and its root, tree and column variants
+(Deep Roots, Table 1, Section 4.2, Table 8).
+
+Layout (Caffe's NiN for CIFAR-10, with the paper's batch norm and no dropout):
+
+    conv1a 5x5 192 -> conv1b 1x1 160 -> conv1c 1x1 96  -> max pool 3/2
+    conv2a 5x5 192 -> conv2b 1x1 192 -> conv2c 1x1 192 -> avg pool 3/2
+    conv3a 3x3 192 -> conv3b 1x1 192 -> conv3c 1x1 classes -> global avg pool
+
+Pooling uses Caffe's ceil mode (32 -> 16 -> 8), convs have biases, and each conv but the last
+is followed by batch norm and ReLU. The last conv gives the class scores directly.
+Global pooling lets the network take any input of at least ``min_input_size`` pixels: 28x28
+one-channel Fashion-MNIST runs as it is with ``in_channels=1``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..layers import ConvBNAct, InputCheck, apply_groups, check_positive, init_weights
+from ..registry import register_model
+from ..schedules import merge, resolve, variants
+
+__all__ = ["NiN", "nin"]
+
+
+class NiN(InputCheck, nn.Module):
+    """Network-in-Network with optional filter groups.
+
+    Args:
+        num_classes: number of output classes.
+        in_channels: image channels (3 for CIFAR-10, 1 for Fashion-MNIST).
+        groups: ``{layer: groups}``, e.g. ``{"conv2a": 8, "conv3a": 4}`` (root-8).
+    """
+
+    min_input_size = 4  # pool2 needs a 2x2 map; smaller inputs leave it none
+    default_input_size = (3, 32, 32)
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        groups: Optional[Mapping[str, int]] = None,
+    ) -> None:
+        super().__init__()
+        check_positive("num_classes", num_classes)
+        check_positive("in_channels", in_channels)
+        self.in_channels = in_channels
+        self.default_input_size = (in_channels, 32, 32)
+        self.num_classes = num_classes
+        block = lambda cin, cout, k: ConvBNAct(cin, cout, k, bias=True)  # noqa: E731
+        self.conv1a = block(in_channels, 192, 5)
+        self.conv1b = block(192, 160, 1)
+        self.conv1c = block(160, 96, 1)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2a = block(96, 192, 5)
+        self.conv2b = block(192, 192, 1)
+        self.conv2c = block(192, 192, 1)
+        self.pool2 = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.conv3a = block(192, 192, 3)
+        self.conv3b = block(192, 192, 1)
+        self.conv3c = ConvBNAct(192, num_classes, 1, bias=True, bn=False, act=False)
+        self.pool3 = nn.AdaptiveAvgPool2d(1)
+        init_weights(self.modules())
+        self.groups = apply_groups(self, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.pool1(self.conv1c(self.conv1b(self.conv1a(x))))
+        x = self.pool2(self.conv2c(self.conv2b(self.conv2a(x))))
+        x = self.conv3c(self.conv3b(self.conv3a(x)))
+        return torch.flatten(self.pool3(x), 1)
+
+
+def nin(
+    *, variant: str = "orig", groups: Optional[Mapping[str, int]] = None, **kwargs
+) -> NiN:
+    """Network-in-Network (Deep Roots, Section 4.1). ``variant`` is a row of Table 1 / Table 8
+    (``"orig"``, ``"root-8"``, ``"tree-4"``, ``"col-2"``, ...); ``groups`` overrides layers."""
+    return NiN(groups=merge(resolve("nin", variant), groups), **kwargs)
+
+
+for _variant in variants("nin"):
+    register_model(
+        "nin" if _variant == "orig" else f"nin-{_variant}",
+        nin,
+        family="nin",
+        paper="Table 8",
+        variant=_variant,
+    )

@@ -1,0 +1,269 @@
+"""Exact cost accounting for any ``nn.Module``: multiply-adds and parameters per layer.
+
+Multiply-adds come from PyTorch's own operator counter (``torch.utils.flop_counter``), which
+sees every convolution and matrix multiply by its real shapes, grouped convs included; a
+multiply-add is half of the FLOPs it reports. The paper's "FLOPS" are multiply-adds (Section
+4.3.1), and count convolutions and fully connected layers only: bias additions, batch norm,
+pooling and activations are not counted here either.
+
+Parameters follow the paper too: ``params`` counts the weights and biases of conv and linear
+layers; batch-norm parameters are reported apart (``bn_params``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import layer_name
+
+__all__ = ["profile", "Profile", "LayerCost", "parse_input_size"]
+
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class LayerCost:
+    """Cost of one conv or linear layer for one image.
+
+    ``macs`` are multiply-adds; ``params`` the layer's weights and biases; shapes exclude the
+    batch dimension; ``calls`` is 0 for a layer the forward pass did not run (e.g. an
+    auxiliary head in eval mode)."""
+
+    name: str
+    type: str
+    kernel: str
+    groups: int
+    input_shape: Tuple[int, ...]
+    output_shape: Tuple[int, ...]
+    macs: int
+    params: int
+    calls: int
+
+
+@dataclass
+class Profile:
+    """Costs of a model for one image of ``input_size`` (C, H, W).
+
+    ``macs``: multiply-adds of all counted operators; ``params``: conv and linear weights and
+    biases (the paper's convention); ``conv_weight_params``, ``conv_bias_params``,
+    ``linear_params`` split that; ``bn_params`` and ``other_params`` are the rest of
+    ``total_params``."""
+
+    model: str
+    input_size: Tuple[int, int, int]
+    training: bool
+    layers: List[LayerCost] = field(default_factory=list)
+    macs: int = 0
+    other_macs: int = 0
+    params: int = 0
+    conv_weight_params: int = 0
+    conv_bias_params: int = 0
+    linear_params: int = 0
+    bn_params: int = 0
+    other_params: int = 0
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter of the model, batch norm included."""
+        return self.params + self.bn_params + self.other_params
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict: totals, and per-layer rows under ``"layers"``."""
+        d = asdict(self)
+        d["total_params"] = self.total_params
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        """``to_dict()`` as JSON text."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table(self, per_layer: bool = True) -> str:
+        """A readable table: one row per layer (when ``per_layer``), then the totals."""
+        lines = []
+        if per_layer:
+            head = ("layer", "type", "kernel", "groups", "output", "MACs", "params")
+            rows = [
+                (
+                    layer.name,
+                    layer.type,
+                    layer.kernel,
+                    str(layer.groups),
+                    "x".join(map(str, layer.output_shape)) if layer.calls else "(not run)",
+                    f"{layer.macs:,}",
+                    f"{layer.params:,}",
+                )
+                for layer in self.layers
+            ]
+            lines.append(format_table(head, rows, align="lllrlrr"))
+            lines.append("")
+        c, h, w = self.input_size
+        mode = "training graph" if self.training else "inference"
+        lines.append(f"{self.model} on {c}x{h}x{w} ({mode}), per image:")
+        lines.append(f"  multiply-adds  {self.macs:>15,}  ({self.macs / 1e9:.3f} G)")
+        if self.other_macs:
+            lines.append(f"    outside conv/linear layers {self.other_macs:,}")
+        lines.append(f"  params         {self.params:>15,}  ({self.params / 1e6:.3f} M)"
+                     "  conv + linear weights and biases")
+        lines.append(f"    conv weights {self.conv_weight_params:,}, conv biases "
+                     f"{self.conv_bias_params:,}, linear {self.linear_params:,}")
+        lines.append(f"  batch norm     {self.bn_params:>15,}  (not in params)")
+        if self.other_params:
+            lines.append(f"  other          {self.other_params:>15,}  (not in params)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    """Plain-text table; ``align`` has one 'l' or 'r' per column."""
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    align = align or "l" * len(head)
+
+    def fmt(row):
+        cells = [str(x).ljust(wd) if a == "l" else str(x).rjust(wd)
+                 for x, wd, a in zip(row, widths, align)]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([fmt(head), "  ".join("-" * wd for wd in widths)] + [fmt(r) for r in rows])
+
+
+def parse_input_size(
+    input_size: Union[None, int, Sequence[int]], model: Optional[nn.Module] = None
+) -> Tuple[int, int, int]:
+    """Normalise ``input_size`` to (C, H, W).
+
+    Accepts an int (square, channels from the model), (H, W), or (C, H, W); ``None`` takes the
+    model's ``default_input_size``."""
+    channels = getattr(model, "in_channels", 3) if model is not None else 3
+    if input_size is None:
+        default = getattr(model, "default_input_size", None)
+        if default is None:
+            raise ValueError(
+                f"{type(model).__name__} has no default input size; pass input_size, "
+                f"e.g. (3, 224, 224)"
+            )
+        return tuple(default)  # type: ignore[return-value]
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        size: Tuple[int, ...] = (channels, input_size, input_size)
+    else:
+        try:
+            size = tuple(input_size)
+        except TypeError:
+            size = ()
+        if len(size) == 2:
+            size = (channels, *size)
+    if len(size) != 3 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
+    ):
+        raise ValueError(
+            f"input_size must be a positive int, (H, W) or (C, H, W); got {input_size!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
+def _kernel(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "fc"
+    return "x".join(map(str, module.kernel_size))
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def profile(
+    model: nn.Module,
+    input_size: Union[None, int, Sequence[int]] = None,
+    *,
+    training: bool = False,
+) -> Profile:
+    """Count the multiply-adds and parameters of ``model`` for one image.
+
+    Args:
+        model: any ``nn.Module`` that takes a batch of images.
+        input_size: (C, H, W), (H, W) or an int; default the model's ``default_input_size``.
+        training: count the training graph (e.g. GoogLeNet's auxiliary classifiers, which the
+            paper's Table 6 includes). Runs on a copy, so batch-norm statistics are untouched.
+
+    Returns:
+        A :class:`Profile` with per-layer rows and totals. Works on the ``meta`` device too
+        (build the model under ``with torch.device("meta"):`` to count without computing).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"profile() takes an nn.Module; got {type(model).__name__}")
+    size = parse_input_size(input_size, model)
+    name = getattr(model, "name", type(model).__name__)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    batch = 2 if training else 1  # batch norm in training mode needs more than one value
+    runner = copy.deepcopy(model) if training else model
+    was_training = runner.training
+    runner.train(training)
+
+    shapes: Dict[str, Tuple[tuple, tuple, int]] = {}
+    hooks = []
+    for path, module in runner.named_modules():
+        if isinstance(module, _COUNTED):
+            def hook(mod, args, out, path=path):
+                _, _, calls = shapes.get(path, ((), (), 0))
+                shapes[path] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]), calls + 1)
+            hooks.append(module.register_forward_hook(hook))
+    counter = FlopCounterMode(display=False)
+    x = torch.zeros((batch, *size), device=device, dtype=dtype)
+    try:
+        with torch.no_grad(), counter:
+            runner(x)
+    except ValueError:
+        raise
+    except RuntimeError as err:
+        raise ValueError(
+            f"could not run {name} on a {size[0]}x{size[1]}x{size[2]} input: {err}"
+        ) from err
+    finally:
+        for h in hooks:
+            h.remove()
+        runner.train(was_training)
+
+    counts = counter.get_flop_counts()
+    root = type(runner).__name__
+    result = Profile(model=name, input_size=size, training=training)
+    for path, module in runner.named_modules():
+        own = _own_params(module)
+        if isinstance(module, _COUNTED):
+            flops = sum(counts.get(f"{root}.{path}", {}).values())
+            in_shape, out_shape, calls = shapes.get(path, ((), (), 0))
+            result.layers.append(
+                LayerCost(
+                    name=layer_name(path),
+                    type=type(module).__name__,
+                    kernel=_kernel(module),
+                    groups=getattr(module, "groups", 1),
+                    input_shape=in_shape,
+                    output_shape=out_shape,
+                    macs=flops // 2 // batch,
+                    params=own,
+                    calls=calls,
+                )
+            )
+            if isinstance(module, nn.Linear):
+                result.linear_params += own
+            else:
+                result.conv_weight_params += module.weight.numel()
+                result.conv_bias_params += 0 if module.bias is None else module.bias.numel()
+        elif isinstance(module, _NORMS):
+            result.bn_params += own
+        else:
+            result.other_params += own
+    result.params = result.conv_weight_params + result.conv_bias_params + result.linear_params
+    result.macs = counter.get_total_flops() // 2 // batch
+    result.other_macs = result.macs - sum(layer.macs for layer in result.layers)
+    return result

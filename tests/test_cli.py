@@ -1,0 +1,44 @@
+"""The command line, run in-process as a user would type it."""
+import json
+
+import pytest
+
+from deeproots.cli import main
+
+
+def test_table_nin(capsys):
+    assert main(["table", "nin"]) == 0
+    out = capsys.readouterr().out
+    assert "Table 8" in out and "26 of 26" in out and "NO" not in out
+
+
+def test_table_json(capsys):
+    assert main(["table", "googlenet", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["googlenet"]
+    assert [r["model"] for r in rows][0] == "googlenet" and all(r["macs_match"] for r in rows)
+
+
+def test_list_and_profile(capsys):
+    assert main(["list", "nin-root*"]) == 0
+    assert capsys.readouterr().out.split() == ["nin-root-2", "nin-root-4", "nin-root-8",
+                                               "nin-root-16"]
+    assert main(["profile", "resnet50-root-64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["macs"] == 2_114_859_008
+    assert main(["profile", "nin", "--groups", "conv2a=8", "conv3a=4", "--per-layer"]) == 0
+    assert "103,342,080" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "nin-rot-8"], "unknown model 'nin-rot-8'"),
+        (["profile", "nin", "--groups", "conv2a=5"], "5 groups do not divide"),
+        (["profile", "nin", "--groups", "conv2a"], "LAYER=GROUPS"),
+        (["profile", "nin", "--input-size", "2"], "at least 4"),
+    ],
+)
+def test_errors_are_one_clear_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
