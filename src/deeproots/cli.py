@@ -110,6 +110,82 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import Interrupted, TrainConfig, TrainingDiverged, train
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, data_dir=args.data_dir, out=args.out,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, seed=args.seed, device=args.device,
+        workers=args.workers, image_size=args.image_size,
+        limit_train_batches=args.limit_train_batches,
+        limit_eval_batches=args.limit_eval_batches, resume=args.resume,
+        progress=False if args.no_progress else None, download=not args.no_download,
+    )
+    try:
+        summary = train(cfg)
+    except Interrupted as stop:
+        print(f"{stop}. Resume with: deeproots train {args.model} --data {args.data} "
+              f"--out {cfg.out} --resume", file=sys.stderr)
+        return 128 + stop.signum
+    except TrainingDiverged as err:
+        print(f"deeproots train: error: {err}", file=sys.stderr)
+        return 3
+    if summary["world_size"] > 1 and int(os_environ("RANK", "0")) != 0:
+        return 0
+    out = summary["out"]
+    print(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.4f}, "
+          f"top-5 {summary['top5']:.4f} after {summary['epochs']} epochs "
+          f"({summary['wall_s']:.0f} s, {summary['train_images_per_s']:.0f} training img/s)")
+    print(f"wrote {out}/: last.pt, best.pt (checkpoints), metrics.jsonl, metrics.csv, "
+          f"summary.json, curves.png")
+    return 0
+
+
+def os_environ(key: str, default: str) -> str:
+    import os
+
+    return os.environ.get(key, default)
+
+
+def cmd_eval(args) -> int:
+    from .data import build_loaders
+    from .train import _resolve_device, evaluate, load_checkpoint, model_from_checkpoint
+
+    device = _resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint, map_location=device)
+    model = model_from_checkpoint(state).to(device)
+    config = state.get("config", {})
+    data = args.data or config.get("data")
+    _, test_loader, spec = build_loaders(
+        data, data_dir=args.data_dir or config.get("data_dir"), batch_size=args.batch_size,
+        device=device, workers=args.workers, image_size=config.get("image_size", 224),
+        limit_eval_batches=args.limit_eval_batches, download_ok=not args.no_download)
+    if spec.num_classes != model.num_classes:
+        raise ValueError(f"{args.checkpoint} has {model.num_classes} classes but {data} has "
+                         f"{spec.num_classes}")
+    metrics = evaluate(model, test_loader, device)
+    metrics.update(model=state["model_cfg"]["name"], data=spec.name,
+                   checkpoint=str(args.checkpoint), epoch=state.get("epoch"))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{metrics['model']} on {metrics['data']} ({metrics['n']} images): top-1 "
+              f"{metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, loss {metrics['loss']:.4f}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``deeproots`` command."""
     from . import __version__
@@ -143,6 +219,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which table (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_table)
+
+    data_help = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"
+    p = sub.add_parser("train", help="train a model on real data")
+    p.add_argument("model")
+    p.add_argument("--data", default="fashion-mnist", help=data_help + " (default fashion-mnist)")
+    p.add_argument("--data-dir", help="where the dataset files are (default: $DEEPROOTS_DATA, "
+                   "then standard places)")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="global batch size, split over torchrun processes")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default runs/MODEL-DATA-seedN)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=4, help="image-folder decoding processes")
+    p.add_argument("--image-size", type=_positive_int, default=224,
+                   help="crop size for image folders")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--limit-train-batches", type=_positive_int, help="batches per epoch")
+    p.add_argument("--limit-eval-batches", type=_positive_int, help="test batches")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help=data_help + " (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--limit-eval-batches", type=_positive_int)
+    p.add_argument("--no-download", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON (top1, top5, loss, n)")
+    p.set_defaults(func=cmd_eval)
 
     for register in _EXTRA_COMMANDS:
         register(sub)

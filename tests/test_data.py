@@ -1,0 +1,182 @@
+"""Loaders on small files in each real format, written here; the batch augmentation."""
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeproots import data as D
+from helpers import write_cifar_folder, write_cifar_tarball, write_fashion_mnist, write_idx
+
+
+def test_cifar_folder_layout_is_channel_planes_row_major(tmp_path):
+    batches = write_cifar_folder(tmp_path)
+    images, labels = D.load_cifar10(tmp_path, "train", download_ok=False)
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8
+    raw = batches["data_batch_1"]["data"][0]
+    # the first 1024 bytes are red, row by row; then green; then blue
+    assert images[0, 0, 0, 5] == raw[5] and images[0, 0, 1, 0] == raw[32]
+    assert images[0, 1, 0, 0] == raw[1024] and images[0, 2, 31, 31] == raw[3071]
+    assert labels[:6].tolist() == batches["data_batch_1"]["labels"]
+    test_images, _ = D.load_cifar10(tmp_path, "test", download_ok=False)
+    assert len(test_images) == 6
+
+
+def test_cifar_tarball_read_in_place(tmp_path):
+    batches = write_cifar_tarball(tmp_path)
+    images, labels = D.load_cifar10(tmp_path, "test", download_ok=False)
+    expected = batches["test_batch"]["data"].reshape(-1, 3, 32, 32)
+    assert np.array_equal(images.numpy(), expected)
+    assert labels.tolist() == batches["test_batch"]["labels"]
+
+
+def test_cifar_truncated_files_name_the_file(tmp_path):
+    write_cifar_folder(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(D.DataError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+    tar_root = tmp_path / "t"
+    write_cifar_tarball(tar_root)
+    archive = tar_root / "cifar-10-python.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:2000])
+    with pytest.raises(D.DataError, match="cifar-10-python.tar.gz is corrupt or truncated"):
+        D.load_cifar10(tar_root, "train", download_ok=False)
+
+
+def test_cifar_wrong_shape(tmp_path):
+    write_cifar_folder(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
+    with pytest.raises(D.DataError, match=r"shape \(2, 100\).*\(N, 3072\)"):
+        D.load_cifar10(tmp_path, "test", download_ok=False)
+
+
+def test_cifar_missing_offline_says_where(tmp_path, monkeypatch):
+    with pytest.raises(D.DataError, match="CIFAR-10 not found: put cifar-10-batches-py/"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+
+    def offline(*a, **k):
+        raise D.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    with pytest.raises(D.DataError, match="cifar-10-python.tar.gz.*toronto"):
+        D.load_cifar10(tmp_path, "train", download_ok=True)
+
+
+def test_download_checks_md5(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"deep roots" * 100)
+    md5 = hashlib.md5(src.read_bytes()).hexdigest()
+    got = D.download(src.as_uri(), tmp_path / "out" / "a.bin", md5)
+    assert got.read_bytes() == src.read_bytes()
+    with pytest.raises(D.DataError, match="expected 0000"):
+        D.download(src.as_uri(), tmp_path / "out" / "b.bin", "0" * 32)
+    assert not (tmp_path / "out" / "b.bin").exists()
+
+
+def test_fashion_mnist_idx(tmp_path, monkeypatch):
+    written = write_fashion_mnist(tmp_path / "fashion-mnist", n_train=20, n_test=10, size=28)
+    images, labels = D.load_fashion_mnist(tmp_path / "fashion-mnist", "train", download_ok=False)
+    assert images.shape == (20, 1, 28, 28)
+    assert np.array_equal(images[:, 0].numpy(), written["train"][0])
+    assert labels.tolist() == written["train"][1].tolist()
+    # found through $DEEPROOTS_DATA/fashion-mnist too
+    monkeypatch.setenv("DEEPROOTS_DATA", str(tmp_path))
+    images, _ = D.load_fashion_mnist(None, "test", download_ok=False)
+    assert len(images) == 10
+
+
+def test_fashion_mnist_corrupt(tmp_path):
+    write_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(path, np.zeros((20, 8, 8), np.uint8))
+    raw = D.gzip.decompress(path.read_bytes())[:-7]
+    path.write_bytes(D.gzip.compress(raw))
+    with pytest.raises(D.DataError, match="train-images-idx3-ubyte.gz is truncated"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(D.DataError, match="not a readable gzip file"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+    write_idx(path, np.zeros((5, 8, 8), np.uint8))
+    with pytest.raises(D.DataError, match="5 images but .* 20 labels"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+
+
+def test_fashion_mnist_missing_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("DEEPROOTS_DATA", raising=False)
+    with pytest.raises(D.DataError, match="Fashion-MNIST not found: put train-images"):
+        D.load_fashion_mnist(tmp_path / "empty", "train", download_ok=False)
+
+
+def _jpeg(path, size, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, "JPEG", quality=95)
+
+
+def test_image_folder(tmp_path):
+    for split in ("train", "val"):
+        _jpeg(tmp_path / split / "cat" / "a.JPEG", (50, 40), (200, 10, 10))
+        _jpeg(tmp_path / split / "dog" / "b.JPEG", (30, 64), (10, 10, 200))
+        _jpeg(tmp_path / split / "dog" / "c.jpeg", (64, 64), (10, 200, 10))
+    train_set = D.ImageFolderDataset(tmp_path / "train", size=24, train=True)
+    assert train_set.classes == ["cat", "dog"] and len(train_set) == 3
+    x, y = train_set[0]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 0
+    val = D.ImageFolderDataset(tmp_path / "val", size=24, train=False)
+    x, y = val[1]
+    assert y == 1 and abs(x[2].float().mean().item() - 200) < 6 and x[0].float().mean() < 20
+    loaders = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=2, workers=0,
+                              image_size=24)
+    xb, yb = next(iter(loaders[0].batches()))
+    assert xb.shape == (2, 3, 24, 24) and xb.dtype == torch.float32
+    assert loaders[2].num_classes == 2
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.ImageFolderDataset(tmp_path / "none")
+    bad = tmp_path / "train" / "cat" / "broken.JPEG"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8 truncated")
+    dataset = D.ImageFolderDataset(tmp_path / "train", size=8)
+    with pytest.raises(D.DataError, match="broken.JPEG is not a readable image"):
+        dataset[0]
+
+
+def test_random_crop_is_a_crop_of_the_padded_image():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 2, 6, 6)
+    y = D.random_crop_flip(x, pad=2, flip=False, generator=g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        assert any(torch.equal(y[i], padded[i, :, a:a + 6, b:b + 6])
+                   for a in range(5) for b in range(5))
+    assert not torch.equal(y, x)
+    z = D.random_crop_flip(x, pad=0, flip=True, generator=g)
+    flipped = [torch.equal(z[i], x[i].flip(2)) for i in range(16)]
+    assert all(f or torch.equal(z[i], x[i]) for i, f in enumerate(flipped))
+    assert 0 < sum(flipped) < 16
+
+
+def test_tensor_loader_is_reproducible_resumable_and_shards_exactly():
+    spec = D.DataSpec("t", 4, 1, 8, (0.0,), (1.0,), pad=2)
+    images = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40)
+    full = D.TensorLoader(images, labels, spec, 8, train=True, seed=3)
+    full.set_epoch(2)
+    a = list(full.batches())
+    b = list(full.batches(start=2))
+    assert len(a) == 5 and all(torch.equal(p[0], q[0]) for p, q in zip(a[2:], b))
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == list(range(40))
+    full.set_epoch(3)
+    assert not torch.equal(next(iter(full))[1], a[0][1])
+    ranks = [D.TensorLoader(images, labels, spec, 8, train=True, seed=3, rank=r, world_size=2)
+             for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    for (x, y), (x0, y0), (x1, y1) in zip(a, *[r.batches() for r in ranks]):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
