@@ -7,7 +7,8 @@
     >>> deeproots.profile(model).macs
     103342080
 """
-from . import models  # noqa: F401  (registers every model)
+from . import data, models  # noqa: F401  (models: registers every model)
+from .deploy import export, optimize_for_inference
 from .layers import apply_groups, conv_layers, convert
 from .profile import Profile, profile
 from .registry import create_model, is_model, list_models, register_model
@@ -23,4 +24,6 @@ __all__ = [
     "convert",
     "apply_groups",
     "conv_layers",
+    "optimize_for_inference",
+    "export",
 ]

@@ -176,6 +176,110 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analysis import analyze
+    from .data import build_loaders
+    from .train import _resolve_device, load_checkpoint, model_from_checkpoint
+
+    device = _resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint, map_location=device)
+    model = model_from_checkpoint(state).to(device)
+    config = state.get("config", {})
+    data = args.data or config.get("data")
+    _, test_loader, _ = build_loaders(
+        data, data_dir=args.data_dir or config.get("data_dir"), batch_size=args.batch_size,
+        device=device, workers=args.workers, image_size=config.get("image_size", 224),
+        download_ok=not args.no_download)
+    result = analyze(model, test_loader.batches(), args.out, max_batches=args.max_batches,
+                     eps=args.eps, blocks=args.blocks, progress=sys.stderr.isatty())
+    print(f"{result['model']}: block-diagonality of inter-layer covariance")
+    from .analysis import _fmt
+
+    for key, p in result["pairs"].items():
+        print(f"  {key:16s} groups {p['groups']:>2}  block score raw {_fmt(p['score_raw'])}  "
+              f"whitened {_fmt(p['score_whitened'])}  ({p['blocks_scored']} blocks)")
+    print(f"wrote {args.out}/: report.md, analysis.json and the figures")
+    return 0
+
+
+def cmd_plot_costs(args) -> int:
+    from .analysis import plot_costs
+
+    path = plot_costs(args.model_a, args.model_b, args.out, args.input_size)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot_results(args) -> int:
+    from .analysis import plot_results
+
+    path = plot_results(args.summaries, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def _with_allocator(args, argv) -> Optional[int]:
+    """Re-run this command with jemalloc preloaded when asked (``--allocator jemalloc``, or
+    ``auto`` where it is installed): glibc malloc returns large activations to the kernel and
+    page-faults them in again on every batch."""
+    import os
+
+    if args.allocator == "system" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    lib = next((p for p in JEMALLOC if os.path.exists(p)), None)
+    if lib is None:
+        if args.allocator == "jemalloc":
+            raise ValueError("--allocator jemalloc: libjemalloc.so.2 not found in "
+                             f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
+        return None
+    env = dict(os.environ, LD_PRELOAD=lib, MALLOC_CONF=os.environ.get(
+        "MALLOC_CONF", "oversize_threshold:1,background_thread:true,metadata_thp:auto,"
+        "dirty_decay_ms:-1,muzzy_decay_ms:-1"))
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "deeproots", *argv], env=env)
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_models, format_bench
+
+    rows = bench_models(args.models, batch_size=args.batch_size, device=args.device,
+                        threads=args.threads, dtype=args.dtype, paths=args.path,
+                        modes=args.mode, repeats=args.repeats, warmup=args.warmup,
+                        input_size=args.input_size)
+    import os
+
+    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    for r in rows:
+        r["allocator"] = allocator
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_bench(rows) + f"\nallocator: {allocator}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .deploy import export
+    from .profile import parse_input_size
+    from .registry import create_model
+
+    if args.checkpoint:
+        from .train import load_checkpoint, model_from_checkpoint
+
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint))
+    else:
+        model = create_model(args.model, **_model_kwargs(args))
+    size = parse_input_size(args.input_size, model)
+    export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format)
+    print(f"wrote {args.out} ({args.format}, batch norm folded, input {size})")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -259,6 +363,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (top1, top5, loss, n)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("analyze", help="covariance, correlation and filters of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help=data_help + " (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True, help="folder for figures, analysis.json, report.md")
+    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--max-batches", type=_positive_int, help="default: the whole test split")
+    p.add_argument("--eps", type=float, default=1e-5, help="ZCA whitening epsilon")
+    p.add_argument("--blocks", type=_positive_int, default=4,
+                   help="blocks to score ungrouped layers on (default 4)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--no-download", action="store_true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("plot-costs", help="per-layer costs of two models (Figure 15)")
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("--input-size", type=_input_size, default=None)
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_plot_costs)
+
+    p = sub.add_parser("plot-results", help="accuracy vs costs from summary.json files "
+                       "(Figures 5, 8, 9)")
+    p.add_argument("summaries", nargs="+", help="summary.json files of training runs")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.set_defaults(func=cmd_plot_results)
+
+    p = sub.add_parser("bench", help="time models side by side (ms per image)")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--path", nargs="+", default=["fold"],
+                   choices=["eager", "fold", "script", "compile", "onnxruntime", "openvino"],
+                   help="inference engines to time (default fold: BN folded, channels-last)")
+    p.add_argument("--mode", nargs="+", default=["inference"], choices=["inference", "train"])
+    p.add_argument("--repeats", type=_positive_int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--input-size", type=_input_size, default=None)
+    p.add_argument("--allocator", choices=["auto", "jemalloc", "system"], default="auto",
+                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript")
+    p.add_argument("model", help="model name (or any name with --checkpoint)")
+    p.add_argument("--checkpoint", help="export the trained weights of this checkpoint")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--input-size", type=_input_size, default=None)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_export)
+
     for register in _EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -271,8 +431,13 @@ _EXTRA_COMMANDS: list = []
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "allocator", None) is not None:
+            status = _with_allocator(args, argv)
+            if status is not None:
+                return status
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as err:
         print(f"deeproots {args.command}: error: {err}", file=sys.stderr)

@@ -207,6 +207,8 @@ class InputCheck:
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless ``x`` is an (N, in_channels, H, W) batch of a size this
         network takes."""
+        if _tracing():  # shapes are symbolic while a graph is traced for export
+            return
         name = getattr(self, "name", type(self).__name__)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -228,6 +230,13 @@ class InputCheck:
                 f"pixels (default {self.default_input_size[1]}x{self.default_input_size[2]})"
                 + (f". {self.input_size_hint}" if getattr(self, "input_size_hint", "") else "")
             )
+
+
+def _tracing() -> bool:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return (torch.jit.is_tracing() or is_fx_symbolic_tracing()
+            or torch.onnx.is_in_onnx_export())
 
 
 def check_positive(name: str, value: int) -> None:

@@ -342,6 +342,9 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if cuda:  # batch statistics over the global batch, as one process would compute
+            # (SyncBatchNorm runs on GPUs only; on CPU each process normalises its own part)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DDP(model, device_ids=[device.index] if cuda else None)
 
     if is_main:

@@ -1,0 +1,176 @@
+"""Running root networks fast: batch norm folded into the convolutions, channels-last
+memory, and the fastest of several inference engines measured on this machine.
+
+    fast = deeproots.optimize_for_inference(model, example_input)
+    fast(x)            # logits, as model.eval()(x) within the stated tolerance
+    fast.path          # which engine won, e.g. "openvino"
+    fast.timings       # ms per image of every candidate, measured side by side
+
+Paths: ``eager`` (the model as built), ``fold`` (BN folded + channels-last), ``script``
+(fold, then TorchScript trace + freeze), ``compile`` (fold, then torch.compile with weight
+freezing), ``onnxruntime`` and ``openvino`` (fold, exported). ``bfloat16`` runs the torch
+paths in bf16, an opt-in with its accuracy cost (see docs/speed.md).
+"""
+from __future__ import annotations
+
+import copy
+import io
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["PATHS", "fold_batchnorm", "build_path", "optimize_for_inference", "FastModel",
+           "export", "available_paths"]
+
+PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino")
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every conv -> batch-norm pair folded into the conv's
+    weights and bias (torch.fx's conv-bn fusion). Pre-activation BN, which comes before its
+    conv, stays as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = copy.deepcopy(model).eval()
+    try:
+        return fuse(model, inplace=True)
+    except Exception as err:  # a model FX cannot trace keeps its batch norm
+        raise ValueError(f"cannot fold batch norm of {type(model).__name__}: FX could not "
+                         f"trace it ({type(err).__name__}: {err})") from err
+
+
+class FastModel:
+    """An inference callable: ``fast(x) -> logits`` (a torch tensor on the CPU or the model's
+    device); ``path`` names the engine, ``timings`` (ms per image) the candidates measured."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], path: str,
+                 timings: Optional[Dict[str, float]] = None):
+        self._fn, self.path, self.timings = fn, path, timings or {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+    def __repr__(self) -> str:
+        return f"FastModel(path={self.path!r})"
+
+
+def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"},
+                                                             "logits": {0: "batch"}})
+    return buf.getvalue()
+
+
+def available_paths() -> List[str]:
+    """The paths this installation can build (onnxruntime and openvino are optional)."""
+    paths = ["eager", "fold", "script", "compile"]
+    for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+        try:
+            __import__(module)
+            paths.append(name)
+        except ImportError:
+            pass
+    return paths
+
+
+def build_path(model: nn.Module, example: torch.Tensor, path: str,
+               dtype: torch.dtype = torch.float32) -> FastModel:
+    """One inference path for ``model``; ``example`` is a batch of the size it will run."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
+    if path in ("onnxruntime", "openvino") and path not in available_paths():
+        raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
+    if dtype != torch.float32 and path in ("onnxruntime", "openvino"):
+        raise ValueError(f"path {path!r} runs float32 only; got dtype {dtype}")
+    model = model.eval()
+    if path == "eager":
+        m = copy.deepcopy(model).to(dtype)
+        return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path)
+    folded = fold_batchnorm(model)
+    if path in ("fold", "script", "compile"):
+        # channels-last: the layout oneDNN's convolutions run fastest in
+        folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
+        cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        if path == "fold":
+            return FastModel(_no_grad(lambda x: folded(cl(x)).float()), path)
+        if path == "script":
+            with torch.no_grad():
+                traced = torch.jit.trace(folded, cl(example), check_trace=False)
+                # freeze alone: torch.jit.optimize_for_inference changes NiN's outputs by up
+                # to 0.2 (its oneDNN rewrite of the ceil-mode pooling), measured in tests
+                frozen = torch.jit.freeze(traced)
+            return FastModel(_no_grad(lambda x: frozen(cl(x)).float()), path)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # constant-fold weights into the compiled graph
+        compiled = torch.compile(folded, dynamic=False)
+        return FastModel(_no_grad(lambda x: compiled(cl(x)).float()), path)
+    blob = _onnx_bytes(folded, example)
+    threads = torch.get_num_threads()
+    if path == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+        return FastModel(lambda x: torch.from_numpy(
+            session.run(None, {"input": x.detach().cpu().numpy()})[0]), path)
+    import openvino as ov
+
+    core = ov.Core()
+    compiled_ov = core.compile_model(core.read_model(blob), "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY"})
+    return FastModel(lambda x: torch.from_numpy(
+        compiled_ov(x.detach().cpu().numpy())[0].copy()), path)
+
+
+def _no_grad(fn):
+    def run(x):
+        with torch.inference_mode():
+            return fn(x)
+    return run
+
+
+def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
+                           paths: Sequence[str] | str = "auto", *,
+                           dtype: torch.dtype = torch.float32, repeats: int = 5) -> FastModel:
+    """The fastest inference form of ``model`` on this machine for batches like
+    ``example_input``. ``paths="auto"`` measures fold, script, onnxruntime and openvino
+    (those installed; torch.compile only when named, as it takes minutes to build) side by
+    side and returns the fastest, with every candidate's ms per image in ``.timings``."""
+    from .bench import interleaved
+
+    if isinstance(paths, str):
+        paths = [p for p in available_paths() if p not in ("eager", "compile")] \
+            if paths == "auto" else [paths]
+    if dtype != torch.float32:
+        paths = [p for p in paths if p not in ("onnxruntime", "openvino")]
+    built = {p: build_path(model, example_input, p, dtype) for p in paths}
+    if len(built) == 1:
+        return next(iter(built.values()))
+    timings = interleaved({p: (lambda f=f: f(example_input)) for p, f in built.items()},
+                          images=len(example_input), repeats=repeats)
+    ms = {p: t.ms_per_image for p, t in timings.items()}
+    best = min(ms, key=ms.get)
+    built[best].timings = ms
+    return built[best]
+
+
+def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str) -> None:
+    """Write ``model`` (batch norm folded, eval mode) as ONNX (batch size dynamic) or a
+    frozen TorchScript file."""
+    folded = fold_batchnorm(model)
+    if fmt == "onnx":
+        data = _onnx_bytes(folded, example_input)
+        with open(out, "wb") as f:
+            f.write(data)
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            frozen = torch.jit.freeze(torch.jit.trace(folded, example_input, check_trace=False))
+        torch.jit.save(frozen, str(out))
+    else:
+        raise ValueError(f"unknown export format {fmt!r}; accepted: onnx, torchscript")

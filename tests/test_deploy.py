@@ -1,0 +1,135 @@
+"""Fast inference paths and export: each matches the eager model within the stated
+tolerance (max |difference| <= 1e-4 x max |logit|, float32)."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import deeproots
+from deeproots.bench import bench_models
+from deeproots.cli import main
+from deeproots.deploy import build_path, export, fold_batchnorm, optimize_for_inference
+
+
+def _trained_like(name, **kwargs):
+    """A model whose batch norms hold non-trivial statistics, as after training."""
+    torch.manual_seed(0)
+    model = deeproots.create_model(name, **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+    return model
+
+
+def _close(out, ref, tol=1e-4):
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= tol * ref.abs().max().item() + 1e-6
+
+
+CASES = [("nin-root-8", {}, 32), ("resnet50-root-8", {}, 64),
+         ("googlenet-root-4", {"layout": "standard"}, 64)]
+
+
+@pytest.mark.parametrize("name, kwargs, size", CASES)
+def test_folding_removes_batch_norm_and_keeps_outputs(name, kwargs, size):
+    model = _trained_like(name, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        _close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("path", ["fold", "script", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("name, kwargs, size", CASES[:2])
+def test_paths_match_eager(path, name, kwargs, size):
+    pytest.importorskip(path) if path in ("onnxruntime", "openvino") else None
+    model = _trained_like(name, **kwargs)
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    fast = build_path(model, x, path)
+    _close(fast(x), ref)
+    assert fast.path == path
+
+
+def test_bfloat16_is_opt_in_and_close():
+    model = _trained_like("nin-root-8")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out = build_path(model, x, "fold", dtype=torch.bfloat16)(x)
+    assert out.dtype == torch.float32
+    _close(out, ref, tol=0.05)  # bf16 keeps ~3 significant digits
+
+
+def test_optimize_for_inference_picks_the_fastest_measured():
+    model = _trained_like("nin-root-8")
+    x = torch.randn(4, 3, 32, 32)
+    fast = optimize_for_inference(model, x, ["fold", "script"], repeats=2)
+    assert set(fast.timings) == {"fold", "script"}
+    assert fast.timings[fast.path] == min(fast.timings.values())
+    with torch.no_grad():
+        _close(fast(x), model(x))
+
+
+def test_export_onnx_and_torchscript(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    model = _trained_like("nin-root-8")
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    export(model, x[:1], tmp_path / "m.onnx", "onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    _close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), ref)  # dynamic batch
+    export(model, x, tmp_path / "m.pt", "torchscript")
+    _close(torch.jit.load(str(tmp_path / "m.pt"))(x), ref)
+    assert main(["export", "nin", "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 0
+    assert (tmp_path / "n.onnx").stat().st_size > 3_000_000  # 967k float32 weights
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        export(model, x, tmp_path / "m.tfl", "tflite")
+
+
+def test_bench_rows():
+    rows = bench_models(["nin", "nin-root-8"], batch_size=4, paths=["fold"],
+                        modes=["inference", "train"], repeats=1, warmup=0, input_size=16)
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("nin", "inference"), ("nin-root-8", "inference"), ("nin", "train"),
+        ("nin-root-8", "train")]
+    assert rows[0]["speedup"] == 1.0
+    assert rows[1]["ideal_speedup"] == pytest.approx(rows[0]["macs"] / rows[1]["macs"])
+    r = rows[1]
+    assert r["gflops"] == pytest.approx(2 * r["macs"] / (r["ms_per_image"] / 1000) / 1e9)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "nin-rot-8"], "unknown model 'nin-rot-8'"),
+    (["bench", "nin", "--device", "cuda"], "no CUDA GPU"),
+    (["bench", "nin", "--device", "tpu"], "device must be cpu or cuda; got 'tpu'"),
+])
+def test_bench_errors(capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert main(argv + ["--allocator", "system"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_bad_values():
+    with pytest.raises(ValueError, match="batch size must be a whole number >= 1; got 0"):
+        bench_models(["nin"], batch_size=0)
+    with pytest.raises(ValueError, match="unknown path 'tvm'"):
+        bench_models(["nin"], paths=["tvm"])
+    with pytest.raises(SystemExit):  # argparse: choices
+        main(["bench", "nin", "--path", "tvm"])
+
+
+def test_bench_json(capsys):
+    assert main(["bench", "nin", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                 "--input-size", "16", "--json", "--allocator", "system"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["model"] == "nin" and rows[0]["allocator"] == "system"
