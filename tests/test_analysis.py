@@ -120,3 +120,13 @@ def test_analysis_end_to_end_on_a_trained_model(tmp_path, capsys):
         assert (tmp_path / "an" / name).exists()
     assert _png_size(tmp_path / "an" / "cov_conv2c_conv3a.png") == (1000, 500)
     assert "conv2c->conv3a" in (tmp_path / "an" / "report.md").read_text()
+
+
+def test_filters_are_arranged_by_the_next_grouped_layer(tmp_path):
+    """Figure 14: ResNet-50 root-8's conv1 filters in 8 rows, the groups of layer1's 3x3."""
+    assert A.first_layer_filters(deeproots.create_model("resnet50-root-8"))[2] == 8
+    assert A.first_layer_filters(deeproots.create_model("resnet50"))[2] == 1
+    # NiN's conv1a feeds the ungrouped conv1b (192 -> 160): no grouping to show
+    assert A.first_layer_filters(deeproots.create_model("nin-root-8"))[2] == 1
+    assert _png_size(A.plot_filters(deeproots.create_model("resnet50-root-8"),
+                                    tmp_path / "f.png")) == (500, 500)

@@ -245,12 +245,18 @@ def plot_matrix_grid(matrices: Dict[str, torch.Tensor], path: Path, title: str) 
 
 
 def first_layer_filters(model: nn.Module) -> Tuple[str, torch.Tensor, int]:
-    """The first conv's filters and the groups that arrange them: those of the first grouped
-    conv that reads as many channels as the first conv makes (Figure 14), else 1."""
+    """The first conv's filters and the groups that arrange them (Figure 14): those of the
+    first grouped conv among the following convs that still read as many channels as the
+    first conv makes (ResNet: conv1 -> layer1.0.conv1 -> layer1.0.conv2), else 1."""
     convs = list(conv_layers(model).items())
     name, first = convs[0]
-    groups = next((c.groups for _, c in convs[1:]
-                   if c.groups > 1 and c.in_channels == first.out_channels), 1)
+    groups = 1
+    for _, c in convs[1:]:
+        if c.in_channels != first.out_channels:
+            break
+        if c.groups > 1:
+            groups = c.groups
+            break
     return name, first.weight.detach().float().cpu(), groups
 
 

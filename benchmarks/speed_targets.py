@@ -1,0 +1,49 @@
+"""Inference speed of root networks against issue #4's CPU targets, measured side by side.
+
+    python benchmarks/speed_targets.py [--paths fold openvino ...] [--threads 2] [--repeats 10]
+
+For each path, NiN (orig and the 4 root variants, batch 128, 3x32x32) and ResNet-50 (orig and
+root-64, batch 16, 3x224x224) are timed in one process, models taking turns. Run it through
+`deeproots bench`'s allocator by setting LD_PRELOAD yourself, or compare with
+`deeproots bench ... --allocator system`.
+"""
+import argparse
+
+from deeproots.bench import bench_models, format_bench
+from deeproots.deploy import available_paths
+
+TARGETS = {("nin", "nin-root-8"): 1.9, ("nin", "nin-root-16"): 2.1,
+           ("resnet50", "resnet50-root-64"): 1.7}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--paths", nargs="+",
+                   default=[x for x in available_paths() if x not in ("eager", "compile")])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    groups = [(["nin", "nin-root-2", "nin-root-4", "nin-root-8", "nin-root-16"], 128),
+              (["resnet50", "resnet50-root-64"], 16)]
+    best_gflops = 0.0
+    verdicts = []
+    for names, batch in groups:
+        rows = bench_models(names, batch_size=batch, threads=args.threads, paths=args.paths,
+                            repeats=args.repeats, warmup=3)
+        print(format_bench(rows), "\n", flush=True)
+        for path in args.paths:
+            by = {r["model"]: r for r in rows if r["path"] == path}
+            for (a, b), target in TARGETS.items():
+                if a in by and b in by:
+                    speedup = by[a]["ms_per_image"] / by[b]["ms_per_image"]
+                    verdicts.append(f"{path:12s} {b:18s} {speedup:5.2f}x over {a} "
+                                    f"(target {target}x): {'met' if speedup >= target else 'missed'}")
+            if "nin" in by:
+                best_gflops = max(best_gflops, by["nin"]["gflops"])
+    print("\n".join(verdicts))
+    print(f"best nin GFLOP/s: {best_gflops:.0f} (target 200): "
+          f"{'met' if best_gflops >= 200 else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()
