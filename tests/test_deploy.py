@@ -115,7 +115,7 @@ def test_bench_rows():
 def test_bench_errors(capsys, argv, message):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("has a GPU")
-    assert main(argv + ["--allocator", "system"]) == 2
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
@@ -133,3 +133,14 @@ def test_bench_json(capsys):
                  "--input-size", "16", "--json", "--allocator", "system"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["model"] == "nin" and rows[0]["allocator"] == "system"
+
+
+def test_openvino_is_refused_under_jemalloc(monkeypatch, capsys):
+    """OpenVINO aborts the whole process under a preloaded jemalloc: refuse it clearly."""
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    from deeproots.deploy import available_paths
+
+    assert "openvino" not in available_paths()
+    model = deeproots.create_model("nin")
+    with pytest.raises(ValueError, match="'openvino' aborts the process under a preloaded"):
+        build_path(model, torch.randn(1, 3, 32, 32), "openvino")

@@ -344,6 +344,7 @@ def plot_results(summaries: Sequence[Path], path: Path) -> Path:
             ax.annotate(f"{model} (n={len(acc)})", (items[0][key], acc.mean()), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
         ax.set(xlabel=label, ylabel="top-1 accuracy")
+        ax.margins(0.2)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("accuracy vs cost (mean and std over seeds)")

@@ -222,26 +222,32 @@ JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linu
             "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
-def _with_allocator(args, argv) -> Optional[int]:
-    """Re-run this command with jemalloc preloaded when asked (``--allocator jemalloc``, or
-    ``auto`` where it is installed): glibc malloc returns large activations to the kernel and
-    page-faults them in again on every batch."""
+def _with_allocator(args, argv) -> None:
+    """Re-run this command in place (exec) with jemalloc preloaded, when asked
+    (``--allocator jemalloc``, or ``auto`` where it is installed). glibc malloc hands large
+    activations back to the kernel and page-faults them in again on every batch; jemalloc,
+    configured as PyTorch's CPU launcher does, keeps them (docs/speed.md has the figures)."""
     import os
 
     if args.allocator == "system" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return None
+        return
+    if "openvino" in (getattr(args, "path", None) or ()):
+        if args.allocator == "jemalloc":
+            raise ValueError("--path openvino cannot run under jemalloc (OpenVINO aborts with "
+                             "'double free or corruption'); use --allocator system")
+        return  # auto: OpenVINO needs the system allocator
     lib = next((p for p in JEMALLOC if os.path.exists(p)), None)
     if lib is None:
         if args.allocator == "jemalloc":
             raise ValueError("--allocator jemalloc: libjemalloc.so.2 not found in "
                              f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
-        return None
+        return
     env = dict(os.environ, LD_PRELOAD=lib, MALLOC_CONF=os.environ.get(
         "MALLOC_CONF", "oversize_threshold:1,background_thread:true,metadata_thp:auto,"
         "dirty_decay_ms:-1,muzzy_decay_ms:-1"))
-    import subprocess
-
-    return subprocess.call([sys.executable, "-m", "deeproots", *argv], env=env)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "deeproots", *argv], env)
 
 
 def cmd_bench(args) -> int:
@@ -349,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-eval-batches", type=_positive_int, help="test batches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--allocator", choices=["auto", "jemalloc", "system"], default="auto",
+                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a test split")
@@ -431,13 +439,14 @@ _EXTRA_COMMANDS: list = []
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "allocator", None) is not None:
-            status = _with_allocator(args, argv)
-            if status is not None:
-                return status
+        # Only a command typed at the shell is re-run with another allocator; a program
+        # calling main() keeps its own process (and sets LD_PRELOAD itself if it wants).
+        if from_command_line and getattr(args, "allocator", None) is not None:
+            _with_allocator(args, argv)
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as err:
         print(f"deeproots {args.command}: error: {err}", file=sys.stderr)

@@ -63,12 +63,22 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def _jemalloc_preloaded() -> bool:
+    import os
+
+    return "jemalloc" in os.environ.get("LD_PRELOAD", "")
+
+
 def available_paths() -> List[str]:
-    """The paths this installation can build (onnxruntime and openvino are optional)."""
+    """The paths this process can build: onnxruntime and openvino are optional packages, and
+    OpenVINO aborts the process ("double free or corruption") under a preloaded jemalloc,
+    so it is left out there."""
     paths = ["eager", "fold", "script", "compile"]
-    for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+    for name in ("onnxruntime", "openvino"):
+        if name == "openvino" and _jemalloc_preloaded():
+            continue
         try:
-            __import__(module)
+            __import__(name)
             paths.append(name)
         except ImportError:
             pass
@@ -80,6 +90,9 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
     """One inference path for ``model``; ``example`` is a batch of the size it will run."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
+    if path == "openvino" and _jemalloc_preloaded():
+        raise ValueError("path 'openvino' aborts the process under a preloaded jemalloc "
+                         "(LD_PRELOAD); run it with the system allocator (--allocator system)")
     if path in ("onnxruntime", "openvino") and path not in available_paths():
         raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
     if dtype != torch.float32 and path in ("onnxruntime", "openvino"):

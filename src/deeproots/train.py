@@ -459,6 +459,7 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
         "train_images_per_s": (sum(h["images_per_s"] * h["epoch_s"] for h in history) /
                                max(1e-9, sum(h["epoch_s"] for h in history))),
         "device": _device_name(device), "world_size": world, "versions": _versions(),
+        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
         "config": asdict(cfg), "checkpoint": str(last_path), "out": str(out),
     }
     if is_main:
