@@ -132,7 +132,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as err:
         print(f"deeproots train: error: {err}", file=sys.stderr)
         return 3
-    if summary["world_size"] > 1 and int(os_environ("RANK", "0")) != 0:
+    import os
+
+    if summary["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
     out = summary["out"]
     print(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.4f}, "
@@ -143,15 +145,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def os_environ(key: str, default: str) -> str:
-    import os
-
-    return os.environ.get(key, default)
-
-
-def cmd_eval(args) -> int:
+def _checkpoint_and_test_data(args, limit_eval_batches=None):
+    """The model of ``args.checkpoint`` on its device, and the test split of ``args.data``
+    (default: the data it was trained on)."""
     from .data import build_loaders
-    from .train import _resolve_device, evaluate, load_checkpoint, model_from_checkpoint
+    from .train import _resolve_device, load_checkpoint, model_from_checkpoint
 
     device = _resolve_device(args.device)
     state = load_checkpoint(args.checkpoint, map_location=device)
@@ -161,10 +159,18 @@ def cmd_eval(args) -> int:
     _, test_loader, spec = build_loaders(
         data, data_dir=args.data_dir or config.get("data_dir"), batch_size=args.batch_size,
         device=device, workers=args.workers, image_size=config.get("image_size", 224),
-        limit_eval_batches=args.limit_eval_batches, download_ok=not args.no_download)
+        limit_eval_batches=limit_eval_batches, download_ok=not args.no_download)
     if spec.num_classes != model.num_classes:
         raise ValueError(f"{args.checkpoint} has {model.num_classes} classes but {data} has "
                          f"{spec.num_classes}")
+    return model, test_loader, spec, state, device
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate
+
+    model, test_loader, spec, state, device = _checkpoint_and_test_data(
+        args, args.limit_eval_batches)
     metrics = evaluate(model, test_loader, device)
     metrics.update(model=state["model_cfg"]["name"], data=spec.name,
                    checkpoint=str(args.checkpoint), epoch=state.get("epoch"))
@@ -178,18 +184,8 @@ def cmd_eval(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze
-    from .data import build_loaders
-    from .train import _resolve_device, load_checkpoint, model_from_checkpoint
 
-    device = _resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint, map_location=device)
-    model = model_from_checkpoint(state).to(device)
-    config = state.get("config", {})
-    data = args.data or config.get("data")
-    _, test_loader, _ = build_loaders(
-        data, data_dir=args.data_dir or config.get("data_dir"), batch_size=args.batch_size,
-        device=device, workers=args.workers, image_size=config.get("image_size", 224),
-        download_ok=not args.no_download)
+    model, test_loader, _, _, _ = _checkpoint_and_test_data(args)
     result = analyze(model, test_loader.batches(), args.out, max_batches=args.max_batches,
                      eps=args.eps, blocks=args.blocks, progress=sys.stderr.isatty())
     print(f"{result['model']}: block-diagonality of inter-layer covariance")
