@@ -92,6 +92,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     speedup from multiply-adds, and the achieved GFLOP/s (2 x multiply-adds / time).
     ``modes`` may add ``"train"``: one SGD step (forward, backward, update), eager."""
     from .deploy import PATHS, build_path
+    from .layers import check_positive
+    from .runtime import resolve_device
     from .profile import parse_input_size, profile
     from .registry import create_model, model_entry
 
@@ -99,8 +101,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
         raise ValueError("name at least one model to time")
     for name in names:
         model_entry(name)  # unknown names fail before anything is built
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a whole number >= 1; got {batch_size!r}")
+    check_positive("batch size", batch_size)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     for p in paths:
@@ -109,11 +110,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but this machine has no CUDA GPU; "
-                         "use --device cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be cpu or cuda; got {device!r}")
+    device = str(resolve_device(device, accepted=("cpu", "cuda")))
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1; got {threads}")

@@ -149,9 +149,10 @@ def _checkpoint_and_test_data(args, limit_eval_batches=None):
     """The model of ``args.checkpoint`` on its device, and the test split of ``args.data``
     (default: the data it was trained on)."""
     from .data import build_loaders
-    from .train import _resolve_device, load_checkpoint, model_from_checkpoint
+    from .runtime import resolve_device
+    from .train import load_checkpoint, model_from_checkpoint
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint, map_location=device)
     model = model_from_checkpoint(state).to(device)
     config = state.get("config", {})
@@ -225,7 +226,9 @@ def _with_allocator(args, argv) -> None:
     configured as PyTorch's CPU launcher does, keeps them (docs/speed.md has the figures)."""
     import os
 
-    if args.allocator == "system" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+    from .runtime import allocator
+
+    if args.allocator == "system" or allocator() == "jemalloc":
         return
     if "openvino" in (getattr(args, "path", None) or ()):
         if args.allocator == "jemalloc":
@@ -253,15 +256,14 @@ def cmd_bench(args) -> int:
                         threads=args.threads, dtype=args.dtype, paths=args.path,
                         modes=args.mode, repeats=args.repeats, warmup=args.warmup,
                         input_size=args.input_size)
-    import os
+    from .runtime import allocator
 
-    allocator = "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
     for r in rows:
-        r["allocator"] = allocator
+        r["allocator"] = allocator()
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(format_bench(rows) + f"\nallocator: {allocator}")
+        print(format_bench(rows) + f"\nallocator: {allocator()}")
     return 0
 
 

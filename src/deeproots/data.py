@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .runtime import atomic_write
+
 __all__ = [
     "DataSpec",
     "DataError",
@@ -85,32 +87,25 @@ class DataSpec:
 # Files: download with checksum, read the standard formats with clear errors.
 
 
-def md5sum(path: Path) -> str:
-    """MD5 hex digest of a file."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: Path, md5: str) -> Path:
-    """Download ``url`` to ``dest`` (atomically) and check its MD5. Raises DataError offline."""
+    """Download ``url`` to ``dest`` and check its MD5 as it streams; ``dest`` appears only
+    when the whole file arrived with the right checksum. Raises DataError offline."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+
+    def fetch(out) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=30) as response:
             while block := response.read(1 << 20):
+                digest.update(block)
                 out.write(block)
+        if digest.hexdigest() != md5:
+            raise DataError(f"{url} downloaded with MD5 {digest.hexdigest()}, expected {md5}; "
+                            f"try again")
+
+    try:
+        return atomic_write(dest, fetch)
     except (urllib.error.URLError, OSError) as err:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"could not download {url}: {err}") from err
-    got = md5sum(tmp)
-    if got != md5:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{url} downloaded with MD5 {got}, expected {md5}; try again")
-    os.replace(tmp, dest)
-    return dest
 
 
 def _unpickle(stream, name: str) -> dict:

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .runtime import allocator
+
 __all__ = ["PATHS", "fold_batchnorm", "build_path", "optimize_for_inference", "FastModel",
            "export", "available_paths"]
 
@@ -63,19 +65,13 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _jemalloc_preloaded() -> bool:
-    import os
-
-    return "jemalloc" in os.environ.get("LD_PRELOAD", "")
-
-
 def available_paths() -> List[str]:
     """The paths this process can build: onnxruntime and openvino are optional packages, and
     OpenVINO aborts the process ("double free or corruption") under a preloaded jemalloc,
     so it is left out there."""
     paths = ["eager", "fold", "script", "compile"]
     for name in ("onnxruntime", "openvino"):
-        if name == "openvino" and _jemalloc_preloaded():
+        if name == "openvino" and allocator() == "jemalloc":
             continue
         try:
             __import__(name)
@@ -90,7 +86,7 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
     """One inference path for ``model``; ``example`` is a batch of the size it will run."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
-    if path == "openvino" and _jemalloc_preloaded():
+    if path == "openvino" and allocator() == "jemalloc":
         raise ValueError("path 'openvino' aborts the process under a preloaded jemalloc "
                          "(LD_PRELOAD); run it with the system allocator (--allocator system)")
     if path in ("onnxruntime", "openvino") and path not in available_paths():

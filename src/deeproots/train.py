@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -28,8 +28,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import build_loaders
+from .layers import check_positive
 from .profile import profile
 from .registry import create_model
+from .runtime import allocator, atomic_write, check_device, resolve_device
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
            "model_from_checkpoint", "TrainingDiverged", "CheckpointError", "lr_at"]
@@ -76,9 +78,7 @@ class TrainConfig:
     def check(self) -> None:
         """ValueError for settings that cannot work, naming the value."""
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
+            check_positive(name, getattr(self, name))
         for name in ("limit_train_batches", "limit_eval_batches"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -88,8 +88,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; "
                              f"got {self.schedule!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda; got {self.device!r}")
+        check_device(self.device)
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -113,13 +112,7 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over the old one. A crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
@@ -171,19 +164,6 @@ def _all_sum(values: List[float], device) -> List[float]:
     return t.tolist()
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but this machine has no CUDA GPU "
-                             "(or this torch build has no CUDA); use --device cpu")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        name = f"cuda:{local}" if name == "cuda" else name
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -232,7 +212,7 @@ class _StopRequest:
         self._old = {}
 
     def __enter__(self):
-        if threading_main():
+        if _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -247,7 +227,7 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def threading_main() -> bool:
+def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
@@ -290,7 +270,7 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
     checkpoint is kept) and :class:`Interrupted` after Ctrl-C or SIGTERM (once the checkpoint
     for resuming is written)."""
     cfg.check()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     rank, world = _dist_setup(str(device))
     is_main = rank == 0
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
@@ -459,11 +439,11 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
         "train_images_per_s": (sum(h["images_per_s"] * h["epoch_s"] for h in history) /
                                max(1e-9, sum(h["epoch_s"] for h in history))),
         "device": _device_name(device), "world_size": world, "versions": _versions(),
-        "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system",
+        "allocator": allocator(),
         "config": asdict(cfg), "checkpoint": str(last_path), "out": str(out),
     }
     if is_main:
-        _atomic_text(out / "summary.json", json.dumps(summary, indent=2))
+        _write_text(out / "summary.json", json.dumps(summary, indent=2))
         _plot(out, history, cfg.model)
     return summary
 
@@ -476,22 +456,20 @@ def _progress(total: int, initial: int, desc: str, show: bool):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _write_records(out: Path, history: List[dict]) -> None:
     """metrics.jsonl and metrics.csv, rewritten from the history (so a resumed run's files
     hold each epoch once)."""
-    _atomic_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    _write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     buf = io.StringIO()
     if history:
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    _atomic_text(out / "metrics.csv", buf.getvalue())
+    _write_text(out / "metrics.csv", buf.getvalue())
 
 
 def _plot(out: Path, history: List[dict], title: str) -> None:
@@ -514,12 +492,5 @@ def _plot(out: Path, history: List[dict], title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = out / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out / "curves.png")
-
-
-def config_fields() -> List[str]:
-    """Names of the TrainConfig fields."""
-    return [f.name for f in fields(TrainConfig)]
