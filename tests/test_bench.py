@@ -29,3 +29,106 @@ def test_train_step_updates_weights():
     before = model.conv2a.conv.weight.clone()
     train_step_fn(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))()
     assert not torch.equal(before, model.conv2a.conv.weight)
+
+
+from deeproots.bench import _openvino_scope_to_module, format_layer_times, layer_times  # noqa: E402
+
+
+def _conv2a_macs(batch, size, groups):
+    """conv2a of NiN by hand: 5x5, 96 -> 192 channels in ``groups`` groups, on the map
+    that pool1 leaves (ceil mode: 16 -> 8)."""
+    out = -(-(size - 3) // 2) + 1
+    return batch * out * out * 192 * (96 // groups) * 25
+
+
+@pytest.mark.parametrize("path", ["eager", "fold", "openvino"])
+def test_layer_times_name_every_conv_with_its_cost(path):
+    if path == "openvino":
+        pytest.importorskip("openvino")
+        from deeproots.deploy import available_paths
+
+        if "openvino" not in available_paths():
+            pytest.skip("OpenVINO cannot run under a preloaded jemalloc")
+    torch.set_num_threads(1)
+    model = deeproots.create_model("nin-root-8")
+    result = layer_times(model, torch.randn(2, 3, 16, 16), path, repeats=2, warmup=1)
+    rows = {r["layer"]: r for r in result["layers"]}
+    convs = [f"conv{b}{c}.conv" for b in "123" for c in "abc"]
+    assert set(convs) <= set(rows)
+    conv2a = rows["conv2a.conv"]
+    assert conv2a["macs"] == _conv2a_macs(2, 16, 8)
+    assert conv2a["gflops"] == pytest.approx(2 * conv2a["macs"] / (conv2a["ms"] / 1000) / 1e9)
+    assert all(r["ms"] >= 0 for r in result["layers"])
+    for r in result["layers"]:
+        assert r["share"] == pytest.approx(r["ms"] / result["total_ms"])
+    assert sum(r["ms"] for r in result["layers"]) == pytest.approx(result["total_ms"])
+    order = [r["layer"] for r in result["layers"]]
+    assert [c for c in order if c in convs] == convs  # in the order the pass runs them
+    if path == "openvino":  # the engine's own kernels, batch norm and ReLU fused in
+        assert conv2a["kind"].startswith("GroupConvolution")
+        assert rows["conv2b.conv"]["kind"].startswith("Convolution")
+        assert not any("BatchNorm" in r["kind"] or "Relu" in r["kind"] for r in rows.values())
+    else:
+        assert rows["conv2a.act"]["kind"] == "ReLU"
+        assert ("conv2a.bn" in rows) == (path == "eager")  # fold: batch norm folded away
+    summary = result["summary"]
+    assert summary["grouped spatial convs"]["macs"] == \
+        conv2a["macs"] + rows["conv3a.conv"]["macs"]
+    assert summary["1x1 convs"]["macs"] == sum(rows[c]["macs"] for c in convs if c[5] != "a")
+    assert summary["dense spatial convs"]["macs"] == rows["conv1a.conv"]["macs"]
+    assert sum(v["ms"] for v in summary.values()) == pytest.approx(result["total_ms"])
+    text = format_layer_times(result, "t")
+    assert "conv2a.conv" in text and f"total {result['total_ms']:.2f} ms" in text
+
+
+def test_openvino_node_names_map_to_module_paths():
+    f = _openvino_scope_to_module
+    assert f("/conv1a/conv/Conv/WithoutBiases") == "conv1a.conv"
+    assert f("/layer1/layer1.0/downsample/downsample.0/Conv/WithoutBiases") == \
+        "layer1.0.downsample.0"
+    assert f("/inception3a/branch2/branch2.1/conv/Conv") == "inception3a.branch2.1.conv"
+    assert f("/fc/Gemm") == "fc"
+
+
+def test_layer_times_errors(capsys):
+    from deeproots.cli import main
+
+    model = deeproots.create_model("nin")
+    with pytest.raises(ValueError, match="per-layer timing supports paths eager, fold, "
+                                         "openvino; got 'script'"):
+        layer_times(model, torch.randn(1, 3, 16, 16), "script")
+    with pytest.raises(ValueError, match="path 'openvino' runs on the CPU; got an input on meta"):
+        layer_times(model, torch.randn(1, 3, 16, 16, device="meta"), "openvino")
+    assert main(["bench", "nin", "--layers", "--path", "onnxruntime",
+                 "--allocator", "system"]) == 2
+    assert "--layers times paths eager, fold, openvino; got 'onnxruntime'" in \
+        capsys.readouterr().err
+
+
+def test_bench_layers_plot(tmp_path, capsys):
+    from PIL import Image
+
+    from deeproots.cli import main
+
+    out = tmp_path / "layers.png"
+    assert main(["bench", "nin", "nin-root-8", "--layers", "--batch-size", "2", "--input-size",
+                 "16", "--repeats", "1", "--warmup", "0", "--plot", str(out),
+                 "--allocator", "system"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size[0] == 1000 and image.size[1] >= 200  # 10 x (1 + 0.6 n) in, 100 dpi
+    assert main(["bench", "nin", "--plot", str(out), "--allocator", "system"]) == 2
+    assert "--plot draws per-layer times: add --layers" in capsys.readouterr().err
+
+
+def test_bench_layers_cli(capsys):
+    import json
+
+    from deeproots.cli import main
+
+    assert main(["bench", "nin-root-4", "--layers", "--batch-size", "2", "--input-size", "16",
+                 "--repeats", "1", "--warmup", "0", "--json", "--allocator", "system"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["model"] == "nin-root-4" and result["path"] == "fold"
+    rows = {r["layer"]: r for r in result["layers"]}
+    assert rows["conv2a.conv"]["macs"] == _conv2a_macs(2, 16, 4)

@@ -9,7 +9,8 @@ from torch import nn
 import deeproots
 from deeproots.bench import bench_models
 from deeproots.cli import main
-from deeproots.deploy import build_path, export, fold_batchnorm, optimize_for_inference
+from deeproots.deploy import (available_paths, build_path, export, fold_batchnorm,
+                              optimize_for_inference)
 
 
 def _trained_like(name, **kwargs):
@@ -63,9 +64,15 @@ def test_bfloat16_is_opt_in_and_close():
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    out = build_path(model, x, "fold", dtype=torch.bfloat16)(x)
-    assert out.dtype == torch.float32
-    _close(out, ref, tol=0.05)  # bf16 keeps ~3 significant digits
+    paths = ["fold"] + (["openvino"] if "openvino" in available_paths() else [])
+    for path in paths:
+        out = build_path(model, x, path, dtype=torch.bfloat16)(x)
+        assert out.dtype == torch.float32
+        _close(out, ref, tol=0.05)  # bf16 keeps ~3 significant digits
+    with pytest.raises(ValueError, match="path 'onnxruntime' runs float32 only"):
+        build_path(model, x, "onnxruntime", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        build_path(model, x, "fold", dtype=torch.float16)
 
 
 def test_optimize_for_inference_picks_the_fastest_measured():
@@ -138,8 +145,6 @@ def test_bench_json(capsys):
 def test_openvino_is_refused_under_jemalloc(monkeypatch, capsys):
     """OpenVINO aborts the whole process under a preloaded jemalloc: refuse it clearly."""
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    from deeproots.deploy import available_paths
-
     assert "openvino" not in available_paths()
     model = deeproots.create_model("nin")
     with pytest.raises(ValueError, match="'openvino' aborts the process under a preloaded"):

@@ -310,6 +310,46 @@ def plot_costs(model_a: str, model_b: str, path: Path, input_size=None) -> Path:
     return _save(fig, path)
 
 
+def plot_layer_times(results: Sequence[dict], path: Path) -> Path:
+    """Where the time of a forward pass goes, one stacked bar per model and path: ms per image
+    in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
+    with its GFLOP/s (``results``: :func:`deeproots.bench.layer_times` dicts with ``model``,
+    ``path`` and ``batch_size`` added, as ``deeproots bench --layers --json`` writes them)."""
+    plt = _plt()
+    kinds = ["1x1 convs", "dense spatial convs", "grouped spatial convs", "grouped 1x1 convs",
+             "fully connected"]
+    rest = [k for r in results for k in r["summary"] if k not in kinds]
+    order = kinds + sorted(set(rest))
+    colors = dict(zip(order, plt.cm.tab10.colors))
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(results)))
+    labels = []
+    for i, r in enumerate(results):
+        left = 0.0
+        for kind in order:
+            part = r["summary"].get(kind)
+            if not part:
+                continue
+            width = part["ms"] / r["batch_size"]
+            ax.barh(i, width, left=left, color=colors[kind],
+                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
+            if part.get("gflops") and width > 0.06 * r["total_ms"] / r["batch_size"]:
+                ax.text(left + width / 2, i, f"{part['gflops']:.0f}", ha="center",
+                        va="center", fontsize=8, color="white")
+            left += width
+        labels.append(f"{r['model']} ({r['path']})")
+    ax.set_yticks(range(len(results)))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image (numbers in bars: GFLOP/s)")
+    handles, names = ax.get_legend_handles_labels()
+    ranked = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]))
+    ax.legend([h for h, _ in ranked], [n for _, n in ranked], fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("where the time of a forward pass goes")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _topology(name: str) -> str:
     for kind in ("root", "tree", "col"):
         if f"-{kind}-" in name:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Timing", "interleaved", "train_step_fn", "bench_models", "format_bench"]
+__all__ = ["Timing", "interleaved", "train_step_fn", "bench_models", "format_bench", "layer_times",
+           "format_layer_times"]
 
 
 @dataclass
@@ -160,3 +161,202 @@ def format_bench(rows: List[dict]) -> str:
     title = (f"batch {r0['batch_size']}, {r0['dtype']}, {r0['device']}, {r0['threads']} "
              f"threads, torch {torch.__version__}")
     return title + "\n" + format_table(head, body, align="lllrrrrr")
+
+
+LAYER_PATHS = ("eager", "fold", "openvino")
+
+
+def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
+                dtype: str = "float32", repeats: int = 5, warmup: int = 2) -> dict:
+    """Where the time of one forward pass goes: per layer, the median ms per batch over
+    ``repeats``, its share of the whole pass, the layer's multiply-adds and GFLOP/s.
+
+    ``eager`` and ``fold`` time each leaf module with forward hooks, on the CPU or a GPU
+    (synchronised around each module), so batch norm, ReLU and pooling appear on their own
+    lines and ``(other)`` is the rest of the pass (Python, reshapes, residual adds);
+    ``openvino`` reads the engine's own per-node counters, named by the model's modules, with
+    the kernel it chose (e.g. ``brgconv_avx512_1x1_f32``). Returns ``{"total_ms", "layers"}``.
+    """
+    from .deploy import build_path, fold_batchnorm
+    from .layers import layer_name
+    from .profile import profile
+
+    if path not in LAYER_PATHS:
+        raise ValueError(f"per-layer timing supports paths {', '.join(LAYER_PATHS)}; "
+                         f"got {path!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
+    model = model.eval()
+    costs = profile(model, tuple(example.shape[1:])).layers
+    macs = {c.name: c.macs * len(example) for c in costs}
+    category = {c.name: _category(c) for c in costs}
+    if path == "openvino":
+        if example.device.type != "cpu":
+            raise ValueError(f"path 'openvino' runs on the CPU; got an input on {example.device}")
+        build_path(model, example, path, DTYPES[dtype])  # the same checks as the timed path
+        total, times, kinds = _openvino_layer_times(model, example, dtype, repeats, warmup)
+    else:
+        total, times, kinds = _hooked_layer_times(
+            model if path == "eager" else fold_batchnorm(model), example, path,
+            DTYPES[dtype], repeats, warmup)
+    # medians of separate runs: on a busy machine the parts can add up to more than the
+    # median whole, which is then the sum (no "(other)" line)
+    total = max(total, sum(times.values()))
+    rows = []
+    for name, ms in times.items():
+        m = macs.get(layer_name(name), 0)
+        rows.append({"layer": name, "kind": kinds[name], "ms": ms, "share": ms / total,
+                     "macs": m, "gflops": 2 * m / ms / 1e6 if m and ms > 0 else None,
+                     "category": category.get(layer_name(name), REST)})
+    rest = total - sum(times.values())
+    if rest > 0:
+        rows.append({"layer": "(other)", "kind": "", "ms": rest, "share": rest / total,
+                     "macs": 0, "gflops": None, "category": REST})
+    summary = {}
+    for r in rows:
+        s = summary.setdefault(r["category"], {"ms": 0.0, "macs": 0})
+        s["ms"] += r["ms"]
+        s["macs"] += r["macs"]
+    for s in summary.values():
+        s["share"] = s["ms"] / total
+        s["gflops"] = 2 * s["macs"] / s["ms"] / 1e6 if s["macs"] and s["ms"] > 0 else None
+    return {"total_ms": total, "layers": rows, "summary": summary}
+
+
+REST = "rest (pooling, ReLU, adds, reorders, Python)"
+
+
+def _category(cost) -> str:
+    """The kind of layer a time is spent in: 1x1 convs, grouped or dense spatial convs."""
+    if cost.type != "Conv2d":
+        return "fully connected" if cost.type == "Linear" else cost.type
+    if cost.kernel == "1x1":
+        return "1x1 convs" if cost.groups == 1 else "grouped 1x1 convs"
+    return "grouped spatial convs" if cost.groups > 1 else "dense spatial convs"
+
+
+def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
+    model = model.to(dtype)
+    x = example.to(dtype)
+    if path == "fold":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [(n, m) for n, m in model.named_modules()
+              if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
+    samples: Dict[str, List[float]] = {n: [] for n, _ in leaves}
+    started: Dict[str, float] = {}
+    recording = [False]
+
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is async
+
+    def pre(name):
+        def hook(mod, args):
+            sync()
+            started[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            sync()
+            if recording[0]:
+                samples[name].append(time.perf_counter() - started[name])
+        return hook
+
+    handles = []
+    for name, mod in leaves:
+        handles.append(mod.register_forward_pre_hook(pre(name)))
+        handles.append(mod.register_forward_hook(post(name)))
+    totals = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                recording[0] = i >= warmup
+                sync()
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                if i >= warmup:
+                    totals.append(time.perf_counter() - t0)
+    finally:
+        for h in handles:
+            h.remove()
+    # a module called several times per pass (a shared ReLU) sums its calls of one pass
+    times = {n: 1000 * sum(s) / repeats for n, s in samples.items() if s}
+    kinds = {n: type(m).__name__ for n, m in leaves}
+    return 1000 * statistics.median(totals), times, kinds
+
+
+def _openvino_scope_to_module(node_name: str) -> str:
+    """'/layer1/layer1.0/downsample/downsample.0/Conv/WithoutBiases' ->
+    'layer1.0.downsample.0': the torch.onnx exporter names a node by its module scopes, each
+    a child's attribute name or, inside a container, the container's name dotted with the
+    child's ('layer1.0'); the last segments name the operator."""
+    parts = [p for p in node_name.split("/") if p]
+    while parts and parts[-1][:1].isupper():  # 'Conv', 'WithoutBiases', 'Gemm'
+        parts.pop()
+    path: List[str] = []
+    for p in parts:
+        head, _, tail = p.rpartition(".")
+        if head and path and path[-1] == head:
+            path.append(tail)  # 'layer1' then 'layer1.0'
+        else:
+            path.append(p)
+    return ".".join(path) or node_name
+
+
+def _openvino_layer_times(model, example, dtype, repeats, warmup):
+    import openvino as ov
+
+    from .deploy import _onnx_bytes
+
+    # the model as built (not folded): OpenVINO folds batch norm and ReLU into the convs
+    # itself, and the exported node names keep the module paths
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(_onnx_bytes(model, example)), "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": True,
+        "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bfloat16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    data = example.detach().cpu().numpy()
+    samples: Dict[str, List[float]] = {}
+    kinds: Dict[str, str] = {}
+    totals = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        request.infer({0: data})
+        if i < warmup:
+            continue
+        totals.append(time.perf_counter() - t0)
+        seen: Dict[str, float] = {}
+        for info in request.profiling_info:
+            if info.status != info.Status.EXECUTED or info.node_type == "Parameter":
+                continue
+            name = (_openvino_scope_to_module(info.node_name)
+                    if info.node_type in ("Convolution", "GroupConvolution", "FullyConnected",
+                                          "MatMul") else info.node_name.lstrip("/"))
+            seen[name] = seen.get(name, 0.0) + info.real_time.total_seconds() * 1000
+            kinds[name] = f"{info.node_type} {info.exec_type}"
+        for name, ms in seen.items():
+            samples.setdefault(name, []).append(ms)
+    times = {n: statistics.median(s) for n, s in samples.items()}
+    return 1000 * statistics.median(totals), times, kinds
+
+
+def format_layer_times(result: dict, title: str = "") -> str:
+    """A :func:`layer_times` result as a readable table, slowest layers kept in model order."""
+    from .profile import format_table
+
+    body = [(r["layer"], r["kind"], f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%",
+             f"{r['macs'] / 1e6:.1f}" if r["macs"] else "",
+             f"{r['gflops']:.0f}" if r["gflops"] else "") for r in result["layers"]]
+    head = ("layer", "kind", "ms/batch", "share", "MMACs", "GFLOP/s")
+    table = format_table(head, body, align="llrrrr")
+    order = sorted(result["summary"].items(), key=lambda kv: -kv[1]["ms"])
+    summary = format_table(("by kind of layer", "ms/batch", "share", "MMACs", "GFLOP/s"), [
+        (k, f"{v['ms']:.2f}", f"{100 * v['share']:.1f}%",
+         f"{v['macs'] / 1e6:.1f}" if v["macs"] else "",
+         f"{v['gflops']:.0f}" if v["gflops"] else "") for k, v in order], align="lrrrr")
+    return ((title + "\n" if title else "") + table + "\n\n" + summary
+            + f"\ntotal {result['total_ms']:.2f} ms")

@@ -252,6 +252,11 @@ def _with_allocator(args, argv) -> None:
 def cmd_bench(args) -> int:
     from .bench import bench_models, format_bench
 
+    if args.layers:
+        return _bench_layers(args)
+    if args.plot:
+        raise ValueError("--plot draws per-layer times: add --layers")
+
     rows = bench_models(args.models, batch_size=args.batch_size, device=args.device,
                         threads=args.threads, dtype=args.dtype, paths=args.path,
                         modes=args.mode, repeats=args.repeats, warmup=args.warmup,
@@ -264,6 +269,47 @@ def cmd_bench(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_bench(rows) + f"\nallocator: {allocator()}")
+    return 0
+
+
+def _bench_layers(args) -> int:
+    """``deeproots bench --layers``: where the time of each model's forward pass goes."""
+    from .bench import LAYER_PATHS, format_layer_times, layer_times
+    from .profile import parse_input_size
+    from .registry import create_model, model_entry
+    from .runtime import allocator, resolve_device
+
+    for path in args.path:
+        if path not in LAYER_PATHS:
+            raise ValueError(f"--layers times paths {', '.join(LAYER_PATHS)}; got {path!r}")
+    for name in args.models:
+        model_entry(name)
+    device = resolve_device(args.device, accepted=("cpu", "cuda"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = create_model(name).eval().to(device)
+        x = torch.randn(args.batch_size, *parse_input_size(args.input_size, model),
+                        device=device)
+        for path in args.path:
+            r = layer_times(model, x, path, dtype=args.dtype, repeats=args.repeats,
+                            warmup=args.warmup)
+            r.update(model=name, path=path, batch_size=args.batch_size, dtype=args.dtype,
+                     threads=torch.get_num_threads(), allocator=allocator())
+            results.append(r)
+            if not args.json:
+                print(format_layer_times(r, f"{name}, path {path}, batch {args.batch_size}, "
+                                            f"{args.dtype}, {torch.get_num_threads()} threads, "
+                                            f"allocator {allocator()}") + "\n", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if args.plot:
+        from .analysis import plot_layer_times
+
+        out = plot_layer_times(results, args.plot)
+        print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -412,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=_input_size, default=None)
     p.add_argument("--allocator", choices=["auto", "jemalloc", "system"], default="auto",
                    help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+    p.add_argument("--layers", action="store_true",
+                   help="per-layer times instead (paths eager, fold; openvino on cpu)")
+    p.add_argument("--plot", metavar="PNG", help="with --layers: a bar chart of where the "
+                   "time goes, by kind of layer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
