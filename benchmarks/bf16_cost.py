@@ -1,9 +1,10 @@
 """What bf16 inference costs in accuracy and gains in speed on this CPU, for trained checkpoints.
 
     python benchmarks/bf16_cost.py runs/nin/last.pt runs/nin-root-8/last.pt [--threads 2]
+                                   [--path fold|script|openvino]
 
-Each checkpoint's test split is classified by the `fold` path in float32 and in bfloat16;
-speed is timed side by side on a batch of 128 test images.
+Each checkpoint's test split is classified by one inference path (default `fold`) in float32
+and in bfloat16; speed is timed side by side on a batch of 128 test images.
 """
 import argparse
 
@@ -19,8 +20,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--path", default="fold", choices=["fold", "script", "openvino"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"path {args.path}, {args.threads} threads")
     print(f"{'checkpoint':34s} {'top-1 f32':>9s} {'top-1 bf16':>10s} {'agree':>6s} "
           f"{'ms/img f32':>10s} {'bf16':>6s} {'speedup':>7s}")
     for path in args.checkpoints:
@@ -29,7 +32,8 @@ def main():
         _, test, _ = build_loaders(state["config"]["data"], data_dir=state["config"]["data_dir"],
                                    batch_size=128, download_ok=False)
         x0, _ = next(iter(test.batches()))
-        fast = {d: build_path(model, x0, "fold", d) for d in (torch.float32, torch.bfloat16)}
+        fast = {d: build_path(model, x0, args.path, d)
+                for d in (torch.float32, torch.bfloat16)}
         hits = {d: 0 for d in fast}
         agree = n = 0
         for x, y in test.batches():

@@ -1,6 +1,7 @@
 """Inference speed of root networks against issue #4's CPU targets, measured side by side.
 
     python benchmarks/speed_targets.py [--paths fold openvino ...] [--threads 2] [--repeats 10]
+                                       [--dtype float32|bfloat16]
 
 For each path, NiN (orig and the 4 root variants, batch 128, 3x32x32) and ResNet-50 (orig and
 root-64, batch 16, 3x224x224) are timed in one process, models taking turns. Run it through
@@ -22,14 +23,18 @@ def main():
                    default=[x for x in available_paths() if x not in ("eager", "compile")])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the targets are float32; bfloat16 shows what the opt-in gains")
     args = p.parse_args()
+    if args.dtype == "bfloat16":
+        args.paths = [x for x in args.paths if x != "onnxruntime"]  # runs float32 only
     groups = [(["nin", "nin-root-2", "nin-root-4", "nin-root-8", "nin-root-16"], 128),
               (["resnet50", "resnet50-root-64"], 16)]
     best_gflops = 0.0
     verdicts = []
     for names, batch in groups:
         rows = bench_models(names, batch_size=batch, threads=args.threads, paths=args.paths,
-                            repeats=args.repeats, warmup=3)
+                            repeats=args.repeats, warmup=3, dtype=args.dtype)
         print(format_bench(rows), "\n", flush=True)
         for path in args.paths:
             by = {r["model"]: r for r in rows if r["path"] == path}
