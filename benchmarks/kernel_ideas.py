@@ -1,6 +1,9 @@
 """Ways to run a root network's grouped convolutions, measured one layer at a time.
 
     python benchmarks/kernel_ideas.py [--threads 2] [--repeats 7] [--models nin-root-8 ...]
+                                      [--sections grouped gemm own openvino]
+    python benchmarks/kernel_ideas.py --device cuda --dtype bfloat16 --batch-size 256 \
+        --models resnet50-root-64 googlenet-root-16        # Section 5 on a GPU: cuDNN vs bmm
 
 For every distinct grouped conv of the named models (NiN at batch 128, ResNet-50 at batch 16,
 float32, channels-last), each lowering below runs the same layer on the same input; GFLOP/s is
@@ -31,12 +34,15 @@ from deeproots.layers import conv_layers
 
 
 def seconds(fn, repeats):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(2):
         fn()
     runs = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         runs.append(time.perf_counter() - t0)
     return statistics.median(runs)
 
@@ -66,10 +72,13 @@ def grouped_layers(name, batch):
     return list(seen.values())
 
 
-def lowerings(conv, x):
+def lowerings(conv, x, device="cpu", dtype=torch.float32):
     g, k = conv.groups, conv.kernel_size[0]
     stride, pad = conv.stride, conv.padding
-    w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+    x = x.to(device, dtype)
+    w = conv.weight.detach().to(device, dtype)
+    b = None if conv.bias is None else conv.bias.detach().to(device, dtype)
+    new = dict(device=device, dtype=dtype)
     cin_g, cout_g = conv.in_channels // g, conv.out_channels // g
     cl = torch.channels_last
     xc, wc = x.contiguous(memory_format=cl), w.contiguous(memory_format=cl)
@@ -94,12 +103,12 @@ def lowerings(conv, x):
         return out if b is None else out + b.view(1, -1, 1, 1)
 
     cin_p, cout_p = -(-cin_g // 16) * 16, -(-cout_g // 16) * 16
-    wp = torch.zeros(g, cout_p, cin_p, k, k)
+    wp = torch.zeros(g, cout_p, cin_p, k, k, **new)
     wp[:, :cout_g, :cin_g] = w.view(g, cout_g, cin_g, k, k)
     wp = wp.view(g * cout_p, cin_p, k, k).contiguous(memory_format=cl)
     bp = None
     if b is not None:
-        bp = torch.zeros(g, cout_p)
+        bp = torch.zeros(g, cout_p, **new)
         bp[:, :cout_g] = b.view(g, cout_g)
         bp = bp.view(-1)
 
@@ -109,7 +118,8 @@ def lowerings(conv, x):
         y = F.conv2d(xp, wp, bp, stride, pad, groups=g)
         return y.view(n, g, cout_p, ho, wo)[:, :, :cout_g].reshape(n, g * cout_g, ho, wo)
 
-    dense_w = torch.randn(conv.out_channels, conv.in_channels, k, k).contiguous(memory_format=cl)
+    dense_w = torch.randn(conv.out_channels, conv.in_channels, k, k, **new).contiguous(
+        memory_format=cl)
 
     def dense():
         return F.conv2d(xc, dense_w, b, stride, pad)
@@ -118,28 +128,30 @@ def lowerings(conv, x):
     return macs, {"onednn": onednn, "split": split, "bmm": bmm, "pad16": pad16}, dense
 
 
-def grouped_section(models, repeats):
-    print("Grouped convs: GFLOP/s of each lowering (max |diff| vs onednn checked <= 1e-3)")
-    head = f"{'model':18s} {'layer':16s} {'shape':34s} {'dense':>6s}"
+def grouped_section(models, repeats, device="cpu", dtype=torch.float32, batch_size=None):
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    print(f"Grouped convs on {device}, {dtype}: GFLOP/s of each lowering (onednn: torch's own "
+          f"grouped conv, cuDNN on a GPU; max |diff| vs it checked <= {tol} x max |out|)")
+    head = f"{'model':18s} {'layer':22s} {'shape':34s} {'dense':>6s}"
     names = ["onednn", "split", "bmm", "pad16"]
     print(head + "".join(f" {n:>7s}" for n in names), flush=True)
     for name in models:
-        batch = 128 if name.startswith("nin") else 16
+        batch = batch_size or (128 if name.startswith("nin") else 16)
         for layer, conv, x in grouped_layers(name, batch):
-            macs, ways, dense = lowerings(conv, x)
+            macs, ways, dense = lowerings(conv, x, device, dtype)
             with torch.inference_mode():
                 ref = ways["onednn"]()
                 rates = {}
                 for way, fn in ways.items():
                     err = (fn() - ref).abs().max().item()
-                    if err > 1e-3 * max(1.0, ref.abs().max().item()):
+                    if err > tol * max(1.0, ref.abs().max().item()):
                         raise AssertionError(f"{way} differs from onednn by {err}")
                     rates[way] = 2 * macs / seconds(fn, repeats) / 1e9
                 dense_rate = 2 * macs * conv.groups / seconds(dense, repeats) / 1e9
             k = conv.kernel_size[0]
             shape = (f"{conv.in_channels}->{conv.out_channels} {k}x{k}/{conv.stride[0]} "
                      f"g{conv.groups} {x.shape[2]}x{x.shape[3]}")
-            print(f"{name:18s} {layer:16s} {shape:34s} {dense_rate:6.0f}"
+            print(f"{name:18s} {layer:22s} {shape:34s} {dense_rate:6.0f}"
                   + "".join(f" {rates[n]:7.0f}" for n in names), flush=True)
 
 
@@ -285,6 +297,12 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--sections", nargs="+", default=["grouped", "gemm", "own", "openvino"],
                    choices=["grouped", "gemm", "own", "openvino"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the grouped section on a GPU (cuDNN vs batched GEMM)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="for the grouped section")
+    p.add_argument("--batch-size", type=int,
+                   help="for the grouped section (default: 128 for NiN, 16 for ResNet)")
     p.add_argument("--models", nargs="+",
                    default=["nin-root-8", "nin-root-16", "resnet50-root-64"])
     args = p.parse_args()
@@ -292,9 +310,14 @@ def main():
     torch.manual_seed(0)
     from deeproots.runtime import allocator
 
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, allocator {allocator()}")
+    print(f"torch {torch.__version__}, {args.threads} threads, allocator {allocator()}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but this machine has no CUDA GPU")
     if "grouped" in args.sections:
-        grouped_section(args.models, args.repeats)
+        grouped_section(args.models, args.repeats, args.device,
+                        getattr(torch, args.dtype), args.batch_size)
+    if args.device == "cuda":
+        return  # the other sections are about this CPU
     if "gemm" in args.sections:
         gemm_section(args.repeats)
     if "own" in args.sections:
