@@ -132,3 +132,38 @@ def test_bench_layers_cli(capsys):
     assert result["model"] == "nin-root-4" and result["path"] == "fold"
     rows = {r["layer"]: r for r in result["layers"]}
     assert rows["conv2a.conv"]["macs"] == _conv2a_macs(2, 16, 4)
+
+
+def test_layer_times_by_a_clock_that_ticks_once_a_call(monkeypatch):
+    """A fake clock that moves 1 ms at each reading: every module call then lasts one tick,
+    so a ReLU shared by two layers must read 2 ms a pass, each conv 1 ms, and the pass the
+    ticks of all readings between its start and end."""
+    import types
+
+    from torch import nn
+
+    import deeproots.bench as bench
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv2(self.relu(self.conv1(x))))
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(
+        perf_counter=lambda: next(ticks) / 1000))
+    model = Shared()
+    result = layer_times(model, torch.randn(2, 3, 8, 8), "eager", dtype="bfloat16",
+                         repeats=3, warmup=1)
+    rows = {r["layer"]: r for r in result["layers"]}
+    assert rows["relu"]["ms"] == pytest.approx(2.0)
+    assert rows["conv1"]["ms"] == pytest.approx(1.0) and rows["conv2"]["ms"] == pytest.approx(1.0)
+    # readings: start, 4 calls x (pre, post), end = 10, so 9 ticks from start to end
+    assert result["total_ms"] == pytest.approx(9.0)
+    assert rows["(other)"]["ms"] == pytest.approx(5.0)
+    assert rows["conv1"]["macs"] == 2 * 6 * 6 * 4 * 3 * 9  # by hand: 2 images, 6x6 out
+    assert model.conv1.weight.dtype == torch.float32  # timed a bf16 copy, not the model

@@ -3,6 +3,7 @@
 and the median of the repeats reported with its spread."""
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -238,6 +239,8 @@ def _category(cost) -> str:
 
 
 def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
+    if path == "eager":
+        model = copy.deepcopy(model)  # the caller's model keeps its dtype
     model = model.to(dtype)
     x = example.to(dtype)
     if path == "fold":
@@ -245,7 +248,10 @@ def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
         x = x.contiguous(memory_format=torch.channels_last)
     leaves = [(n, m) for n, m in model.named_modules()
               if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
+    # seconds per pass of each module (a module called several times in a pass, like a
+    # shared ReLU, sums its calls)
     samples: Dict[str, List[float]] = {n: [] for n, _ in leaves}
+    called = set()
     started: Dict[str, float] = {}
     recording = [False]
 
@@ -261,7 +267,8 @@ def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
         def hook(mod, args, out):
             sync()
             if recording[0]:
-                samples[name].append(time.perf_counter() - started[name])
+                samples[name][-1] += time.perf_counter() - started[name]
+                called.add(name)
         return hook
 
     handles = []
@@ -273,6 +280,9 @@ def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
         with torch.inference_mode():
             for i in range(warmup + repeats):
                 recording[0] = i >= warmup
+                if recording[0]:
+                    for runs in samples.values():
+                        runs.append(0.0)
                 sync()
                 t0 = time.perf_counter()
                 model(x)
@@ -282,8 +292,7 @@ def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
     finally:
         for h in handles:
             h.remove()
-    # a module called several times per pass (a shared ReLU) sums its calls of one pass
-    times = {n: 1000 * sum(s) / repeats for n, s in samples.items() if s}
+    times = {n: 1000 * statistics.median(s) for n, s in samples.items() if n in called}
     kinds = {n: type(m).__name__ for n, m in leaves}
     return 1000 * statistics.median(totals), times, kinds
 
