@@ -256,6 +256,12 @@ def cmd_bench(args) -> int:
         return _bench_layers(args)
     if args.plot:
         raise ValueError("--plot draws per-layer times: add --layers")
+    if args.paper:
+        return _bench_paper(args)
+    if not args.models:
+        raise ValueError("name at least one model to time (deeproots list shows them), or "
+                         "--paper nin|resnet50|googlenet")
+    args.batch_size = args.batch_size or 128
 
     rows = bench_models(args.models, batch_size=args.batch_size, device=args.device,
                         threads=args.threads, dtype=args.dtype, paths=args.path,
@@ -269,6 +275,31 @@ def cmd_bench(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print(format_bench(rows) + f"\nallocator: {allocator()}")
+    return 0
+
+
+def _bench_paper(args) -> int:
+    """``deeproots bench --paper TABLE``: the table's variants timed side by side, beside the
+    paper's CPU and GPU speedups."""
+    from .bench import bench_models
+    from .paper import PAPER_TABLES, format_timings, paper_timings
+    from .runtime import allocator
+
+    if args.models:
+        raise ValueError(f"--paper {args.paper} times that table's models; name no models "
+                         f"(got {' '.join(args.models)})")
+    names = [r["model"] for r in paper_timings(args.paper)]
+    batch = args.batch_size or (128 if PAPER_TABLES[args.paper].model == "nin" else 16)
+    rows = bench_models(names, batch_size=batch, device=args.device, threads=args.threads,
+                        dtype=args.dtype, paths=args.path, repeats=args.repeats,
+                        warmup=args.warmup, input_size=args.input_size)
+    paper = {r["model"]: r for r in paper_timings(args.paper)}
+    for r in rows:
+        r.update(paper[r["model"]], allocator=allocator())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_timings(args.paper, rows) + f"\nallocator: {allocator()}")
     return 0
 
 
@@ -444,8 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot_results)
 
     p = sub.add_parser("bench", help="time models side by side (ms per image)")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("models", nargs="*")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="default 128 (16 for --paper resnet50 and googlenet)")
+    p.add_argument("--paper", choices=["nin", "resnet50", "googlenet"],
+                   help="time every variant of that table of the paper and show its CPU and "
+                        "GPU speedups beside ours")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

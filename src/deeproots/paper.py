@@ -14,7 +14,8 @@ import torch
 from .profile import format_table, profile
 from .registry import create_model
 
-__all__ = ["PAPER_TABLES", "PaperTable", "compare", "format_comparison"]
+__all__ = ["PAPER_TABLES", "PaperTable", "compare", "format_comparison", "paper_timings",
+           "format_timings"]
 
 
 @dataclass(frozen=True)
@@ -204,3 +205,40 @@ def format_comparison(name: str, rows: Optional[List[dict]] = None) -> str:
     total = len(rows) * (2 if table.macs_reproducible else 1)
     lines.append(f"{matched} of {total} reproducible cells round to the paper's printed digits.")
     return "\n".join(lines)
+
+
+def paper_timings(name: str) -> List[dict]:
+    """The paper's CPU and GPU timings of table ``name`` (ms per image, Caffe on 2x10-core
+    Xeon E5-2680 v2 with MKL, and a Titan Z with cuDNN), with each variant's speedup over orig
+    (orig ms / variant ms): the part of a timing that carries over to other hardware."""
+    if name not in PAPER_TABLES:
+        raise ValueError(f"unknown table {name!r}; choose from {', '.join(PAPER_TABLES)}")
+    table = PAPER_TABLES[name]
+    if "CPU (ms)" not in table.columns:
+        timed = [k for k, t in PAPER_TABLES.items() if "CPU (ms)" in t.columns]
+        raise ValueError(f"{table.title.split(':')[0]} ({name}) prints no timings; tables with "
+                         f"timings: {', '.join(timed)}")
+    cpu, gpu = table.columns.index("CPU (ms)"), table.columns.index("GPU (ms)")
+    orig = table.rows["orig"]
+    return [{"model": _model_name(table, variant),
+             "paper_cpu_ms": float(printed[cpu]), "paper_gpu_ms": float(printed[gpu]),
+             "paper_cpu_speedup": float(orig[cpu]) / float(printed[cpu]),
+             "paper_gpu_speedup": float(orig[gpu]) / float(printed[gpu])}
+            for variant, printed in table.rows.items()]
+
+
+def format_timings(name: str, bench_rows: List[dict]) -> str:
+    """Our measured speedups (``deeproots.bench.bench_models`` rows of table ``name``'s
+    models) beside the paper's CPU and GPU speedups."""
+    table = PAPER_TABLES[name]
+    paper = {r["model"]: r for r in paper_timings(name)}
+    head = ("model", "path", "ms/img", "speedup", "ideal", "paper CPU", "paper GPU")
+    body = [(r["model"], r["path"], f"{r['ms_per_image']:.3f}", f"{r['speedup']:.2f}x",
+             f"{r['ideal_speedup']:.2f}x", f"{paper[r['model']]['paper_cpu_speedup']:.2f}x",
+             f"{paper[r['model']]['paper_gpu_speedup']:.2f}x") for r in bench_rows]
+    r0 = bench_rows[0]
+    return "\n".join([
+        f"{table.title}: speedup over orig, ours (batch {r0['batch_size']}, {r0['dtype']}, "
+        f"{r0['device']}, {r0['threads']} threads) and the paper's (Caffe; CPU: 2x Xeon "
+        f"E5-2680 v2 with MKL, GPU: Titan Z with cuDNN)",
+        format_table(head, body, align="llrrrrr")])
