@@ -126,12 +126,14 @@ def test_bench_layers_cli(capsys):
 
     from deeproots.cli import main
 
-    assert main(["bench", "nin-root-4", "--layers", "--batch-size", "2", "--input-size", "16",
+    # no --batch-size: the default batch of 128
+    assert main(["bench", "nin-root-4", "--layers", "--input-size", "16",
                  "--repeats", "1", "--warmup", "0", "--json", "--allocator", "system"]) == 0
     [result] = json.loads(capsys.readouterr().out)
     assert result["model"] == "nin-root-4" and result["path"] == "fold"
+    assert result["batch_size"] == 128
     rows = {r["layer"]: r for r in result["layers"]}
-    assert rows["conv2a.conv"]["macs"] == _conv2a_macs(2, 16, 4)
+    assert rows["conv2a.conv"]["macs"] == _conv2a_macs(128, 16, 4)
 
 
 def test_layer_times_by_a_clock_that_ticks_once_a_call(monkeypatch):

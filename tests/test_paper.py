@@ -77,5 +77,8 @@ def test_bench_paper_cli(capsys):
     assert root8["speedup"] == pytest.approx(rows[0]["ms_per_image"] / root8["ms_per_image"])
     assert main(["bench", "nin", "--paper", "nin", "--allocator", "system"]) == 2
     assert "--paper nin times that table's models; name no models" in capsys.readouterr().err
+    assert main(["bench", "--paper", "nin", "--layers", "--allocator", "system"]) == 2
+    assert "--paper times whole forward passes; --layers and --plot take model names" in \
+        capsys.readouterr().err
     assert main(["bench", "--allocator", "system"]) == 2
     assert "name at least one model to time" in capsys.readouterr().err

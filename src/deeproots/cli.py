@@ -252,16 +252,16 @@ def _with_allocator(args, argv) -> None:
 def cmd_bench(args) -> int:
     from .bench import bench_models, format_bench
 
-    if args.layers:
-        return _bench_layers(args)
-    if args.plot:
-        raise ValueError("--plot draws per-layer times: add --layers")
-    if args.paper:
+    if args.paper:  # before the default batch size: the table picks its own
         return _bench_paper(args)
     if not args.models:
         raise ValueError("name at least one model to time (deeproots list shows them), or "
                          "--paper nin|resnet50|googlenet")
     args.batch_size = args.batch_size or 128
+    if args.layers:
+        return _bench_layers(args)
+    if args.plot:
+        raise ValueError("--plot draws per-layer times: add --layers")
 
     rows = bench_models(args.models, batch_size=args.batch_size, device=args.device,
                         threads=args.threads, dtype=args.dtype, paths=args.path,
@@ -288,6 +288,9 @@ def _bench_paper(args) -> int:
     if args.models:
         raise ValueError(f"--paper {args.paper} times that table's models; name no models "
                          f"(got {' '.join(args.models)})")
+    if args.layers or args.plot:
+        raise ValueError("--paper times whole forward passes; --layers and --plot take model "
+                         "names instead (deeproots bench MODEL... --layers)")
     names = [r["model"] for r in paper_timings(args.paper)]
     batch = args.batch_size or (128 if PAPER_TABLES[args.paper].model == "nin" else 16)
     rows = bench_models(names, batch_size=batch, device=args.device, threads=args.threads,
