@@ -176,9 +176,10 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     (synchronised around each module), so batch norm, ReLU and pooling appear on their own
     lines and ``(other)`` is the rest of the pass (Python, reshapes, residual adds);
     ``openvino`` reads the engine's own per-node counters, named by the model's modules, with
-    the kernel it chose (e.g. ``brgconv_avx512_1x1_f32``). Returns ``{"total_ms", "layers"}``.
+    the kernel it chose (e.g. ``brgconv_avx512_1x1_f32``). Returns ``{"total_ms", "layers",
+    "summary"}``: the layer rows in the order the pass runs them, and their sums by kind.
     """
-    from .deploy import build_path, fold_batchnorm
+    from .deploy import check_path, fold_batchnorm
     from .layers import layer_name
     from .profile import profile
 
@@ -196,8 +197,9 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     if path == "openvino":
         if example.device.type != "cpu":
             raise ValueError(f"path 'openvino' runs on the CPU; got an input on {example.device}")
-        build_path(model, example, path, DTYPES[dtype])  # the same checks as the timed path
-        total, times, kinds = _openvino_layer_times(model, example, dtype, repeats, warmup)
+        check_path(path, DTYPES[dtype])  # the same checks as the timed path
+        total, times, kinds = _openvino_layer_times(model, example, DTYPES[dtype], repeats,
+                                                    warmup)
     else:
         total, times, kinds = _hooked_layer_times(
             model if path == "eager" else fold_batchnorm(model), example, path,
@@ -316,17 +318,11 @@ def _openvino_scope_to_module(node_name: str) -> str:
 
 
 def _openvino_layer_times(model, example, dtype, repeats, warmup):
-    import openvino as ov
-
-    from .deploy import _onnx_bytes
+    from .deploy import _onnx_bytes, _openvino_compile
 
     # the model as built (not folded): OpenVINO folds batch norm and ReLU into the convs
     # itself, and the exported node names keep the module paths
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(_onnx_bytes(model, example)), "CPU", {
-        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERF_COUNT": True,
-        "INFERENCE_PRECISION_HINT": "bf16" if dtype == "bfloat16" else "f32",
-        "PERFORMANCE_HINT": "LATENCY"})
+    compiled = _openvino_compile(_onnx_bytes(model, example), dtype, PERF_COUNT=True)
     request = compiled.create_infer_request()
     data = example.detach().cpu().numpy()
     samples: Dict[str, List[float]] = {}
@@ -354,7 +350,8 @@ def _openvino_layer_times(model, example, dtype, repeats, warmup):
 
 
 def format_layer_times(result: dict, title: str = "") -> str:
-    """A :func:`layer_times` result as a readable table, slowest layers kept in model order."""
+    """A :func:`layer_times` result as readable tables: the layers in the order the pass runs
+    them, then the sums by kind of layer, slowest first."""
     from .profile import format_table
 
     body = [(r["layer"], r["kind"], f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%",

@@ -22,8 +22,8 @@ from torch import nn
 
 from .runtime import allocator
 
-__all__ = ["PATHS", "fold_batchnorm", "build_path", "optimize_for_inference", "FastModel",
-           "export", "available_paths"]
+__all__ = ["PATHS", "fold_batchnorm", "check_path", "build_path", "optimize_for_inference",
+           "FastModel", "export", "available_paths"]
 
 PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino")
 
@@ -81,9 +81,8 @@ def available_paths() -> List[str]:
     return paths
 
 
-def build_path(model: nn.Module, example: torch.Tensor, path: str,
-               dtype: torch.dtype = torch.float32) -> FastModel:
-    """One inference path for ``model``; ``example`` is a batch of the size it will run."""
+def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
+    """A ValueError unless this process can run ``path`` in ``dtype``."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
     if path == "openvino" and allocator() == "jemalloc":
@@ -95,6 +94,24 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
     if dtype != torch.float32 and path == "onnxruntime":
         raise ValueError(f"path {path!r} runs float32 only; got dtype {dtype}")
+
+
+def _openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
+    """OpenVINO's CPU model of an ONNX graph, with the settings every deeproots use shares."""
+    import openvino as ov
+
+    core = ov.Core()
+    return core.compile_model(core.read_model(onnx), "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        # OpenVINO's precision hint: bf16 kernels on CPUs with AVX512-BF16 or AMX
+        "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+        "PERFORMANCE_HINT": "LATENCY", **config})
+
+
+def build_path(model: nn.Module, example: torch.Tensor, path: str,
+               dtype: torch.dtype = torch.float32) -> FastModel:
+    """One inference path for ``model``; ``example`` is a batch of the size it will run."""
+    check_path(path, dtype)
     model = model.eval()
     if path == "eager":
         m = copy.deepcopy(model).to(dtype)
@@ -119,24 +136,16 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         compiled = torch.compile(folded, dynamic=False)
         return FastModel(_no_grad(lambda x: compiled(cl(x)).float()), path)
     blob = _onnx_bytes(folded, example)
-    threads = torch.get_num_threads()
     if path == "onnxruntime":
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         return FastModel(lambda x: torch.from_numpy(
             session.run(None, {"input": x.detach().cpu().numpy()})[0]), path)
-    import openvino as ov
-
-    core = ov.Core()
-    compiled_ov = core.compile_model(core.read_model(blob), "CPU", {
-        "INFERENCE_NUM_THREADS": threads,
-        # OpenVINO's precision hint: bf16 kernels on CPUs with AVX512-BF16 or AMX
-        "INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
-        "PERFORMANCE_HINT": "LATENCY"})
+    compiled_ov = _openvino_compile(blob, dtype)
     return FastModel(lambda x: torch.from_numpy(
         compiled_ov(x.detach().cpu().numpy())[0].copy()), path)
 
