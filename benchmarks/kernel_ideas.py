@@ -23,28 +23,18 @@ cores on whole NiN networks: one request over all of them (LATENCY) or single-th
 streams each on part of the batch (THROUGHPUT).
 """
 import argparse
-import statistics
-import time
 
 import torch
 from torch.nn import functional as F
 
 from deeproots import create_model
+from deeproots.bench import interleaved
 from deeproots.layers import conv_layers
 
 
 def seconds(fn, repeats):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(2):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
+    """Median seconds per call, after 2 warm-up calls (deeproots' own timer, GPU-synced)."""
+    return interleaved({"fn": fn}, images=1, repeats=repeats, warmup=2)["fn"].median_s
 
 
 def grouped_layers(name, batch):
@@ -252,7 +242,6 @@ def openvino_section(repeats, threads):
     except ImportError:
         print("\n(OpenVINO not installed: streams comparison skipped)")
         return
-    from deeproots.bench import interleaved
     from deeproots.deploy import _onnx_bytes, available_paths, fold_batchnorm
 
     if "openvino" not in available_paths():

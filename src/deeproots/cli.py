@@ -291,12 +291,11 @@ def _bench_paper(args) -> int:
     if args.layers or args.plot:
         raise ValueError("--paper times whole forward passes; --layers and --plot take model "
                          "names instead (deeproots bench MODEL... --layers)")
-    names = [r["model"] for r in paper_timings(args.paper)]
+    paper = {r["model"]: r for r in paper_timings(args.paper)}
     batch = args.batch_size or (128 if PAPER_TABLES[args.paper].model == "nin" else 16)
-    rows = bench_models(names, batch_size=batch, device=args.device, threads=args.threads,
+    rows = bench_models(list(paper), batch_size=batch, device=args.device, threads=args.threads,
                         dtype=args.dtype, paths=args.path, repeats=args.repeats,
                         warmup=args.warmup, input_size=args.input_size)
-    paper = {r["model"]: r for r in paper_timings(args.paper)}
     for r in rows:
         r.update(paper[r["model"]], allocator=allocator())
     if args.json:
