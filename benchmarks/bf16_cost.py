@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from deeproots.bench import interleaved
+from deeproots.timing import interleaved
 from deeproots.data import build_loaders
 from deeproots.deploy import build_path
 from deeproots.train import load_checkpoint, model_from_checkpoint

@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from deeproots import create_model
-from deeproots.bench import interleaved
+from deeproots.timing import interleaved
 from deeproots.layers import conv_layers
 
 
@@ -242,7 +242,7 @@ def openvino_section(repeats, threads):
     except ImportError:
         print("\n(OpenVINO not installed: streams comparison skipped)")
         return
-    from deeproots.deploy import _onnx_bytes, available_paths, fold_batchnorm
+    from deeproots.deploy import onnx_bytes, available_paths, fold_batchnorm
 
     if "openvino" not in available_paths():
         print("\n(OpenVINO cannot run under a preloaded jemalloc: streams comparison skipped)")
@@ -253,7 +253,7 @@ def openvino_section(repeats, threads):
     halves = [np.ascontiguousarray(data[:64]), np.ascontiguousarray(data[64:])]
     work = {}
     for name in ["nin", "nin-root-8", "nin-root-16"]:
-        model = core.read_model(_onnx_bytes(fold_batchnorm(create_model(name).eval()), x))
+        model = core.read_model(onnx_bytes(fold_batchnorm(create_model(name).eval()), x))
         latency = core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY"})

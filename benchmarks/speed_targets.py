@@ -51,14 +51,14 @@ def main():
                             device=args.device)
         print(format_bench(rows), "\n", flush=True)
         for path in args.paths:
-            by = {r["model"]: r for r in rows if r["path"] == path}
+            by = {r.model: r for r in rows if r.path == path}
             for (a, b), target in targets.items():
                 if a in by and b in by:
-                    speedup = by[a]["ms_per_image"] / by[b]["ms_per_image"]
+                    speedup = by[a].ms_per_image / by[b].ms_per_image
                     verdicts.append(f"{path:12s} {b:18s} {speedup:5.2f}x over {a} "
                                     f"(target {target}x): {'met' if speedup >= target else 'missed'}")
             if "nin" in by:
-                best_gflops = max(best_gflops, by["nin"]["gflops"])
+                best_gflops = max(best_gflops, by["nin"].gflops)
     print("\n".join(verdicts))
     if args.device == "cpu":
         print(f"best nin GFLOP/s: {best_gflops:.0f} (target 200): "

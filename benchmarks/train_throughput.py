@@ -12,7 +12,8 @@ import platform
 import torch
 
 import deeproots
-from deeproots.bench import interleaved, train_step_fn
+from deeproots.bench import train_step_fn
+from deeproots.timing import interleaved
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
         images = torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8)
         labels = torch.randint(0, 10, (args.batch_size,))
         source = "random"
-    x = (images[:args.batch_size].float() - 72.94) / 90.02
+    x = deeproots.data.DATASETS["fashion-mnist"].spec.normalize(images[:args.batch_size])
     y = labels[:args.batch_size]
     models = {name: deeproots.create_model(name, in_channels=1, num_classes=10)
               for name in args.models}

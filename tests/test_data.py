@@ -24,15 +24,21 @@ def test_cifar_folder_layout_is_channel_planes_row_major(tmp_path):
     assert len(test_images) == 6
 
 
-def test_cifar_tarball_read_in_place(tmp_path):
+def _trust(monkeypatch, archive):
+    """The test's small archive stands in for the real one: its MD5 is the expected one."""
+    monkeypatch.setattr(D, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+
+
+def test_cifar_tarball_read_in_place(tmp_path, monkeypatch):
     batches = write_cifar_tarball(tmp_path)
+    _trust(monkeypatch, tmp_path / "cifar-10-python.tar.gz")
     images, labels = D.load_cifar10(tmp_path, "test", download_ok=False)
     expected = batches["test_batch"]["data"].reshape(-1, 3, 32, 32)
     assert np.array_equal(images.numpy(), expected)
     assert labels.tolist() == batches["test_batch"]["labels"]
 
 
-def test_cifar_truncated_files_name_the_file(tmp_path):
+def test_cifar_truncated_files_name_the_file(tmp_path, monkeypatch):
     write_cifar_folder(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     path.write_bytes(path.read_bytes()[:500])
@@ -42,8 +48,54 @@ def test_cifar_truncated_files_name_the_file(tmp_path):
     write_cifar_tarball(tar_root)
     archive = tar_root / "cifar-10-python.tar.gz"
     archive.write_bytes(archive.read_bytes()[:2000])
+    # checked against the published MD5 before a byte of it is read
+    with pytest.raises(D.DataError, match=r"cifar-10-python.tar.gz has MD5 [0-9a-f]{32}, not "
+                                          r"the published c58f30108f718f92721af3b95e74349a"):
+        D.load_cifar10(tar_root, "train", download_ok=False)
+    _trust(monkeypatch, archive)
     with pytest.raises(D.DataError, match="cifar-10-python.tar.gz is corrupt or truncated"):
         D.load_cifar10(tar_root, "train", download_ok=False)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted CIFAR batch would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_runs_nothing(tmp_path):
+    write_cifar_folder(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, f)
+    with pytest.raises(D.DataError, match=r"data_batch_2 is not a readable CIFAR-10 batch "
+                                          r"\(UnpicklingError: it refers to posix.system"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+    assert not marker.exists()
+    # a plain pickle of a python object is refused too, not only functions
+    with open(batch, "wb") as f:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0],
+                     "x": __import__("collections").OrderedDict()}, f)
+    with pytest.raises(D.DataError, match="collections.OrderedDict"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+
+
+def test_cifar_labels_out_of_range(tmp_path):
+    write_cifar_folder(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 12]}, f)
+    with pytest.raises(D.DataError, match="labels from 0 to 12; 10 classes take labels 0 to 9"):
+        D.build_loaders("cifar10", data_dir=tmp_path, batch_size=2, download_ok=False)
+
+
+def test_data_dir_that_does_not_exist(tmp_path):
+    with pytest.raises(D.DataError, match=r"--data-dir .*nowhere does not exist"):
+        D.build_loaders("fashion-mnist", data_dir=tmp_path / "nowhere", download_ok=False)
 
 
 def test_cifar_wrong_shape(tmp_path):
@@ -66,15 +118,27 @@ def test_cifar_missing_offline_says_where(tmp_path, monkeypatch):
         D.load_cifar10(tmp_path, "train", download_ok=True)
 
 
-def test_download_checks_md5(tmp_path):
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"deep roots" * 100)
-    md5 = hashlib.md5(src.read_bytes()).hexdigest()
-    got = D.download(src.as_uri(), tmp_path / "out" / "a.bin", md5)
-    assert got.read_bytes() == src.read_bytes()
+def test_download_checks_md5_and_takes_https_only(tmp_path, monkeypatch):
+    import io
+
+    payload = b"deep roots" * 100
+    asked = []
+
+    def fake_urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", fake_urlopen)
+    md5 = hashlib.md5(payload).hexdigest()
+    got = D.download("https://example.org/a.bin", tmp_path / "out" / "a.bin", md5)
+    assert got.read_bytes() == payload
     with pytest.raises(D.DataError, match="expected 0000"):
-        D.download(src.as_uri(), tmp_path / "out" / "b.bin", "0" * 32)
-    assert not (tmp_path / "out" / "b.bin").exists()
+        D.download("https://example.org/b.bin", tmp_path / "out" / "b.bin", "0" * 32)
+    assert not (tmp_path / "out" / "b.bin").exists()  # never moved into place
+    with pytest.raises(D.DataError, match="refusing to download http://x/c.bin: only https"):
+        D.download("http://x/c.bin", tmp_path / "out" / "c.bin", md5)
+    assert asked == ["https://example.org/a.bin", "https://example.org/b.bin"]
+    assert all(d.url.startswith("https://") for d in D.DATASETS.values())
 
 
 def test_fashion_mnist_idx(tmp_path, monkeypatch):
@@ -145,6 +209,15 @@ def test_image_folder_errors(tmp_path):
     dataset = D.ImageFolderDataset(tmp_path / "train", size=8)
     with pytest.raises(D.DataError, match="broken.JPEG is not a readable image"):
         dataset[0]
+    # decoded in worker processes: the same one line, not the worker's traceback
+    _jpeg(tmp_path / "val" / "cat" / "a.JPEG", (16, 16), (1, 2, 3))
+    train, _, _ = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=1, workers=2,
+                                  image_size=8)
+    with pytest.raises(D.DataError) as err:
+        next(iter(train.batches()))
+    message = str(err.value)
+    assert "broken.JPEG is not a readable image" in message and "\n" not in message
+    assert "Traceback" not in message
 
 
 def test_random_crop_is_a_crop_of_the_padded_image():
@@ -163,7 +236,7 @@ def test_random_crop_is_a_crop_of_the_padded_image():
 
 
 def test_tensor_loader_is_reproducible_resumable_and_shards_exactly():
-    spec = D.DataSpec("t", 4, 1, 8, (0.0,), (1.0,), pad=2)
+    spec = D.DataSpec("t", 40, 1, 8, (0.0,), (1.0,), pad=2)  # labels 0..39 mark the images
     images = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40)
     full = D.TensorLoader(images, labels, spec, 8, train=True, seed=3)

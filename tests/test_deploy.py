@@ -98,6 +98,7 @@ def test_export_onnx_and_torchscript(tmp_path, capsys):
     _close(torch.jit.load(str(tmp_path / "m.pt"))(x), ref)
     assert main(["export", "nin", "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 0
     assert (tmp_path / "n.onnx").stat().st_size > 3_000_000  # 967k float32 weights
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export(model, x, tmp_path / "m.tfl", "tflite")
 
@@ -105,13 +106,15 @@ def test_export_onnx_and_torchscript(tmp_path, capsys):
 def test_bench_rows():
     rows = bench_models(["nin", "nin-root-8"], batch_size=4, paths=["fold"],
                         modes=["inference", "train"], repeats=1, warmup=0, input_size=16)
-    assert [(r["model"], r["mode"]) for r in rows] == [
+    assert [(r.model, r.mode) for r in rows] == [
         ("nin", "inference"), ("nin-root-8", "inference"), ("nin", "train"),
         ("nin-root-8", "train")]
-    assert rows[0]["speedup"] == 1.0
-    assert rows[1]["ideal_speedup"] == pytest.approx(rows[0]["macs"] / rows[1]["macs"])
-    r = rows[1]
-    assert r["gflops"] == pytest.approx(2 * r["macs"] / (r["ms_per_image"] / 1000) / 1e9)
+    # by hand at 16x16: root-8 groups conv2a (8x8 map, 96 -> 192, 5x5) in 8 and conv3a
+    # (4x4 map, 192 -> 192, 3x3) in 4; nothing else differs
+    conv2a = lambda g: 8 * 8 * 192 * (96 // g) * 25  # noqa: E731
+    conv3a = lambda g: 4 * 4 * 192 * (192 // g) * 9  # noqa: E731
+    assert rows[0].macs - rows[1].macs == conv2a(1) - conv2a(8) + conv3a(1) - conv3a(4)
+    assert all(r.ms_per_image > 0 and r.allocator in ("system", "jemalloc") for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -140,6 +143,52 @@ def test_bench_json(capsys):
                  "--input-size", "16", "--json", "--allocator", "system"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["model"] == "nin" and rows[0]["allocator"] == "system"
+
+
+def test_paths_leave_the_callers_model_and_torch_as_they_were():
+    import torch._inductor.config as inductor_config
+
+    model = _trained_like("nin-root-8").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    for path in ("eager", "fold", "compile"):
+        build_path(model, x, path)
+    assert model.training and inductor_config.freezing is False
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_fast_model_still_checks_its_input():
+    fast = build_path(_trained_like("nin-root-8"), torch.randn(2, 3, 32, 32), "fold")
+    with pytest.raises(ValueError, match=r"input 2x2 does not fit nin-root-8"):
+        fast(torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="built for 3-channel input; got 1"):
+        fast(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="paths must name at least one of eager, fold"):
+        optimize_for_inference(_trained_like("nin"), torch.randn(1, 3, 32, 32), [])
+
+
+def test_export_of_a_checkpoint(tmp_path, capsys):
+    from deeproots.train import TrainConfig, train
+    from helpers import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "data", n_train=32, n_test=16, size=8)
+    train(TrainConfig(model="nin-root-4", data_dir=str(tmp_path / "data"),
+                      out=str(tmp_path / "run"), epochs=1, batch_size=16, device="cpu",
+                      progress=False, download=False))
+    ckpt = str(tmp_path / "run" / "last.pt")
+    out = tmp_path / "trained.pt"
+    assert main(["export", "x", "--checkpoint", ckpt, "--format", "torchscript",
+                 "--out", str(out), "--input-size", "1,8,8"]) == 0
+    from deeproots.train import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        _close(torch.jit.load(str(out))(x), model(x))  # the trained weights, BN folded
+    capsys.readouterr()
+    assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",
+                 str(tmp_path / "y.onnx"), "--num-classes", "5"]) == 2
+    assert "--num-classes cannot change a trained checkpoint's model" in capsys.readouterr().err
 
 
 def test_openvino_is_refused_under_jemalloc(monkeypatch, capsys):

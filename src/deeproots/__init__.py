@@ -6,24 +6,39 @@
     >>> model = deeproots.create_model("nin-root-8", num_classes=10)
     >>> deeproots.profile(model).macs
     103342080
+
+The public names below are loaded on first use (PEP 562), so ``import deeproots`` and the
+command line's ``--help`` do not pay for importing torch.
 """
-from . import data, models  # noqa: F401  (models: registers every model)
-from .deploy import export, optimize_for_inference
-from .layers import apply_groups, conv_layers, convert
-from .profile import Profile, profile
-from .registry import create_model, is_model, list_models, register_model
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = [
-    "create_model",
-    "list_models",
-    "is_model",
-    "register_model",
-    "profile",
-    "Profile",
-    "convert",
-    "apply_groups",
-    "conv_layers",
-    "optimize_for_inference",
-    "export",
-]
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "create_model": "registry", "list_models": "registry", "is_model": "registry",
+    "register_model": "registry", "register_variants": "registry", "model_name": "registry",
+    "profile": "costs", "Profile": "costs",
+    "convert": "layers", "apply_groups": "layers", "conv_layers": "layers",
+    "optimize_for_inference": "deploy", "export": "deploy",
+    "TrainConfig": "config",
+}
+_MODULES = ("analysis", "bench", "checks", "config", "data", "deploy", "layers", "models",
+            "costs", "paper", "plots", "registry", "reproduce", "runtime", "schedules",
+            "text", "timing", "train")
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _MODULES:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'deeproots' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS, *_MODULES])

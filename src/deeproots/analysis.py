@@ -1,5 +1,6 @@
 """Looking inside root networks (Appendix A.2): inter-layer covariance, ZCA-whitened
-covariance, intra-layer correlation, a block-diagonality score, and the paper's figures.
+covariance, intra-layer correlation and a block-diagonality score. The figures are drawn by
+:mod:`deeproots.plots`; :func:`analyze` runs the whole analysis and writes its report.
 
 Responses of a layer are the outputs of the named layer: the conv-bn-relu block where the
 model has one (NiN, GoogLeNet), else the convolution itself (ResNet). Every pixel of a
@@ -9,18 +10,19 @@ float64, so a whole test set never has to fit in memory.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checks import check_number, check_optional_positive, check_positive
 from .layers import conv_layers
+from .plots import plot_covariance_pair, plot_filters, plot_matrix_grid
+from .runtime import check_output_dir, write_json, write_text
 
 __all__ = [
     "PairStats",
@@ -31,7 +33,9 @@ __all__ = [
     "correlation",
     "block_diagonality",
     "adjacent_pairs",
+    "first_layer_filters",
     "analyze",
+    "format_score",
 ]
 
 
@@ -191,59 +195,6 @@ def collect_pair_stats(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    _plt().close(fig)
-    return path
-
-
-def plot_covariance_pair(raw: torch.Tensor, white: torch.Tensor, a: str, b: str,
-                         path: Path, scores: Tuple[float, float]) -> Path:
-    """|covariance| of a layer pair, raw and whitened, side by side (Figures 6, 10, 12)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    for ax, m, title, s in zip(axes, (raw, white), ("raw", "ZCA-whitened"), scores):
-        ax.imshow(m.abs().numpy(), cmap="inferno", interpolation="nearest", aspect="auto")
-        ax.set_title(f"|cov| {title}, block score {s:.2f}")
-        ax.set_xlabel(f"{b} filters")
-        ax.set_ylabel(f"{a} filters")
-    fig.suptitle(f"inter-layer covariance {a} -> {b}")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_matrix_grid(matrices: Dict[str, torch.Tensor], path: Path, title: str) -> Path:
-    """Absolute values of several matrices in a grid (Figures 11 and 13)."""
-    plt = _plt()
-    n = len(matrices)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (name, m) in zip(axes.flat, matrices.items()):
-        ax.imshow(m.abs().numpy(), cmap="inferno", interpolation="nearest", aspect="auto")
-        ax.set_title(name, fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
 def first_layer_filters(model: nn.Module) -> Tuple[str, torch.Tensor, int]:
     """The first conv's filters and the groups that arrange them (Figure 14): those of the
     first grouped conv among the following convs that still read as many channels as the
@@ -260,138 +211,6 @@ def first_layer_filters(model: nn.Module) -> Tuple[str, torch.Tensor, int]:
     return name, first.weight.detach().float().cpu(), groups
 
 
-def plot_filters(model: nn.Module, path: Path) -> Path:
-    """First-layer filters, one row per filter group of the next grouped layer (Figure 14)."""
-    plt = _plt()
-    name, w, groups = first_layer_filters(model)
-    n = w.shape[0]
-    rows = groups if groups > 1 else math.ceil(math.sqrt(n))
-    cols = math.ceil(n / rows)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.5 + 1, rows * 0.5 + 1),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        f = w[i]
-        f = (f - f.min()) / (f.max() - f.min() + 1e-12)
-        img = f.permute(1, 2, 0).numpy() if f.shape[0] == 3 else f.mean(0).numpy()
-        axes.flat[i].imshow(img, cmap=None if f.shape[0] == 3 else "gray",
-                            interpolation="nearest")
-    how = f"rows = the {groups} filter groups of the next grouped layer" if groups > 1 else ""
-    fig.suptitle(f"{name} filters {how}", fontsize=9)
-    return _save(fig, path)
-
-
-def plot_costs(model_a: str, model_b: str, path: Path, input_size=None) -> Path:
-    """Per-layer multiply-adds and parameters of two models side by side (Figure 15)."""
-    from .profile import profile
-    from .registry import create_model
-
-    plt = _plt()
-    costs = []
-    for name in (model_a, model_b):
-        with torch.device("meta"):
-            costs.append(profile(create_model(name), input_size))
-    layers = [layer.name for layer in costs[0].layers]
-    index = np.arange(len(layers))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(layers) + 3), 7), sharex=True)
-    for ax, key, label in ((axes[0], "macs", "multiply-adds"), (axes[1], "params", "parameters")):
-        for k, (cost, offset) in enumerate(zip(costs, (-0.2, 0.2))):
-            by_name = {layer.name: getattr(layer, key) for layer in cost.layers}
-            ax.bar(index + offset, [by_name.get(n, 0) for n in layers], width=0.4,
-                   label=f"{cost.model} ({getattr(cost, key) / 1e6:.1f} M)")
-        ax.set_ylabel(label)
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks(index)
-    axes[1].set_xticklabels(layers, rotation=90, fontsize=6)
-    fig.suptitle(f"layer-wise costs: {model_a} vs {model_b}")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_layer_times(results: Sequence[dict], path: Path) -> Path:
-    """Where the time of a forward pass goes, one stacked bar per model and path: ms per image
-    in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
-    with its GFLOP/s (``results``: :func:`deeproots.bench.layer_times` dicts with ``model``,
-    ``path`` and ``batch_size`` added, as ``deeproots bench --layers --json`` writes them)."""
-    plt = _plt()
-    kinds = ["1x1 convs", "dense spatial convs", "grouped spatial convs", "grouped 1x1 convs",
-             "fully connected"]
-    rest = [k for r in results for k in r["summary"] if k not in kinds]
-    order = kinds + sorted(set(rest))
-    colors = dict(zip(order, plt.cm.tab10.colors))
-    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(results)))
-    labels = []
-    for i, r in enumerate(results):
-        left = 0.0
-        for kind in order:
-            part = r["summary"].get(kind)
-            if not part:
-                continue
-            width = part["ms"] / r["batch_size"]
-            ax.barh(i, width, left=left, color=colors[kind],
-                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
-            if part.get("gflops") and width > 0.06 * r["total_ms"] / r["batch_size"]:
-                ax.text(left + width / 2, i, f"{part['gflops']:.0f}", ha="center",
-                        va="center", fontsize=8, color="white")
-            left += width
-        labels.append(f"{r['model']} ({r['path']})")
-    ax.set_yticks(range(len(results)))
-    ax.set_yticklabels(labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per image (numbers in bars: GFLOP/s)")
-    handles, names = ax.get_legend_handles_labels()
-    ranked = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]))
-    ax.legend([h for h, _ in ranked], [n for _, n in ranked], fontsize=8, loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("where the time of a forward pass goes")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _topology(name: str) -> str:
-    for kind in ("root", "tree", "col"):
-        if f"-{kind}-" in name:
-            return kind
-    return "orig"
-
-
-def plot_results(summaries: Sequence[Path], path: Path) -> Path:
-    """Accuracy against multiply-adds and against parameters from training ``summary.json``
-    files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
-    markers (Figures 5, 8, 9)."""
-    plt = _plt()
-    runs: Dict[str, List[dict]] = {}
-    for s in summaries:
-        try:
-            data = json.loads(Path(s).read_text())
-            runs.setdefault(data["model"], []).append(data)
-            float(data["top1"]), int(data["macs"]), int(data["params"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{s} is not a deeproots summary.json ({err})") from err
-    markers = {"orig": "*", "root": "o", "tree": "^", "col": "s"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "macs", "multiply-adds"), (axes[1], "params", "parameters")):
-        plotted = set()
-        for model, items in sorted(runs.items()):
-            acc = np.array([r["top1"] for r in items], dtype=float)
-            kind = _topology(model)
-            ax.errorbar(items[0][key], acc.mean(), yerr=acc.std() if len(acc) > 1 else None,
-                        fmt=markers[kind], ms=8, capsize=3, color=f"C{list(markers).index(kind)}",
-                        label=None if kind in plotted else kind)
-            plotted.add(kind)
-            ax.annotate(f"{model} (n={len(acc)})", (items[0][key], acc.mean()), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.set(xlabel=label, ylabel="top-1 accuracy")
-        ax.margins(0.2)  # room for the labels of the outermost points
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("accuracy vs cost (mean and std over seeds)")
-    fig.tight_layout()
-    return _save(fig, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole analysis
 
@@ -404,12 +223,15 @@ def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] 
     For each adjacent conv pair (a -> b) the block-diagonality score uses b's filter groups,
     or ``blocks`` groups where b is ungrouped (so an orig model is scored on the same
     blocks as a root one)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_number("eps", eps)
+    check_positive("blocks", blocks)
+    check_optional_positive("max_batches", max_batches)
+    out = check_output_dir(out)
     pairs = adjacent_pairs(model)
     if not pairs:
         raise ValueError("the model has no adjacent conv layers to analyse")
     stats = collect_pair_stats(model, batches, pairs, max_batches, device, progress)
+    out.mkdir(parents=True, exist_ok=True)
     convs = conv_layers(model)
     result = {"model": getattr(model, "name", type(model).__name__), "eps": eps,
               "pairs": {}}
@@ -437,8 +259,8 @@ def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] 
     plot_matrix_grid(white_grid, out / "covariance_all_whitened.png",
                      "inter-layer |covariance|, ZCA-whitened")
     plot_matrix_grid(corr_grid, out / "correlation.png", "intra-layer |correlation| (Fig. 11)")
-    plot_filters(model, out / "filters.png")
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    plot_filters(*first_layer_filters(model), out / "filters.png")
+    write_json(out / "analysis.json", result)
     _report(result, figures, out)
     return result
 
@@ -448,7 +270,8 @@ def _finite(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def _fmt(x: Optional[float]) -> str:
+def format_score(x: Optional[float]) -> str:
+    """A block score for a table: three decimals, or n/a where there is none."""
     return "n/a" if x is None else f"{x:.3f}"
 
 
@@ -463,11 +286,11 @@ def _report(result: dict, figures, out: Path) -> None:
              "|---|---|---|---|---|---|"]
     for key, p in result["pairs"].items():
         lines.append(f"| {key} | {p['groups']} | {p['blocks_scored']} | {p['samples']:,} | "
-                     f"{_fmt(p['score_raw'])} | {_fmt(p['score_whitened'])} |")
+                     f"{format_score(p['score_raw'])} | {format_score(p['score_whitened'])} |")
     lines += ["", "## All layer pairs", "", "![covariance](covariance_all.png)", "",
               "![whitened](covariance_all_whitened.png)", "",
               "## Intra-layer correlation", "", "![correlation](correlation.png)", "",
               "## First-layer filters", "", "![filters](filters.png)", "",
               "## Each pair, raw and whitened", ""]
     lines += [f"### {key}\n\n![{key}]({name})\n" for key, name in figures]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines) + "\n")

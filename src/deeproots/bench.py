@@ -1,65 +1,36 @@
-"""Timing, the one way deeproots measures speed: models interleaved in one process
-(A, B, A, B, ...) after a warm-up, so drift in the machine's speed hits every model alike,
-and the median of the repeats reported with its spread."""
+"""Benchmarks: models timed side by side (:func:`bench_models`), a paper table's variants
+beside the paper's speedups (:func:`bench_paper`), and where the time of a forward pass goes,
+layer by layer (:func:`layer_times`, :func:`bench_layers`). Every timing goes through
+:func:`deeproots.timing.interleaved`."""
 from __future__ import annotations
 
 import copy
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Timing", "interleaved", "train_step_fn", "bench_models", "format_bench", "layer_times",
-           "format_layer_times"]
+from .checks import check_choice, check_positive
+from .config import DTYPES, LAYER_PATHS, MODES, PATHS
+from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino_compile
+from .layers import layer_name, main_logits
+from .paper import PAPER_TABLES, paper_timings
+from .costs import parse_input_size, profile
+from .registry import create_model, model_entry
+from .runtime import allocator, resolve_device
+from .text import format_table
+from .timing import Timing, interleaved
 
+__all__ = ["Timing", "interleaved", "train_step_fn", "BenchRow", "bench_models", "bench_paper",
+           "format_bench", "LayerTimes", "layer_times", "bench_layers", "format_layer_times",
+           "TORCH_DTYPES"]
 
-@dataclass
-class Timing:
-    """Seconds per call of one workload over the repeats; ``images`` per call."""
-
-    name: str
-    seconds: List[float]
-    images: int
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def spread(self) -> float:
-        """(max - min) / median of the repeats."""
-        return (max(self.seconds) - min(self.seconds)) / self.median_s
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.median_s
-
-    @property
-    def ms_per_image(self) -> float:
-        return 1000 * self.median_s / self.images
-
-
-def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: int = 5,
-                warmup: int = 2) -> Dict[str, Timing]:
-    """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
-    for _ in range(warmup):
-        for fn in workloads.values():
-            fn()
-    seconds: Dict[str, List[float]] = {name: [] for name in workloads}
-    for _ in range(repeats):
-        for name, fn in workloads.items():
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - t0)
-    return {name: Timing(name, s, images) for name, s in seconds.items()}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+assert tuple(TORCH_DTYPES) == DTYPES
 
 
 def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -69,8 +40,7 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     model.train()
 
     def step() -> None:
-        out = model(x)
-        loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+        loss = F.cross_entropy(main_logits(model(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -78,34 +48,54 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return step
 
 
-MODES = ("inference", "train")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+@dataclass
+class BenchRow:
+    """One model timed on one path and mode: ms per image (median of the repeats), the
+    spread of the repeats, the speedup over the first model of the run, the ideal speedup
+    from multiply-adds, and the achieved GFLOP/s (2 x multiply-adds / time)."""
+
+    model: str
+    mode: str
+    path: str
+    dtype: str
+    device: str
+    batch_size: int
+    threads: int
+    ms_per_image: float
+    spread: float
+    speedup: float
+    ideal_speedup: float
+    gflops: float
+    macs: int
+    allocator: str
+    paper: Dict[str, float] = field(default_factory=dict)  # the paper's timings, if any
+
+    def to_dict(self) -> dict:
+        """A flat JSON-ready dict (the paper's timings as ``paper_*`` keys)."""
+        d = asdict(self)
+        d.update(d.pop("paper"))
+        return d
+
+
+def _check_dtype(dtype: str) -> None:
+    check_choice("dtype", dtype, DTYPES)
 
 
 def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "cpu",
                  threads: Optional[int] = None, dtype: str = "float32",
                  paths: Sequence[str] = ("fold",), modes: Sequence[str] = ("inference",),
-                 repeats: int = 10, warmup: int = 3, input_size=None,
-                 progress: bool = False) -> List[dict]:
+                 repeats: int = 10, warmup: int = 3, input_size=None) -> List[BenchRow]:
     """Time models the paper's way (footnote 1: per image, forward pass, large batch).
 
-    For each path and mode, the models take turns in one process; each row gives ms per
-    image (median of ``repeats``), the spread, the speedup over the first model, the ideal
-    speedup from multiply-adds, and the achieved GFLOP/s (2 x multiply-adds / time).
-    ``modes`` may add ``"train"``: one SGD step (forward, backward, update), eager."""
-    from .deploy import PATHS, build_path
-    from .layers import check_positive
-    from .runtime import resolve_device
-    from .profile import parse_input_size, profile
-    from .registry import create_model, model_entry
-
+    For each path and mode, the models take turns in one process. ``modes`` may add
+    ``"train"``: one SGD step (forward, backward, update), eager; its GFLOP/s count the
+    backward pass as twice the forward."""
     if not names:
-        raise ValueError("name at least one model to time")
+        raise ValueError("name at least one model to time (deeproots list shows them)")
     for name in names:
         model_entry(name)  # unknown names fail before anything is built
     check_positive("batch size", batch_size)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    _check_dtype(dtype)
     for p in paths:
         if p not in PATHS:
             raise ValueError(f"unknown path {p!r}; accepted: {', '.join(PATHS)}")
@@ -114,13 +104,12 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
             raise ValueError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
     device = str(resolve_device(device, accepted=("cpu", "cuda")))
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1; got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_positive("threads", threads))
     torch.manual_seed(0)
     models = {n: create_model(n).eval().to(device) for n in names}
     first = models[names[0]]
     size = parse_input_size(input_size, first)
+    first.check_input(torch.empty(1, *size, device="meta"))
     x = torch.randn(batch_size, *size, device=device)
     y = torch.randint(0, first.num_classes, (batch_size,), device=device)
     macs = {n: profile(m, size).macs for n, m in models.items()}
@@ -128,47 +117,76 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     for mode in modes:
         for path in (paths if mode == "inference" else ["eager"]):
             if mode == "inference":
-                built = {n: build_path(m, x, path, DTYPES[dtype]) for n, m in models.items()}
+                built = {n: build_path(m, x, path, TORCH_DTYPES[dtype])
+                         for n, m in models.items()}
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
             else:
                 work = {n: train_step_fn(m, x, y) for n, m in models.items()}
             timings = interleaved(work, batch_size, repeats, warmup)
             base = timings[names[0]].median_s
+            factor = 3 if mode == "train" else 1  # backward costs about twice the forward
             for n in names:
                 t = timings[n]
-                factor = 3 if mode == "train" else 1  # backward costs about twice the forward
-                rows.append({
-                    "model": n, "mode": mode, "path": path, "dtype": dtype, "device": device,
-                    "batch_size": batch_size, "threads": torch.get_num_threads(),
-                    "ms_per_image": t.ms_per_image, "spread": t.spread,
-                    "speedup": base / t.median_s, "ideal_speedup": macs[names[0]] / macs[n],
-                    "gflops": 2 * factor * macs[n] * batch_size / t.median_s / 1e9,
-                    "macs": macs[n],
-                })
+                rows.append(BenchRow(
+                    model=n, mode=mode, path=path, dtype=dtype, device=device,
+                    batch_size=batch_size, threads=torch.get_num_threads(),
+                    ms_per_image=t.ms_per_image, spread=t.spread, speedup=base / t.median_s,
+                    ideal_speedup=macs[names[0]] / macs[n],
+                    gflops=2 * factor * macs[n] * batch_size / t.median_s / 1e9, macs=macs[n],
+                    allocator=allocator()))
             for m in models.values():
                 m.eval()
     return rows
 
 
-def format_bench(rows: List[dict]) -> str:
+def bench_paper(table: str, *, batch_size: Optional[int] = None, **kwargs) -> List[BenchRow]:
+    """Every variant of one of the paper's timed tables (``nin``, ``resnet50``,
+    ``googlenet``) timed side by side, each row carrying the paper's CPU and GPU timings and
+    speedups in ``paper``. ``batch_size`` defaults to the table's own (128 for NiN's 32x32
+    images, 16 at 224x224)."""
+    paper = {r["model"]: r for r in paper_timings(table)}
+    batch = batch_size or PAPER_TABLES[table].bench_batch_size
+    rows = bench_models(list(paper), batch_size=batch, **kwargs)
+    for r in rows:
+        r.paper = {k: v for k, v in paper[r.model].items() if k != "model"}
+    return rows
+
+
+def format_bench(rows: List[BenchRow]) -> str:
     """Bench rows as a readable table."""
-    from .profile import format_table
-
     head = ("model", "mode", "path", "ms/img", "spread", "speedup", "ideal", "GFLOP/s")
-    body = [(r["model"], r["mode"], r["path"], f"{r['ms_per_image']:.3f}",
-             f"{100 * r['spread']:.0f}%", f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-             f"{r['gflops']:.0f}") for r in rows]
+    body = [(r.model, r.mode, r.path, f"{r.ms_per_image:.3f}", f"{100 * r.spread:.0f}%",
+             f"{r.speedup:.2f}x", f"{r.ideal_speedup:.2f}x", f"{r.gflops:.0f}") for r in rows]
     r0 = rows[0]
-    title = (f"batch {r0['batch_size']}, {r0['dtype']}, {r0['device']}, {r0['threads']} "
-             f"threads, torch {torch.__version__}")
-    return title + "\n" + format_table(head, body, align="lllrrrrr")
+    title = (f"batch {r0.batch_size}, {r0.dtype}, {r0.device}, {r0.threads} threads, "
+             f"torch {torch.__version__}")
+    return title + "\n" + format_table(head, body, align="lllrrrrr") + \
+        f"\nallocator: {r0.allocator}"
 
 
-LAYER_PATHS = ("eager", "fold", "openvino")
+@dataclass
+class LayerTimes:
+    """Where the time of one forward pass goes. ``layers``: one dict per layer in the order
+    the pass runs them (``layer``, ``kind``, ``ms`` per batch, ``share`` of the pass,
+    ``macs``, ``gflops``, ``category``); ``summary``: their sums by kind of layer;
+    ``total_ms``: the whole pass per batch. The run's settings ride along."""
+
+    total_ms: float
+    layers: List[dict]
+    summary: Dict[str, dict]
+    model: str = ""
+    path: str = ""
+    batch_size: int = 0
+    dtype: str = "float32"
+    threads: int = 0
+    allocator: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
-                dtype: str = "float32", repeats: int = 5, warmup: int = 2) -> dict:
+                dtype: str = "float32", repeats: int = 5, warmup: int = 2) -> LayerTimes:
     """Where the time of one forward pass goes: per layer, the median ms per batch over
     ``repeats``, its share of the whole pass, the layer's multiply-adds and GFLOP/s.
 
@@ -176,34 +194,30 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     (synchronised around each module), so batch norm, ReLU and pooling appear on their own
     lines and ``(other)`` is the rest of the pass (Python, reshapes, residual adds);
     ``openvino`` reads the engine's own per-node counters, named by the model's modules, with
-    the kernel it chose (e.g. ``brgconv_avx512_1x1_f32``). Returns ``{"total_ms", "layers",
-    "summary"}``: the layer rows in the order the pass runs them, and their sums by kind.
+    the kernel it chose (e.g. ``brgconv_avx512_1x1_f32``). The model passed in is not changed:
+    the timing runs on an eval-mode copy.
     """
-    from .deploy import check_path, fold_batchnorm
-    from .layers import layer_name
-    from .profile import profile
-
     if path not in LAYER_PATHS:
         raise ValueError(f"per-layer timing supports paths {', '.join(LAYER_PATHS)}; "
                          f"got {path!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
-    model = model.eval()
+    _check_dtype(dtype)
+    check_positive("repeats", repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a whole number >= 0; got {warmup!r}")
+    model = copy.deepcopy(model).eval()
     costs = profile(model, tuple(example.shape[1:])).layers
     macs = {c.name: c.macs * len(example) for c in costs}
     category = {c.name: _category(c) for c in costs}
     if path == "openvino":
         if example.device.type != "cpu":
             raise ValueError(f"path 'openvino' runs on the CPU; got an input on {example.device}")
-        check_path(path, DTYPES[dtype])  # the same checks as the timed path
-        total, times, kinds = _openvino_layer_times(model, example, DTYPES[dtype], repeats,
-                                                    warmup)
+        check_path(path, TORCH_DTYPES[dtype])  # the same checks as the timed path
+        total, times, kinds = _openvino_layer_times(model, example, TORCH_DTYPES[dtype],
+                                                    repeats, warmup)
     else:
         total, times, kinds = _hooked_layer_times(
             model if path == "eager" else fold_batchnorm(model), example, path,
-            DTYPES[dtype], repeats, warmup)
+            TORCH_DTYPES[dtype], repeats, warmup)
     # medians of separate runs: on a busy machine the parts can add up to more than the
     # median whole, which is then the sum (no "(other)" line)
     total = max(total, sum(times.values()))
@@ -225,7 +239,41 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     for s in summary.values():
         s["share"] = s["ms"] / total
         s["gflops"] = 2 * s["macs"] / s["ms"] / 1e6 if s["macs"] and s["ms"] > 0 else None
-    return {"total_ms": total, "layers": rows, "summary": summary}
+    return LayerTimes(total, rows, summary, model=getattr(model, "name", type(model).__name__),
+                      path=path, batch_size=len(example), dtype=dtype,
+                      threads=torch.get_num_threads(), allocator=allocator())
+
+
+def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
+                 batch_size: int = 128, device: str = "cpu", threads: Optional[int] = None,
+                 dtype: str = "float32", repeats: int = 5, warmup: int = 2, input_size=None,
+                 on_result: Optional[Callable[[LayerTimes], None]] = None) -> List[LayerTimes]:
+    """:func:`layer_times` of each named model (built with seed 0) on each path, on a random
+    batch; ``on_result`` is called as each one is ready (to print it)."""
+    for path in paths:
+        if path not in LAYER_PATHS:
+            raise ValueError(f"--layers times paths {', '.join(LAYER_PATHS)}; got {path!r}")
+    if not names:
+        raise ValueError("name at least one model to time (deeproots list shows them)")
+    for name in names:
+        model_entry(name)
+    check_positive("batch size", batch_size)
+    dev = resolve_device(device, accepted=("cpu", "cuda"))
+    if threads is not None:
+        torch.set_num_threads(check_positive("threads", threads))
+    results = []
+    for name in names:
+        torch.manual_seed(0)
+        model = create_model(name).eval().to(dev)
+        size = parse_input_size(input_size, model)
+        model.check_input(torch.empty(1, *size, device="meta"))
+        x = torch.randn(batch_size, *size, device=dev)
+        for path in paths:
+            result = layer_times(model, x, path, dtype=dtype, repeats=repeats, warmup=warmup)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results
 
 
 REST = "rest (pooling, ReLU, adds, reorders, Python)"
@@ -241,9 +289,7 @@ def _category(cost) -> str:
 
 
 def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
-    if path == "eager":
-        model = copy.deepcopy(model)  # the caller's model keeps its dtype
-    model = model.to(dtype)
+    model = model.to(dtype)  # a copy: layer_times never times the caller's model
     x = example.to(dtype)
     if path == "fold":
         model = model.to(memory_format=torch.channels_last)
@@ -318,11 +364,9 @@ def _openvino_scope_to_module(node_name: str) -> str:
 
 
 def _openvino_layer_times(model, example, dtype, repeats, warmup):
-    from .deploy import _onnx_bytes, _openvino_compile
-
     # the model as built (not folded): OpenVINO folds batch norm and ReLU into the convs
     # itself, and the exported node names keep the module paths
-    compiled = _openvino_compile(_onnx_bytes(model, example), dtype, PERF_COUNT=True)
+    compiled = openvino_compile(onnx_bytes(model, example), dtype, PERF_COUNT=True)
     request = compiled.create_infer_request()
     data = example.detach().cpu().numpy()
     samples: Dict[str, List[float]] = {}
@@ -349,20 +393,22 @@ def _openvino_layer_times(model, example, dtype, repeats, warmup):
     return 1000 * statistics.median(totals), times, kinds
 
 
-def format_layer_times(result: dict, title: str = "") -> str:
+def format_layer_times(result: LayerTimes, title: Optional[str] = None) -> str:
     """A :func:`layer_times` result as readable tables: the layers in the order the pass runs
-    them, then the sums by kind of layer, slowest first."""
-    from .profile import format_table
-
+    them, then the sums by kind of layer, slowest first. ``title`` defaults to the run's
+    settings."""
+    if title is None:
+        title = (f"{result.model}, path {result.path}, batch {result.batch_size}, "
+                 f"{result.dtype}, {result.threads} threads, allocator {result.allocator}")
     body = [(r["layer"], r["kind"], f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%",
              f"{r['macs'] / 1e6:.1f}" if r["macs"] else "",
-             f"{r['gflops']:.0f}" if r["gflops"] else "") for r in result["layers"]]
+             f"{r['gflops']:.0f}" if r["gflops"] else "") for r in result.layers]
     head = ("layer", "kind", "ms/batch", "share", "MMACs", "GFLOP/s")
     table = format_table(head, body, align="llrrrr")
-    order = sorted(result["summary"].items(), key=lambda kv: -kv[1]["ms"])
+    order = sorted(result.summary.items(), key=lambda kv: -kv[1]["ms"])
     summary = format_table(("by kind of layer", "ms/batch", "share", "MMACs", "GFLOP/s"), [
         (k, f"{v['ms']:.2f}", f"{100 * v['share']:.1f}%",
          f"{v['macs'] / 1e6:.1f}" if v["macs"] else "",
          f"{v['gflops']:.0f}" if v["gflops"] else "") for k, v in order], align="lrrrr")
     return ((title + "\n" if title else "") + table + "\n\n" + summary
-            + f"\ntotal {result['total_ms']:.2f} ms")
+            + f"\ntotal {result.total_ms:.2f} ms")

@@ -1,10 +1,18 @@
 """Real data in its standard formats: CIFAR-10, Fashion-MNIST, ImageNet-style folders.
 
-Small datasets (CIFAR-10, Fashion-MNIST) are held as one uint8 tensor on the training device
-and augmented a whole batch at a time there (:class:`TensorLoader`), as airbench does: no
-per-image Python in the hot loop. Image folders are decoded with Pillow in DataLoader worker
-processes. Both yield ``(uint8 images [N, C, H, W], int64 labels)``; :meth:`DataSpec.normalize`
-turns a batch into mean-subtracted float input on the device.
+The datasets are a table (:data:`DATASETS`, like the group schedules): name, classes, image
+size, per-channel mean and std, files and their published checksums. Small datasets
+(CIFAR-10, Fashion-MNIST) are held as one uint8 tensor on the training device and augmented a
+whole batch at a time there (:class:`TensorLoader`), as airbench does: no per-image Python in
+the hot loop. Image folders are decoded with Pillow in DataLoader worker processes
+(:class:`FolderLoader`). Both loaders share one small interface (``len()``, ``num_samples``,
+``set_epoch``, ``batches(start)``) and yield ``(float images [N, C, H, W], int64 labels)``:
+mean-subtracted and std-scaled by :meth:`DataSpec.normalize`.
+
+Nothing from outside runs code: CIFAR-10's pickled batches are read by an unpickler that
+admits only what a CIFAR batch holds, archives are checked against their published MD5
+before they are read, and downloads go over https and are checked before they are moved
+into place.
 """
 from __future__ import annotations
 
@@ -17,9 +25,9 @@ import struct
 import tarfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,35 +37,23 @@ from .runtime import atomic_write
 
 __all__ = [
     "DataSpec",
+    "Dataset",
+    "DATASETS",
     "DataError",
     "load_cifar10",
     "load_fashion_mnist",
     "ImageFolderDataset",
     "TensorLoader",
+    "FolderLoader",
     "random_crop_flip",
     "build_loaders",
     "fashion_mnist_dirs",
+    "dataset_names",
 ]
 
 
 class DataError(ValueError):
     """Data that is missing, corrupt or not in the expected format."""
-
-
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_TRAIN = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]
-CIFAR10_TEST = ["test_batch"]
-
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-FASHION_MNIST_FILES = {
-    # split: (images, labels), with the MD5s published by the dataset's authors
-    "train": (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-              ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")),
-    "test": (("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
-             ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310")),
-}
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass(frozen=True)
@@ -83,13 +79,71 @@ class DataSpec:
         return (images.to(dtype) - mean) / std
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """One row of the dataset table: its :class:`DataSpec`, where it is downloaded from, and
+    its files per split with their published MD5s (``None``: checked through the archive)."""
+
+    spec: DataSpec
+    url: str
+    files: Dict[str, Tuple[Tuple[str, Optional[str]], ...]]
+    aliases: Tuple[str, ...] = field(default=())
+
+
+CIFAR10_TRAIN = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]
+CIFAR10_TEST = ["test_batch"]
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+DATASETS: Dict[str, Dataset] = {
+    "fashion-mnist": Dataset(
+        DataSpec("fashion-mnist", 10, 1, 28, (72.94,), (90.02,), pad=2, flip=True),
+        # the dataset's own files, served over https from its authors' repository
+        "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+        {"train": (("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+                   ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe")),
+         "test": (("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+                  ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"))},
+        aliases=("fashion_mnist", "fmnist")),
+    "cifar10": Dataset(
+        DataSpec("cifar10", 10, 3, 32, (125.31, 122.95, 113.87), (62.99, 62.09, 66.70)),
+        "https://www.cs.toronto.edu/~kriz/",
+        {"archive": (("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+         "train": tuple((n, None) for n in CIFAR10_TRAIN),
+         "test": tuple((n, None) for n in CIFAR10_TEST)},
+        aliases=("cifar-10",)),
+}
+CIFAR10_URL = DATASETS["cifar10"].url + DATASETS["cifar10"].files["archive"][0][0]
+CIFAR10_MD5 = DATASETS["cifar10"].files["archive"][0][1]
+FASHION_MNIST_URL = DATASETS["fashion-mnist"].url
+FASHION_MNIST_FILES = DATASETS["fashion-mnist"].files
+
+
+def dataset_names() -> List[str]:
+    """The names ``--data`` accepts."""
+    return [*DATASETS, "imagefolder:PATH"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: download with checksum, read the standard formats with clear errors.
 
 
+def md5_of(path: Path) -> str:
+    """The MD5 of a file, read in blocks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def download(url: str, dest: Path, md5: str) -> Path:
-    """Download ``url`` to ``dest`` and check its MD5 as it streams; ``dest`` appears only
-    when the whole file arrived with the right checksum. Raises DataError offline."""
+    """Download ``url`` (https only) to ``dest`` and check its MD5 as it streams; ``dest``
+    appears only when the whole file arrived with the right checksum. Raises DataError
+    offline or on a wrong checksum."""
+    if not url.startswith("https://"):
+        raise DataError(f"refusing to download {url}: only https URLs are fetched")
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def fetch(out) -> None:
@@ -108,14 +162,33 @@ def download(url: str, dest: Path, md5: str) -> Path:
         raise DataError(f"could not download {url}: {err}") from err
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR-10 batch holds: dicts, lists, strings, bytes, numbers and
+    numpy arrays. Any other global (a function to call, a class to build) is refused, so a
+    crafted batch cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch "
+                                     f"never holds (refused: it could run code)")
+
+
 def _unpickle(stream, name: str) -> dict:
     try:
-        batch = pickle.load(stream, encoding="latin1")
+        batch = _CifarUnpickler(stream, encoding="latin1").load()
         data, labels = batch["data"], batch["labels"]
-    except Exception as err:  # truncated pickles raise several kinds of errors
+    except Exception as err:  # truncated or crafted pickles raise several kinds of errors
         raise DataError(f"{name} is not a readable CIFAR-10 batch ({type(err).__name__}: "
                         f"{err}); delete it and fetch the dataset again") from err
-    data = np.asarray(data, dtype=np.uint8)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise DataError(f"{name} holds {type(data).__name__} data; a CIFAR-10 batch holds a "
+                        f"uint8 numpy array")
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{name} has data of shape {data.shape} and {len(labels)} labels; a "
                         f"CIFAR-10 batch has (N, 3072) and N labels")
@@ -125,13 +198,15 @@ def _unpickle(stream, name: str) -> dict:
 def load_cifar10(root: Path | str, split: str = "train", download_ok: bool = True):
     """CIFAR-10 from the standard python batches, as (uint8 [N, 3, 32, 32], int64 [N]).
 
-    Looks in ``root`` for ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz`` (read in
-    place, not extracted). When neither is there and ``download_ok``, downloads the archive
-    from the standard URL and checks its published MD5."""
+    Looks in ``root`` for ``cifar-10-batches-py/`` or ``cifar-10-python.tar.gz`` (checked
+    against its published MD5, then read in place, not extracted). When neither is there and
+    ``download_ok``, downloads the archive from the standard URL."""
     root = Path(root)
-    names = CIFAR10_TRAIN if split == "train" else CIFAR10_TEST
+    names = [n for n, _ in DATASETS["cifar10"].files[split]]
     folder = root / "cifar-10-batches-py"
     archive = root / "cifar-10-python.tar.gz"
+    missing = _missing("CIFAR-10", root, "cifar-10-batches-py/ or cifar-10-python.tar.gz",
+                       CIFAR10_URL)
     batches = []
     if folder.is_dir():
         for name in names:
@@ -144,14 +219,14 @@ def load_cifar10(root: Path | str, split: str = "train", download_ok: bool = Tru
     else:
         if not archive.is_file():
             if not download_ok:
-                raise DataError(_missing("CIFAR-10", root, "cifar-10-batches-py/ or "
-                                         "cifar-10-python.tar.gz", CIFAR10_URL))
+                raise DataError(missing)
             try:
                 download(CIFAR10_URL, archive, CIFAR10_MD5)
             except DataError as err:
-                raise DataError(_missing("CIFAR-10", root, "cifar-10-batches-py/ or "
-                                         "cifar-10-python.tar.gz", CIFAR10_URL) +
-                                f" ({err})") from err
+                raise DataError(f"{missing} ({err})") from err
+        elif md5_of(archive) != CIFAR10_MD5:
+            raise DataError(f"{archive} has MD5 {md5_of(archive)}, not the published "
+                            f"{CIFAR10_MD5}; delete it and fetch it again from {CIFAR10_URL}")
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -188,12 +263,15 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
 
 
 def fashion_mnist_dirs(data_dir: Optional[Path | str] = None) -> List[Path]:
-    """Where Fashion-MNIST is looked for: ``data_dir``, ``$DEEPROOTS_DATA`` (and its
-    ``fashion-mnist`` sub-folder), then Debian's ``/usr/share/datasets/fashion-mnist``."""
+    """Where Fashion-MNIST is looked for: ``data_dir`` (and its ``fashion-mnist`` sub-folder)
+    alone when it is given; else ``$DEEPROOTS_DATA`` (likewise), then Debian's
+    ``/usr/share/datasets/fashion-mnist``."""
+    if data_dir:
+        return [Path(data_dir), Path(data_dir) / "fashion-mnist"]
     dirs = []
-    for base in (data_dir, os.environ.get("DEEPROOTS_DATA")):
-        if base:
-            dirs += [Path(base), Path(base) / "fashion-mnist"]
+    if os.environ.get("DEEPROOTS_DATA"):
+        base = Path(os.environ["DEEPROOTS_DATA"])
+        dirs += [base, base / "fashion-mnist"]
     dirs.append(Path(DEBIAN_FASHION_MNIST))
     return dirs
 
@@ -266,6 +344,21 @@ def random_crop_flip(images: torch.Tensor, pad: int, flip: bool,
     return images
 
 
+def check_batch_split(batch_size: int, world_size: int) -> int:
+    """The per-process batch: ``batch_size`` must split evenly over the processes."""
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} must be a multiple of the number of "
+                         f"processes ({world_size})")
+    return batch_size // world_size
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """A DataError unless every label is a class index from 0 to ``num_classes - 1``."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"{where} has labels from {int(labels.min())} to {int(labels.max())}; "
+                        f"{num_classes} classes take labels 0 to {num_classes - 1}")
+
+
 class TensorLoader:
     """Batches of an in-memory dataset, shuffled and augmented on its device.
 
@@ -279,9 +372,9 @@ class TensorLoader:
                  batch_size: int, train: bool, device: torch.device | str = "cpu",
                  seed: int = 0, rank: int = 0, world_size: int = 1,
                  limit_batches: Optional[int] = None):
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} must be a multiple of the number of "
-                             f"processes ({world_size})")
+        self.per_rank = check_batch_split(batch_size, world_size)
+        check_labels(labels, spec.num_classes,
+                     f"the {spec.name} {'train' if train else 'test'} split")
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.spec, self.batch_size, self.train = spec, batch_size, train
@@ -289,24 +382,28 @@ class TensorLoader:
         self.limit_batches = limit_batches
         self.epoch = 0
 
+    @property
+    def num_samples(self) -> int:
+        """Images in the split."""
+        return len(self.images)
+
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order and augmentation to produce."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = self.num_samples
         batches = n // self.batch_size if self.train else math.ceil(n / self.batch_size)
         return min(batches, self.limit_batches) if self.limit_batches else batches
 
     def batches(self, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """Yield normalised, augmented (images, labels) batches from batch ``start`` on."""
-        n = len(self.images)
+        n = self.num_samples
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g).to(self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)
-        per_rank = self.batch_size // self.world_size
         for b in range(start, len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.spec.normalize(self.images[index])
@@ -317,8 +414,8 @@ class TensorLoader:
             y = self.labels[index]
             if self.world_size > 1:
                 if self.train:
-                    lo = self.rank * per_rank
-                    x, y = x[lo:lo + per_rank], y[lo:lo + per_rank]
+                    lo = self.rank * self.per_rank
+                    x, y = x[lo:lo + self.per_rank], y[lo:lo + self.per_rank]
                 else:
                     x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
             yield x, y
@@ -415,32 +512,32 @@ def center_crop(x: torch.Tensor, size: int, crop_fraction: float = 0.875) -> tor
 
 # ---------------------------------------------------------------------------------------------
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-
 
 def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cpu",
                   seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4,
                   image_size: int = 224, limit_train_batches: Optional[int] = None,
                   limit_eval_batches: Optional[int] = None, download_ok: bool = True):
-    """Train and test loaders and the :class:`DataSpec` for ``data``: ``fashion-mnist``,
-    ``cifar10`` or ``imagefolder:PATH`` (with ``PATH/train`` and ``PATH/val``)."""
-    if data in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    """Train and test loaders and the :class:`DataSpec` for ``data``: a name of
+    :data:`DATASETS` (``fashion-mnist``, ``cifar10``) or ``imagefolder:PATH`` (with
+    ``PATH/train`` and ``PATH/val``)."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir} does not exist or is not a folder")
+    name = next((k for k, d in DATASETS.items() if data == k or data in d.aliases), None)
+    if name == "fashion-mnist":
         train = load_fashion_mnist(data_dir, "train", download_ok)
         test = load_fashion_mnist(data_dir, "test", download_ok)
-        spec = DataSpec("fashion-mnist", 10, 1, 28, (72.94,), (90.02,), pad=2, flip=True)
-    elif data == "cifar10":
+    elif name == "cifar10":
         root = data_dir or os.environ.get("DEEPROOTS_DATA") or "data"
         train = load_cifar10(root, "train", download_ok)
         test = load_cifar10(root, "test", download_ok)
-        spec = DataSpec("cifar10", 10, 3, 32, (125.31, 122.95, 113.87), (62.99, 62.09, 66.70))
-    elif data.startswith("imagefolder:"):
+    elif isinstance(data, str) and data.startswith("imagefolder:"):
         return _folder_loaders(Path(data.split(":", 1)[1]), batch_size, seed, rank,
                                world_size, workers, image_size, limit_train_batches,
                                limit_eval_batches)
     else:
-        raise ValueError(f"unknown data {data!r}; accepted: fashion-mnist, cifar10, "
-                         f"imagefolder:PATH")
+        raise ValueError(f"unknown data {data!r}; accepted: {', '.join(dataset_names())}")
+    # the table's spec, sized as the files really are (small test files, resized copies)
+    spec = replace(DATASETS[name].spec, image_size=int(train[0].shape[-1]))
     common = dict(spec=spec, batch_size=batch_size, device=device, seed=seed, rank=rank,
                   world_size=world_size)
     return (TensorLoader(*train, train=True, limit_batches=limit_train_batches, **common),
@@ -455,15 +552,19 @@ class FolderLoader:
                  limit_batches):
         from torch.utils.data import DataLoader, DistributedSampler
 
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} must be a multiple of the number of "
-                             f"processes ({world_size})")
+        per_rank = check_batch_split(batch_size, world_size)
+        self.dataset = dataset
         self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
                                           drop_last=train)
-        self.loader = DataLoader(dataset, batch_size // world_size, sampler=self.sampler,
+        self.loader = DataLoader(dataset, per_rank, sampler=self.sampler,
                                  num_workers=workers, drop_last=train,
                                  persistent_workers=workers > 0)
         self.spec, self.train, self.limit_batches = spec, train, limit_batches
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split."""
+        return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -473,9 +574,17 @@ class FolderLoader:
         return min(n, self.limit_batches) if self.limit_batches else n
 
     def batches(self, start: int = 0):
-        for b, (x, y) in enumerate(self.loader):
-            if b >= len(self):
-                break
+        """Yield normalised (images, labels) batches from batch ``start`` on (the batches
+        before it are drawn and dropped, so the order is that of an uninterrupted epoch)."""
+        iterator = iter(self.loader)
+        for b in range(len(self)):
+            try:
+                x, y = next(iterator)
+            except StopIteration:
+                return
+            except DataError as err:  # raised in a worker: keep its one line, not the trace
+                raise DataError(str(err).strip().splitlines()[-1].split("DataError: ")[-1]) \
+                    from None
             if b >= start:
                 yield self.spec.normalize(x), y
 

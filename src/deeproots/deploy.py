@@ -20,12 +20,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .runtime import allocator
+from .checks import check_positive
+from .config import PATHS
+from .runtime import atomic_write, openvino_refusal
+from .timing import interleaved
 
-__all__ = ["PATHS", "fold_batchnorm", "check_path", "build_path", "optimize_for_inference",
-           "FastModel", "export", "available_paths"]
+__all__ = ["PATHS", "EXPORT_FORMATS", "fold_batchnorm", "check_path", "build_path",
+           "optimize_for_inference", "FastModel", "export", "available_paths", "onnx_bytes",
+           "openvino_compile"]
 
-PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino")
+EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -44,20 +48,25 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 class FastModel:
     """An inference callable: ``fast(x) -> logits`` (a torch tensor on the CPU or the model's
-    device); ``path`` names the engine, ``timings`` (ms per image) the candidates measured."""
+    device); ``path`` names the engine, ``timings`` (ms per image) the candidates measured.
+    ``check`` is the model's input check, kept because folding and export trace it away."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], path: str,
-                 timings: Optional[Dict[str, float]] = None):
-        self._fn, self.path, self.timings = fn, path, timings or {}
+                 timings: Optional[Dict[str, float]] = None,
+                 check: Optional[Callable[[torch.Tensor], None]] = None):
+        self._fn, self.path, self.timings, self._check = fn, path, timings or {}, check
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._check is not None:
+            self._check(x)
         return self._fn(x)
 
     def __repr__(self) -> str:
         return f"FastModel(path={self.path!r})"
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` as an ONNX graph (batch size dynamic), named by its module paths."""
     buf = io.BytesIO()
     torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"},
@@ -71,7 +80,7 @@ def available_paths() -> List[str]:
     so it is left out there."""
     paths = ["eager", "fold", "script", "compile"]
     for name in ("onnxruntime", "openvino"):
-        if name == "openvino" and allocator() == "jemalloc":
+        if name == "openvino" and openvino_refusal():
             continue
         try:
             __import__(name)
@@ -85,9 +94,8 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
     """A ValueError unless this process can run ``path`` in ``dtype``."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
-    if path == "openvino" and allocator() == "jemalloc":
-        raise ValueError("path 'openvino' aborts the process under a preloaded jemalloc "
-                         "(LD_PRELOAD); run it with the system allocator (--allocator system)")
+    if path == "openvino" and openvino_refusal():
+        raise ValueError(openvino_refusal())
     if path in ("onnxruntime", "openvino") and path not in available_paths():
         raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -96,7 +104,7 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
         raise ValueError(f"path {path!r} runs float32 only; got dtype {dtype}")
 
 
-def _openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
+def openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
     """OpenVINO's CPU model of an ONNX graph, with the settings every deeproots use shares."""
     import openvino as ov
 
@@ -110,32 +118,39 @@ def _openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
 
 def build_path(model: nn.Module, example: torch.Tensor, path: str,
                dtype: torch.dtype = torch.float32) -> FastModel:
-    """One inference path for ``model``; ``example`` is a batch of the size it will run."""
+    """One inference path for ``model``; ``example`` is a batch of the size it will run.
+    The model passed in is not changed (the path runs on a copy)."""
     check_path(path, dtype)
-    model = model.eval()
+    check = getattr(model, "check_input", None)
     if path == "eager":
-        m = copy.deepcopy(model).to(dtype)
-        return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path)
+        m = copy.deepcopy(model).eval().to(dtype)
+        return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path, check=check)
     folded = fold_batchnorm(model)
     if path in ("fold", "script", "compile"):
         # channels-last: the layout oneDNN's convolutions run fastest in
         folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
         cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
         if path == "fold":
-            return FastModel(_no_grad(lambda x: folded(cl(x)).float()), path)
+            return FastModel(_no_grad(lambda x: folded(cl(x)).float()), path, check=check)
         if path == "script":
             with torch.no_grad():
                 traced = torch.jit.trace(folded, cl(example), check_trace=False)
                 # freeze alone: torch.jit.optimize_for_inference changes NiN's outputs by up
                 # to 0.2 (its oneDNN rewrite of the ceil-mode pooling), measured in tests
                 frozen = torch.jit.freeze(traced)
-            return FastModel(_no_grad(lambda x: frozen(cl(x)).float()), path)
-        import torch._inductor.config as inductor_config
+            return FastModel(_no_grad(lambda x: frozen(cl(x)).float()), path, check=check)
+        import torch._inductor.config as inductor_config  # heavy: only for this path
 
-        inductor_config.freezing = True  # constant-fold weights into the compiled graph
         compiled = torch.compile(folded, dynamic=False)
-        return FastModel(_no_grad(lambda x: compiled(cl(x)).float()), path)
-    blob = _onnx_bytes(folded, example)
+
+        def run_compiled(x):
+            # freezing constant-folds the weights into the graph; set for our compiles
+            # alone, never for the rest of the process
+            with inductor_config.patch(freezing=True):
+                return compiled(cl(x)).float()
+
+        return FastModel(_no_grad(run_compiled), path, check=check)
+    blob = onnx_bytes(folded, example)
     if path == "onnxruntime":
         import onnxruntime as ort
 
@@ -144,10 +159,10 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
         return FastModel(lambda x: torch.from_numpy(
-            session.run(None, {"input": x.detach().cpu().numpy()})[0]), path)
-    compiled_ov = _openvino_compile(blob, dtype)
+            session.run(None, {"input": x.detach().cpu().numpy()})[0]), path, check=check)
+    compiled_ov = openvino_compile(blob, dtype)
     return FastModel(lambda x: torch.from_numpy(
-        compiled_ov(x.detach().cpu().numpy())[0].copy()), path)
+        compiled_ov(x.detach().cpu().numpy())[0].copy()), path, check=check)
 
 
 def _no_grad(fn):
@@ -164,13 +179,16 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     ``example_input``. ``paths="auto"`` measures fold, script, onnxruntime and openvino
     (those installed; torch.compile only when named, as it takes minutes to build) side by
     side and returns the fastest, with every candidate's ms per image in ``.timings``."""
-    from .bench import interleaved
-
     if isinstance(paths, str):
         paths = [p for p in available_paths() if p not in ("eager", "compile")] \
             if paths == "auto" else [paths]
-    if dtype != torch.float32:
-        paths = [p for p in paths if p != "onnxruntime"]
+    paths = [p for p in paths if p != "onnxruntime" or dtype == torch.float32]
+    if not paths:
+        raise ValueError(f"paths must name at least one of {', '.join(PATHS)}, or be 'auto'; "
+                         f"got none")
+    check_positive("repeats", repeats)
+    if hasattr(model, "check_input"):
+        model.check_input(example_input)
     built = {p: build_path(model, example_input, p, dtype) for p in paths}
     if len(built) == 1:
         return next(iter(built.values()))
@@ -184,15 +202,17 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
 
 def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str) -> None:
     """Write ``model`` (batch norm folded, eval mode) as ONNX (batch size dynamic) or a
-    frozen TorchScript file."""
+    frozen TorchScript file, atomically. The model's input check runs on ``example_input``
+    first, so a wrong size is one clear error."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(EXPORT_FORMATS)}")
+    if hasattr(model, "check_input"):
+        model.check_input(example_input)
     folded = fold_batchnorm(model)
     if fmt == "onnx":
-        data = _onnx_bytes(folded, example_input)
-        with open(out, "wb") as f:
-            f.write(data)
-    elif fmt == "torchscript":
+        data = onnx_bytes(folded, example_input)
+        atomic_write(out, lambda f: f.write(data))
+    else:
         with torch.no_grad():
             frozen = torch.jit.freeze(torch.jit.trace(folded, example_input, check_trace=False))
-        torch.jit.save(frozen, str(out))
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; accepted: onnx, torchscript")
+        atomic_write(out, lambda f: torch.jit.save(frozen, f))

@@ -14,6 +14,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .checks import GroupsError, check_groups_mapping, check_positive
+
 __all__ = [
     "ConvBNAct",
     "GroupsError",
@@ -22,14 +24,10 @@ __all__ = [
     "conv_layers",
     "layer_name",
     "he_init",
+    "init_weights",
     "InputCheck",
-    "check_positive",
-    "check_groups_mapping",
+    "main_logits",
 ]
-
-
-class GroupsError(ValueError):
-    """A groups mapping that cannot be applied to a model."""
 
 
 class ConvBNAct(nn.Module):
@@ -76,22 +74,6 @@ def conv_layers(model: nn.Module) -> Dict[str, nn.Conv2d]:
     return {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def check_groups_mapping(groups: Mapping[str, int]) -> None:
-    """A GroupsError unless ``groups`` maps layer names to whole numbers >= 1."""
-    if not isinstance(groups, Mapping):
-        raise GroupsError(
-            f"groups must be a mapping of layer name (or wildcard pattern) to a whole number "
-            f"of groups, e.g. {{'conv2a': 8}}; got {type(groups).__name__} {groups!r}"
-        )
-    for key, value in groups.items():
-        if not isinstance(key, str) or not key:
-            raise GroupsError(f"groups mapping keys must be layer names (strings); got {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GroupsError(
-                f"groups for {key!r} must be a whole number >= 1; got {value!r}"
-            )
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -110,6 +92,9 @@ def apply_groups(
     a key matches no conv layer, a value is not a whole number >= 1, or a layer's input or
     output channels are not divisible by its groups.
     """
+    if not isinstance(model, nn.Module):
+        raise GroupsError(f"filter groups go on an nn.Module; got {type(model).__name__} "
+                          f"{model!r:.60}")
     if not groups:
         return {}
     check_groups_mapping(groups)
@@ -158,6 +143,10 @@ def apply_groups(
         )
         if reinit:
             he_init(grouped)
+        if not path:
+            raise GroupsError(f"{type(model).__name__} is itself a conv layer: apply_groups "
+                              f"regroups the convs inside a model; build the conv with "
+                              f"groups={wanted} instead")
         parent_path, _, attr = path.rpartition(".")
         setattr(modules[parent_path] if parent_path else model, attr, grouped)
         applied[name] = wanted
@@ -239,10 +228,10 @@ def _tracing() -> bool:
             or torch.onnx.is_in_onnx_export())
 
 
-def check_positive(name: str, value: int) -> None:
-    """A ValueError unless ``value`` is a whole number >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
+def main_logits(out):
+    """The class scores of a model's output: GoogLeNet in training returns
+    ``(logits, aux2, aux1)``; every other model returns the logits."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def init_weights(modules: Iterable[nn.Module]) -> None:

@@ -1,21 +1,18 @@
-"""The paper's printed results, as data, and the comparison of its cost columns with ours.
+"""The paper's printed results, as data (torch-free).
 
-Values are kept as the strings the paper prints, so "matches" means: our count, in the
-table's unit, rounds to the printed digits. ``compare("nin")`` reproduces Table 8.
+Values are kept as the strings the paper prints. This module says what the paper printed;
+:mod:`deeproots.reproduce` sets our counts beside it (``compare("nin")`` reproduces Table 8).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import torch
+from .registry import model_name
+from .text import format_table
 
-from .profile import format_table, profile
-from .registry import create_model
-
-__all__ = ["PAPER_TABLES", "PaperTable", "compare", "format_comparison", "paper_timings",
-           "format_timings"]
+__all__ = ["PAPER_TABLES", "TIMED_TABLES", "PaperTable", "paper_timings", "format_timings",
+           "model_names", "table_of", "check_table"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,7 @@ class PaperTable:
     training: bool = False
     macs_reproducible: bool = True
     notes: List[str] = field(default_factory=list)
+    bench_batch_size: int = 16  # the batch `deeproots bench --paper` times by default
 
 
 PAPER_TABLES: Dict[str, PaperTable] = {
@@ -63,6 +61,7 @@ PAPER_TABLES: Dict[str, PaperTable] = {
         notes=[
             "Caffe ceil-mode pooling (32 -> 16 -> 8); conv biases counted; batch norm not.",
         ],
+        bench_batch_size=128,  # 32x32 images
     ),
     "resnet50": PaperTable(
         title="Table 4: ResNet 50 Results",
@@ -129,116 +128,59 @@ PAPER_TABLES: Dict[str, PaperTable] = {
 }
 
 
-def _model_name(table: PaperTable, variant: str) -> str:
-    return table.model if variant == "orig" else f"{table.model}-{variant}"
+def model_names(name: str) -> List[str]:
+    """The registered model names of table ``name``'s rows, in the paper's order."""
+    table = PAPER_TABLES[name]
+    return [model_name(table.model, variant) for variant in table.rows]
 
 
-def _rounds_to(value: float, printed: str) -> bool:
-    places = Decimal(printed).as_tuple().exponent
-    return Decimal(repr(value)).quantize(Decimal(1).scaleb(places), ROUND_HALF_UP) == Decimal(
-        printed
-    )
+def table_of(model: str) -> str:
+    """The title (e.g. ``"Table 8"``) of the paper table that reports ``model``, or ``""``."""
+    for table in PAPER_TABLES.values():
+        if model in model_names(table.model):
+            return table.title.split(":")[0]
+    return ""
 
 
-def compare(name: str) -> List[dict]:
-    """Our multiply-adds and params beside the paper's, one dict per row of table ``name``
-    (``nin``, ``resnet50``, ``resnet200`` or ``googlenet``).
-
-    Each row has the model name, the paper's printed values, ours in the same unit, the
-    relative difference ``(ours - paper) / paper``, and whether ours rounds to the printed
-    digits. Models are built on the meta device, so no weights are allocated."""
+def check_table(name: str) -> PaperTable:
+    """The table called ``name``; a ValueError listing the tables if there is none."""
     if name not in PAPER_TABLES:
         raise ValueError(f"unknown table {name!r}; choose from {', '.join(PAPER_TABLES)}")
-    table = PAPER_TABLES[name]
-    rows = []
-    for variant, printed in table.rows.items():
-        model_name = _model_name(table, variant)
-        with torch.device("meta"):
-            model = create_model(model_name)
-        cost = profile(model, training=table.training)
-        macs = cost.macs / 10**table.macs_exp
-        params = getattr(cost, table.params) / 10**table.params_exp
-        paper_macs, paper_params = float(printed[0]), float(printed[1])
-        rows.append(
-            {
-                "model": model_name,
-                "paper_macs": printed[0],
-                "macs": macs,
-                "macs_rel_diff": (macs - paper_macs) / paper_macs,
-                "macs_match": table.macs_reproducible and _rounds_to(macs, printed[0]),
-                "paper_params": printed[1],
-                "params": params,
-                "params_rel_diff": (params - paper_params) / paper_params,
-                "params_match": _rounds_to(params, printed[1]),
-                "macs_exact": cost.macs,
-                "params_exact": getattr(cost, table.params),
-            }
-        )
-    return rows
+    return PAPER_TABLES[name]
 
 
-def format_comparison(name: str, rows: Optional[List[dict]] = None) -> str:
-    """``compare(name)`` as a readable table with the table's notes."""
-    table = PAPER_TABLES[name]
-    rows = compare(name) if rows is None else rows
-    mark = {True: "yes", False: "NO"}
-    macs_unit, params_unit = f"x10^{table.macs_exp}", f"x10^{table.params_exp}"
-    head = ("model", f"MACs {macs_unit} paper", "ours", "diff", "match",
-            f"params {params_unit} paper", "ours", "diff", "match")
-    body = [
-        (
-            r["model"],
-            r["paper_macs"],
-            f"{r['macs']:.4f}",
-            f"{100 * r['macs_rel_diff']:+.2f}%",
-            mark[r["macs_match"]] if table.macs_reproducible else "n/a",
-            r["paper_params"],
-            f"{r['params']:.4f}",
-            f"{100 * r['params_rel_diff']:+.2f}%",
-            mark[r["params_match"]],
-        )
-        for r in rows
-    ]
-    lines = [table.title, format_table(head, body, align="lrrrlrrrl")]
-    lines += [f"* {note}" for note in table.notes]
-    matched = sum(r["macs_match"] for r in rows) + sum(r["params_match"] for r in rows)
-    total = len(rows) * (2 if table.macs_reproducible else 1)
-    lines.append(f"{matched} of {total} reproducible cells round to the paper's printed digits.")
-    return "\n".join(lines)
+TIMED_TABLES = tuple(k for k, t in PAPER_TABLES.items() if "CPU (ms)" in t.columns)
 
 
 def paper_timings(name: str) -> List[dict]:
     """The paper's CPU and GPU timings of table ``name`` (ms per image, Caffe on 2x10-core
     Xeon E5-2680 v2 with MKL, and a Titan Z with cuDNN), with each variant's speedup over orig
     (orig ms / variant ms): the part of a timing that carries over to other hardware."""
-    if name not in PAPER_TABLES:
-        raise ValueError(f"unknown table {name!r}; choose from {', '.join(PAPER_TABLES)}")
-    table = PAPER_TABLES[name]
-    if "CPU (ms)" not in table.columns:
-        timed = [k for k, t in PAPER_TABLES.items() if "CPU (ms)" in t.columns]
+    table = check_table(name)
+    if name not in TIMED_TABLES:
         raise ValueError(f"{table.title.split(':')[0]} ({name}) prints no timings; tables with "
-                         f"timings: {', '.join(timed)}")
+                         f"timings: {', '.join(TIMED_TABLES)}")
     cpu, gpu = table.columns.index("CPU (ms)"), table.columns.index("GPU (ms)")
     orig = table.rows["orig"]
-    return [{"model": _model_name(table, variant),
+    return [{"model": model_name(table.model, variant),
              "paper_cpu_ms": float(printed[cpu]), "paper_gpu_ms": float(printed[gpu]),
              "paper_cpu_speedup": float(orig[cpu]) / float(printed[cpu]),
              "paper_gpu_speedup": float(orig[gpu]) / float(printed[gpu])}
             for variant, printed in table.rows.items()]
 
 
-def format_timings(name: str, bench_rows: List[dict]) -> str:
-    """Our measured speedups (``deeproots.bench.bench_models`` rows of table ``name``'s
-    models) beside the paper's CPU and GPU speedups."""
+def format_timings(name: str, bench_rows) -> str:
+    """Our measured speedups (:func:`deeproots.bench.bench_paper` rows of table ``name``)
+    beside the paper's CPU and GPU speedups."""
     table = PAPER_TABLES[name]
     paper = {r["model"]: r for r in paper_timings(name)}
     head = ("model", "path", "ms/img", "speedup", "ideal", "paper CPU", "paper GPU")
-    body = [(r["model"], r["path"], f"{r['ms_per_image']:.3f}", f"{r['speedup']:.2f}x",
-             f"{r['ideal_speedup']:.2f}x", f"{paper[r['model']]['paper_cpu_speedup']:.2f}x",
-             f"{paper[r['model']]['paper_gpu_speedup']:.2f}x") for r in bench_rows]
+    body = [(r.model, r.path, f"{r.ms_per_image:.3f}", f"{r.speedup:.2f}x",
+             f"{r.ideal_speedup:.2f}x", f"{paper[r.model]['paper_cpu_speedup']:.2f}x",
+             f"{paper[r.model]['paper_gpu_speedup']:.2f}x") for r in bench_rows]
     r0 = bench_rows[0]
     return "\n".join([
-        f"{table.title}: speedup over orig, ours (batch {r0['batch_size']}, {r0['dtype']}, "
-        f"{r0['device']}, {r0['threads']} threads) and the paper's (Caffe; CPU: 2x Xeon "
+        f"{table.title}: speedup over orig, ours (batch {r0.batch_size}, {r0.dtype}, "
+        f"{r0.device}, {r0.threads} threads) and the paper's (Caffe; CPU: 2x Xeon "
         f"E5-2680 v2 with MKL, GPU: Titan Z with cuDNN)",
-        format_table(head, body, align="llrrrrr")])
+        format_table(head, body, align="llrrrrr"), f"allocator: {r0.allocator}"])

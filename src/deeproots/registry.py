@@ -1,21 +1,27 @@
 """The model registry, timm-style: ``create_model("nin-root-8")`` and ``list_models("nin*")``.
 
-A model is registered next to its definition (``models/nin.py`` etc.) with
-:func:`register_model`; importing :mod:`deeproots` imports every model file.
+The registry owns model names: a family registers every row of its schedule table next to
+its definition (``models/nin.py`` etc.) with :func:`register_variants`, and
+:func:`model_name` is the one rule that turns a family and a variant into a name
+(``"nin"`` + ``"root-8"`` -> ``"nin-root-8"``; the paper's "orig" is the plain name).
+Torch-free: the model files, which import torch, are loaded on the first lookup.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "is_model", "model_entry"]
+__all__ = ["register_model", "register_variants", "model_name", "create_model", "list_models",
+           "is_model", "model_entry", "ModelEntry"]
 
 
 @dataclass(frozen=True)
@@ -23,14 +29,29 @@ class ModelEntry:
     """What the registry knows of one name: the builder and the arguments it is called with."""
 
     name: str
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., "nn.Module"]
     kwargs: Dict[str, Any] = field(default_factory=dict)
     family: str = ""
     variant: str = "orig"
-    paper: str = ""
+
+    @property
+    def topology(self) -> str:
+        """``orig``, ``root``, ``tree`` or ``col``: the variant without its group count."""
+        return self.variant.split("-")[0]
 
 
 _REGISTRY: Dict[str, ModelEntry] = {}
+_FAMILIES_LOADED = False
+
+
+def _registry() -> Dict[str, ModelEntry]:
+    # The model files register themselves when imported; they import torch, so they are
+    # loaded here, on the first lookup, and `import deeproots` and `deeproots --help` stay light.
+    global _FAMILIES_LOADED
+    if not _FAMILIES_LOADED:
+        _FAMILIES_LOADED = True
+        importlib.import_module("deeproots.models")
+    return _REGISTRY
 
 
 def _natural_key(name: str):
@@ -42,46 +63,58 @@ def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def register_model(
-    name: str,
-    builder: Callable[..., nn.Module],
-    *,
-    family: str = "",
-    paper: str = "",
-    **kwargs: Any,
-) -> None:
-    """Register ``builder(**kwargs)`` under ``name`` (unique). ``family`` and ``paper`` (the
-    table that reports it) are for listings; ``kwargs["variant"]`` names the schedule row."""
+def model_name(prefix: str, variant: str) -> str:
+    """The registered name of a variant: ``model_name("nin", "root-8") == "nin-root-8"``,
+    and the paper's ``"orig"`` is the plain ``prefix``."""
+    return prefix if variant == "orig" else f"{prefix}-{variant}"
+
+
+def register_model(name: str, builder: Callable[..., "nn.Module"], *, family: str = "",
+                   **kwargs: Any) -> None:
+    """Register ``builder(**kwargs)`` under ``name`` (unique). ``family`` is the schedule
+    table it reads; ``kwargs["variant"]`` names the row."""
     name = _normalise(name)
     if name in _REGISTRY:
         raise ValueError(f"model name {name!r} is already registered")
     variant = kwargs.get("variant", "orig")
-    _REGISTRY[name] = ModelEntry(name, builder, dict(kwargs), family, variant, paper)
+    _REGISTRY[name] = ModelEntry(name, builder, dict(kwargs), family, variant)
+
+
+def register_variants(prefix: str, builder: Callable[..., "nn.Module"], family: str,
+                      variants: List[str]) -> None:
+    """Register one name per row of a schedule table: ``builder(variant=v)`` as
+    :func:`model_name` ``(prefix, v)``."""
+    for variant in variants:
+        register_model(model_name(prefix, variant), builder, family=family, variant=variant)
 
 
 def list_models(pattern: str = "*") -> List[str]:
     """Registered model names matching a shell-style ``pattern``, in natural order
     (``root-8`` before ``root-16``)."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string such as 'nin*'; got {pattern!r}")
     pattern = _normalise(pattern)
-    return sorted((n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
+    return sorted((n for n in _registry() if fnmatch.fnmatchcase(n, pattern)),
+                  key=_natural_key)
 
 
 def is_model(name: str) -> bool:
     """Whether ``name`` is a registered model."""
-    return _normalise(name) in _REGISTRY
+    return isinstance(name, str) and _normalise(name) in _registry()
 
 
 def model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; a ValueError naming the closest names if unknown."""
+    registry = _registry()
     key = _normalise(name) if isinstance(name, str) else name
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(str(key), list(_REGISTRY), n=5, cutoff=0.5)
+    if key not in registry:
+        close = difflib.get_close_matches(str(key), list(registry), n=5, cutoff=0.5)
         hint = f" Closest names: {', '.join(close)}." if close else ""
         raise ValueError(
             f"unknown model {name!r}.{hint} `deeproots list` (or deeproots.list_models()) "
-            f"shows all {len(_REGISTRY)} names."
+            f"shows all {len(registry)} names."
         )
-    return _REGISTRY[key]
+    return registry[key]
 
 
 def _accepted_kwargs(entry: ModelEntry) -> List[str]:
@@ -96,7 +129,7 @@ def _accepted_kwargs(entry: ModelEntry) -> List[str]:
     return [n for n in names if n not in ("self", "layers") and n not in entry.kwargs]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, **kwargs: Any) -> "nn.Module":
     """Build a registered model by name, e.g. ``create_model("nin-root-8", num_classes=10)``.
 
     Keyword arguments go to the family's constructor (``num_classes``, ``in_channels``,

@@ -1,28 +1,40 @@
 """What the library needs to know of the process it runs in: the device, the memory
-allocator, and how to write a file so that a crash never leaves half of it."""
+allocator, and how to write a file so that a crash never leaves half of it.
+
+Torch is imported only inside :func:`resolve_device`, so that the command line can re-run
+itself under jemalloc (:func:`reexec_with_jemalloc`) before paying for ``import torch``.
+"""
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
+import sys
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, List, Optional, Sequence
 
-import torch
+from .checks import check_device
 
-__all__ = ["check_device", "resolve_device", "allocator", "atomic_write"]
+__all__ = ["check_device", "resolve_device", "allocator", "atomic_write", "write_text",
+           "write_json", "to_json", "check_output_dir", "check_output_file", "openvino_refusal",
+           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC"]
+
+JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+            "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+# jemalloc configured as PyTorch's CPU launcher does: keep freed pages instead of handing
+# them back to the kernel and page-faulting them in again on every batch
+JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,"
+                 "dirty_decay_ms:-1,muzzy_decay_ms:-1")
 
 
-def check_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda")) -> None:
-    """ValueError unless ``name`` is one of ``accepted`` (or ``cuda:N`` when cuda is)."""
-    if name in accepted or ("cuda" in accepted and str(name).startswith("cuda:")):
-        return
-    listed = ", ".join(accepted[:-1]) + f" or {accepted[-1]}" if len(accepted) > 1 else accepted[0]
-    raise ValueError(f"device must be {listed}; got {name!r}")
-
-
-def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda")) -> torch.device:
+def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda")):
     """The torch device for ``name`` (``auto``: a GPU where there is one). Under torchrun,
     ``cuda`` is this process's GPU (``LOCAL_RANK``). ValueError for a name not accepted, or
-    for cuda on a machine without one."""
+    for cuda on a machine without one. Changes no global state."""
+    import torch  # heavy: imported here so that the allocator re-exec can come first
+
     check_device(name, accepted)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +44,10 @@ def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda"))
                              "(or this torch build has no CUDA); use --device cpu")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         name = f"cuda:{local}" if name == "cuda" else name
-        torch.cuda.set_device(torch.device(name))
+        index = int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
+                             f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
@@ -41,10 +56,52 @@ def allocator() -> str:
     return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
 
 
+def openvino_refusal() -> Optional[str]:
+    """Why OpenVINO cannot run in this process, or None: it aborts the whole process
+    ("double free or corruption") under a preloaded jemalloc."""
+    if allocator() == "jemalloc":
+        return ("path 'openvino' aborts the process under a preloaded jemalloc (LD_PRELOAD); "
+                "run it with the system allocator (--allocator system)")
+    return None
+
+
+def jemalloc_path() -> Optional[str]:
+    """The installed libjemalloc.so.2, or None."""
+    return next((p for p in JEMALLOC if os.path.exists(p)), None)
+
+
+def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()) -> None:
+    """Re-run this command in place (exec) with jemalloc preloaded, when ``wanted`` is
+    ``"jemalloc"``, or ``"auto"`` where it is installed; returns when nothing is to be done.
+    A user's own ``LD_PRELOAD`` is kept (jemalloc goes in front of it). ``paths`` are the
+    inference paths the command will run: OpenVINO needs the system allocator.
+    docs/speed.md has the figures."""
+    if wanted == "system" or allocator() == "jemalloc":
+        return
+    if "openvino" in paths:
+        if wanted == "jemalloc":
+            raise ValueError("--path openvino cannot run under jemalloc (OpenVINO aborts with "
+                             "'double free or corruption'); use --allocator system")
+        return  # auto: OpenVINO needs the system allocator
+    lib = jemalloc_path()
+    if lib is None:
+        if wanted == "jemalloc":
+            raise ValueError("--allocator jemalloc: libjemalloc.so.2 not found in "
+                             f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
+        return
+    preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
+    env = dict(os.environ, LD_PRELOAD=preload,
+               MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "deeproots", *argv], env)
+
+
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file in the same folder,
     flushed to disk, then renamed over ``path``: a crash leaves the old file or the new one.
-    If ``write`` raises, the temporary file is removed and ``path`` is untouched."""
+    If ``write`` raises, the temporary file is removed and ``path`` is untouched. A full disk
+    or a folder that cannot be written is a one-line OSError naming the path."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -53,6 +110,72 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on the device to write {path}; the old "
+                                     f"file, if any, is kept") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs) -> str:
+    """Valid JSON (no bare NaN or Infinity: non-finite numbers become null)."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path | str, value: Any) -> Path:
+    """``value`` as indented, valid JSON, written atomically."""
+    return write_text(path, to_json(value, indent=2) + "\n")
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def check_output_dir(path: Path | str, what: str = "--out") -> Path:
+    """``path`` if it is, or can be made, a writable folder; a one-line ValueError if it is a
+    file, lies under a file, or cannot be written. Creates nothing."""
+    path = Path(path)
+    probe = _nearest_existing(path)
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == path else f"lies under the file {probe}"
+        raise ValueError(f"{what} {path} {where}; give a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {probe} is not writable; give a folder you can "
+                         f"write to")
+    return path
+
+
+def check_output_file(path: Path | str, what: str = "--out") -> Path:
+    """``path`` if a file can be written there; a one-line ValueError if it is a folder,
+    lies under a file, or its folder cannot be written. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name, e.g. {path}/out.png")
+    probe = _nearest_existing(path.parent)
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{what} {path} lies under the file {probe}; give a path in a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {probe} is not writable; give a path you can "
+                         f"write to")
     return path

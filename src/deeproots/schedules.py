@@ -7,16 +7,16 @@ column stands for. Columns the paper prints as all ones (the 7x7 conv1, the 1x1 
 left out: ungrouped is the default.
 
 ``resolve(family, variant)`` turns a row into the ``{layer pattern: groups}`` mapping that the
-model builders take (see :func:`deeproots.layers.apply_groups`).
+model builders take (see :func:`deeproots.layers.apply_groups`). Pure data: no torch.
 """
 from __future__ import annotations
 
 import difflib
 from typing import Dict, Mapping
 
-from .layers import check_groups_mapping
+from .checks import check_groups_mapping
 
-__all__ = ["SCHEDULES", "COLUMNS", "resolve", "variants"]
+__all__ = ["SCHEDULES", "COLUMNS", "PAPER_TABLE", "resolve", "variants", "merge"]
 
 # Network-in-Network, Table 1 (root rows) and Section 4.2 / Table 8 (tree, column rows).
 # The paper prints no table for tree and column; root-N is (N, N/2), tree-N is (N, 2N) and
@@ -117,7 +117,8 @@ def resolve(family: str, variant: str) -> Dict[str, int]:
 
 
 def merge(schedule: Mapping[str, int], overrides: Mapping[str, int] | None) -> Dict[str, int]:
-    """A schedule with a user's per-layer overrides on top (later keys win in apply_groups)."""
+    """A schedule with a user's per-layer overrides on top (later keys win in apply_groups):
+    an override of a key the schedule already has replaces it and moves it last."""
     if overrides is not None:
         check_groups_mapping(overrides)
     merged = dict(schedule)

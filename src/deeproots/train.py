@@ -2,107 +2,109 @@
 weight decay, He initialisation and batch norm (in the models), a step or cosine learning-rate
 schedule with warm-up, random crops and mirroring.
 
-Nothing is lost: a checkpoint is written atomically after every epoch and when the run is
-stopped (Ctrl-C, SIGTERM), and ``resume=True`` continues from it, batch for batch, to the
-same weights an uninterrupted run reaches. Under ``torchrun`` the run is data-parallel
-(DistributedDataParallel; nccl on GPU, gloo on CPU); rank 0 writes every file.
+Nothing is lost: a checkpoint is written atomically after every epoch, every few minutes
+within an epoch, and when the run is stopped (Ctrl-C, SIGTERM); ``resume=True`` continues
+from it, batch for batch, to the same weights an uninterrupted run reaches, with the
+settings the run was started with. A folder that holds a run is never overwritten unless
+asked, and a lock file keeps a second run out of it. A loss, weight or test loss that is not
+finite stops the run, keeping the last good checkpoint. Under ``torchrun`` the run is
+data-parallel (DistributedDataParallel; nccl on GPU, gloo on CPU); rank 0 writes every file.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import platform
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import build_loaders
-from .layers import check_positive
-from .profile import profile
+from .config import RESUMABLE_SETTINGS, TrainConfig, lr_at
+from .costs import profile
+from .data import DataSpec, build_loaders
+from .layers import main_logits
+from .plots import plot_training_curves
 from .registry import create_model
-from .runtime import allocator, atomic_write, check_device, resolve_device
+from .runtime import (allocator, atomic_write, check_output_dir, resolve_device, to_json,
+                      write_json, write_text)
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
-           "model_from_checkpoint", "TrainingDiverged", "CheckpointError", "lr_at"]
+           "model_from_checkpoint", "config_from_checkpoint", "load_for_eval",
+           "TrainingDiverged", "CheckpointError", "Interrupted", "EvalResult", "TrainSummary",
+           "lr_at", "RUN_FILES"]
 
-SCHEDULES = ("cosine", "step")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the test loss became NaN or infinite."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit."""
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal after writing its checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
+
+
 @dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved in every checkpoint and summary."""
+class EvalResult:
+    """Mean cross-entropy ``loss``, ``top1`` and ``top5`` accuracy (fractions in [0, 1]) over
+    ``n`` images."""
 
-    model: str = "nin-root-8"
-    data: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    out: Optional[str] = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    step_milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])
-    step_gamma: float = 0.1
-    aux_weight: float = 0.3
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 4
-    image_size: int = 224
-    limit_train_batches: Optional[int] = None
-    limit_eval_batches: Optional[int] = None
-    resume: bool = False
-    progress: Optional[bool] = None
-    download: bool = True
+    loss: float
+    top1: float
+    top5: float
+    n: int
 
-    def check(self) -> None:
-        """ValueError for settings that cannot work, naming the value."""
-        for name in ("epochs", "batch_size"):
-            check_positive(name, getattr(self, name))
-        for name in ("limit_train_batches", "limit_eval_batches"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a whole number >= 1 or None; got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; "
-                             f"got {self.schedule!r}")
-        check_device(self.device)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The learning rate at global ``step``: linear warm-up, then cosine to 0 or steps of
-    ``step_gamma`` at the ``step_milestones`` (fractions of the run)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    passed = sum(step >= m * total for m in cfg.step_milestones)
-    return cfg.lr * cfg.step_gamma ** passed
+@dataclass
+class TrainSummary:
+    """What a finished run reached (``summary.json``): final test ``top1``/``top5``/``loss``,
+    the best top-1, the model's multiply-adds and params at the data's input size, wall time
+    in seconds, training images per second, where it ran, and its full config."""
+
+    model: str
+    data: str
+    macs: int
+    params: int
+    top1: Optional[float]
+    top5: Optional[float]
+    loss: Optional[float]
+    best_top1: float
+    epochs: int
+    wall_s: float
+    train_images_per_s: float
+    device: str
+    world_size: int
+    versions: Dict[str, str]
+    allocator: str
+    config: dict
+    checkpoint: str
+    out: str
+    changes: List[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,41 +118,94 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
-    """Read a deeproots checkpoint with ``torch.load(weights_only=True)``; CheckpointError if
-    the file is missing, corrupt or not a deeproots checkpoint."""
+    """Read a deeproots checkpoint with ``torch.load(weights_only=True)``: a file from
+    outside cannot run code. CheckpointError if it is missing, empty, corrupt, unsafe or not
+    a deeproots checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never written "
+                              f"completely")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several kinds on truncated or foreign files
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        if lines[0].startswith("Weights only load failed"):
+            reason = next((line for line in lines[1:] if not line.startswith(
+                ("Please file", "Check the documentation"))), "")
+            # keep torch's warning, never only its advice to turn weights_only off
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt, not a PyTorch file, or unsafe: torch's safe "
+                f"loader (weights_only=True) refused it ({reason}). Loading it with "
+                f"weights_only=False can result in arbitrary code execution; do that only for "
+                f"a file from a trusted source") from err
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
-    if not isinstance(state, dict) or "model" not in state or "model_cfg" not in state:
-        raise CheckpointError(f"{path} is not a deeproots checkpoint (no model and model_cfg)")
+                              f"({type(err).__name__}: {lines[0][:300]})") from err
+    needed = ("model", "model_cfg", "config", "epoch", "step")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
+                              f"{', '.join(missing)})")
     return state
 
 
-def model_from_checkpoint(state: dict) -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights."""
+def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its weights;
+    CheckpointError if the weights do not fit the model its config names."""
     cfg = state["model_cfg"]
-    model = create_model(cfg["name"], **cfg["kwargs"])
-    model.load_state_dict(state["model"])
+    try:
+        model = create_model(cfg["name"], **cfg["kwargs"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: its weights do not fit the model its config names "
+                              f"({first})") from err
     return model
+
+
+def config_from_checkpoint(path: Path | str) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's run was started with (``resume`` off)."""
+    saved = load_checkpoint(path)["config"]
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+
+
+def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_dir=None,
+                  batch_size: int = 256, device: str = "auto", workers: int = 4,
+                  limit_eval_batches: Optional[int] = None, download: bool = True):
+    """The model of ``checkpoint`` on its device (eval mode), and the test split of ``data``
+    (default: the data it was trained on). Returns ``(model, test_loader, spec, state,
+    device)``."""
+    dev = resolve_device(device)
+    state = load_checkpoint(checkpoint, map_location=dev)
+    model = model_from_checkpoint(state, checkpoint).to(dev).eval()
+    config = state["config"]
+    data = data or config.get("data")
+    _, test_loader, spec = build_loaders(
+        data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
+        workers=workers, image_size=config.get("image_size", 224),
+        limit_eval_batches=limit_eval_batches, download_ok=download)
+    if spec.num_classes != model.num_classes:
+        raise ValueError(f"{checkpoint} has {model.num_classes} classes but {data} has "
+                         f"{spec.num_classes}")
+    return model, test_loader, spec, state, dev
 
 
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets RANK, LOCAL_RANK and WORLD_SIZE)
 
 
-def _dist_setup(device: str):
+def _dist_setup(device: torch.device) -> Tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
+    import torch.distributed as dist  # only under torchrun
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl needs this process's GPU as current
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -168,15 +223,9 @@ def _all_sum(values: List[float], device) -> List[float]:
 # Evaluation
 
 
-def _main_logits(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device=None, autocast=None) -> dict:
-    """Loss, top-1 and top-5 accuracy of ``model`` over ``loader`` (all ranks together).
-
-    Returns ``{"loss", "top1", "top5", "n"}``; accuracies are fractions in [0, 1]."""
+def evaluate(model: nn.Module, loader, device=None, autocast=None) -> EvalResult:
+    """Loss, top-1 and top-5 accuracy of ``model`` over ``loader`` (all ranks together)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -184,11 +233,9 @@ def evaluate(model: nn.Module, loader, device=None, autocast=None) -> dict:
     for x, y in loader.batches():
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast or nullcontext():
-            logits = _main_logits(model(x)).float()
+            logits = main_logits(model(x)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, 1).indices
-        hits = best == y[:, None]
+        hits = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(1).sum().item()
         n += len(y)
@@ -196,7 +243,7 @@ def evaluate(model: nn.Module, loader, device=None, autocast=None) -> dict:
     model.train(was_training)
     if n == 0:
         raise ValueError("the evaluation data is empty")
-    return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
+    return EvalResult(loss_sum / n, top1 / n, top5 / n, int(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +259,7 @@ class _StopRequest:
         self._old = {}
 
     def __enter__(self):
-        if _in_main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -227,21 +274,57 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def _in_main_thread() -> bool:
-    import threading
+class _RunLock:
+    """``out/.lock`` holding the PID of the run that writes ``out``; a lock whose process is
+    gone is stale and taken over."""
 
-    return threading.current_thread() is threading.main_thread()
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled = out / ".lock", enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _read_pid(self.path)
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    raise ValueError(f"--out {self.path.parent} is in use by another run "
+                                     f"(process {pid}, {self.path}); wait for it to end or give "
+                                     f"another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return self
+        raise ValueError(f"could not take the lock {self.path}; another run keeps taking it")
+
+    def __exit__(self, *exc):
+        if self.enabled and _read_pid(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
 
 
-class Interrupted(Exception):
-    """The run was stopped by a signal after writing its checkpoint."""
+def _read_pid(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
-    def __init__(self, signum: int, checkpoint: Path):
-        self.signum, self.checkpoint = signum, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _default_out(cfg: TrainConfig) -> Path:
+def default_out(cfg: TrainConfig) -> Path:
+    """``runs/MODEL-DATA-seedN``: where a run goes without ``out``."""
     data = cfg.data.split(":")[0]
     return Path("runs") / f"{cfg.model}-{data}-seed{cfg.seed}"
 
@@ -259,193 +342,342 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = None) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; returns the summary (also written to
-    ``summary.json`` in ``cfg.out``).
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """Refuse an ``out`` that cannot be written, or that holds a run that neither
+    ``resume`` nor ``overwrite`` names. Writes nothing."""
+    check_output_dir(out)
+    if cfg.resume:
+        if not (out / "last.pt").exists():
+            raise CheckpointError(f"--resume: no checkpoint at {out / 'last.pt'}; start the "
+                                  f"run without --resume, or pass the --out of the run to "
+                                  f"resume")
+        if cfg.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces "
+                             "it; give one of them")
+        return
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held and not cfg.overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); add --resume "
+                         f"to continue it or --overwrite to replace it")
 
-    ``callbacks`` are called after every optimizer step with a dict of ``epoch``, ``step``
-    (within the epoch), ``global_step``, ``loss`` and ``lr``.
 
-    Raises :class:`TrainingDiverged` when the loss becomes NaN or infinite (the last good
-    checkpoint is kept) and :class:`Interrupted` after Ctrl-C or SIGTERM (once the checkpoint
-    for resuming is written)."""
-    cfg.check()
-    device = resolve_device(cfg.device)
-    rank, world = _dist_setup(str(device))
-    is_main = rank == 0
-    out = Path(cfg.out) if cfg.out else _default_out(cfg)
-    cfg.out = str(out)
-    last_path, best_path = out / "last.pt", out / "best.pt"
+def _changes(cfg: TrainConfig, state: dict) -> List[dict]:
+    """The settings ``cfg`` changes against the checkpoint's run (each must be named in
+    ``cfg.change``), as history records."""
+    saved, changes = state["config"], []
+    for name in RESUMABLE_SETTINGS:
+        old, new = saved.get(name), getattr(cfg, name)
+        if isinstance(old, (list, tuple)):
+            old, new = list(old), list(new) if new is not None else new
+        if old == new:
+            continue
+        if name not in cfg.change:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume: this run was started with {name} = {old!r}, not "
+                             f"{new!r}; leave {flag} out to keep the run's value, or add "
+                             f"--change {name} to change it (recorded in the run's history)")
+        changes.append({"setting": name, "from": old, "to": new, "epoch": state["epoch"],
+                        "step": state["step"]})
+    return changes
 
+
+def _bytes_free(device: torch.device) -> Optional[int]:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_batch(model: nn.Module, cost, per_rank: int, device: torch.device) -> None:
+    """Refuse a batch that cannot train: one image per process with batch norm, or more
+    activations than the device has memory for (estimated: each conv and linear output
+    kept about four times over, float32, for the backward pass)."""
+    if per_rank == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             for m in model.modules()):
+        raise ValueError(f"batch size 1 per process cannot train {model.name}: batch norm "
+                         f"needs at least 2 images; use --batch-size 2 or more")
+    per_image = 4 * 4 * sum(math.prod(layer.output_shape) * layer.calls
+                            for layer in cost.layers if layer.output_shape)
+    free = _bytes_free(device)
+    if free and per_image * per_rank > free:
+        fits = max(1, free // per_image)
+        raise ValueError(f"batch size {per_rank} needs about {_size(per_image * per_rank)} of "
+                         f"activations to train {model.name}; {_size(free)} is free on "
+                         f"{device}. The largest batch that fits is about {fits}")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+class _Run:
+    """The state of one training run, shared by the steps of :func:`train`."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.check()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out) if cfg.out else default_out(cfg)
+        self.rank, self.world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+        _check_out(cfg, self.out)
+        self.state = load_checkpoint(self.out / "last.pt", map_location=self.device) \
+            if cfg.resume else None
+        self.changes = list(self.state.get("changes", [])) + _changes(cfg, self.state) \
+            if self.state else []
+        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
+        self.epoch, self.step, self.history, self.best_top1, self.wall_before = 0, 0, [], -1.0, 0.0
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, seen, seconds of the epoch so far
+        self.started = time.perf_counter()
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Validate everything (settings, --out, data, model, memory) before writing anything."""
+    run = _Run(cfg)
+    run.rank, run.world = _dist_setup(run.device)
     torch.manual_seed(cfg.seed)
-    train_loader, test_loader, spec = build_loaders(
-        cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device,
-        seed=cfg.seed, rank=rank, world_size=world, workers=cfg.workers,
+    run.train_loader, run.test_loader, run.spec = build_loaders(
+        cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=run.device,
+        seed=cfg.seed, rank=run.rank, world_size=run.world, workers=cfg.workers,
         image_size=cfg.image_size, limit_train_batches=cfg.limit_train_batches,
         limit_eval_batches=cfg.limit_eval_batches, download_ok=cfg.download)
-    if len(train_loader) == 0:
+    if len(run.train_loader) == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set "
-                         f"({len(train_loader.images) if hasattr(train_loader, 'images') else 0})")
-    model_kwargs = {"num_classes": spec.num_classes, "in_channels": spec.in_channels}
-    model = create_model(cfg.model, **model_kwargs).to(device)
-    cost = profile(model, (spec.in_channels, spec.image_size, spec.image_size))
-    cuda = device.type == "cuda"
-    if cuda:  # tensor-core friendly layout and bf16 math on GPUs
+                         f"({run.train_loader.num_samples})")
+    spec = run.spec
+    model = create_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    run.cost = profile(model, (spec.in_channels, spec.image_size, spec.image_size))
+    _check_batch(model, run.cost, cfg.batch_size // run.world, run.device)
+    model = model.to(run.device)
+    run.cuda = run.device.type == "cuda"
+    if run.cuda:  # tensor-core friendly layout and bf16 math on GPUs
         model = model.to(memory_format=torch.channels_last)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else None
+    run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda else None
     decay, no_decay = [], []
-    for name, p in model.named_parameters():  # no weight decay on biases and batch norm
+    for p in model.parameters():  # no weight decay on biases and batch norm
         (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    start_epoch, start_step, history, best_top1, wall_before = 0, 0, [], -1.0, 0.0
+    run.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}],
+                                    lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    run.model = run.net = model
+    return run
 
-    if cfg.resume:
-        if not last_path.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {last_path}; start the run "
-                                  f"without --resume, or pass the --out of the run to resume")
-        state = load_checkpoint(last_path, map_location=device)
-        if state["model_cfg"]["name"] != model.name:
-            raise CheckpointError(f"{last_path} is a {state['model_cfg']['name']} run; this "
-                                  f"run is {model.name}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        history, best_top1 = list(state["history"]), state["best_top1"]
-        wall_before = state["wall_s"]
-        torch.set_rng_state(state["rng_cpu"])
-        if cuda and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
 
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _resume(run: _Run) -> None:
+    """Load the checkpoint's weights, optimizer, position, history and random state."""
+    state = run.state
+    if state["model_cfg"]["name"] != run.model.name:
+        raise CheckpointError(f"{run.last_path} is a {state['model_cfg']['name']} run; this "
+                              f"run is {run.model.name}")
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{run.last_path}: its weights do not fit {run.model.name} "
+                              f"({str(err).strip().splitlines()[0][:300]})") from err
+    run.epoch, run.step = state["epoch"], state["step"]
+    run.history, run.best_top1 = list(state["history"]), state["best_top1"]
+    run.wall_before = state["wall_s"]
+    if run.step:
+        run.sums = list(state.get("epoch_sums", run.sums))
+    torch.set_rng_state(state["rng_cpu"])
+    if run.cuda and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
 
-        if cuda:  # batch statistics over the global batch, as one process would compute
+
+def _start_writing(run: _Run) -> None:
+    """The first write of a run: the folder, the lock, and (on --overwrite) the old run's
+    files removed so that nothing of it mixes with the new one."""
+    run.writer = run.rank == 0
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP  # only under torchrun
+
+        if run.cuda:  # batch statistics over the global batch, as one process would compute
             # (SyncBatchNorm runs on GPUs only; on CPU each process normalises its own part)
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DDP(model, device_ids=[device.index] if cuda else None)
+            run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
+        run.net = DDP(run.model, device_ids=[run.device.index] if run.cuda else None)
+    if run.writer:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if run.cfg.overwrite:
+            for name in RUN_FILES:
+                (run.out / name).unlink(missing_ok=True)
+        _write_records(run.out, run.history)
 
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_records(out, history)
 
-    steps_per_epoch = len(train_loader)
-    started = time.perf_counter()
-    images_seen, train_time = 0, 0.0
-
-    def snapshot(epoch: int, step: int) -> dict:
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "history": history, "best_top1": best_top1,
-            "config": asdict(cfg), "model_cfg": model.deeproots_cfg,
-            "data": asdict(spec), "rng_cpu": torch.get_rng_state(),
-            "wall_s": wall_before + time.perf_counter() - started,
-        }
-        if cuda:
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and is_main)
-    with _StopRequest() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.set_epoch(epoch)
-            net.train()
-            first = start_step if epoch == start_epoch else 0
-            bar = _progress(steps_per_epoch, first, f"epoch {epoch + 1}/{cfg.epochs}", show)
-            loss_sum = correct = seen = 0.0
-            lr = lr_at(cfg, epoch * steps_per_epoch + max(first - 1, 0), steps_per_epoch)
-            t0 = time.perf_counter()
-            for step, (x, y) in enumerate(train_loader.batches(first), start=first):
-                global_step = epoch * steps_per_epoch + step
-                lr = lr_at(cfg, global_step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast or nullcontext():
-                    out_ = net(x)
-                    if isinstance(out_, tuple):  # GoogLeNet's auxiliary classifiers
-                        logits = out_[0]
-                        loss = F.cross_entropy(logits, y) + cfg.aux_weight * sum(
-                            F.cross_entropy(a, y) for a in out_[1:] if a is not None)
-                    else:
-                        logits = out_
-                        loss = F.cross_entropy(logits, y)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    where = last_path if last_path.exists() else "none written yet"
-                    raise TrainingDiverged(
-                        f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; "
-                        f"stopped without saving this state. Last good checkpoint: {where}. "
-                        f"Try a lower --lr (now {cfg.lr})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss_value * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                images_seen += len(y) * world
-                if bar is not None:
-                    rate = seen * world / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
-                                    acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-                    bar.update(1)
-                for callback in callbacks or ():
-                    callback({"epoch": epoch, "step": step, "global_step": global_step,
-                              "loss": loss_value, "lr": lr})
-                if stop.signal is not None:
-                    if bar is not None:
-                        bar.close()
-                    if is_main:
-                        save_checkpoint(last_path, snapshot(epoch, step + 1))
-                    raise Interrupted(stop.signal, last_path)
-            if bar is not None:
-                bar.close()
-            epoch_time = time.perf_counter() - t0
-            train_time += epoch_time
-            loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], device)
-            metrics = evaluate(model, test_loader, device, autocast)
-            seen = max(seen, 1.0)  # a run resumed after the epoch's last step saw none
-            record = {
-                "epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
-                "train_top1": correct / seen, "test_loss": metrics["loss"],
-                "test_top1": metrics["top1"], "test_top5": metrics["top5"],
-                "epoch_s": epoch_time, "images_per_s": seen / epoch_time,
-            }
-            history.append(record)
-            best = metrics["top1"] > best_top1
-            best_top1 = max(best_top1, metrics["top1"])
-            if is_main:
-                state = snapshot(epoch + 1, 0)
-                save_checkpoint(last_path, state)
-                if best:
-                    save_checkpoint(best_path, state)
-                _write_records(out, history)
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                      f"acc {record['train_top1']:.4f} | test loss {metrics['loss']:.4f} "
-                      f"top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f} | "
-                      f"{record['images_per_s']:.0f} img/s", flush=True)
-
-    final = history[-1] if history else {}
-    summary = {
-        "model": cfg.model, "data": spec.name, "macs": cost.macs, "params": cost.params,
-        "top1": final.get("test_top1"), "top5": final.get("test_top5"),
-        "loss": final.get("test_loss"), "best_top1": best_top1, "epochs": len(history),
-        "wall_s": wall_before + time.perf_counter() - started,
-        "train_images_per_s": (sum(h["images_per_s"] * h["epoch_s"] for h in history) /
-                               max(1e-9, sum(h["epoch_s"] for h in history))),
-        "device": _device_name(device), "world_size": world, "versions": _versions(),
-        "allocator": allocator(),
-        "config": asdict(cfg), "checkpoint": str(last_path), "out": str(out),
+def _snapshot(run: _Run, epoch: int, step: int) -> dict:
+    state = {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "epoch": epoch, "step": step, "history": run.history, "best_top1": run.best_top1,
+        "config": asdict(run.cfg) | {"out": str(run.out)}, "model_cfg": run.model.deeproots_cfg,
+        "data": asdict(run.spec), "rng_cpu": torch.get_rng_state(), "changes": run.changes,
+        "epoch_sums": list(run.sums),
+        "wall_s": run.wall_before + time.perf_counter() - run.started,
     }
-    if is_main:
-        _write_text(out / "summary.json", json.dumps(summary, indent=2))
-        _plot(out, history, cfg.model)
+    if run.cuda:
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _save_last(run: _Run, epoch: int, step: int) -> dict:
+    """Checkpoint to last.pt, after checking that every weight is finite."""
+    for name, value in run.model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            where = run.last_path if run.last_path.exists() else "none written yet"
+            raise TrainingDiverged(f"weight {name} is not finite at epoch {epoch + 1}, step "
+                                   f"{step}; stopped without saving it. Last good checkpoint: "
+                                   f"{where}. Try a lower --lr (now {run.cfg.lr})")
+    state = _snapshot(run, epoch, step)
+    if run.writer:
+        save_checkpoint(run.last_path, state)
+    return state
+
+
+def _loss(out, y: torch.Tensor, aux_weight: float):
+    logits = main_logits(out)
+    loss = F.cross_entropy(logits, y)
+    if isinstance(out, tuple):  # GoogLeNet's auxiliary classifiers (Szegedy et al.: 0.3)
+        loss = loss + aux_weight * sum(F.cross_entropy(a, y) for a in out[1:] if a is not None)
+    return logits, loss
+
+
+def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
+    """One epoch from ``run.step`` on; returns the last learning rate."""
+    cfg, loader = run.cfg, run.train_loader
+    steps = len(loader)
+    loader.set_epoch(epoch)
+    run.net.train()
+    first = run.step if epoch == run.epoch else 0
+    if first == 0:
+        run.sums = [0.0, 0.0, 0.0, 0.0]
+    show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and run.writer)
+    bar = _progress(steps, first, f"epoch {epoch + 1}/{cfg.epochs}", show)
+    lr = lr_at(cfg, epoch * steps + max(first - 1, 0), steps)
+    t0 = last_save = time.perf_counter()
+    before = run.sums[3]
+    try:
+        for step, (x, y) in enumerate(loader.batches(first), start=first):
+            global_step = epoch * steps + step
+            lr = lr_at(cfg, global_step, steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            if run.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with run.autocast or nullcontext():
+                logits, loss = _loss(run.net(x), y, cfg.aux_weight)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                where = run.last_path if run.last_path.exists() else "none written yet"
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; "
+                    f"stopped without saving this state. Last good checkpoint: {where}. "
+                    f"Try a lower --lr (now {cfg.lr})")
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            s = run.sums
+            s[0] += loss_value * len(y)
+            s[1] += (logits.argmax(1) == y).sum().item()
+            s[2] += len(y)
+            s[3] = before + time.perf_counter() - t0
+            if bar is not None:
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}",
+                                img_s=f"{s[2] * run.world / max(s[3], 1e-9):.0f}")
+                bar.update(1)
+            for callback in callbacks or ():
+                callback({"epoch": epoch, "step": step, "global_step": global_step,
+                          "loss": loss_value, "lr": lr, "model": run.model})
+            if stop.signal is not None:
+                _save_last(run, epoch, step + 1)
+                raise Interrupted(stop.signal, run.last_path)
+            if cfg.checkpoint_every_min and step + 1 < steps and \
+                    time.perf_counter() - last_save >= 60 * cfg.checkpoint_every_min:
+                _save_last(run, epoch, step + 1)  # an interrupted long epoch loses little
+                last_save = time.perf_counter()
+    finally:
+        if bar is not None:
+            bar.close()
+    return lr
+
+
+def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
+    """Evaluate, record, and checkpoint a finished epoch (best.pt when top-1 improved)."""
+    loss_sum, correct, seen = _all_sum(run.sums[:3], run.device)
+    seen = max(seen, 1.0)  # a run resumed after the epoch's last step saw none
+    metrics = evaluate(run.model, run.test_loader, run.device, run.autocast)
+    if not math.isfinite(metrics.loss):
+        where = run.last_path if run.last_path.exists() else "none written yet"
+        raise TrainingDiverged(f"test loss is {metrics.loss} after epoch {epoch + 1}; stopped "
+                               f"without saving this state. Last good checkpoint: {where}. "
+                               f"Try a lower --lr (now {run.cfg.lr})")
+    epoch_s = max(run.sums[3], 1e-9)
+    record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
+              "train_top1": correct / seen, "test_loss": metrics.loss,
+              "test_top1": metrics.top1, "test_top5": metrics.top5, "epoch_s": epoch_s,
+              "images_per_s": seen / epoch_s}
+    run.history.append(record)
+    best = metrics.top1 > run.best_top1
+    run.best_top1 = max(run.best_top1, metrics.top1)
+    run.sums = [0.0, 0.0, 0.0, 0.0]
+    state = _save_last(run, epoch + 1, 0)
+    if run.writer:
+        if best:
+            save_checkpoint(run.best_path, state)
+        _write_records(run.out, run.history)
+        print(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
+              f"acc {record['train_top1']:.4f} | test loss {metrics.loss:.4f} "
+              f"top1 {metrics.top1:.4f} top5 {metrics.top5:.4f} | "
+              f"{record['images_per_s']:.0f} img/s", flush=True)
+
+
+def _finish(run: _Run) -> TrainSummary:
+    """The summary, written with the training curves."""
+    history, final = run.history, (run.history[-1] if run.history else {})
+    seconds = sum(h["epoch_s"] for h in history)
+    summary = TrainSummary(
+        model=run.cfg.model, data=run.spec.name, macs=run.cost.macs, params=run.cost.params,
+        top1=final.get("test_top1"), top5=final.get("test_top5"), loss=final.get("test_loss"),
+        best_top1=run.best_top1, epochs=len(history),
+        wall_s=run.wall_before + time.perf_counter() - run.started,
+        train_images_per_s=sum(h["images_per_s"] * h["epoch_s"] for h in history) /
+        max(1e-9, seconds),
+        device=_device_name(run.device), world_size=run.world, versions=_versions(),
+        allocator=allocator(), config=asdict(run.cfg) | {"out": str(run.out)},
+        checkpoint=str(run.last_path), out=str(run.out), changes=run.changes)
+    if run.writer:
+        write_json(run.out / "summary.json", summary.to_dict())
+        if history:
+            plot_training_curves(history, run.out / "curves.png", run.cfg.model)
     return summary
+
+
+def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = None
+          ) -> TrainSummary:
+    """Train ``cfg.model`` on ``cfg.data``; returns the :class:`TrainSummary` (also written
+    to ``summary.json`` in the run's folder). ``cfg`` is not changed.
+
+    ``callbacks`` are called after every optimizer step with a dict of ``epoch``, ``step``
+    (within the epoch), ``global_step``, ``loss``, ``lr`` and the ``model``.
+
+    Raises :class:`TrainingDiverged` when the loss, a weight or the test loss becomes NaN or
+    infinite (the last good checkpoint is kept) and :class:`Interrupted` after Ctrl-C or
+    SIGTERM (once the checkpoint for resuming is written). Every setting, the output folder
+    and the data are checked before anything is written."""
+    run = _setup(cfg)
+    if run.state is not None:
+        _resume(run)
+    with _RunLock(run.out, enabled=run.rank == 0):
+        _start_writing(run)
+        with _StopRequest() as stop:
+            for epoch in range(run.epoch, cfg.epochs):
+                lr = _train_epoch(run, epoch, stop, callbacks)
+                _end_epoch(run, epoch, lr)
+        return _finish(run)
 
 
 def _progress(total: int, initial: int, desc: str, show: bool):
@@ -456,41 +688,13 @@ def _progress(total: int, initial: int, desc: str, show: bool):
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
 def _write_records(out: Path, history: List[dict]) -> None:
     """metrics.jsonl and metrics.csv, rewritten from the history (so a resumed run's files
     hold each epoch once)."""
-    _write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    write_text(out / "metrics.jsonl", "".join(to_json(h) + "\n" for h in history))
     buf = io.StringIO()
     if history:
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
-    _write_text(out / "metrics.csv", buf.getvalue())
-
-
-def _plot(out: Path, history: List[dict], title: str) -> None:
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title=f"{title}: loss")
-    ax2.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
-    ax2.plot(epochs, [h["test_top1"] for h in history], "s-", label="test top-1")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    write_text(out / "metrics.csv", buf.getvalue())

@@ -25,8 +25,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..layers import ConvBNAct, InputCheck, apply_groups, check_positive, init_weights
-from ..registry import register_model
+from ..checks import check_positive
+from ..layers import ConvBNAct, InputCheck, apply_groups, init_weights
+from ..registry import register_variants
 from ..schedules import merge, resolve, variants
 
 __all__ = ["GoogLeNet", "Inception", "InceptionAux", "GoogLeNetOutputs", "googlenet"]
@@ -184,11 +185,4 @@ def googlenet(*, variant: str = "orig", groups: Optional[Mapping[str, int]] = No
     return GoogLeNet(groups=merge(resolve("googlenet", variant), groups), **kwargs)
 
 
-for _variant in variants("googlenet"):
-    register_model(
-        "googlenet" if _variant == "orig" else f"googlenet-{_variant}",
-        googlenet,
-        family="googlenet",
-        paper="Table 6",
-        variant=_variant,
-    )
+register_variants("googlenet", googlenet, "googlenet", variants("googlenet"))

@@ -19,8 +19,9 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..layers import ConvBNAct, InputCheck, apply_groups, check_positive, init_weights
-from ..registry import register_model
+from ..checks import check_positive
+from ..layers import ConvBNAct, InputCheck, apply_groups, init_weights
+from ..registry import register_variants
 from ..schedules import merge, resolve, variants
 
 __all__ = ["NiN", "nin"]
@@ -82,11 +83,4 @@ def nin(
     return NiN(groups=merge(resolve("nin", variant), groups), **kwargs)
 
 
-for _variant in variants("nin"):
-    register_model(
-        "nin" if _variant == "orig" else f"nin-{_variant}",
-        nin,
-        family="nin",
-        paper="Table 8",
-        variant=_variant,
-    )
+register_variants("nin", nin, "nin", variants("nin"))

@@ -19,8 +19,9 @@ from typing import List, Mapping, Optional, Type, Union
 import torch
 from torch import nn
 
-from ..layers import InputCheck, apply_groups, check_positive, init_weights
-from ..registry import register_model
+from ..checks import check_positive
+from ..layers import InputCheck, apply_groups, init_weights
+from ..registry import register_variants
 from ..schedules import merge, resolve, variants
 
 __all__ = ["ResNet", "Bottleneck", "PreActBottleneck", "resnet50", "resnet101", "resnet152",
@@ -187,14 +188,5 @@ def resnet200(*, variant: str = "orig", groups: Optional[Mapping[str, int]] = No
     return _resnet(200, variant, groups, preact, **kwargs)
 
 
-for _builder, _paper in ((resnet50, "Table 4"), (resnet101, ""), (resnet152, ""),
-                         (resnet200, "Table 5")):
-    for _variant in variants("resnet"):
-        _name = _builder.__name__
-        register_model(
-            _name if _variant == "orig" else f"{_name}-{_variant}",
-            _builder,
-            family="resnet",
-            paper=_paper,
-            variant=_variant,
-        )
+for _builder in (resnet50, resnet101, resnet152, resnet200):
+    register_variants(_builder.__name__, _builder, "resnet", variants("resnet"))

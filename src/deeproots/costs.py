@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import layer_name
+from .text import format_table
 
-__all__ = ["profile", "Profile", "LayerCost", "parse_input_size"]
+__all__ = ["profile", "Profile", "LayerCost", "parse_input_size", "format_table"]
 
 _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -120,19 +121,6 @@ class Profile:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def format_table(head: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
-    """Plain-text table; ``align`` has one 'l' or 'r' per column."""
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    align = align or "l" * len(head)
-
-    def fmt(row):
-        cells = [str(x).ljust(wd) if a == "l" else str(x).rjust(wd)
-                 for x, wd, a in zip(row, widths, align)]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([fmt(head), "  ".join("-" * wd for wd in widths)] + [fmt(r) for r in rows])
 
 
 def parse_input_size(

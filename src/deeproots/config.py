@@ -1,0 +1,138 @@
+"""Settings and their accepted values, in one place and torch-free: the training
+configuration, the learning-rate schedule, and the names of the inference paths, dtypes and
+modes that the library accepts. The command line builds its flags and choices from these, so
+a default or a list of choices lives here alone."""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from .checks import (check_choice, check_device, check_number, check_optional_positive,
+                     check_positive, check_seed)
+
+__all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS", "LAYER_PATHS",
+           "DTYPES", "MODES", "DATA_HELP", "config_defaults"]
+
+LR_SCHEDULES = ("cosine", "step")
+# inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
+# TorchScript, torch.compile, ONNX Runtime, OpenVINO
+PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino")
+LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
+DTYPES = ("float32", "bfloat16")
+MODES = ("inference", "train")
+DATA_HELP = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"
+WARMUP_FRACTION = 0.05  # default warm-up: 5% of the run, at most one epoch
+
+
+def _opt(default: Any, help: str, **meta) -> Any:
+    """A dataclass field with its command-line help (and options) as metadata."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint and summary."""
+
+    model: str = _opt("nin-root-8", "model name (deeproots list)", positional=True)
+    data: str = _opt("fashion-mnist", DATA_HELP)
+    data_dir: Optional[str] = _opt(None, "where the dataset files are (default: "
+                                   "$DEEPROOTS_DATA, then standard places)")
+    out: Optional[str] = _opt(None, "output folder (default runs/MODEL-DATA-seedN)")
+    epochs: int = _opt(10, "epochs to train")
+    batch_size: int = _opt(128, "global batch size, split over torchrun processes")
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum, from 0 to below 1")
+    weight_decay: float = _opt(5e-4, "L2 weight decay (not on biases and batch norm)")
+    schedule: str = _opt("cosine", "learning-rate schedule after the warm-up",
+                         choices=LR_SCHEDULES)
+    warmup_epochs: Optional[float] = _opt(
+        None, f"linear warm-up in epochs (default: {100 * WARMUP_FRACTION:g}%% of the run, at "
+        "most one epoch)")
+    step_milestones: List[float] = _opt([0.5, 0.75], "with --schedule step: fractions of the "
+                                        "run where the rate drops", nargs="+")
+    step_gamma: float = _opt(0.1, "with --schedule step: factor at each milestone")
+    aux_weight: float = _opt(0.3, "weight of GoogLeNet's auxiliary losses")
+    seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    workers: int = _opt(4, "image-folder decoding processes")
+    image_size: int = _opt(224, "crop size for image folders")
+    limit_train_batches: Optional[int] = _opt(None, "batches per epoch (default: all)")
+    limit_eval_batches: Optional[int] = _opt(None, "test batches (default: all)")
+    resume: bool = _opt(False, "continue the run in --out with its own settings "
+                        "(`deeproots train --resume --out DIR` is enough)")
+    overwrite: bool = _opt(False, "replace a run already in --out")
+    change: List[str] = _opt([], "with --resume: settings allowed to differ from the run's "
+                             "(e.g. --change epochs); each change is recorded", nargs="+",
+                             metavar="SETTING")
+    checkpoint_every_min: float = _opt(5.0, "minutes between mid-epoch checkpoints (0: "
+                                       "only at the end of each epoch)")
+    progress: Optional[bool] = _opt(None, "no progress bar", flag="--no-progress", const=False)
+    download: bool = _opt(True, "never download data", flag="--no-download", const=False)
+
+    def check(self) -> "TrainConfig":
+        """ValueError for settings that cannot work, naming the value and what is accepted."""
+        check_positive("epochs", self.epochs)
+        check_positive("batch_size", self.batch_size)
+        check_positive("image_size", self.image_size)
+        check_optional_positive("limit_train_batches", self.limit_train_batches)
+        check_optional_positive("limit_eval_batches", self.limit_eval_batches)
+        check_number("lr", self.lr, strict=True)
+        check_number("momentum", self.momentum)
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be from 0 to below 1; got {self.momentum!r}")
+        check_number("weight_decay", self.weight_decay)
+        if self.warmup_epochs is not None:
+            check_number("warmup_epochs", self.warmup_epochs)
+        check_number("step_gamma", self.step_gamma, strict=True)
+        check_number("aux_weight", self.aux_weight)
+        check_number("checkpoint_every_min", self.checkpoint_every_min)
+        for name in self.change:
+            if name not in RESUMABLE_SETTINGS:
+                raise ValueError(f"change takes settings of the run ({', '.join(RESUMABLE_SETTINGS)})"
+                                 f"; got {name!r}")
+        for m in self.step_milestones:
+            check_number("step_milestones", m)
+        check_choice("schedule", self.schedule, LR_SCHEDULES)
+        check_seed(self.seed)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or \
+                self.workers < 0:
+            raise ValueError(f"workers must be a whole number >= 0; got {self.workers!r}")
+        check_device(self.device)
+        return self
+
+
+# the settings that define a run: a resumed run keeps the checkpoint's unless --change names them
+RESUMABLE_SETTINGS = ("model", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                      "schedule", "warmup_epochs", "step_milestones", "step_gamma", "aux_weight",
+                      "seed", "image_size", "limit_train_batches")
+
+
+def config_defaults(cls) -> Dict[str, Any]:
+    """The default of every field of a config dataclass."""
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory())
+            for f in fields(cls)}
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in steps: ``warmup_epochs`` when set, else 5% of the run's steps but at
+    most one epoch, so a short run still decays."""
+    if cfg.warmup_epochs is not None:
+        return int(cfg.warmup_epochs * steps_per_epoch)
+    return min(steps_per_epoch, math.ceil(WARMUP_FRACTION * cfg.epochs * steps_per_epoch))
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at global ``step``: linear warm-up, then cosine to 0 or steps of
+    ``step_gamma`` at the ``step_milestones`` (fractions of the run)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    passed = sum(step >= m * total for m in cfg.step_milestones)
+    return cfg.lr * cfg.step_gamma ** passed

@@ -1,0 +1,242 @@
+"""Every figure deeproots draws, each written atomically as a PNG: training curves, the
+paper's cost, accuracy and covariance figures, and where the time of a forward pass goes.
+Functions take data (histories, matrices, results) and a path; the numbers behind them come
+from :mod:`~deeproots.costs`, :mod:`~deeproots.analysis`, :mod:`~deeproots.bench` and
+:mod:`~deeproots.train`."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .costs import profile
+from .registry import create_model, is_model, model_entry
+from .runtime import atomic_write, check_output_file
+
+__all__ = ["plot_training_curves", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
+           "plot_costs", "plot_layer_times", "plot_results", "summarize_runs"]
+
+
+def _plt():
+    # matplotlib is heavy: loaded when the first figure is drawn, not when deeproots starts
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically (a crash leaves the old file or the
+    new one)."""
+    path = check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        _plt().close(fig)
+    return path
+
+
+def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Path:
+    """Loss and top-1 accuracy per epoch, train and test (a run's ``curves.png``)."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title=f"{title}: loss")
+    ax2.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
+    ax2.plot(epochs, [h["test_top1"] for h in history], "s-", label="test top-1")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_covariance_pair(raw: torch.Tensor, white: torch.Tensor, a: str, b: str,
+                         path: Path, scores: Tuple[float, float]) -> Path:
+    """|covariance| of a layer pair, raw and whitened, side by side (Figures 6, 10, 12)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, m, title, s in zip(axes, (raw, white), ("raw", "ZCA-whitened"), scores):
+        ax.imshow(m.abs().numpy(), cmap="inferno", interpolation="nearest", aspect="auto")
+        ax.set_title(f"|cov| {title}, block score {s:.2f}")
+        ax.set_xlabel(f"{b} filters")
+        ax.set_ylabel(f"{a} filters")
+    fig.suptitle(f"inter-layer covariance {a} -> {b}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_matrix_grid(matrices: Dict[str, torch.Tensor], path: Path, title: str) -> Path:
+    """Absolute values of several matrices in a grid (Figures 11 and 13)."""
+    plt = _plt()
+    n = len(matrices)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, m) in zip(axes.flat, matrices.items()):
+        ax.imshow(m.abs().numpy(), cmap="inferno", interpolation="nearest", aspect="auto")
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_filters(name: str, w: torch.Tensor, groups: int, path: Path) -> Path:
+    """First-layer filters ``w`` [n, C, k, k] of layer ``name``, one row per filter group of
+    the next grouped layer (Figure 14; :func:`deeproots.analysis.first_layer_filters` gives
+    the three arguments)."""
+    plt = _plt()
+    n = w.shape[0]
+    rows = groups if groups > 1 else math.ceil(math.sqrt(n))
+    cols = math.ceil(n / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.5 + 1, rows * 0.5 + 1),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        f = w[i]
+        f = (f - f.min()) / (f.max() - f.min() + 1e-12)
+        img = f.permute(1, 2, 0).numpy() if f.shape[0] == 3 else f.mean(0).numpy()
+        axes.flat[i].imshow(img, cmap=None if f.shape[0] == 3 else "gray",
+                            interpolation="nearest")
+    how = f"rows = the {groups} filter groups of the next grouped layer" if groups > 1 else ""
+    fig.suptitle(f"{name} filters {how}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_costs(model_a: str, model_b: str, path: Path, input_size=None) -> Path:
+    """Per-layer multiply-adds and parameters of two models side by side (Figure 15)."""
+    path = check_output_file(path)
+    plt = _plt()
+    costs = []
+    for name in (model_a, model_b):
+        with torch.device("meta"):
+            costs.append(profile(create_model(name), input_size))
+    layers = [layer.name for layer in costs[0].layers]
+    index = np.arange(len(layers))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(layers) + 3), 7), sharex=True)
+    for ax, key, label in ((axes[0], "macs", "multiply-adds"), (axes[1], "params", "parameters")):
+        for k, (cost, offset) in enumerate(zip(costs, (-0.2, 0.2))):
+            by_name = {layer.name: getattr(layer, key) for layer in cost.layers}
+            ax.bar(index + offset, [by_name.get(n, 0) for n in layers], width=0.4,
+                   label=f"{cost.model} ({getattr(cost, key) / 1e6:.1f} M)")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks(index)
+    axes[1].set_xticklabels(layers, rotation=90, fontsize=6)
+    fig.suptitle(f"layer-wise costs: {model_a} vs {model_b}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_layer_times(results: Sequence, path: Path) -> Path:
+    """Where the time of a forward pass goes, one stacked bar per model and path: ms per image
+    in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
+    with its GFLOP/s (``results``: :class:`deeproots.bench.LayerTimes`, or their dicts as
+    ``deeproots bench --layers --json`` writes them)."""
+    path = check_output_file(path)
+    results = [r.to_dict() if hasattr(r, "to_dict") else r for r in results]
+    plt = _plt()
+    kinds = ["1x1 convs", "dense spatial convs", "grouped spatial convs", "grouped 1x1 convs",
+             "fully connected"]
+    rest = [k for r in results for k in r["summary"] if k not in kinds]
+    order = kinds + sorted(set(rest))
+    colors = dict(zip(order, plt.cm.tab10.colors))
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.6 * len(results)))
+    labels = []
+    for i, r in enumerate(results):
+        left = 0.0
+        for kind in order:
+            part = r["summary"].get(kind)
+            if not part:
+                continue
+            width = part["ms"] / r["batch_size"]
+            ax.barh(i, width, left=left, color=colors[kind],
+                    label=kind if kind not in ax.get_legend_handles_labels()[1] else None)
+            if part.get("gflops") and width > 0.06 * r["total_ms"] / r["batch_size"]:
+                ax.text(left + width / 2, i, f"{part['gflops']:.0f}", ha="center",
+                        va="center", fontsize=8, color="white")
+            left += width
+        labels.append(f"{r['model']} ({r['path']})")
+    ax.set_yticks(range(len(results)))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per image (numbers in bars: GFLOP/s)")
+    handles, names = ax.get_legend_handles_labels()
+    ranked = sorted(zip(handles, names), key=lambda hn: order.index(hn[1]))
+    ax.legend([h for h, _ in ranked], [n for _, n in ranked], fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("where the time of a forward pass goes")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _topology(name: str) -> str:
+    """orig/root/tree/col of a registered model; a model of the user's own is drawn as orig."""
+    return model_entry(name).topology if is_model(name) else "orig"
+
+
+def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
+    """Training ``summary.json`` files grouped by model: ``macs``, ``params``, the number of
+    runs ``n``, the ``mean`` test top-1 and its sample standard deviation ``std`` over the
+    runs (0 for a single run), and the model's ``topology``."""
+    runs: Dict[str, List[dict]] = {}
+    for s in summaries:
+        try:
+            data = json.loads(Path(s).read_text())
+            data["top1"], data["macs"], data["params"] = (
+                float(data["top1"]), int(data["macs"]), int(data["params"]))
+            if not math.isfinite(data["top1"]):
+                raise ValueError(f"top1 is {data['top1']}")
+            runs.setdefault(data["model"], []).append(data)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{s} is not a deeproots summary.json ({err})") from err
+    out = {}
+    for model, items in sorted(runs.items()):
+        acc = np.array([r["top1"] for r in items], dtype=float)
+        out[model] = {"macs": items[0]["macs"], "params": items[0]["params"], "n": len(acc),
+                      "mean": float(acc.mean()),
+                      "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                      "topology": _topology(model)}
+    return out
+
+
+def plot_results(summaries: Sequence[Path], path: Path) -> Path:
+    """Accuracy against multiply-adds and against parameters from training ``summary.json``
+    files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
+    markers (Figures 5, 8, 9)."""
+    path = check_output_file(path)
+    runs = summarize_runs(summaries)
+    plt = _plt()
+    markers = {"orig": "*", "root": "o", "tree": "^", "col": "s"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "macs", "multiply-adds"), (axes[1], "params", "parameters")):
+        plotted = set()
+        for model, r in runs.items():
+            kind = r["topology"]
+            ax.errorbar(r[key], r["mean"], yerr=r["std"] if r["n"] > 1 else None,
+                        fmt=markers[kind], ms=8, capsize=3, color=f"C{list(markers).index(kind)}",
+                        label=None if kind in plotted else kind)
+            plotted.add(kind)
+            ax.annotate(f"{model} (n={r['n']})", (r[key], r["mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="top-1 accuracy")
+        ax.margins(0.2)  # room for the labels of the outermost points
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("accuracy vs cost (mean and std over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
