@@ -42,3 +42,22 @@ def test_errors_are_one_clear_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_groups_given_twice_are_both_applied(capsys):
+    assert main(["profile", "nin", "--groups", "conv2a=8", "--groups", "conv3a=4",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["macs"] == 103_342_080  # nin-root-8's: both overrides applied (Table 8)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from deeproots.cli import main\n"
+            "try: main(['train', '--help'])\n"
+            "except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip().endswith("False") and "--resume" in done.stdout

@@ -148,3 +148,20 @@ def test_input_size_limits_are_the_real_ones():
     for bad in (222, 239):
         with pytest.raises(ValueError, match="from 223 to 238"):
             model(torch.zeros(2, 3, bad, bad))
+
+
+def test_torchvision_layout_has_torchvisions_published_counts():
+    """stride_in_1x1=False is torchvision's ResNet-50 ("v1.5"): its model card publishes
+    25,557,032 parameters and 4.09 GFLOPS (multiply-adds) at 224x224."""
+    cost = deeproots.profile(create_model("resnet50", stride_in_1x1=False))
+    assert cost.total_params == 25_557_032
+    assert round(cost.macs / 1e9, 2) == 4.09
+
+
+def test_an_override_of_a_schedule_key_replaces_that_row():
+    model = create_model("resnet50-root-8", groups={"layer1.*.conv2": 2, "layer3.*.conv2": 1})
+    groups = {name: conv.groups for name, conv in conv_layers(model).items()}
+    assert groups["layer1.0.conv2"] == groups["layer1.2.conv2"] == 2  # not the schedule's 8
+    assert groups["layer2.0.conv2"] == 4  # the schedule's, untouched
+    assert groups["layer3.5.conv2"] == 1  # ungrouped by the override
+    assert model.groups["layer1.1.conv2"] == 2

@@ -169,7 +169,7 @@ def collect_pair_stats(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
     model.eval()
     iterator = batches
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only on a terminal
 
         iterator = tqdm(batches, total=max_batches, desc="responses", leave=False)
     try:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checks import check_choice, check_positive
+from .checks import check_choice, check_positive, check_whole
 from .config import DTYPES, LAYER_PATHS, MODES, PATHS
 from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino_compile
 from .layers import layer_name, main_logits
@@ -202,8 +202,7 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
                          f"got {path!r}")
     _check_dtype(dtype)
     check_positive("repeats", repeats)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a whole number >= 0; got {warmup!r}")
+    check_whole("warmup", warmup)
     model = copy.deepcopy(model).eval()
     costs = profile(model, tuple(example.shape[1:])).layers
     macs = {c.name: c.macs * len(example) for c in costs}

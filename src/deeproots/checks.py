@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["GroupsError", "check_positive", "check_optional_positive", "check_number",
+__all__ = ["GroupsError", "check_whole", "check_positive", "check_optional_positive", "check_number",
            "check_choice", "check_device", "check_groups_mapping", "check_seed", "listed"]
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
@@ -22,11 +22,16 @@ def listed(values: Sequence[Any]) -> str:
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" or {values[-1]}"
 
 
+def check_whole(name: str, value: Any, minimum: int = 0) -> int:
+    """``value`` if it is a whole number >= ``minimum``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}")
+    return value
+
+
 def check_positive(name: str, value: Any) -> int:
     """``value`` if it is a whole number >= 1, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
-    return value
+    return check_whole(name, value, 1)
 
 
 def check_optional_positive(name: str, value: Any) -> Optional[int]:

@@ -24,7 +24,7 @@ from dataclasses import MISSING, asdict, fields
 from typing import Dict, List, Optional
 
 from . import __version__
-from .checks import check_positive
+from .checks import check_whole
 from .config import DATA_HELP, DTYPES, LAYER_PATHS, MODES, PATHS, TrainConfig
 from .paper import PAPER_TABLES, TIMED_TABLES
 
@@ -48,14 +48,11 @@ class _Parser(argparse.ArgumentParser):
 def _whole(name: str, minimum: int = 1):
     def parse(text: str) -> int:
         try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a whole number; got {text!r}") \
-                from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number >= {minimum}; "
-                                             f"got {text!r}")
-        return value
+            return check_whole(name, int(text), minimum)
+        except ValueError as err:
+            message = str(err) if "must be" in str(err) else \
+                f"{name} takes a whole number; got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
     return parse
 
 

@@ -9,7 +9,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from .checks import (check_choice, check_device, check_number, check_optional_positive,
-                     check_positive, check_seed)
+                     check_positive, check_seed, check_whole)
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS", "LAYER_PATHS",
            "DTYPES", "MODES", "DATA_HELP", "config_defaults"]
@@ -97,9 +97,7 @@ class TrainConfig:
             check_number("step_milestones", m)
         check_choice("schedule", self.schedule, LR_SCHEDULES)
         check_seed(self.seed)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or \
-                self.workers < 0:
-            raise ValueError(f"workers must be a whole number >= 0; got {self.workers!r}")
+        check_whole("workers", self.workers)
         check_device(self.device)
         return self
 

@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .runtime import atomic_write
 
@@ -461,7 +462,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError  # Pillow: only for image folders
 
         path, label = self.samples[i]
         try:
@@ -550,8 +551,6 @@ class FolderLoader:
 
     def __init__(self, dataset, spec, batch_size, train, seed, rank, world_size, workers,
                  limit_batches):
-        from torch.utils.data import DataLoader, DistributedSampler
-
         per_rank = check_batch_split(batch_size, world_size)
         self.dataset = dataset
         self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,

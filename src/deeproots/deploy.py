@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 from .checks import check_positive
 from .config import PATHS
@@ -36,8 +37,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every conv -> batch-norm pair folded into the conv's
     weights and bias (torch.fx's conv-bn fusion). Pre-activation BN, which comes before its
     conv, stays as it is."""
-    from torch.fx.experimental.optimization import fuse
-
     model = copy.deepcopy(model).eval()
     try:
         return fuse(model, inplace=True)
@@ -106,7 +105,7 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
 
 def openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
     """OpenVINO's CPU model of an ONNX graph, with the settings every deeproots use shares."""
-    import openvino as ov
+    import openvino as ov  # optional package
 
     core = ov.Core()
     return core.compile_model(core.read_model(onnx), "CPU", {
@@ -152,7 +151,7 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         return FastModel(_no_grad(run_compiled), path, check=check)
     blob = onnx_bytes(folded, example)
     if path == "onnxruntime":
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional package
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

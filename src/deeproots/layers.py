@@ -13,6 +13,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .checks import GroupsError, check_groups_mapping, check_positive
 
@@ -168,6 +169,9 @@ def he_init(module: nn.Module) -> None:
     """He et al. (2015) initialisation, as the paper uses (Sections 4.1, 4.3), for one conv or
     linear layer: normal with std sqrt(2 / fan_in) for convs, zero biases. fan_in counts only
     the channels a filter sees (in / groups), so grouped filters get the right scale."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        return  # a meta tensor holds no values (costs are counted without weights)
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
         if module.bias is not None:
@@ -222,8 +226,6 @@ class InputCheck:
 
 
 def _tracing() -> bool:
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-
     return (torch.jit.is_tracing() or is_fx_symbolic_tracing()
             or torch.onnx.is_in_onnx_export())
 

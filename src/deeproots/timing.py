@@ -11,7 +11,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .checks import check_positive
+from .checks import check_positive, check_whole
 
 __all__ = ["Timing", "interleaved"]
 
@@ -51,8 +51,7 @@ def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: 
                 warmup: int = 2) -> Dict[str, Timing]:
     """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds."""
     check_positive("repeats", repeats)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a whole number >= 0; got {warmup!r}")
+    check_whole("warmup", warmup)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in workloads.values():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import __version__
 from .config import RESUMABLE_SETTINGS, TrainConfig, lr_at
 from .costs import profile
 from .data import DataSpec, build_loaders
@@ -122,6 +123,9 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
     outside cannot run code. CheckpointError if it is missing, empty, corrupt, unsafe or not
     a deeproots checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. "
+                              f"{path}/last.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -210,7 +214,7 @@ def _dist_setup(device: torch.device) -> Tuple[int, int]:
 
 
 def _all_sum(values: List[float], device) -> List[float]:
-    import torch.distributed as dist
+    import torch.distributed as dist  # only under torchrun
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
@@ -330,8 +334,6 @@ def default_out(cfg: TrainConfig) -> Path:
 
 
 def _versions() -> dict:
-    from . import __version__
-
     return {"deeproots": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -683,7 +685,7 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
 def _progress(total: int, initial: int, desc: str, show: bool):
     if not show:
         return None
-    from tqdm import tqdm
+    from tqdm import tqdm  # only on a terminal
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 

@@ -1,0 +1,194 @@
+"""The command line's contract, over every command: bad input ends with exit status 2 and one
+line `deeproots CMD: error: ...` on stderr, never a traceback, and no file of an existing
+run changes. A new command or option joins the table below."""
+import hashlib
+import os
+
+import pytest
+
+from deeproots.cli import main
+from helpers import write_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A finished run, its data, and the odd paths the bad inputs point at."""
+    root = tmp_path_factory.mktemp("contract")
+    data = root / "data"
+    write_fashion_mnist(data, n_train=32, n_test=16, size=8)
+    run = root / "run"
+    assert main(["train", "nin-root-4", "--data-dir", str(data), "--epochs", "1",
+                 "--batch-size", "16", "--out", str(run), "--device", "cpu", "--no-download",
+                 "--no-progress"]) == 0
+    (root / "empty.pt").write_bytes(b"")
+    (root / "corrupt.pt").write_bytes(b"PK\x03\x04 not really")
+    (root / "file").write_text("a file, not a folder")
+    (root / "summary.json").write_text("{not json")
+    (root / "folder").mkdir()
+    return {"root": root, "data": str(data), "run": str(run), "ckpt": str(run / "last.pt"),
+            "empty": str(root / "empty.pt"), "corrupt": str(root / "corrupt.pt"),
+            "file": str(root / "file"), "under_file": str(root / "file" / "x"),
+            "folder": str(root / "folder"), "missing": str(root / "missing"),
+            "bad_summary": str(root / "summary.json")}
+
+
+def _snapshot(folder):
+    return {p: hashlib.md5(open(os.path.join(folder, p), "rb").read()).hexdigest()
+            for p in sorted(os.listdir(folder))}
+
+
+# (command, argv after the command with {placeholders}, a phrase the error must contain)
+CASES = [
+    ("list", ["zzz*"], "no model matches 'zzz*'"),
+    ("profile", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
+    ("profile", ["nin", "--groups", "conv2a=5"], "5 groups do not divide"),
+    ("profile", ["nin", "--groups", "conv2a"], "LAYER=GROUPS"),
+    ("profile", ["nin", "--groups", "conv9=2"], "matches no conv layer"),
+    ("profile", ["nin", "--input-size", "2"], "at least 4"),
+    ("profile", ["nin", "--input-size", "abc"], "--input-size takes S, H,W or C,H,W"),
+    ("profile", ["nin", "--input-size", "0"], "whole numbers >= 1; got '0'"),
+    ("profile", ["nin", "--num-classes", "0"], "--num-classes must be a whole number >= 1"),
+    ("profile", ["nin", "--num-classes", "nan"], "--num-classes takes a whole number; got 'nan'"),
+    ("profile", ["nin", "--in-channels", "-1"], "--in-channels must be a whole number >= 1"),
+    ("table", ["table9"], "invalid choice: 'table9'"),
+    ("train", ["nin-rot-8", "--out", "{missing}/a"], "unknown model 'nin-rot-8'"),
+    ("train", ["nin", "--epochs", "0", "--out", "{missing}/a"], "epochs must be a whole number >= 1"),
+    ("train", ["nin", "--epochs", "1e9x"], "expected a whole number; got '1e9x'"),
+    ("train", ["nin", "--lr", "nan", "--out", "{missing}/a"], "lr must be a finite number > 0; got nan"),
+    ("train", ["nin", "--lr", "inf", "--out", "{missing}/a"], "lr must be a finite number > 0; got inf"),
+    ("train", ["nin", "--lr", "-0.1", "--out", "{missing}/a"], "lr must be a finite number > 0"),
+    ("train", ["nin", "--batch-size", "0", "--out", "{missing}/a"], "batch_size must be a whole"),
+    ("train", ["nin", "--warmup-epochs", "nan", "--out", "{missing}/a"], "warmup_epochs must be a finite"),
+    ("train", ["nin", "--seed", str(2**64), "--out", "{missing}/a"], "seed must be a whole number from 0"),
+    ("train", ["nin", "--momentum", "1.5", "--out", "{missing}/a"], "momentum must be from 0 to below 1"),
+    ("train", ["nin", "--workers", "-1", "--out", "{missing}/a"], "workers must be a whole number >= 0"),
+    ("train", ["nin", "--schedule", "linear"], "invalid choice: 'linear'"),
+    ("train", ["nin", "--device", "tpu", "--out", "{missing}/a"], "device must be auto, cpu or cuda; got 'tpu'"),
+    ("train", ["nin", "--data", "mnist", "--out", "{missing}/a"], "unknown data 'mnist'"),
+    ("train", ["nin", "--data-dir", "{missing}", "--out", "{missing}/a"], "does not exist"),
+    ("train", ["nin", "--data-dir", "{data}", "--out", "{file}"], "is a file; give a folder"),
+    ("train", ["nin", "--data-dir", "{data}", "--out", "{under_file}"], "lies under the file"),
+    ("train", ["nin-root-4", "--data-dir", "{data}", "--out", "{run}"], "already holds a run"),
+    ("train", ["--resume", "--out", "{folder}"], "--resume: no checkpoint at"),
+    ("train", ["--resume", "--out", "{run}", "--lr", "1"], "this run was started with lr = 0.1"),
+    ("train", ["--resume", "--out", "{run}", "--change", "device"], "change takes settings of the run"),
+    ("train", ["--resume", "--out", "{run}", "--overwrite"], "give one of them"),
+    ("train", ["--data-dir", "{data}"], "name a model to train"),
+    ("train", ["nin", "--limit-train-batches", "0", "--out", "{missing}/a"], "limit_train_batches must be"),
+    ("train", ["resnet50", "--batch-size", "1", "--data-dir", "{data}", "--out", "{missing}/a",
+               "--device", "cpu"], "batch norm needs at least 2 images"),
+    ("eval", ["{missing}/last.pt"], "does not exist"),
+    ("eval", ["{empty}"], "is empty (0 bytes)"),
+    ("eval", ["{corrupt}"], "is corrupt"),
+    ("eval", ["{folder}"], "is a folder, not a checkpoint file"),
+    ("eval", ["{ckpt}", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    ("eval", ["{ckpt}", "--data", "mnist", "--device", "cpu"], "unknown data 'mnist'"),
+    ("eval", ["{ckpt}", "--device", "tpu"], "device must be auto, cpu or cuda"),
+    ("eval", ["{ckpt}", "--data-dir", "{missing}", "--device", "cpu"], "does not exist"),
+    ("analyze", ["{ckpt}", "--out", "{file}"], "is a file; give a folder"),
+    ("analyze", ["{ckpt}", "--out", "{missing}/an", "--eps", "nan", "--device", "cpu"],
+     "eps must be a finite number >= 0; got nan"),
+    ("analyze", ["{ckpt}", "--out", "{missing}/an", "--blocks", "0"], "--blocks must be a whole"),
+    ("analyze", ["{corrupt}", "--out", "{missing}/an"], "is corrupt"),
+    ("plot-costs", ["nin", "nin-rot-8", "--out", "{missing}/c.png"], "unknown model 'nin-rot-8'"),
+    ("plot-costs", ["nin", "nin-root-8", "--out", "{folder}"], "is a folder; give a file name"),
+    ("plot-costs", ["nin", "nin-root-8", "--out", "{under_file}"], "lies under the file"),
+    ("plot-costs", ["nin", "nin-root-8", "--input-size", "2", "--out", "{missing}/c.png"], "at least 4"),
+    ("plot-results", ["{missing}/summary.json", "--out", "{missing}/r.png"], "is not a deeproots summary.json"),
+    ("plot-results", ["{bad_summary}", "--out", "{missing}/r.png"], "is not a deeproots summary.json"),
+    ("plot-results", ["{run}/summary.json", "--out", "{folder}"], "is a folder; give a file name"),
+    ("bench", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
+    ("bench", [], "name at least one model to time"),
+    ("bench", ["nin", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    ("bench", ["nin", "--threads", "0"], "--threads must be a whole number >= 1"),
+    ("bench", ["nin", "--repeats", "0"], "--repeats must be a whole number >= 1"),
+    ("bench", ["nin", "--warmup", "-1"], "--warmup must be a whole number >= 0"),
+    ("bench", ["nin", "--device", "tpu"], "device must be cpu or cuda; got 'tpu'"),
+    ("bench", ["nin", "--path", "tvm"], "invalid choice: 'tvm'"),
+    ("bench", ["nin", "--dtype", "float16"], "invalid choice: 'float16'"),
+    ("bench", ["--paper", "resnet200"], "invalid choice: 'resnet200'"),
+    ("bench", ["nin", "--input-size", "2", "--batch-size", "2"], "at least 4"),
+    ("bench", ["nin", "--layers", "--plot", "{folder}"], "is a folder; give a file name"),
+    ("bench", ["nin", "--layers", "--path", "script"], "--layers times paths eager, fold, openvino"),
+    ("export", ["nin-rot-8", "--format", "onnx", "--out", "{missing}/m.onnx"], "unknown model"),
+    ("export", ["nin", "--format", "tflite", "--out", "{missing}/m"], "invalid choice: 'tflite'"),
+    ("export", ["nin", "--format", "onnx", "--out", "{folder}"], "is a folder; give a file name"),
+    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--input-size", "2"],
+     "at least 4"),
+    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--input-size", "1,32,32"],
+     "built for 3-channel input; got 1"),
+    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--num-classes", "0"],
+     "--num-classes must be a whole number >= 1"),
+    ("export", ["x", "--checkpoint", "{corrupt}", "--format", "onnx", "--out", "{missing}/m"],
+     "is corrupt"),
+    ("export", ["x", "--checkpoint", "{ckpt}", "--format", "onnx", "--out", "{missing}/m",
+                "--groups", "conv2a=2"], "--groups cannot change a trained checkpoint's model"),
+    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m", "--batch-size", "0"],
+     "--batch-size must be a whole number >= 1"),
+]
+COMMANDS = sorted({c for c, _, _ in CASES})
+
+
+def test_every_command_is_in_the_table():
+    from deeproots.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(sub.choices) == COMMANDS
+
+
+@pytest.mark.parametrize("command, argv, phrase", CASES,
+                         ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_bad_input_is_one_line_and_changes_nothing(world, capsys, command, argv, phrase):
+    before = _snapshot(world["run"])
+    argv = [a.format(**world) for a in argv]
+    try:
+        rc = main([command, *argv])
+    except SystemExit as stop:  # argparse's own errors
+        rc = stop.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"deeproots {command}: error: "), err
+    assert phrase.format(**world) in lines[0]
+    assert "Traceback" not in err
+    assert _snapshot(world["run"]) == before
+    assert not os.path.exists(os.path.join(world["missing"], "a", "last.pt"))
+
+
+def test_json_into_a_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m deeproots profile resnet50 --json --per-layer"
+                          f" | head -c 10", shell=True, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+    assert done.stdout.startswith("{")
+
+
+def test_a_full_disk_is_one_line(monkeypatch, tmp_path):
+    import errno
+
+    from deeproots import runtime
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"no space left on the device to write .*x.bin; the old "
+                                      r"file, if any, is kept"):
+        runtime.atomic_write(tmp_path / "x.bin", lambda f: f.write(b"1"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_allocator_keeps_a_users_preload(monkeypatch):
+    from deeproots import runtime
+
+    seen = {}
+    monkeypatch.setattr(runtime, "jemalloc_path", lambda: "/lib/libjemalloc.so.2")
+    monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: seen.update(env))
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine.so")
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    runtime.reexec_with_jemalloc(["list"], "auto")
+    assert seen["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /opt/mine.so"
+    assert "dirty_decay_ms:-1" in seen["MALLOC_CONF"]
