@@ -216,9 +216,8 @@ def _train_config(args) -> TrainConfig:
         return TrainConfig(**given)
     out = given.get("out") or str(default_out(TrainConfig(**given)))
     last = os.path.join(out, "last.pt")
-    if not os.path.exists(last):
-        raise ValueError(f"--resume: no checkpoint at {last}; start the run without --resume, "
-                         f"or pass the --out of the run to resume")
+    if not os.path.exists(last):  # train() says what is missing
+        return TrainConfig(**{**given, "out": out})
     return TrainConfig(**{**asdict(config_from_checkpoint(last)), **given, "out": out})
 
 

@@ -427,7 +427,10 @@ class _Run:
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out) if cfg.out else default_out(cfg)
         self.rank, self.world = 0, int(os.environ.get("WORLD_SIZE", "1"))
-        _check_out(cfg, self.out)
+        if cfg.resume or int(os.environ.get("RANK", "0")) == 0:
+            # under torchrun rank 0 alone judges the folder: it may already be writing
+            # there while another rank is still starting
+            _check_out(cfg, self.out)
         self.state = load_checkpoint(self.out / "last.pt", map_location=self.device) \
             if cfg.resume else None
         self.changes = list(self.state.get("changes", [])) + _changes(cfg, self.state) \
