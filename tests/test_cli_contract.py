@@ -25,11 +25,14 @@ def world(tmp_path_factory):
     (root / "file").write_text("a file, not a folder")
     (root / "summary.json").write_text("{not json")
     (root / "folder").mkdir()
+    (root / "mine.py").write_text("import torch\n\ndef small():\n    return torch.nn.Sequential("
+                                  "torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))\n\n"
+                                  "def not_a_model():\n    return 3\n")
     return {"root": root, "data": str(data), "run": str(run), "ckpt": str(run / "last.pt"),
             "empty": str(root / "empty.pt"), "corrupt": str(root / "corrupt.pt"),
             "file": str(root / "file"), "under_file": str(root / "file" / "x"),
             "folder": str(root / "folder"), "missing": str(root / "missing"),
-            "bad_summary": str(root / "summary.json")}
+            "bad_summary": str(root / "summary.json"), "mine": str(root / "mine.py")}
 
 
 def _snapshot(folder):
@@ -110,6 +113,24 @@ CASES = [
     ("bench", ["nin", "--input-size", "2", "--batch-size", "2"], "at least 4"),
     ("bench", ["nin", "--layers", "--plot", "{folder}"], "is a folder; give a file name"),
     ("bench", ["nin", "--layers", "--path", "script"], "--layers times paths eager, fold, openvino"),
+    ("study", ["vgg"], "unknown model family 'vgg'"),
+    ("study", ["nin", "--seeds", "0"], "--seeds must be a whole number >= 1"),
+    ("study", ["nin", "--variants", "root-3", "--out", "{missing}/s"], "unknown variant 'root-3'"),
+    ("study", ["nin", "--epochs", "0", "--out", "{missing}/s"], "epochs must be a whole number >= 1"),
+    ("study", ["--report", "{folder}"], "holds no study"),
+    ("study", [], "name a model family to study"),
+    ("study", ["nin", "--out", "{run}"], "is not empty and holds no study"),
+    ("rootify", ["nin-rot-8", "--schedule", "root-8"], "unknown model 'nin-rot-8'"),
+    ("rootify", ["nin", "--schedule", "root8"], "schedule must be root-N, tree-N or col-N"),
+    ("rootify", ["nin"], "one of the arguments --schedule --macs --params is required"),
+    ("rootify", ["nin", "--macs", "0.01"], "no root-N schedule brings macs to 0.01"),
+    ("rootify", ["nin", "--macs", "nan"], "macs must be a finite number > 0; got nan"),
+    ("rootify", ["nin", "--schedule", "root-8", "--ignore", "conv2"], "ignore 'conv2' matches no conv layer"),
+    ("rootify", ["nin", "--schedule", "root-8", "--input-size", "2"], "could not run NiN"),
+    ("rootify", ["{missing}/m.py:f", "--schedule", "root-2"], "no file"),
+    ("rootify", ["{mine}:smal", "--schedule", "root-2", "--input-size", "3,8,8"], "has no function 'smal'; closest: small"),
+    ("rootify", ["{mine}:not_a_model", "--schedule", "root-2"], "returned int, not an nn.Module"),
+    ("rootify", ["{mine}:small", "--schedule", "root-2"], "has no default input size; give --input-size C,H,W"),
     ("export", ["nin-rot-8", "--format", "onnx", "--out", "{missing}/m.onnx"], "unknown model"),
     ("export", ["nin", "--format", "tflite", "--out", "{missing}/m"], "invalid choice: 'tflite'"),
     ("export", ["nin", "--format", "onnx", "--out", "{folder}"], "is a folder; give a file name"),

@@ -21,9 +21,10 @@ _EXPORTS = {
     "profile": "costs", "Profile": "costs",
     "convert": "layers", "apply_groups": "layers", "conv_layers": "layers",
     "optimize_for_inference": "deploy", "export": "deploy",
-    "TrainConfig": "config",
+    "TrainConfig": "config", "rootify": "conversion", "build_model": "registry",
 }
-_MODULES = ("analysis", "bench", "checks", "config", "data", "deploy", "layers", "models",
+_MODULES = ("analysis", "bench", "checks", "config", "conversion", "data", "deploy", "layers",
+            "models",
             "costs", "paper", "plots", "registry", "reproduce", "runtime", "schedules",
             "text", "timing", "train")
 __all__ = list(_EXPORTS)

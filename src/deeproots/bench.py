@@ -20,7 +20,7 @@ from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino
 from .layers import layer_name, main_logits
 from .paper import PAPER_TABLES, paper_timings
 from .costs import parse_input_size, profile
-from .registry import create_model, model_entry
+from .registry import build_model, check_model_spec
 from .runtime import allocator, resolve_device
 from .text import format_table
 from .timing import Timing, interleaved
@@ -93,7 +93,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     if not names:
         raise ValueError("name at least one model to time (deeproots list shows them)")
     for name in names:
-        model_entry(name)  # unknown names fail before anything is built
+        check_model_spec(name)  # unknown names fail before anything is built
     check_positive("batch size", batch_size)
     _check_dtype(dtype)
     for p in paths:
@@ -106,12 +106,15 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     if threads is not None:
         torch.set_num_threads(check_positive("threads", threads))
     torch.manual_seed(0)
-    models = {n: create_model(n).eval().to(device) for n in names}
+    models = {n: build_model(n).eval().to(device) for n in names}
     first = models[names[0]]
     size = parse_input_size(input_size, first)
-    first.check_input(torch.empty(1, *size, device="meta"))
+    if hasattr(first, "check_input"):
+        first.check_input(torch.empty(1, *size, device="meta"))
     x = torch.randn(batch_size, *size, device=device)
-    y = torch.randint(0, first.num_classes, (batch_size,), device=device)
+    with torch.no_grad():
+        classes = main_logits(first(x[:1])).shape[1]
+    y = torch.randint(0, classes, (batch_size,), device=device)
     macs = {n: profile(m, size).macs for n, m in models.items()}
     rows = []
     for mode in modes:
@@ -255,7 +258,7 @@ def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
     if not names:
         raise ValueError("name at least one model to time (deeproots list shows them)")
     for name in names:
-        model_entry(name)
+        check_model_spec(name)
     check_positive("batch size", batch_size)
     dev = resolve_device(device, accepted=("cpu", "cuda"))
     if threads is not None:
@@ -263,9 +266,10 @@ def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
     results = []
     for name in names:
         torch.manual_seed(0)
-        model = create_model(name).eval().to(dev)
+        model = build_model(name).eval().to(dev)
         size = parse_input_size(input_size, model)
-        model.check_input(torch.empty(1, *size, device="meta"))
+        if hasattr(model, "check_input"):
+            model.check_input(torch.empty(1, *size, device="meta"))
         x = torch.randn(batch_size, *size, device=dev)
         for path in paths:
             result = layer_times(model, x, path, dtype=dtype, repeats=repeats, warmup=warmup)

@@ -9,7 +9,10 @@
     deeproots plot-costs A B --out PNG         per-layer costs of two models (Figure 15)
     deeproots plot-results SUMMARY... --out PNG  accuracy against costs (Figures 5, 8, 9)
     deeproots bench MODEL... | --paper TABLE   time models side by side (--layers: per layer)
+    deeproots rootify MODEL --schedule root-8  make any CNN a root network (before/after)
     deeproots export MODEL --format onnx|torchscript --out FILE
+
+MODEL is a registered name or FILE.py:FUNCTION, a function of yours that returns the model.
 
 The parser is built from torch-free modules (``config``, ``paper``, ``checks``) so that
 ``--help`` answers at once; each command's handler imports the library modules it uses,
@@ -96,13 +99,20 @@ def _groups(items: Optional[List[str]]) -> Optional[Dict[str, int]]:
     return mapping
 
 
-def _model_kwargs(args) -> dict:
+def _build(args):
+    """The model named by ``args.model`` (a registered name or FILE.py:FUNCTION), with the
+    command's --num-classes, --in-channels and --groups."""
+    from .layers import apply_groups
+    from .registry import build_model, is_user_model
+
     kwargs = {k: getattr(args, k) for k in ("num_classes", "in_channels")
               if getattr(args, k, None) is not None}
     groups = _groups(getattr(args, "groups", None))
-    if groups:
-        kwargs["groups"] = groups
-    return kwargs
+    if groups and not is_user_model(args.model):
+        return build_model(args.model, **kwargs, groups=groups)
+    model = build_model(args.model, **kwargs)
+    apply_groups(model, groups)
+    return model
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -114,11 +124,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "(may be repeated; a layer named twice takes the last value)")
 
 
-def _add_config_options(p: argparse.ArgumentParser, cls) -> None:
+def _add_config_options(p: argparse.ArgumentParser, cls, skip=()) -> None:
     """One flag per field of a config dataclass, its help and choices from the field. Values
     not given are left out of the namespace (the dataclass default, or on --resume the run's
     own value, applies) and range checks are the dataclass's own ``check()``."""
     for f in fields(cls):
+        if f.name in skip:
+            continue
         meta = f.metadata
         default = f.default if f.default is not MISSING else f.default_factory()
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=meta.get("help"))
@@ -183,10 +195,9 @@ def cmd_profile(args) -> int:
     import torch
 
     from .costs import profile
-    from .registry import create_model
 
     with torch.device("meta"):
-        model = create_model(args.model, **_model_kwargs(args))
+        model = _build(args)
     cost = profile(model, args.input_size, training=args.training)
     print(cost.to_json(indent=2) if args.json else cost.table(per_layer=args.per_layer))
     return 0
@@ -208,6 +219,8 @@ def _train_config(args) -> TrainConfig:
     settings the run was started with."""
     from .train import config_from_checkpoint, default_out
 
+    from .registry import is_user_model
+
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
         if "model" not in given:
@@ -218,7 +231,12 @@ def _train_config(args) -> TrainConfig:
     last = os.path.join(out, "last.pt")
     if not os.path.exists(last):  # train() says what is missing
         return TrainConfig(**{**given, "out": out})
-    return TrainConfig(**{**asdict(config_from_checkpoint(last)), **given, "out": out})
+    saved = asdict(config_from_checkpoint(last))
+    if is_user_model(saved["model"]) and "model" not in given:
+        raise ValueError(f"this run's model is built by {saved['model']}; deeproots never runs "
+                         f"code named in a checkpoint: resume with deeproots train "
+                         f"{saved['model']} --resume --out {out}")
+    return TrainConfig(**{**saved, **given, "out": out})
 
 
 def cmd_train(args) -> int:
@@ -249,7 +267,8 @@ def _load_for_eval(args, limit_eval_batches=None):
 
     return load_for_eval(args.checkpoint, data=args.data, data_dir=args.data_dir,
                          batch_size=args.batch_size, device=args.device, workers=args.workers,
-                         limit_eval_batches=limit_eval_batches, download=not args.no_download)
+                         limit_eval_batches=limit_eval_batches, download=not args.no_download,
+                         model=args.model)
 
 
 def cmd_eval(args) -> int:
@@ -355,12 +374,53 @@ def _bench_layers(args, common) -> int:
     return 0
 
 
+def cmd_rootify(args) -> int:
+    import torch
+
+    from .conversion import rootify
+    from .costs import parse_input_size
+    from .registry import build_model
+
+    model = build_model(args.model)
+    if args.input_size is None and getattr(model, "default_input_size", None) is None:
+        raise ValueError(f"{args.model} has no default input size; give --input-size C,H,W")
+    x = torch.zeros(1, *parse_input_size(args.input_size, model))
+    _, report = rootify(model, args.schedule, example_input=x, ignore=args.ignore,
+                        macs=args.macs, params=args.params, regroup=args.regroup)
+    print(report.to_json(indent=2) if args.json else report.table())
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import STUDY_SETTINGS, run_study, study_report
+
+    if args.report:
+        if args.family:
+            raise ValueError(f"--report rebuilds the study in {args.report}; name no family "
+                             f"(got {args.family})")
+        report = study_report(args.report)
+        out = args.report
+    else:
+        if not args.family:
+            raise ValueError("name a model family to study (e.g. nin), or --report DIR")
+        given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if hasattr(args, f.name) and f.name not in STUDY_SETTINGS}
+        out = getattr(args, "out", None)
+        report = run_study(args.family, seeds=args.seeds, variants=args.variants, out=out,
+                           progress=not args.no_progress and None, **given)
+        out = out or f"studies/{args.family}-{given.get('data', 'fashion-mnist').split(':')[0]}"
+    print(report.table())
+    if report.missing or report.corrupt:
+        print(f"not finished: {', '.join(report.missing + report.corrupt)}")
+    print(f"wrote {out}/: study.md, study.csv, study.json, accuracy.png")
+    return 0
+
+
 def cmd_export(args) -> int:
     import torch
 
     from .costs import parse_input_size
     from .deploy import export
-    from .registry import create_model
     from .runtime import check_output_file
 
     check_output_file(args.out)
@@ -371,11 +431,13 @@ def cmd_export(args) -> int:
         if ignored:
             raise ValueError(f"{', '.join(ignored)} cannot change a trained checkpoint's model; "
                              f"export --checkpoint takes the model it was trained as")
+        from .registry import is_user_model
         from .train import load_checkpoint, model_from_checkpoint
 
-        model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint)
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint,
+                                      args.model if is_user_model(args.model) else None)
     else:
-        model = create_model(args.model, **_model_kwargs(args))
+        model = _build(args)
     size = parse_input_size(args.input_size, model)
     export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format)
     print(f"wrote {args.out} ({args.format}, batch norm folded, input {size})")
@@ -434,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--workers", type=_whole("--workers", 0), default=4,
                        help="image-folder decoding processes")
         p.add_argument("--no-download", action="store_true", help="never download data")
+        p.add_argument("--model", metavar="FILE.py:FUNCTION",
+                       help="for a checkpoint of a model of your own: the function that "
+                            "builds it (deeproots never runs code named in a checkpoint)")
 
     p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a test split")
     checkpoint_options(p, 256)
@@ -489,8 +554,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("study", help="the paper's accuracy study: every variant x seeds, "
+                       "compared with orig")
+    p.add_argument("family", nargs="?", help="nin, resnet50, googlenet, ...")
+    p.add_argument("--variants", nargs="+", metavar="V",
+                   help="root, tree, col and/or variant names (default: all; orig always)")
+    p.add_argument("--seeds", type=_whole("--seeds"), default=3, help="seeds per variant")
+    p.add_argument("--report", metavar="DIR", help="rebuild the report of the study in DIR "
+                   "from its finished runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_options(p, TrainConfig, skip=("model", "seed", "resume", "overwrite", "change",
+                                              "progress"))
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("rootify", help="make any CNN a root network: groups per layer and "
+                       "costs before and after")
+    p.add_argument("model", help="model name or FILE.py:FUNCTION (a function of yours that "
+                                 "returns the model)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--schedule", help="root-N, tree-N or col-N, e.g. root-8")
+    how.add_argument("--macs", type=_number, help="budget: the smallest root-N with at most "
+                     "this fraction of the multiply-adds, e.g. 0.5")
+    how.add_argument("--params", type=_number, help="budget: the same for parameters")
+    p.add_argument("--input-size", type=_input_size, default=None,
+                   help="C,H,W of the example input (default: the model's)")
+    p.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="LAYER",
+                   help="layers (or patterns) to leave as they are")
+    p.add_argument("--regroup", action="store_true",
+                   help="also regroup convs that are already grouped")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_rootify)
+
     p = sub.add_parser("export", help="write a model as ONNX or TorchScript")
-    p.add_argument("model", help="model name (or any name with --checkpoint)")
+    p.add_argument("model", help="model name or FILE.py:FUNCTION (with --checkpoint: any "
+                                 "name for a registered model)")
     p.add_argument("--checkpoint", help="export the trained weights of this checkpoint")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     p.add_argument("--out", required=True)

@@ -36,7 +36,10 @@ def _opt(default: Any, help: str, **meta) -> Any:
 class TrainConfig:
     """Everything a training run depends on; saved in every checkpoint and summary."""
 
-    model: str = _opt("nin-root-8", "model name (deeproots list)", positional=True)
+    model: str = _opt("nin-root-8", "model name (deeproots list) or FILE.py:FUNCTION, a "
+                      "function of yours that returns the model", positional=True)
+    rootify: Optional[str] = _opt(None, "first make the model a root network with this "
+                                  "schedule (root-N, tree-N, col-N; see deeproots rootify)")
     data: str = _opt("fashion-mnist", DATA_HELP)
     data_dir: Optional[str] = _opt(None, "where the dataset files are (default: "
                                    "$DEEPROOTS_DATA, then standard places)")
@@ -103,7 +106,7 @@ class TrainConfig:
 
 
 # the settings that define a run: a resumed run keeps the checkpoint's unless --change names them
-RESUMABLE_SETTINGS = ("model", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+RESUMABLE_SETTINGS = ("model", "rootify", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                       "schedule", "warmup_epochs", "step_milestones", "step_gamma", "aux_weight",
                       "seed", "image_size", "limit_train_batches")
 

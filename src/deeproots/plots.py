@@ -18,7 +18,8 @@ from .registry import create_model, is_model, model_entry
 from .runtime import atomic_write, check_output_file
 
 __all__ = ["plot_training_curves", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
-           "plot_costs", "plot_layer_times", "plot_results", "summarize_runs"]
+           "plot_costs", "plot_layer_times", "plot_results", "summarize_runs",
+           "plot_accuracy_vs_cost"]
 
 
 def _plt():
@@ -219,7 +220,16 @@ def plot_results(summaries: Sequence[Path], path: Path) -> Path:
     files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
     markers (Figures 5, 8, 9)."""
     path = check_output_file(path)
-    runs = summarize_runs(summaries)
+    return plot_accuracy_vs_cost(summarize_runs(summaries), path)
+
+
+def plot_accuracy_vs_cost(runs: Dict[str, dict], path: Path, title: str = "",
+                          frontier: Sequence[str] = ()) -> Path:
+    """Mean test top-1 against multiply-adds and against parameters, one point per model
+    (``runs``: model -> ``macs``, ``params``, ``mean``, ``std``, ``n``, ``topology``), the
+    standard deviation over seeds as error bars, orig as a star; models named in
+    ``frontier`` (the accuracy-vs-cost Pareto frontier) joined by a dashed line."""
+    path = check_output_file(path)
     plt = _plt()
     markers = {"orig": "*", "root": "o", "tree": "^", "col": "s"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -228,15 +238,19 @@ def plot_results(summaries: Sequence[Path], path: Path) -> Path:
         for model, r in runs.items():
             kind = r["topology"]
             ax.errorbar(r[key], r["mean"], yerr=r["std"] if r["n"] > 1 else None,
-                        fmt=markers[kind], ms=8, capsize=3, color=f"C{list(markers).index(kind)}",
+                        fmt=markers[kind], ms=14 if kind == "orig" else 8, capsize=3,
+                        color=f"C{list(markers).index(kind)}",
                         label=None if kind in plotted else kind)
             plotted.add(kind)
             ax.annotate(f"{model} (n={r['n']})", (r[key], r["mean"]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
+        if key == "macs" and len(frontier) > 1:
+            points = sorted((runs[m]["macs"], runs[m]["mean"]) for m in frontier)
+            ax.plot(*zip(*points), "k--", lw=0.8, label="Pareto frontier")
         ax.set(xlabel=label, ylabel="top-1 accuracy")
         ax.margins(0.2)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("accuracy vs cost (mean and std over seeds)")
+    fig.suptitle(title or "accuracy vs cost (mean and std over seeds)")
     fig.tight_layout()
     return _save(fig, path)

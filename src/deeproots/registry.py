@@ -11,7 +11,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import importlib.util
 import inspect
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["register_model", "register_variants", "model_name", "create_model", "list_models",
-           "is_model", "model_entry", "ModelEntry"]
+           "is_model", "model_entry", "ModelEntry", "build_model", "is_user_model",
+           "check_model_spec", "load_builder"]
 
 
 @dataclass(frozen=True)
@@ -147,4 +150,73 @@ def create_model(name: str, **kwargs: Any) -> "nn.Module":
     model = entry.builder(**{**entry.kwargs, **kwargs})
     model.name = entry.name
     model.deeproots_cfg = {"name": entry.name, "kwargs": dict(kwargs)}
+    return model
+
+
+def is_user_model(spec: str) -> bool:
+    """Whether ``spec`` names a model built by a user's function, ``FILE.py:FUNCTION``."""
+    return isinstance(spec, str) and ":" in spec and spec.rsplit(":", 1)[0].endswith(".py")
+
+
+def load_builder(spec: str) -> Callable[..., "nn.Module"]:
+    """The function ``FUNCTION`` of the Python file ``FILE.py`` (``spec = "FILE.py:FUNCTION"``).
+    This runs that file: it is the user's own code, named by the user; deeproots never runs
+    a file named inside a checkpoint or a dataset."""
+    path, _, function = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise ValueError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python file "
+                         f"and the function in it that returns the model")
+    module_spec = importlib.util.spec_from_file_location(
+        f"deeproots_user_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        raise ValueError(f"model {spec!r}: running {path} failed ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+                         ) from err
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = difflib.get_close_matches(function, names, n=4, cutoff=0.4)
+        raise ValueError(f"model {spec!r}: {path} has no function {function!r}"
+                         f"{'; closest: ' + ', '.join(close) if close else ''}")
+    return builder
+
+
+def check_model_spec(spec: str) -> None:
+    """A ValueError unless ``spec`` is a registered name or an existing ``FILE.py:FUNCTION``
+    (the file is not run)."""
+    if is_user_model(spec):
+        path = spec.rsplit(":", 1)[0]
+        if not os.path.isfile(path):
+            raise ValueError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python "
+                             f"file and the function in it that returns the model")
+    else:
+        model_entry(spec)
+
+
+def build_model(spec: str, **kwargs: Any) -> "nn.Module":
+    """A model by registered name (:func:`create_model`) or from ``FILE.py:FUNCTION``, a
+    user's function returning an ``nn.Module``; keyword arguments the function does not take
+    (``num_classes``, ``in_channels``) are not passed to it. The model carries ``name`` and
+    ``deeproots_cfg`` as registered models do."""
+    if not is_user_model(spec):
+        return create_model(spec, **kwargs)
+    from torch import nn  # torch: only once a model is built
+
+    builder = load_builder(spec)
+    params = inspect.signature(builder).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    used = {k: v for k, v in kwargs.items() if takes_all or k in params}
+    try:
+        model = builder(**used)
+    except Exception as err:
+        raise ValueError(f"model {spec!r}: calling it failed ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+                         ) from err
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module")
+    model.name = spec
+    model.deeproots_cfg = {"name": spec, "kwargs": used}
     return model

@@ -12,7 +12,9 @@ data-parallel (DistributedDataParallel; nccl on GPU, gloo on CPU); rank 0 writes
 """
 from __future__ import annotations
 
+import copy
 import csv
+import glob
 import io
 import math
 import os
@@ -24,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,9 +36,10 @@ from . import __version__
 from .config import RESUMABLE_SETTINGS, TrainConfig, lr_at
 from .costs import profile
 from .data import DataSpec, build_loaders
-from .layers import main_logits
+from .conversion import rootify
+from .layers import apply_groups, conv_layers, main_logits
 from .plots import plot_training_curves
-from .registry import create_model
+from .registry import build_model, is_model, is_user_model
 from .runtime import (allocator, atomic_write, check_output_dir, resolve_device, to_json,
                       write_json, write_text)
 
@@ -154,12 +157,26 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
     return state
 
 
-def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights;
-    CheckpointError if the weights do not fit the model its config names."""
+def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint",
+                          model: Union[None, str, nn.Module] = None) -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its weights. A registered
+    model is rebuilt by name; a model of the user's own (``FILE.py:FUNCTION``, or one passed
+    to :func:`train`) only from ``model`` (that spec, or the module), since deeproots never
+    runs code named inside a file. CheckpointError if the weights do not fit."""
     cfg = state["model_cfg"]
+    name = cfg["name"]
+    if model is None and not is_model(name):
+        how = (f"pass --model {name} (model='{name}')" if is_user_model(name) else
+               "pass the model it was trained as (model=...)")
+        raise CheckpointError(f"{path} holds a model of your own, {name}; deeproots never runs "
+                              f"code named in a checkpoint: {how} to rebuild it")
     try:
-        model = create_model(cfg["name"], **cfg["kwargs"])
+        if isinstance(model, nn.Module):
+            model = copy.deepcopy(model)
+        else:
+            model = build_model(model or name, **cfg["kwargs"])
+        apply_groups(model, {glob.escape(k): g for k, g in cfg.get("groups", {}).items()},
+                     reinit=False)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
@@ -177,21 +194,27 @@ def config_from_checkpoint(path: Path | str) -> TrainConfig:
 
 def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_dir=None,
                   batch_size: int = 256, device: str = "auto", workers: int = 4,
-                  limit_eval_batches: Optional[int] = None, download: bool = True):
+                  limit_eval_batches: Optional[int] = None, download: bool = True,
+                  model: Union[None, str, nn.Module] = None):
     """The model of ``checkpoint`` on its device (eval mode), and the test split of ``data``
     (default: the data it was trained on). Returns ``(model, test_loader, spec, state,
-    device)``."""
+    device)``. ``model``: for a model of your own, its ``FILE.py:FUNCTION`` or the module."""
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint, map_location=dev)
-    model = model_from_checkpoint(state, checkpoint).to(dev).eval()
+    model = model_from_checkpoint(state, checkpoint, model).to(dev).eval()
     config = state["config"]
     data = data or config.get("data")
     _, test_loader, spec = build_loaders(
         data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
         workers=workers, image_size=config.get("image_size", 224),
         limit_eval_batches=limit_eval_batches, download_ok=download)
-    if spec.num_classes != model.num_classes:
-        raise ValueError(f"{checkpoint} has {model.num_classes} classes but {data} has "
+    classes = getattr(model, "num_classes", None)
+    if classes is None:  # a model of the user's own: count its outputs
+        with torch.no_grad():
+            classes = main_logits(model(torch.zeros(
+                1, spec.in_channels, spec.image_size, spec.image_size, device=dev))).shape[1]
+    if spec.num_classes != classes:
+        raise ValueError(f"{checkpoint} has {classes} classes but {data} has "
                          f"{spec.num_classes}")
     return model, test_loader, spec, state, dev
 
@@ -441,7 +464,31 @@ class _Run:
         self.started = time.perf_counter()
 
 
-def _setup(cfg: TrainConfig) -> _Run:
+def _build(cfg: TrainConfig, spec: DataSpec, model: Optional[nn.Module]) -> nn.Module:
+    """The model to train: built by name or ``FILE.py:FUNCTION`` (or a copy of ``model``),
+    made a root network when ``cfg.rootify`` says so, checked against the data."""
+    size = (spec.in_channels, spec.image_size, spec.image_size)
+    if model is not None:
+        model = copy.deepcopy(model)
+        model.name = cfg.model
+        model.deeproots_cfg = {"name": cfg.model, "kwargs": {}}
+    else:
+        model = build_model(cfg.model, num_classes=spec.num_classes,
+                            in_channels=spec.in_channels)
+    if cfg.rootify:
+        name, built_cfg = model.name, model.deeproots_cfg
+        model, _ = rootify(model, cfg.rootify, example_input=torch.zeros(1, *size))
+        model.name, model.deeproots_cfg = name, built_cfg
+    with torch.no_grad():
+        out = main_logits(copy.deepcopy(model).eval()(torch.zeros(1, *size)))
+    if out.dim() != 2 or out.shape[1] != spec.num_classes:
+        raise ValueError(f"{cfg.model} gives outputs of shape {tuple(out.shape)} for one "
+                         f"{'x'.join(map(str, size))} image; {spec.name} needs "
+                         f"(1, {spec.num_classes}): one score per class")
+    return model
+
+
+def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     """Validate everything (settings, --out, data, model, memory) before writing anything."""
     run = _Run(cfg)
     run.rank, run.world = _dist_setup(run.device)
@@ -455,7 +502,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set "
                          f"({run.train_loader.num_samples})")
     spec = run.spec
-    model = create_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    model = _build(cfg, spec, model)
     run.cost = profile(model, (spec.in_channels, spec.image_size, spec.image_size))
     _check_batch(model, run.cost, cfg.batch_size // run.world, run.device)
     model = model.to(run.device)
@@ -518,7 +565,9 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "epoch": epoch, "step": step, "history": run.history, "best_top1": run.best_top1,
-        "config": asdict(run.cfg) | {"out": str(run.out)}, "model_cfg": run.model.deeproots_cfg,
+        "config": asdict(run.cfg) | {"out": str(run.out)},
+        "model_cfg": {**run.model.deeproots_cfg, "groups": {
+            name: conv.groups for name, conv in conv_layers(run.model).items() if conv.groups > 1}},
         "data": asdict(run.spec), "rng_cpu": torch.get_rng_state(), "changes": run.changes,
         "epoch_sums": list(run.sums),
         "wall_s": run.wall_before + time.perf_counter() - run.started,
@@ -661,19 +710,21 @@ def _finish(run: _Run) -> TrainSummary:
     return summary
 
 
-def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = None
-          ) -> TrainSummary:
+def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = None, *,
+          model: Optional[nn.Module] = None) -> TrainSummary:
     """Train ``cfg.model`` on ``cfg.data``; returns the :class:`TrainSummary` (also written
     to ``summary.json`` in the run's folder). ``cfg`` is not changed.
 
-    ``callbacks`` are called after every optimizer step with a dict of ``epoch``, ``step``
+    ``model``: a model of your own to train (a copy is trained; ``cfg.model`` names it in the
+    records), instead of building ``cfg.model``. ``callbacks`` are called after every
+    optimizer step with a dict of ``epoch``, ``step``
     (within the epoch), ``global_step``, ``loss``, ``lr`` and the ``model``.
 
     Raises :class:`TrainingDiverged` when the loss, a weight or the test loss becomes NaN or
     infinite (the last good checkpoint is kept) and :class:`Interrupted` after Ctrl-C or
     SIGTERM (once the checkpoint for resuming is written). Every setting, the output folder
     and the data are checked before anything is written."""
-    run = _setup(cfg)
+    run = _setup(cfg, model)
     if run.state is not None:
         _resume(run)
     with _RunLock(run.out, enabled=run.rank == 0):
