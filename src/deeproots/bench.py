@@ -69,6 +69,7 @@ class BenchRow:
     macs: int
     allocator: str
     paper: Dict[str, float] = field(default_factory=dict)  # the paper's timings, if any
+    fallbacks: List[str] = field(default_factory=list)  # layers a kernel path left alone
 
     def to_dict(self) -> dict:
         """A flat JSON-ready dict (the paper's timings as ``paper_*`` keys)."""
@@ -124,8 +125,10 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
                          for n, m in models.items()}
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
             else:
+                built = {}
                 work = {n: train_step_fn(m, x, y) for n, m in models.items()}
-            timings = interleaved(work, batch_size, repeats, warmup)
+            timings = interleaved(work, batch_size, repeats, warmup,
+                                  cuda=device.startswith("cuda"))
             base = timings[names[0]].median_s
             factor = 3 if mode == "train" else 1  # backward costs about twice the forward
             for n in names:
@@ -136,7 +139,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
                     ms_per_image=t.ms_per_image, spread=t.spread, speedup=base / t.median_s,
                     ideal_speedup=macs[names[0]] / macs[n],
                     gflops=2 * factor * macs[n] * batch_size / t.median_s / 1e9, macs=macs[n],
-                    allocator=allocator()))
+                    allocator=allocator(),
+                    fallbacks=built[n].fallbacks if n in built else []))
             for m in models.values():
                 m.eval()
     return rows
@@ -163,8 +167,9 @@ def format_bench(rows: List[BenchRow]) -> str:
     r0 = rows[0]
     title = (f"batch {r0.batch_size}, {r0.dtype}, {r0.device}, {r0.threads} threads, "
              f"torch {torch.__version__}")
-    return title + "\n" + format_table(head, body, align="lllrrrrr") + \
-        f"\nallocator: {r0.allocator}"
+    notes = [f"{r.model} ({r.path}) left to PyTorch: {f}" for r in rows for f in r.fallbacks]
+    return "\n".join([title, format_table(head, body, align="lllrrrrr"),
+                      f"allocator: {r0.allocator}", *notes])
 
 
 @dataclass

@@ -416,6 +416,50 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_roofline(args) -> int:
+    from .roofline import HARDWARE, format_roofline, measure_cpu, roofline
+
+    hardware = measure_cpu() if args.device == "cpu" else HARDWARE[args.device]
+    results = [roofline(m, hardware=hardware, dtype=args.dtype, batch_size=args.batch_size,
+                        input_size=args.input_size, peak_tflops=args.peak_tflops,
+                        bandwidth_tbs=args.bandwidth_tbs) for m in args.models]
+    if args.measure:
+        _measure_roofline(args, results)
+    if args.json:
+        _print_json([r.to_dict() for r in results])
+        return 0
+    for r in results:
+        print(format_roofline(r, per_layer=args.per_layer) + "\n")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            print(f"{r.model} over {base.model}: at best {base.unfused_s / r.unfused_s:.2f}x "
+                  f"unfused, {base.fused_s / r.fused_s:.2f}x fused "
+                  f"(multiply-adds alone: {sum(x.macs for x in base.layers) / max(1, sum(x.macs for x in r.layers)):.2f}x)")
+    return 0
+
+
+def _measure_roofline(args, results) -> None:
+    """Each layer's measured time (eager, per-layer hooks) beside its bound."""
+    import torch
+
+    from .bench import layer_times
+    from .costs import parse_input_size
+    from .registry import build_model
+    from .runtime import resolve_device
+
+    device = resolve_device("cuda" if args.device != "cpu" else "cpu")
+    for r in results:
+        torch.manual_seed(0)
+        model = build_model(r.model).eval().to(device)
+        x = torch.randn(args.batch_size, *parse_input_size(args.input_size, model),
+                        device=device)
+        times = {row["layer"]: row["ms"] / 1000 for row in
+                 layer_times(model, x, "eager", dtype=args.dtype, repeats=3).layers}
+        for layer in r.layers:
+            layer.measured_s = times.get(layer.layer)
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -566,6 +610,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p, TrainConfig, skip=("model", "seed", "resume", "overwrite", "change",
                                               "progress"))
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("roofline", help="the fastest each layer can run on a GPU or CPU: "
+                       "max(FLOPs / peak, bytes / bandwidth)")
+    p.add_argument("models", nargs="+", help="model names or FILE.py:FUNCTION; the first is "
+                                             "the baseline of the speedups")
+    p.add_argument("--device", choices=["h100", "h200", "a100", "cpu"], default="h100",
+                   help="data-sheet roofs of the GPU, or this CPU measured (default h100)")
+    p.add_argument("--peak-tflops", type=_number, help="override the peak TFLOP/s")
+    p.add_argument("--bandwidth-tbs", type=_number, help="override the bandwidth in TB/s")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--batch-size", type=positive["--batch-size"], default=256)
+    p.add_argument("--input-size", type=_input_size, default=None)
+    p.add_argument("--per-layer", action="store_true", help="one row per layer")
+    p.add_argument("--measure", action="store_true", help="time each layer here (eager; the "
+                   "GPU for h100/h200/a100) and show the fraction of its bound it reaches")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_roofline)
 
     p = sub.add_parser("rootify", help="make any CNN a root network: groups per layer and "
                        "costs before and after")

@@ -17,7 +17,7 @@ __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
 # TorchScript, torch.compile, ONNX Runtime, OpenVINO
-PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino")
+PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch")
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
 DTYPES = ("float32", "bfloat16")
 MODES = ("inference", "train")

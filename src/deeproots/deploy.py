@@ -8,13 +8,16 @@ memory, and the fastest of several inference engines measured on this machine.
 
 Paths: ``eager`` (the model as built), ``fold`` (BN folded + channels-last), ``script``
 (fold, then TorchScript trace + freeze), ``compile`` (fold, then torch.compile with weight
-freezing), ``onnxruntime`` and ``openvino`` (fold, exported). ``bfloat16`` runs the torch
+freezing), ``onnxruntime`` and ``openvino`` (fold, exported), ``triton`` (fold, grouped
+convs in deeproots' Triton kernel; CUDA), ``dispatch`` (fold, each grouped conv by the
+fastest of its lowerings, measured per shape: see :mod:`deeproots.kernels.modules`). ``bfloat16`` runs the torch
 paths and OpenVINO in bf16, an opt-in with its accuracy cost (see docs/speed.md).
 """
 from __future__ import annotations
 
 import copy
 import io
+import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -52,8 +55,10 @@ class FastModel:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], path: str,
                  timings: Optional[Dict[str, float]] = None,
-                 check: Optional[Callable[[torch.Tensor], None]] = None):
+                 check: Optional[Callable[[torch.Tensor], None]] = None,
+                 fallbacks: Sequence[str] = ()):
         self._fn, self.path, self.timings, self._check = fn, path, timings or {}, check
+        self.fallbacks = list(fallbacks)  # layers a kernel path left to PyTorch, and why
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._check is not None:
@@ -77,7 +82,9 @@ def available_paths() -> List[str]:
     """The paths this process can build: onnxruntime and openvino are optional packages, and
     OpenVINO aborts the process ("double free or corruption") under a preloaded jemalloc,
     so it is left out there."""
-    paths = ["eager", "fold", "script", "compile"]
+    paths = ["eager", "fold", "script", "compile", "dispatch"]
+    if torch.cuda.is_available() and _triton_installed():
+        paths.append("triton")
     for name in ("onnxruntime", "openvino"):
         if name == "openvino" and openvino_refusal():
             continue
@@ -97,10 +104,21 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
         raise ValueError(openvino_refusal())
     if path in ("onnxruntime", "openvino") and path not in available_paths():
         raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
+    if path == "triton" and not _triton_installed():
+        raise ValueError("path 'triton' needs the triton package (pip install triton) and a "
+                         "CUDA GPU")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
     if dtype != torch.float32 and path == "onnxruntime":
         raise ValueError(f"path {path!r} runs float32 only; got dtype {dtype}")
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401  (optional package)
+    except ImportError:
+        return False
+    return True
 
 
 def openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
@@ -125,6 +143,8 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         m = copy.deepcopy(model).eval().to(dtype)
         return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path, check=check)
     folded = fold_batchnorm(model)
+    if path in ("triton", "dispatch"):
+        return _kernel_path(folded, example, path, dtype, check)
     if path in ("fold", "script", "compile"):
         # channels-last: the layout oneDNN's convolutions run fastest in
         folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
@@ -162,6 +182,26 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
     compiled_ov = openvino_compile(blob, dtype)
     return FastModel(lambda x: torch.from_numpy(
         compiled_ov(x.detach().cpu().numpy())[0].copy()), path, check=check)
+
+
+def _kernel_path(folded, example, path, dtype, check) -> FastModel:
+    """Grouped convs in the Triton kernel, or each by its fastest lowering (measured on the
+    first batch of each shape); layers left to PyTorch are listed in ``fallbacks``."""
+    from .kernels import modules  # the kernel layer: only for these paths
+
+    if path == "triton":
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        if example.device.type != "cuda" and not interpreting:
+            raise ValueError(f"path 'triton' runs on CUDA GPUs; got an input on "
+                             f"{example.device} (paths for this device: "
+                             f"{', '.join(available_paths())})")
+        make = modules.TritonConv2d
+    else:
+        make = modules.DispatchConv2d
+    folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
+    net, kept = modules.replace_convs(folded, make)
+    cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    return FastModel(_no_grad(lambda x: net(cl(x)).float()), path, check=check, fallbacks=kept)
 
 
 def _no_grad(fn):

@@ -48,20 +48,49 @@ class Timing:
 
 
 def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: int = 5,
-                warmup: int = 2) -> Dict[str, Timing]:
-    """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds."""
+                warmup: int = 2, warmup_s: float | None = None,
+                cuda: bool | None = None) -> Dict[str, Timing]:
+    """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds.
+
+    ``cuda=True`` (the workloads run on the GPU): the warm-up also lasts at least
+    ``warmup_s`` seconds (default 1: clocks ramp up and cuDNN tunes its algorithms), the
+    queue is drained before each timed call, and each call is timed with CUDA events.
+    Otherwise each call is timed by the host clock, the GPU (if any) synchronised around
+    it."""
     check_positive("repeats", repeats)
     check_whole("warmup", warmup)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
+    events = bool(cuda)
+    cuda = torch.cuda.is_available()
+    warmup_s = (1.0 if events else 0.0) if warmup_s is None else warmup_s
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < warmup or time.perf_counter() - started < warmup_s:
         for fn in workloads.values():
             fn()
+        rounds += 1
+        if cuda:
+            torch.cuda.synchronize()
     seconds: Dict[str, List[float]] = {name: [] for name in workloads}
     for _ in range(repeats):
         for name, fn in workloads.items():
-            sync()  # GPU work is asynchronous: start and stop on an idle queue
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            seconds[name].append(time.perf_counter() - t0)
+            seconds[name].append(_time_call(fn, cuda, events))
     return {name: Timing(name, s, images) for name, s in seconds.items()}
+
+
+def _time_call(fn: Callable[[], None], cuda: bool, events: bool) -> float:
+    if not events:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    torch.cuda.synchronize()  # start on an idle queue
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
