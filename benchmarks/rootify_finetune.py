@@ -6,6 +6,7 @@ scratch for as many epochs. Runs finished earlier in --out are reused.
     python benchmarks/rootify_finetune.py --out runs/rootify [--epochs 1] [--schedule root-8]
 """
 import argparse
+import json
 import platform
 import time
 from pathlib import Path
@@ -19,11 +20,13 @@ from deeproots.train import evaluate, load_checkpoint, model_from_checkpoint, tr
 
 
 def _run(cfg: TrainConfig, model=None) -> float:
-    summary = Path(cfg.out) / "summary.json"
-    if summary.exists():  # finished earlier: reuse it
-        import json
-
-        return json.loads(summary.read_text())["top1"]
+    """A run's test top-1: read from a run finished earlier, resumed from its checkpoint,
+    or trained (over a start that never reached a checkpoint)."""
+    out = Path(cfg.out)
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())["top1"]
+    cfg.resume = (out / "last.pt").exists()
+    cfg.overwrite = out.exists() and not cfg.resume
     return train(cfg, model=model).top1
 
 
@@ -50,11 +53,11 @@ def main() -> None:
     scratch = _run(TrainConfig(model=f"nin-{args.schedule}", out=str(out / "scratch"), **base))
     print(f"Fashion-MNIST, {args.epochs} epoch(s) each, {platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, {time.perf_counter() - started:.0f} s")
-    print(f"{'model':42s} {'test top-1':>10s}")
-    print(f"{'nin (dense, trained)':42s} {orig_top1:10.4f}")
-    print(f"{f'{args.schedule} by rootify, block-diagonal, no training':42s} {right_after:10.4f}")
-    print(f"{f'  + fine-tuned {args.epochs} epoch(s), lr {args.finetune_lr}':42s} {finetuned:10.4f}")
-    print(f"{f'nin-{args.schedule} from scratch, {args.epochs} epoch(s)':42s} {scratch:10.4f}")
+    print(f"{'model':50s} {'test top-1':>10s}")
+    print(f"{'nin (dense, trained)':50s} {orig_top1:10.4f}")
+    print(f"{f'{args.schedule} by rootify, block-diagonal, no training':50s} {right_after:10.4f}")
+    print(f"{f'  + fine-tuned {args.epochs} epoch(s), lr {args.finetune_lr}':50s} {finetuned:10.4f}")
+    print(f"{f'nin-{args.schedule} from scratch, {args.epochs} epoch(s)':50s} {scratch:10.4f}")
     print(f"multiply-adds {100 * report.macs_fraction:.1f}% and params "
           f"{100 * report.params_fraction:.1f}% of nin")
 

@@ -64,3 +64,23 @@ def write_cifar_tarball(root: Path, n=6):
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return batches
+
+
+def trained_like(name, **kwargs):
+    """A registered model in eval mode whose batch norms hold non-trivial statistics, as
+    after training (so folding them changes the weights)."""
+    import torch
+    from torch import nn
+
+    import deeproots
+
+    torch.manual_seed(0)
+    model = deeproots.create_model(name, **kwargs).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+    return model

@@ -9,22 +9,9 @@ from torch import nn
 import deeproots
 from deeproots.bench import bench_models
 from deeproots.cli import main
+from helpers import trained_like
 from deeproots.deploy import (available_paths, build_path, export, fold_batchnorm,
                               optimize_for_inference)
-
-
-def _trained_like(name, **kwargs):
-    """A model whose batch norms hold non-trivial statistics, as after training."""
-    torch.manual_seed(0)
-    model = deeproots.create_model(name, **kwargs).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            if m.affine:
-                m.weight.data.uniform_(0.5, 1.5)
-                m.bias.data.uniform_(-0.2, 0.2)
-    return model
 
 
 def _close(out, ref, tol=1e-4):
@@ -38,7 +25,7 @@ CASES = [("nin-root-8", {}, 32), ("resnet50-root-8", {}, 64),
 
 @pytest.mark.parametrize("name, kwargs, size", CASES)
 def test_folding_removes_batch_norm_and_keeps_outputs(name, kwargs, size):
-    model = _trained_like(name, **kwargs)
+    model = trained_like(name, **kwargs)
     x = torch.randn(2, 3, size, size)
     folded = fold_batchnorm(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -50,7 +37,7 @@ def test_folding_removes_batch_norm_and_keeps_outputs(name, kwargs, size):
 @pytest.mark.parametrize("name, kwargs, size", CASES[:2])
 def test_paths_match_eager(path, name, kwargs, size):
     pytest.importorskip(path) if path in ("onnxruntime", "openvino") else None
-    model = _trained_like(name, **kwargs)
+    model = trained_like(name, **kwargs)
     x = torch.randn(3, 3, size, size)
     with torch.no_grad():
         ref = model(x)
@@ -60,7 +47,7 @@ def test_paths_match_eager(path, name, kwargs, size):
 
 
 def test_bfloat16_is_opt_in_and_close():
-    model = _trained_like("nin-root-8")
+    model = trained_like("nin-root-8")
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -76,7 +63,7 @@ def test_bfloat16_is_opt_in_and_close():
 
 
 def test_optimize_for_inference_picks_the_fastest_measured():
-    model = _trained_like("nin-root-8")
+    model = trained_like("nin-root-8")
     x = torch.randn(4, 3, 32, 32)
     fast = optimize_for_inference(model, x, ["fold", "script"], repeats=2)
     assert set(fast.timings) == {"fold", "script"}
@@ -87,7 +74,7 @@ def test_optimize_for_inference_picks_the_fastest_measured():
 
 def test_export_onnx_and_torchscript(tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
-    model = _trained_like("nin-root-8")
+    model = trained_like("nin-root-8")
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -148,7 +135,7 @@ def test_bench_json(capsys):
 def test_paths_leave_the_callers_model_and_torch_as_they_were():
     import torch._inductor.config as inductor_config
 
-    model = _trained_like("nin-root-8").train()
+    model = trained_like("nin-root-8").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 32, 32)
     for path in ("eager", "fold", "compile"):
@@ -158,13 +145,13 @@ def test_paths_leave_the_callers_model_and_torch_as_they_were():
 
 
 def test_a_fast_model_still_checks_its_input():
-    fast = build_path(_trained_like("nin-root-8"), torch.randn(2, 3, 32, 32), "fold")
+    fast = build_path(trained_like("nin-root-8"), torch.randn(2, 3, 32, 32), "fold")
     with pytest.raises(ValueError, match=r"input 2x2 does not fit nin-root-8"):
         fast(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="built for 3-channel input; got 1"):
         fast(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="paths must name at least one of eager, fold"):
-        optimize_for_inference(_trained_like("nin"), torch.randn(1, 3, 32, 32), [])
+        optimize_for_inference(trained_like("nin"), torch.randn(1, 3, 32, 32), [])
 
 
 def test_export_of_a_checkpoint(tmp_path, capsys):

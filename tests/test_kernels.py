@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import deeproots
+from helpers import trained_like
 
 triton = pytest.importorskip("triton")
 from deeproots.kernels import grouped_conv as K  # noqa: E402
@@ -130,19 +131,10 @@ def test_bad_input(monkeypatch):
             K.grouped_conv2d(x, w, groups=4)
 
 
-def _trained_like(name):
-    model = deeproots.create_model(name).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
-
-
 def test_the_triton_path_matches_the_model_and_says_what_it_left():
     from deeproots.deploy import build_path
 
-    model = _trained_like("nin-root-8")
+    model = trained_like("nin-root-8")
     x = torch.randn(2, 3, 8, 8)
     fast = build_path(model, x, "triton")
     with torch.no_grad():
@@ -189,7 +181,7 @@ def test_dispatch_takes_the_fastest_measured_and_remembers(monkeypatch):
 def test_the_dispatch_path_matches_the_model():
     from deeproots.deploy import build_path
 
-    model = _trained_like("resnet50-root-64")
+    model = trained_like("resnet50-root-64")
     x = torch.randn(1, 3, 64, 64)
     fast = build_path(model, x, "dispatch")
     with torch.no_grad():

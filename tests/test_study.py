@@ -154,3 +154,18 @@ def test_bad_studies(data_dir, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert phrase in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_study_says_how_to_continue(monkeypatch, capsys, tmp_path):
+    import signal
+
+    import deeproots.study as S
+    from deeproots.train import Interrupted
+
+    def stopped(*a, **k):
+        raise Interrupted(signal.SIGTERM, tmp_path / "runs" / "nin-seed0" / "last.pt")
+
+    monkeypatch.setattr(S, "run_study", stopped)
+    assert main(["study", "nin", "--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Run the same command again to continue the study" in err and "Traceback" not in err

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 
 from . import __version__
 from .checks import check_whole
-from .config import DATA_HELP, DTYPES, LAYER_PATHS, MODES, PATHS, TrainConfig
+from .config import (DATA_HELP, DTYPES, LAYER_PATHS, MODES, PATHS, ROOFLINE_DEVICES,
+                     ROOFLINE_DTYPES, TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
 
 __all__ = ["main", "build_parser"]
@@ -406,8 +407,15 @@ def cmd_study(args) -> int:
         given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if hasattr(args, f.name) and f.name not in STUDY_SETTINGS}
         out = getattr(args, "out", None)
-        report = run_study(args.family, seeds=args.seeds, variants=args.variants, out=out,
-                           progress=not args.no_progress and None, **given)
+        from .train import Interrupted
+
+        try:
+            report = run_study(args.family, seeds=args.seeds, variants=args.variants, out=out,
+                               progress=not args.no_progress and None, **given)
+        except Interrupted as stop:
+            print(f"{stop}. Run the same command again to continue the study",
+                  file=sys.stderr)
+            return 128 + stop.signum
         out = out or f"studies/{args.family}-{given.get('data', 'fashion-mnist').split(':')[0]}"
     print(report.table())
     if report.missing or report.corrupt:
@@ -615,11 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "max(FLOPs / peak, bytes / bandwidth)")
     p.add_argument("models", nargs="+", help="model names or FILE.py:FUNCTION; the first is "
                                              "the baseline of the speedups")
-    p.add_argument("--device", choices=["h100", "h200", "a100", "cpu"], default="h100",
+    p.add_argument("--device", choices=ROOFLINE_DEVICES, default="h100",
                    help="data-sheet roofs of the GPU, or this CPU measured (default h100)")
     p.add_argument("--peak-tflops", type=_number, help="override the peak TFLOP/s")
     p.add_argument("--bandwidth-tbs", type=_number, help="override the bandwidth in TB/s")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=ROOFLINE_DTYPES, default="bfloat16")
     p.add_argument("--batch-size", type=positive["--batch-size"], default=256)
     p.add_argument("--input-size", type=_input_size, default=None)
     p.add_argument("--per-layer", action="store_true", help="one row per layer")

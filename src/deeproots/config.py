@@ -21,6 +21,8 @@ PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "trito
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
 DTYPES = ("float32", "bfloat16")
 MODES = ("inference", "train")
+ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured
+ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
 DATA_HELP = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"
 WARMUP_FRACTION = 0.05  # default warm-up: 5% of the run, at most one epoch
 

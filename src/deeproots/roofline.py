@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .checks import check_choice, check_number, check_positive
+from .config import ROOFLINE_DEVICES, ROOFLINE_DTYPES
 from .costs import parse_input_size, profile
 from .layers import layer_name
 from .registry import build_model
@@ -49,6 +50,7 @@ HARDWARE = {
                                                       "float32": 156e12}, 2.039e12),
 }
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+assert tuple(DTYPE_BYTES) == ROOFLINE_DTYPES and (*HARDWARE, "cpu") == ROOFLINE_DEVICES
 
 
 @dataclass
@@ -129,10 +131,10 @@ def roofline(model, *, hardware: str | Hardware = "h100", dtype: str = "bfloat16
     """The roofline of ``model`` (an ``nn.Module``, a registered name or FILE.py:FUNCTION)
     for a batch on ``hardware`` (``h100``, ``h200``, ``a100``, ``cpu`` or a
     :class:`Hardware`); ``peak_tflops`` and ``bandwidth_tbs`` override its roofs."""
-    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
+    check_choice("dtype", dtype, ROOFLINE_DTYPES)
     check_positive("batch_size", batch_size)
     if isinstance(hardware, str):
-        check_choice("device", hardware, (*HARDWARE, "cpu"))
+        check_choice("device", hardware, ROOFLINE_DEVICES)
         hw = measure_cpu() if hardware == "cpu" else HARDWARE[hardware]
     else:
         hw = hardware
