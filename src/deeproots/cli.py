@@ -9,6 +9,8 @@
     deeproots plot-costs A B --out PNG         per-layer costs of two models (Figure 15)
     deeproots plot-results SUMMARY... --out PNG  accuracy against costs (Figures 5, 8, 9)
     deeproots bench MODEL... | --paper TABLE   time models side by side (--layers: per layer)
+    deeproots study FAMILY --seeds 3           the accuracy study: variants x seeds vs orig
+    deeproots roofline MODEL... --device h100  the fastest each layer can run, and why
     deeproots rootify MODEL --schedule root-8  make any CNN a root network (before/after)
     deeproots export MODEL --format onnx|torchscript --out FILE
 
@@ -150,7 +152,8 @@ def _add_config_options(p: argparse.ArgumentParser, cls, skip=()) -> None:
             if "nargs" in meta:
                 kw.update(nargs=meta["nargs"])
             if default not in (None, []) and kw["help"]:
-                kw["help"] += f" (default {' '.join(map(str, default)) if isinstance(default, list) else default})"
+                shown = " ".join(map(str, default)) if isinstance(default, list) else default
+                kw["help"] += f" (default {shown})"
         p.add_argument(flag, **kw)
 
 
@@ -441,9 +444,10 @@ def cmd_roofline(args) -> int:
     if len(results) > 1:
         base = results[0]
         for r in results[1:]:
+            macs = sum(x.macs for x in base.layers) / max(1, sum(x.macs for x in r.layers))
             print(f"{r.model} over {base.model}: at best {base.unfused_s / r.unfused_s:.2f}x "
-                  f"unfused, {base.fused_s / r.fused_s:.2f}x fused "
-                  f"(multiply-adds alone: {sum(x.macs for x in base.layers) / max(1, sum(x.macs for x in r.layers)):.2f}x)")
+                  f"unfused, {base.fused_s / r.fused_s:.2f}x fused (multiply-adds alone: "
+                  f"{macs:.2f}x)")
     return 0
 
 
