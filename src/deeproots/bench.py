@@ -113,9 +113,11 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     if hasattr(first, "check_input"):
         first.check_input(torch.empty(1, *size, device="meta"))
     x = torch.randn(batch_size, *size, device=device)
-    with torch.no_grad():
-        classes = main_logits(first(x[:1])).shape[1]
-    y = torch.randint(0, classes, (batch_size,), device=device)
+    y = None
+    if "train" in modes:  # labels in the model's class range: count its outputs once
+        with torch.no_grad():
+            classes = main_logits(first(x[:1])).shape[1]
+        y = torch.randint(0, classes, (batch_size,), device=device)
     macs = {n: profile(m, size).macs for n, m in models.items()}
     rows = []
     for mode in modes:

@@ -403,27 +403,25 @@ def cmd_study(args) -> int:
             raise ValueError(f"--report rebuilds the study in {args.report}; name no family "
                              f"(got {args.family})")
         report = study_report(args.report)
-        out = args.report
     else:
         if not args.family:
             raise ValueError("name a model family to study (e.g. nin), or --report DIR")
         given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if hasattr(args, f.name) and f.name not in STUDY_SETTINGS}
-        out = getattr(args, "out", None)
         from .train import Interrupted
 
         try:
-            report = run_study(args.family, seeds=args.seeds, variants=args.variants, out=out,
+            report = run_study(args.family, seeds=args.seeds, variants=args.variants,
+                               out=getattr(args, "out", None),
                                progress=not args.no_progress and None, **given)
         except Interrupted as stop:
             print(f"{stop}. Run the same command again to continue the study",
                   file=sys.stderr)
             return 128 + stop.signum
-        out = out or f"studies/{args.family}-{given.get('data', 'fashion-mnist').split(':')[0]}"
     print(report.table())
     if report.missing or report.corrupt:
         print(f"not finished: {', '.join(report.missing + report.corrupt)}")
-    print(f"wrote {out}/: study.md, study.csv, study.json, accuracy.png")
+    print(f"wrote {report.out}/: study.md, study.csv, study.json, accuracy.png")
     return 0
 
 

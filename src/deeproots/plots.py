@@ -219,7 +219,7 @@ def plot_results(summaries: Sequence[Path], path: Path) -> Path:
     """Accuracy against multiply-adds and against parameters from training ``summary.json``
     files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
     markers (Figures 5, 8, 9)."""
-    path = check_output_file(path)
+    path = check_output_file(path)  # before the summaries are read
     return plot_accuracy_vs_cost(summarize_runs(summaries), path)
 
 

@@ -131,6 +131,7 @@ class StudyReport:
     missing: List[str] = field(default_factory=list)  # runs not finished
     corrupt: List[str] = field(default_factory=list)  # summaries that could not be read
     wall_s: float = 0.0
+    out: str = ""  # the study's folder, where the report files are
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,7 +224,7 @@ def study_report(out: Path | str) -> StudyReport:
     out = Path(out)
     manifest = _manifest(out)
     family, data, epochs = manifest["family"], manifest["data"], manifest["epochs"]
-    report = StudyReport(family, data, epochs, wall_s=manifest.get("wall_s", 0.0))
+    report = StudyReport(family, data, epochs, wall_s=manifest.get("wall_s", 0.0), out=str(out))
     runs: Dict[str, List[dict]] = {}
     for model in manifest["models"]:
         for seed in manifest["seeds"]:

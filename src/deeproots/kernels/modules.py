@@ -13,7 +13,6 @@ The lowerings of a grouped conv:
 from __future__ import annotations
 
 import copy
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers import layer_name
+from ..timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
            "replace_convs", "dispatch_cache"]
@@ -101,28 +101,16 @@ def dispatch_cache() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
 
 
 def _time_ms(fn: Callable, x: torch.Tensor, repeats: int = 10) -> float:
-    """Median ms of ``fn(x)`` after a synchronised warm-up (CUDA events on a GPU)."""
-    with torch.no_grad():
-        for _ in range(3):
+    """Median ms of ``fn(x)`` by the one timer (:func:`deeproots.timing.interleaved`): CUDA
+    events after a synchronised warm-up on a GPU; three warm-up calls and no minimum warm-up
+    time, since the dispatch times every lowering of every new shape."""
+    def call():
+        with torch.no_grad():
             fn(x)
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(x)
-                times.append(1000 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+
+    timing = interleaved({"call": call}, images=1, repeats=repeats, warmup=3, warmup_s=0.0,
+                         cuda=x.is_cuda)
+    return 1000 * timing["call"].median_s
 
 
 class DispatchConv2d(nn.Module):
