@@ -99,18 +99,105 @@ def test_small_tiles_cover_every_edge(monkeypatch):
     _check(x, torch.randn(80, 1, 3, 3), None, 1, 1, 1, 80)
 
 
-def test_gradients_match_conv2d():
-    x = torch.randn(2, 16, 6, 6, dtype=torch.float64).float().requires_grad_()
-    w = torch.randn(32, 4, 3, 3).requires_grad_()
-    b = torch.randn(32).requires_grad_()
-    y = K.GroupedConv2dFunction.apply(x, w, b, 1, 1, 1, 4)
-    g = torch.randn_like(y)
-    y.backward(g)
-    got = (x.grad.clone(), w.grad.clone(), b.grad.clone())
-    x.grad = w.grad = b.grad = None
-    F.conv2d(x, w, b, 1, 1, 1, 4).backward(g)
-    for a, r in zip(got, (x.grad, w.grad, b.grad)):
-        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4)
+def _check_grads(x, w, b=None, stride=1, padding=0, dilation=1, groups=1,
+                 dtype=torch.float32):
+    """The Triton backward (input, weight and bias gradients) against F.conv2d's, computed in
+    float32 from the same rounded tensors; tolerance per dtype, of the largest reference."""
+    x = x.to(DEVICE, dtype).requires_grad_()
+    w = w.to(DEVICE, dtype).requires_grad_()
+    b = b.to(DEVICE, dtype).requires_grad_() if b is not None else None
+    y = K.GroupedConv2dFunction.apply(x, w, b, stride, padding, dilation, groups)
+    g = torch.randn(y.shape, device=DEVICE).to(dtype)
+    got = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
+    ref_in = [t.detach().float().requires_grad_() for t in (x, w, b) if t is not None]
+    ref = F.conv2d(ref_in[0], ref_in[1], ref_in[2] if b is not None else None, stride,
+                   padding, dilation, groups)
+    want = torch.autograd.grad(ref, ref_in, g.float())
+    for name, a, r in zip("xwb", got, want):
+        assert a.shape == r.shape and a.dtype == dtype, name
+        err = (a.float() - r).abs().max().item()
+        assert err <= TOL[dtype] * r.abs().max().item() + 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{c}-{o}-k{k}-s{s}-g{g}"
+                                               for c, o, k, s, _, g in SHAPES])
+def test_gradients_of_every_grouped_shape_of_the_registered_models(shape):
+    cin, cout, k, stride, padding, groups = shape
+    x = torch.randn(1, cin, 5, 5).contiguous(memory_format=torch.channels_last)
+    _check_grads(x, torch.randn(cout, cin // groups, k, k), None, stride, padding, 1, groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(96, 192, 5, 1, 2, 8), (64, 64, 3, 1, 1, 64),
+                                   (128, 128, 3, 2, 1, 16)])
+def test_gradients_in_half_precision(shape, dtype):
+    cin, cout, k, stride, padding, groups = shape
+    x = torch.randn(2, cin, 6, 6).contiguous(memory_format=torch.channels_last)
+    _check_grads(x, torch.randn(cout, cin // groups, k, k), torch.randn(cout), stride,
+                 padding, 1, groups, dtype)
+
+
+@pytest.mark.parametrize("case", [
+    dict(c=12, o=24, k=3, s=2, p=0, d=1, g=3, h=9, w=7),     # odd sizes, stride 2, no pad
+    dict(c=16, o=16, k=3, s=1, p=2, d=2, g=4, h=8, w=8),     # dilation
+    dict(c=8, o=16, k=3, s=1, p=1, d=1, g=8, h=5, w=6),      # depthwise, multiplier 2
+    dict(c=8, o=8, k=5, s=2, p=2, d=1, g=4, h=11, w=11),     # 2 channels a group
+    dict(c=40, o=48, k=1, s=1, p=0, d=1, g=2, h=4, w=4),     # grouped 1x1
+    dict(c=16, o=8, k=3, s=3, p=1, d=1, g=2, h=10, w=8),     # stride 3: gaps in the input
+])
+def test_gradients_with_strides_padding_dilation_bias(case):
+    x = torch.randn(2, case["c"], case["h"], case["w"]).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(case["o"], case["c"] // case["g"], case["k"], case["k"])
+    _check_grads(x, w, torch.randn(case["o"]), case["s"], case["p"], case["d"], case["g"])
+
+
+def test_gradients_of_contiguous_inputs_and_many_small_tiles(monkeypatch):
+    """NCHW input; blocks much smaller than the problem, so every kernel has several tiles
+    with ragged edges; the weight gradient summed over several slices of the pixels."""
+    from deeproots.kernels import grouped_conv_grad as G
+
+    monkeypatch.setattr(G, "INTERPRET_INPUT_GEMM", {"BLOCK_M": 16, "BLOCK_N": 16,
+                                                    "BLOCK_K": 16})
+    monkeypatch.setattr(G, "INTERPRET_INPUT_DIRECT", {"BLOCK_P": 16, "BLOCK_C": 16})
+    monkeypatch.setattr(G, "INTERPRET_WEIGHT_GEMM", {"BLOCK_M": 16, "BLOCK_N": 16,
+                                                     "BLOCK_K": 16})
+    monkeypatch.setattr(G, "INTERPRET_WEIGHT_DIRECT", {"BLOCK_P": 16, "BLOCK_C": 16})
+    monkeypatch.setattr(G, "PIXEL_STEP", 16)
+    monkeypatch.setattr(G, "weight_grad_splits", lambda pixels, programs: 3)
+    x = torch.randn(2, 80, 5, 7)  # NCHW
+    _check_grads(x, torch.randn(72, 40, 3, 3), torch.randn(72), 1, 1, 1, 2)
+    _check_grads(x, torch.randn(80, 1, 3, 3), None, 1, 1, 1, 80)
+
+
+def test_the_weight_gradient_is_the_same_on_every_run():
+    """Slices of the pixels are summed in a fixed order, not by atomics: a training run
+    repeats bit for bit."""
+    from deeproots.kernels.grouped_conv_grad import conv2d_weight_grad
+
+    x = torch.randn(4, 32, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 32, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    a = conv2d_weight_grad(x, g, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1), 4)
+    assert torch.equal(a, conv2d_weight_grad(x, g, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1), 4))
+
+
+def test_the_triton_module_trains_under_autocast():
+    """Under autocast the Triton module computes in the autocast dtype, as F.conv2d does, and
+    the float32 parameters get float32 gradients close to the native layer's."""
+    conv = nn.Conv2d(16, 32, 3, padding=1, groups=4).to(DEVICE)
+    layer = M.TritonConv2d(conv)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(x)
+        ref = conv(x)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert (y.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+    y.float().square().sum().backward()
+    got = conv.weight.grad.clone()
+    conv.weight.grad = None
+    ref.float().square().sum().backward()
+    assert got.dtype == torch.float32
+    assert (got - conv.weight.grad).abs().max() <= 3e-2 * conv.weight.grad.abs().max()
 
 
 def test_bad_input(monkeypatch):
@@ -147,35 +234,91 @@ def test_the_triton_path_matches_the_model_and_says_what_it_left():
                     "kernel pads with zeros)"]
 
 
-def test_every_lowering_computes_the_conv():
+def test_every_lowering_computes_the_conv_and_its_gradients():
     conv = nn.Conv2d(12, 24, 3, padding=1, groups=4)
-    x = torch.randn(2, 12, 6, 6)
+    x = torch.randn(2, 12, 6, 6, requires_grad=True)
     ref = conv(x)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
     options = M.lowerings(conv, torch.device("cpu"))
     assert set(options) == {"native", "dense", "split"}  # triton only on a GPU
     for name, fn in options.items():
-        assert torch.allclose(fn(x), ref, atol=1e-5), name
+        y = fn(conv, x, conv.weight, conv.bias)
+        assert torch.allclose(y, ref, atol=1e-5), name
+        got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-4), name
+
+
+def test_a_layer_with_other_padding_has_only_the_native_lowering():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect")
+    assert set(M.lowerings(conv, torch.device("cpu"))) == {"native"}
+    layer = M.DispatchConv2d(conv)
+    x = torch.randn(1, 8, 5, 5)
+    assert torch.equal(layer(x), conv(x))
+
+
+def _fake_clock(monkeypatch, clock):
+    timed = []
+
+    def fake_timer(call, cuda, name=""):
+        call()  # the real call runs, forward (and backward when training)
+        timed.append(name)
+        return clock[name]
+
+    monkeypatch.setattr(M.DispatchConv2d, "timer", staticmethod(fake_timer))
+    return timed
 
 
 def test_dispatch_takes_the_fastest_measured_and_remembers(monkeypatch):
     M.dispatch_cache().clear()
-    clock = {"native": 3.0, "dense": 1.0, "split": 2.0}
-    timed = []
-
-    def fake_timer(fn, x):
-        name = next(k for k, f in M.lowerings(conv, x.device).items()
-                    if f.__code__ is fn.__code__)
-        timed.append(name)
-        return clock[name]
-
+    timed = _fake_clock(monkeypatch, {"native": 3.0, "dense": 1.0, "split": 2.0})
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-    monkeypatch.setattr(M.DispatchConv2d, "timer", staticmethod(fake_timer))
     layer = M.DispatchConv2d(conv)
+    assert layer.weight is conv.weight and list(layer.state_dict()) == ["weight", "bias"]
     x = torch.randn(1, 8, 5, 5)
-    assert torch.allclose(layer(x), conv(x), atol=1e-5)
-    assert list(layer.chosen.values()) == ["dense"] and sorted(timed) == sorted(clock)
-    layer(x)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), conv(x), atol=1e-5)
+        assert list(layer.chosen.values()) == ["dense"] and sorted(timed) == sorted(
+            ["native", "dense", "split"])
+        layer(x)
     assert len(timed) == 3  # measured once per shape
+
+
+def test_dispatch_in_training_times_forward_and_backward_on_copies(monkeypatch):
+    """The timing passes run backward on copies: the layer's gradients are those of one
+    forward and backward, whichever lowering won."""
+    M.dispatch_cache().clear()
+    timed = _fake_clock(monkeypatch, {"native": 2.0, "dense": 3.0, "split": 1.0})
+    conv = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+    layer = M.DispatchConv2d(conv)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert list(layer.chosen) and next(iter(layer.chosen))[3] is True  # a training key
+    assert list(layer.chosen.values()) == ["split"] and len(timed) == 3
+    twin = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+    twin.load_state_dict(conv.state_dict())
+    x2 = x.detach().requires_grad_()
+    twin(x2).square().sum().backward()
+    assert torch.allclose(conv.weight.grad, twin.weight.grad, atol=1e-4)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    with torch.no_grad():
+        layer(x)  # inference is a key of its own
+    assert len(timed) == 6
+
+
+def test_use_grouped_conv_keeps_the_parameters_and_their_names():
+    model = trained_like("nin-root-8")
+    names = list(model.state_dict())
+    kept = M.use_grouped_conv(model, "dispatch")
+    assert kept == [] and list(model.state_dict()) == names
+    assert isinstance(model.conv2a.conv, M.DispatchConv2d)
+    from deeproots.layers import conv_layers
+
+    assert conv_layers(model)["conv2a"].groups == 8  # the tools see the same grouped layer
+    with pytest.raises(ValueError, match="grouped convs run by one of triton, dispatch; got "
+                                         "'cudnn'"):
+        M.use_grouped_conv(model, "cudnn")
 
 
 def test_the_dispatch_path_matches_the_model():

@@ -216,21 +216,28 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 
 class GroupedConv2dFunction(torch.autograd.Function):
-    """The Triton forward; the backward is PyTorch's own (``torch.nn.grad``) until Triton
-    backward kernels land."""
+    """The Triton conv with its Triton backward (:mod:`.grouped_conv_grad`): input gradient,
+    weight gradient, and the bias gradient as a sum over the output gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        ctx.conf = (_pair("stride", stride, 1), _pair("padding", padding, 0),
+                    _pair("dilation", dilation, 1), groups)
         return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        from .grouped_conv_grad import conv2d_input_grad, conv2d_weight_grad
+
         x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
-        gx = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride, padding, dilation, groups)
-        gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation,
-                                         groups)
-        gb = grad.sum((0, 2, 3)) if has_bias else None
+        stride, padding, dilation, groups = ctx.conf
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = conv2d_input_grad(grad, weight, x.shape, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gw = conv2d_weight_grad(x, grad, weight.shape, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
         return gx, gw, gb, None, None, None, None

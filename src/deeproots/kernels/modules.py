@@ -23,7 +23,7 @@ from ..layers import layer_name
 from ..timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
-           "replace_convs", "dispatch_cache"]
+           "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv"]
 
 LOWERINGS = ("native", "triton", "dense", "split")
 
@@ -39,114 +39,175 @@ def unsupported(conv: nn.Conv2d) -> Optional[str]:
     return None
 
 
-def _dense_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """The block-diagonal [out, in, k, k] weight equal to ``conv``'s grouped one."""
-    g, w = conv.groups, conv.weight
-    out, per = w.shape[0], w.shape[1]
-    dense = w.new_zeros(out, per * g, *w.shape[2:])
-    step = out // g
-    for i in range(g):
-        dense[i * step:(i + 1) * step, i * per:(i + 1) * per] = w[i * step:(i + 1) * step]
-    return dense
+def _dense_weight(conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal [out, in, k, k] weight equal to ``conv``'s grouped ``weight``
+    (differentiable: its gradient is the grouped weight's)."""
+    g = conv.groups
+    out, per = weight.shape[0], weight.shape[1]
+    rows = torch.arange(out, device=weight.device) // (out // g)
+    cols = torch.arange(per * g, device=weight.device) // per
+    mask = (rows[:, None] == cols[None, :]).to(weight.dtype)[:, :, None, None]
+    return weight.repeat(1, g, 1, 1) * mask
+
+
+def _autocast(x: torch.Tensor, *tensors):
+    """``tensors`` in the dtype autocast would run a conv in, if autocast is on."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
+# a lowering: fn(conv, x, weight, bias) -> y; weight and bias passed in, so that the dispatch
+# can time a backward pass on copies without touching the layer's gradients
+def _native(conv, x, weight, bias):
+    return conv._conv_forward(x, weight, bias)
+
+
+def _dense(conv, x, weight, bias):
+    return F.conv2d(x, _dense_weight(conv, weight), bias, conv.stride, conv.padding,
+                    conv.dilation, 1)
+
+
+def _split(conv, x, weight, bias):
+    g, per = conv.groups, conv.in_channels // conv.groups
+    biases = bias.chunk(g) if bias is not None else [None] * g
+    return torch.cat([F.conv2d(x[:, i * per:(i + 1) * per], w, b, conv.stride, conv.padding,
+                               conv.dilation) for i, (w, b) in enumerate(
+                                   zip(weight.chunk(g), biases))], 1)
+
+
+def _triton(conv, x, weight, bias):
+    from .grouped_conv import GroupedConv2dFunction  # Triton: only when run
+
+    x, weight, bias = _autocast(x, weight, bias)
+    return GroupedConv2dFunction.apply(x, weight, bias, conv.stride, conv.padding,
+                                       conv.dilation, conv.groups)
 
 
 def lowerings(conv: nn.Conv2d, device: torch.device) -> Dict[str, Callable]:
-    """The lowerings of ``conv`` that can run on ``device``, each ``fn(x) -> y``."""
-    args = (conv.stride, conv.padding, conv.dilation)
-    out: Dict[str, Callable] = {
-        "native": lambda x: F.conv2d(x, conv.weight, conv.bias, *args, conv.groups)}
-    if conv.groups > 1:
-        dense = _dense_weight(conv).detach()
-        out["dense"] = lambda x: F.conv2d(x, dense, conv.bias, *args, 1)
-        g, per = conv.groups, conv.in_channels // conv.groups
-        weights = conv.weight.chunk(g)
-        biases = conv.bias.chunk(g) if conv.bias is not None else [None] * g
-        out["split"] = lambda x: torch.cat(
-            [F.conv2d(x[:, i * per:(i + 1) * per], weights[i], biases[i], *args)
-             for i in range(g)], 1)
+    """The lowerings of ``conv`` that can run on ``device``, each
+    ``fn(conv, x, weight, bias) -> y``."""
+    out: Dict[str, Callable] = {"native": _native}
+    if conv.groups > 1 and conv.padding_mode == "zeros":
+        out["dense"] = _dense
+        out["split"] = _split
         if device.type == "cuda" and unsupported(conv) is None:
-            from .grouped_conv import grouped_conv2d  # Triton: only on a GPU
-
-            out["triton"] = lambda x: grouped_conv2d(x, conv.weight, conv.bias, *args,
-                                                     conv.groups)
+            out["triton"] = _triton
     return out
 
 
-class TritonConv2d(nn.Module):
-    """``conv`` (its parameters shared, not copied) with its forward in the Triton kernel;
-    gradients flow through PyTorch's own conv backward."""
+class _SharedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` holding ``conv``'s own parameters (shared, not copied): its
+    ``state_dict`` is ``conv``'s, so checkpoints, cost counting and analysis see the same
+    layer."""
 
     def __init__(self, conv: nn.Conv2d):
-        super().__init__()
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         conv.padding_mode, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias
+        self.train(conv.training)
+
+
+class TritonConv2d(_SharedConv2d):
+    """``conv`` (its parameters shared) run forward and backward by the Triton kernels."""
+
+    def __init__(self, conv: nn.Conv2d):
         reason = unsupported(conv)
         if reason:
             raise ValueError(f"the Triton conv cannot run this layer: {reason}")
-        self.conv = conv
+        super().__init__(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .grouped_conv import GroupedConv2dFunction  # Triton: only when run
-
-        c = self.conv
-        return GroupedConv2dFunction.apply(x, c.weight, c.bias, c.stride, c.padding, c.dilation,
-                                           c.groups)
+        return _triton(self, x, self.weight, self.bias)
 
 
-# (lowering chosen, ms of each candidate) per (device, dtype, shapes, conv settings)
+# (lowering chosen, ms of each candidate) per (device, dtype, autocast, training, shapes, conv)
 _CACHE: Dict[tuple, Tuple[str, Dict[str, float]]] = {}
 
 
 def dispatch_cache() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
-    """The choices made so far in this process."""
+    """The choices made so far in this process (a checkpoint keeps them, so that a resumed
+    run computes with the lowerings it started with)."""
     return _CACHE
 
 
-def _time_ms(fn: Callable, x: torch.Tensor, repeats: int = 10) -> float:
-    """Median ms of ``fn(x)`` by the one timer (:func:`deeproots.timing.interleaved`): CUDA
+def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int = 10) -> float:
+    """Median ms of ``call()`` by the one timer (:func:`deeproots.timing.interleaved`): CUDA
     events after a synchronised warm-up on a GPU; three warm-up calls and no minimum warm-up
     time, since the dispatch times every lowering of every new shape."""
-    def call():
-        with torch.no_grad():
-            fn(x)
-
     timing = interleaved({"call": call}, images=1, repeats=repeats, warmup=3, warmup_s=0.0,
-                         cuda=x.is_cuda)
+                         cuda=cuda)
     return 1000 * timing["call"].median_s
 
 
-class DispatchConv2d(nn.Module):
-    """``conv`` run by the fastest of its lowerings for each input shape, dtype and device:
-    measured on the first call with that key, remembered for the process
-    (:func:`dispatch_cache`). ``choices`` limits the candidates."""
+class DispatchConv2d(_SharedConv2d):
+    """``conv`` (its parameters shared) run by the fastest of its lowerings for each input
+    shape, dtype, device and autocast setting, measured on the first call with that key and
+    remembered for the process (:func:`dispatch_cache`). In training (gradients wanted) a
+    lowering is timed forward and backward, on copies of the tensors, so the layer's own
+    gradients are untouched. ``choices`` limits the candidates."""
 
     timer = staticmethod(_time_ms)  # replaceable, e.g. by a fake clock in tests
 
     def __init__(self, conv: nn.Conv2d, choices=LOWERINGS):
-        super().__init__()
-        self.conv, self.choices = conv, tuple(choices)
+        super().__init__(conv)
+        self.choices = tuple(choices)
         self.chosen: Dict[tuple, str] = {}
 
-    def _key(self, x: torch.Tensor) -> tuple:
-        c = self.conv
-        return (str(x.device), str(x.dtype), tuple(x.shape), x.is_contiguous(
-            memory_format=torch.channels_last), tuple(c.weight.shape), c.stride, c.padding,
-            c.dilation, c.groups, c.bias is not None)
+    def _key(self, x: torch.Tensor, training: bool) -> tuple:
+        kind = x.device.type
+        cast = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else ""
+        return (str(x.device), str(x.dtype), cast, training, tuple(x.shape), x.is_contiguous(
+            memory_format=torch.channels_last), tuple(self.weight.shape), self.stride,
+            self.padding, self.dilation, self.groups, self.bias is not None)
+
+    def _measure(self, options: Dict[str, Callable], x: torch.Tensor,
+                 training: bool) -> Dict[str, float]:
+        def twin(t):
+            return t.detach().clone().requires_grad_(training) if t is not None else None
+
+        x_, w_, b_ = twin(x), twin(self.weight), twin(self.bias)
+        grad = None
+        ms = {}
+        for name, fn in options.items():
+            def call(fn=fn):
+                if not training:
+                    with torch.no_grad():
+                        fn(self, x_, w_, b_)
+                    return
+                y = fn(self, x_, w_, b_)
+                nonlocal grad
+                grad = torch.ones_like(y) if grad is None else grad
+                y.backward(grad)
+                x_.grad = w_.grad = None
+                if b_ is not None:
+                    b_.grad = None
+
+            ms[name] = self.timer(call, x.is_cuda, name=name)
+        return ms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = self._key(x)
-        options = {k: fn for k, fn in lowerings(self.conv, x.device).items()
-                   if k in self.choices}
-        if key not in _CACHE:
-            ms = {k: self.timer(fn, x) for k, fn in options.items()}
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        key = self._key(x, training)
+        options = {k: fn for k, fn in lowerings(self, x.device).items() if k in self.choices}
+        if key not in _CACHE or _CACHE[key][0] not in options:
+            ms = self._measure(options, x, training) if len(options) > 1 else {
+                next(iter(options)): 0.0}
             _CACHE[key] = (min(ms, key=ms.get), ms)
         self.chosen[key] = _CACHE[key][0]
-        return options[_CACHE[key][0]](x)
+        return options[_CACHE[key][0]](self, x, self.weight, self.bias)
 
 
 def replace_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Module],
-                  only_grouped: bool = True) -> Tuple[nn.Module, List[str]]:
-    """A copy of ``model`` with each grouped conv wrapped by ``make(conv)``; returns it and
-    one line per grouped conv left as it was (and why)."""
-    model = copy.deepcopy(model)
+                  only_grouped: bool = True, inplace: bool = False
+                  ) -> Tuple[nn.Module, List[str]]:
+    """A copy of ``model`` (``model`` itself with ``inplace``) with each grouped conv
+    replaced by ``make(conv)``; returns it and one line per grouped conv left as it was (and
+    why)."""
+    model = model if inplace else copy.deepcopy(model)
     kept = []
     for path, conv in list(model.named_modules()):
         if not isinstance(conv, nn.Conv2d) or (only_grouped and conv.groups == 1):
@@ -159,3 +220,15 @@ def replace_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Module],
         parent, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, wrapped)
     return model, kept
+
+
+GROUPED_CONV = {"triton": TritonConv2d, "dispatch": DispatchConv2d}
+
+
+def use_grouped_conv(model: nn.Module, how: str) -> List[str]:
+    """Run ``model``'s grouped convs (in place) by ``how``: ``"triton"`` (the Triton kernels,
+    forward and backward) or ``"dispatch"`` (the fastest lowering, measured per layer). The
+    parameters and their names stay the same. Returns the layers left to PyTorch and why."""
+    if how not in GROUPED_CONV:
+        raise ValueError(f"grouped convs run by one of {', '.join(GROUPED_CONV)}; got {how!r}")
+    return replace_convs(model, GROUPED_CONV[how], inplace=True)[1]

@@ -1,0 +1,350 @@
+"""Grouped and depthwise conv2d backward for CUDA in Triton: the input gradient and the
+weight gradient, for the shapes, dtypes and layouts of the forward kernels
+(:mod:`.grouped_conv`).
+
+* ``_input_grad_gemm``: dx = dy convolved back through the weights, as an implicit GEMM per
+  group. Program (m, n, g) computes BLOCK_M input pixels x BLOCK_N input channels of group g,
+  reducing over the kernel taps and the group's output channels: for tap (kh, kw) the output
+  pixel that input pixel (ih, iw) fed is ((ih + pad - kh * dil) / stride, ...), when that
+  divides evenly and lies inside the output. Used when a group has >= 4 input and output
+  channels.
+* ``_input_grad_direct``: the same sum for depthwise and near-depthwise convs, a fused
+  multiply-add per tap over BLOCK_P pixels x BLOCK_C channels.
+* ``_weight_grad_gemm``: dw[co, ci, kh, kw] = sum over pixels of dy[p, co] * x[p shifted by
+  the tap, ci]: per (tile of co x ci, group and tap, slice of the pixels) a GEMM whose
+  reduction runs over N x OH x OW. The pixels are split into SPLIT slices, each written to a
+  float32 buffer of its own and summed afterwards: enough programs to fill the GPU, and the
+  same sum in the same order on every run (no atomics), so training stays reproducible.
+* ``_weight_grad_direct``: the same for depthwise convs, a multiply-add per pixel block
+  summed over the block.
+
+Every product accumulates in float32; gradients come back in the input's dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .grouped_conv import INTERPRET, _tuned, check_conv
+
+__all__ = ["conv2d_input_grad", "conv2d_weight_grad", "weight_grad_splits"]
+
+INPUT_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+INPUT_DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_P": 256, "BLOCK_C": 16}, num_warps=8),
+]
+WEIGHT_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
+]
+WEIGHT_DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
+    triton.Config({"BLOCK_P": 32, "BLOCK_C": 128}, num_warps=4),
+]
+# one block shape each under the interpreter: correctness, not speed
+INTERPRET_INPUT_GEMM = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}
+INTERPRET_INPUT_DIRECT = {"BLOCK_P": 32, "BLOCK_C": 128}
+INTERPRET_WEIGHT_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+INTERPRET_WEIGHT_DIRECT = {"BLOCK_P": 64, "BLOCK_C": 128}
+PIXEL_STEP = 128  # a slice of the weight gradient's pixels is a multiple of every BLOCK_K
+TARGET_PROGRAMS = 1024  # about 8 programs per SM of an H100: enough to hide memory latency
+
+
+@_tuned(INPUT_GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
+@triton.jit
+def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
+                     H, W, OH, OW, M,
+                     sdn, sdh, sdw, sdc, swo, swc, swh, sww, sxn, sxh, sxw, sxc,
+                     CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                     KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels, over N x H x W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
+    mask_m = offs_m < M
+    mask_n = offs_n < CIN_G
+    n = offs_m // (H * W)
+    rem = offs_m % (H * W)
+    ih = rem // W
+    iw = rem % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            th = ih + PAD_H - kh * DIL_H
+            tw = iw + PAD_W - kw * DIL_W
+            oh = th // STRIDE_H
+            ow = tw // STRIDE_W
+            fed = mask_m & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
+                (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+            dy_row = dy_ptr + n * sdn + oh * sdh + ow * sdw + g * COUT_G * sdc
+            for c0 in range(0, COUT_G, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)  # output channels within the group
+                mask_k = offs_k < COUT_G
+                a = tl.load(dy_row[:, None] + offs_k[None, :] * sdc,
+                            mask=fed[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(w_ptr + (g * COUT_G + offs_k)[:, None] * swo
+                            + offs_n[None, :] * swc + kh * swh + kw * sww,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc += tl.dot(a, b)
+    dx = dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * CIN_G + offs_n)[None, :] * sxc
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@_tuned(INPUT_DIRECT_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "C_IN", "M_BUCKET"])
+@triton.jit
+def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
+                       H, W, OH, OW, M, C_IN,
+                       sdn, sdh, sdw, sdc, swo, swc, swh, sww, sxn, sxh, sxw, sxc,
+                       CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                       KH: tl.constexpr, KW: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # input pixels
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # input channels
+    mask_p = offs_p < M
+    mask_c = offs_c < C_IN
+    n = offs_p // (H * W)
+    rem = offs_p % (H * W)
+    ih = rem // W
+    iw = rem % W
+    group = offs_c // CIN_G
+    ci = offs_c % CIN_G
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for j in range(0, COUT_G):
+        co = group * COUT_G + j
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                th = ih + PAD_H - kh * DIL_H
+                tw = iw + PAD_W - kw * DIL_W
+                oh = th // STRIDE_H
+                ow = tw // STRIDE_W
+                fed = mask_p & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
+                    (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+                dyv = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None]
+                              + co[None, :] * sdc,
+                              mask=fed[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(w_ptr + co * swo + ci * swc + kh * swh + kw * sww,
+                             mask=mask_c, other=0.0)
+                acc += dyv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    dx = dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
+
+
+@_tuned(WEIGHT_GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET", "SPLIT"])
+@triton.jit
+def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
+                      H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
+                      sxn, sxh, sxw, sxc, sdn, sdh, sdw, sdc,
+                      CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                      SPLIT, KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)  # a tile of output channels x input channels
+    tap_g = tl.program_id(1)  # group x kernel tap
+    split = tl.program_id(2)  # a slice of the pixels
+    tiles_n = tl.cdiv(CIN_G, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    g = tap_g // (KH * KW)
+    tap = tap_g % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_co = offs_co < COUT_G
+    mask_ci = offs_ci < CIN_G
+    start = split * PIXELS_PER_SPLIT
+    end = tl.minimum(M, start + PIXELS_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_K):
+        offs_p = p0 + tl.arange(0, BLOCK_K)  # output pixels, over N x OH x OW
+        mask_p = offs_p < end
+        n = offs_p // (OH * OW)
+        rem = offs_p % (OH * OW)
+        oh = rem // OW
+        ow = rem % OW
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dy_t = tl.load(dy_ptr + (g * COUT_G + offs_co)[:, None] * sdc
+                       + (n * sdn + oh * sdh + ow * sdw)[None, :],
+                       mask=mask_co[:, None] & mask_p[None, :], other=0.0)
+        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None]
+                     + (g * CIN_G + offs_ci)[None, :] * sxc,
+                     mask=inside[:, None] & mask_ci[None, :], other=0.0)
+        if UPCAST:
+            dy_t = dy_t.to(tl.float32)
+            xv = xv.to(tl.float32)
+        acc += tl.dot(dy_t, xv)
+    # part: float32 [SPLIT, C_OUT, CIN_G, KH, KW], contiguous
+    idx = ((g * COUT_G + offs_co)[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + tap
+    tl.store(part_ptr + split * (C_OUT * CIN_G * KH * KW) + idx, acc,
+             mask=mask_co[:, None] & mask_ci[None, :])
+
+
+@_tuned(WEIGHT_DIRECT_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "C_OUT", "M_BUCKET", "SPLIT"])
+@triton.jit
+def _weight_grad_direct(x_ptr, dy_ptr, part_ptr,
+                        H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
+                        sxn, sxh, sxw, sxc, sdn, sdh, sdw, sdc,
+                        CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                        SPLIT, KH: tl.constexpr, KW: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c = tl.program_id(0)  # a block of output channels
+    tap_ci = tl.program_id(1)  # kernel tap x input channel within the group
+    split = tl.program_id(2)
+    ci = tap_ci % CIN_G
+    tap = tap_ci // CIN_G
+    kh = tap // KW
+    kw = tap % KW
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # output channels
+    mask_c = offs_c < C_OUT
+    in_ch = (offs_c // COUT_G) * CIN_G + ci
+    start = split * PIXELS_PER_SPLIT
+    end = tl.minimum(M, start + PIXELS_PER_SPLIT)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < end
+        n = offs_p // (OH * OW)
+        rem = offs_p % (OH * OW)
+        oh = rem // OW
+        ow = rem % OW
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dyv = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None] + offs_c[None, :] * sdc,
+                      mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + in_ch[None, :] * sxc,
+                     mask=inside[:, None] & mask_c[None, :], other=0.0)
+        acc += dyv.to(tl.float32) * xv.to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    idx = (offs_c * CIN_G + ci) * (KH * KW) + tap
+    tl.store(part_ptr + split * (C_OUT * CIN_G * KH * KW) + idx, total, mask=mask_c)
+
+
+def weight_grad_splits(pixels: int, programs: int) -> int:
+    """How many slices of ``pixels`` (N x OH x OW) the weight gradient sums separately, given
+    ``programs`` per slice: enough slices to reach :data:`TARGET_PROGRAMS`, each at least
+    :data:`PIXEL_STEP` pixels."""
+    if INTERPRET:  # two slices: the interpreter checks the split-and-sum, not the speed
+        return min(2, triton.cdiv(pixels, PIXEL_STEP))
+    want = triton.cdiv(TARGET_PROGRAMS, max(1, programs))
+    return max(1, min(want, triton.cdiv(pixels, 4 * PIXEL_STEP)))
+
+
+def _check_grad(grad: torch.Tensor, other: torch.Tensor, channels: int, groups: int) -> None:
+    """A one-line ValueError unless ``grad`` is a 4-d output gradient the kernels take."""
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 4 or grad.dtype != other.dtype \
+            or grad.device != other.device:
+        raise ValueError(f"the Triton conv backward takes a 4-d output gradient of the "
+                         f"forward's dtype and device ({other.dtype}, {other.device}); got "
+                         f"{tuple(getattr(grad, 'shape', ()))} {getattr(grad, 'dtype', grad)}")
+    if groups < 1 or channels % groups:
+        raise ValueError(f"groups {groups} must divide the {channels} input channels")
+
+
+def _nhwc(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def _conv_args(stride, padding, dilation) -> Tuple[int, ...]:
+    return (*stride, *padding, *dilation)
+
+
+def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Sequence[int],
+                      stride: Tuple[int, int], padding: Tuple[int, int],
+                      dilation: Tuple[int, int], groups: int) -> torch.Tensor:
+    """d(loss)/d(input) of ``F.conv2d(input, weight, ...)`` given ``grad``, d(loss)/d(output):
+    a channels-last tensor of ``input_shape`` in ``grad``'s dtype."""
+    n, c, h, w = input_shape
+    _check_grad(grad, weight, c, groups)
+    cout, cin_g, kh, kw = weight.shape
+    oh, ow = grad.shape[2], grad.shape[3]
+    dx = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype,
+                     memory_format=torch.channels_last)
+    m = n * h * w
+    cout_g = cout // groups
+    args = (grad, weight, dx, h, w, oh, ow, m)
+    strides = (*_nhwc(grad), *weight.stride(), *_nhwc(dx))
+    conv = (cin_g, cout_g, *_conv_args(stride, padding, dilation), triton.next_power_of_2(m))
+    if cin_g >= 4 and cout_g >= 4:
+        extra = dict(INTERPRET_INPUT_GEMM) if INTERPRET else {}
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cin_g, meta["BLOCK_N"]), groups
+
+        _input_grad_gemm[grid](*args, *strides, *conv, KH=kh, KW=kw,
+                               UPCAST=INTERPRET and grad.dtype == torch.bfloat16, **extra)
+    else:
+        extra = dict(INTERPRET_INPUT_DIRECT) if INTERPRET else {}
+
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"])
+
+        _input_grad_direct[grid](*args, c, *strides, *conv, KH=kh, KW=kw, **extra)
+    return dx
+
+
+def conv2d_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight_shape: Sequence[int],
+                       stride: Tuple[int, int], padding: Tuple[int, int],
+                       dilation: Tuple[int, int], groups: int) -> torch.Tensor:
+    """d(loss)/d(weight) of ``F.conv2d(x, weight, ...)`` given ``grad``: a tensor of
+    ``weight_shape`` in ``x``'s dtype, summed in float32."""
+    cout, cin_g, kh, kw = weight_shape
+    n, c, h, w = x.shape
+    check_conv(x, torch.empty(weight_shape, device="meta", dtype=x.dtype), None, groups)
+    _check_grad(grad, x, c, groups)
+    oh, ow = grad.shape[2], grad.shape[3]
+    m = n * oh * ow
+    cout_g = cout // groups
+    direct = cin_g < 4 or cout_g < 4
+    if direct:
+        block = INTERPRET_WEIGHT_DIRECT["BLOCK_C"] if INTERPRET else 64
+        programs = triton.cdiv(cout, block) * kh * kw * cin_g
+    else:
+        programs = groups * kh * kw * triton.cdiv(cout_g, 64) * triton.cdiv(cin_g, 64)
+    split = weight_grad_splits(m, programs)
+    per_split = triton.cdiv(triton.cdiv(m, split), PIXEL_STEP) * PIXEL_STEP
+    split = triton.cdiv(m, per_split)
+    part = torch.empty((split, cout, cin_g, kh, kw), device=x.device, dtype=torch.float32)
+    args = (x, grad, part, h, w, oh, ow, m, per_split, cout)
+    strides = (*_nhwc(x), *_nhwc(grad))
+    conv = (cin_g, cout_g, *_conv_args(stride, padding, dilation), triton.next_power_of_2(m),
+            split)
+    if direct:
+        extra = dict(INTERPRET_WEIGHT_DIRECT) if INTERPRET else {}
+
+        def grid(meta):
+            return triton.cdiv(cout, meta["BLOCK_C"]), kh * kw * cin_g, split
+
+        _weight_grad_direct[grid](*args, *strides, *conv, KH=kh, KW=kw, **extra)
+    else:
+        extra = dict(INTERPRET_WEIGHT_GEMM) if INTERPRET else {}
+
+        def grid(meta):
+            return (triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_N"]),
+                    groups * kh * kw, split)
+
+        _weight_grad_gemm[grid](*args, *strides, *conv, KH=kh, KW=kw,
+                                UPCAST=INTERPRET and x.dtype == torch.bfloat16, **extra)
+    return (part[0] if split == 1 else part.sum(0)).to(x.dtype)
