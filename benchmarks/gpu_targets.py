@@ -12,11 +12,11 @@ import platform
 import sys
 
 import torch
-from torch import nn
 
 from deeproots.bench import bench_models, format_bench
 from deeproots.costs import profile
 from deeproots.kernels.modules import _time_ms, lowerings
+from deeproots.layers import grouped_convs
 from deeproots.registry import create_model
 from deeproots.roofline import HARDWARE, measure_cpu, roofline
 
@@ -28,20 +28,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def grouped_layers(name: str):
     """(layer, conv, input shape of one image) of every grouped conv, in model order."""
     model = create_model(name).eval()
-    shapes = {}
-
-    def record(name):
-        def hook(module, inputs, output):  # returns None: the output is kept
-            shapes.setdefault(name, inputs[0].shape[1:])
-        return hook
-
-    hooks = [m.register_forward_hook(record(n))
-             for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-    with torch.no_grad():
-        model(torch.zeros(1, *model.default_input_size))
-    for h in hooks:
-        h.remove()
-    return [(n, m, shapes[n]) for n, m in model.named_modules() if n in shapes]
+    return grouped_convs(model, torch.zeros(1, *model.default_input_size))
 
 
 def layer_table(name, batch, dtype, device, hw, repeats):
@@ -67,7 +54,10 @@ def layer_table(name, batch, dtype, device, hw, repeats):
             conv.kernel_size[1]
         moved = (x.numel() + y.numel() + conv.weight.numel()) * size
         bound = max(2 * macs / peak, moved / bw)
-        ms = {k: _time_ms(fn, x, repeats) for k, fn in lowerings(conv, x.device).items()}
+        with torch.no_grad():
+            ms = {k: _time_ms(lambda fn=fn: fn(conv, x, conv.weight, conv.bias), x.is_cuda,
+                              repeats=repeats)
+                  for k, fn in lowerings(conv, x.device).items()}
         cells = "".join(
             f" {1e3 * ms[k]:7.0f} {2 * macs / ms[k] / 1e9:4.0f}T{1e3 * bound / ms[k]:4.0%}"
             if k in ms else f" {'-':>16s}" for k in lows)

@@ -1,4 +1,5 @@
-"""Training throughput (images/s) of NiN variants on CPU, measured side by side in one run.
+"""Training throughput (images/s) of NiN variants on CPU, measured side by side in one run,
+by `deeproots train`'s own step (deeproots.step.TrainStep).
 
     python benchmarks/train_throughput.py [--models nin nin-root-8] [--batch-size 128]
                                           [--threads 2] [--repeats 5]

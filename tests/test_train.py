@@ -15,7 +15,8 @@ from PIL import Image
 from deeproots.cli import main
 from deeproots.config import lr_at, warmup_steps
 from deeproots.train import (CheckpointError, Interrupted, TrainConfig, TrainingDiverged,
-                             _loss, load_checkpoint, train)
+                             load_checkpoint, train)
+from deeproots.step import loss_of as _loss
 from helpers import write_cifar_folder, write_fashion_mnist
 
 

@@ -22,11 +22,12 @@ _EXPORTS = {
     "convert": "layers", "apply_groups": "layers", "conv_layers": "layers",
     "optimize_for_inference": "deploy", "export": "deploy",
     "TrainConfig": "config", "rootify": "conversion", "build_model": "registry",
+    "TrainStep": "step",
 }
 _MODULES = ("analysis", "bench", "checks", "config", "conversion", "data", "deploy", "layers",
             "models",
             "costs", "paper", "plots", "registry", "reproduce", "runtime", "schedules",
-            "text", "timing", "train")
+            "step", "study", "roofline", "text", "timing", "train")
 __all__ = list(_EXPORTS)
 
 

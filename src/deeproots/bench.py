@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checks import check_choice, check_positive, check_whole
-from .config import DTYPES, LAYER_PATHS, MODES, PATHS
+from .config import COMPILE_MODES, DTYPES, LAYER_PATHS, MODES, PATHS
 from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino_compile
 from .layers import layer_name, main_logits
 from .paper import PAPER_TABLES, paper_timings
 from .costs import parse_input_size, profile
 from .registry import build_model, check_model_spec
 from .runtime import allocator, resolve_device
+from .step import TrainStep, make_optimizer, resolve_grouped_conv
 from .text import format_table
 from .timing import Timing, interleaved
 
@@ -33,19 +34,20 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 assert tuple(TORCH_DTYPES) == DTYPES
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  lr: float = 0.01) -> Callable[[], None]:
-    """One SGD training step (forward, backward, update) of ``model`` on a fixed batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01,
+                  **options) -> Callable[[], None]:
+    """One training step of ``model`` on a fixed batch, by ``deeproots train``'s own step
+    (:class:`deeproots.step.TrainStep`: SGD with momentum and weight decay, bf16 autocast and
+    channels-last on CUDA). ``options``: the step's ``compile`` and ``grouped_conv``. The
+    returned callable has the step as ``.step``."""
     model.train()
+    step = TrainStep(model, make_optimizer(model, lr), **options)
 
-    def step() -> None:
-        loss = F.cross_entropy(main_logits(model(x)), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def run() -> None:
+        step.step(x, y, lr)
 
-    return step
+    run.step = step
+    return run
 
 
 @dataclass
@@ -70,6 +72,9 @@ class BenchRow:
     allocator: str
     paper: Dict[str, float] = field(default_factory=dict)  # the paper's timings, if any
     fallbacks: List[str] = field(default_factory=list)  # layers a kernel path left alone
+    phases_ms: Dict[str, float] = field(default_factory=dict)  # train --detail: ms per batch
+    compile_s: Optional[float] = None  # train with compile: the first step, compiling
+    notes: List[str] = field(default_factory=list)  # e.g. a batch halved after running out
 
     def to_dict(self) -> dict:
         """A flat JSON-ready dict (the paper's timings as ``paper_*`` keys)."""
@@ -85,12 +90,18 @@ def _check_dtype(dtype: str) -> None:
 def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "cpu",
                  threads: Optional[int] = None, dtype: str = "float32",
                  paths: Sequence[str] = ("fold",), modes: Sequence[str] = ("inference",),
-                 repeats: int = 10, warmup: int = 3, input_size=None) -> List[BenchRow]:
+                 repeats: int = 10, warmup: int = 3, input_size=None,
+                 compile: Optional[str] = None, grouped_conv: str = "native",
+                 detail: bool = False) -> List[BenchRow]:
     """Time models the paper's way (footnote 1: per image, forward pass, large batch).
 
     For each path and mode, the models take turns in one process. ``modes`` may add
-    ``"train"``: one SGD step (forward, backward, update), eager; its GFLOP/s count the
-    backward pass as twice the forward."""
+    ``"train"``: one step of ``deeproots train``'s recipe (forward, loss, backward, SGD
+    update; bf16 autocast and channels-last on CUDA), compiled with ``compile`` and grouped
+    convs run by ``grouped_conv`` as in ``train``; ``detail`` adds the forward, backward
+    and optimizer parts of a step (timm's ``--detail``). Train GFLOP/s count the backward
+    pass as twice the forward. A batch that runs out of GPU memory is halved and tried
+    again, as timm's benchmark does; the rows say so in ``notes``."""
     if not names:
         raise ValueError("name at least one model to time (deeproots list shows them)")
     for name in names:
@@ -103,9 +114,34 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
+    if compile is not None:
+        check_choice("compile", compile, COMPILE_MODES)
     device = str(resolve_device(device, accepted=("cpu", "cuda")))
+    if "train" in modes:
+        resolve_grouped_conv(grouped_conv, torch.device(device), compile)
     if threads is not None:
         torch.set_num_threads(check_positive("threads", threads))
+    notes: List[str] = []
+    while True:
+        try:
+            rows = _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup,
+                          input_size, dict(compile=compile, grouped_conv=grouped_conv), detail)
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise ValueError(f"one image runs out of memory on {device}") from None
+            notes.append(f"batch {batch_size} ran out of memory on {device}; halved to "
+                         f"{batch_size // 2}")
+            batch_size //= 2
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            continue
+        for r in rows:
+            r.notes = notes + r.notes
+        return rows
+
+
+def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, input_size,
+           train_options, detail) -> List[BenchRow]:
     torch.manual_seed(0)
     models = {n: build_model(n).eval().to(device) for n in names}
     first = models[names[0]]
@@ -119,33 +155,57 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
             classes = main_logits(first(x[:1])).shape[1]
         y = torch.randint(0, classes, (batch_size,), device=device)
     macs = {n: profile(m, size).macs for n, m in models.items()}
+    cuda = device.startswith("cuda")
     rows = []
     for mode in modes:
-        for path in (paths if mode == "inference" else ["eager"]):
+        for path in (paths if mode == "inference" else [None]):
             if mode == "inference":
                 built = {n: build_path(m, x, path, TORCH_DTYPES[dtype])
                          for n, m in models.items()}
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
-            else:
-                built = {}
-                work = {n: train_step_fn(m, x, y) for n, m in models.items()}
-            timings = interleaved(work, batch_size, repeats, warmup,
-                                  cuda=device.startswith("cuda"))
+                fallbacks = {n: f.fallbacks for n, f in built.items()}
+                row_dtype = dtype
+            else:  # a copy each, in train's layout: the inference models stay as they are
+                work = {}
+                for n, m in models.items():
+                    m = copy.deepcopy(m)
+                    if cuda:
+                        m = m.to(memory_format=torch.channels_last)
+                    work[n] = train_step_fn(m, x, y, **train_options)
+                steps = {n: w.step for n, w in work.items()}
+                fallbacks = {n: s.fallbacks for n, s in steps.items()}
+                first_step = steps[names[0]]
+                path = ("compile:" + first_step.compile_mode if first_step.compile_mode
+                        else "eager") + ("" if first_step.grouped_conv == "native"
+                                         else "+" + first_step.grouped_conv)
+                row_dtype = "bfloat16 autocast" if cuda else "float32"
+            timings = interleaved(work, batch_size, repeats, warmup, cuda=cuda)
+            phases = _phases(steps, x, y, repeats) if mode == "train" and detail else {}
             base = timings[names[0]].median_s
             factor = 3 if mode == "train" else 1  # backward costs about twice the forward
             for n in names:
                 t = timings[n]
                 rows.append(BenchRow(
-                    model=n, mode=mode, path=path, dtype=dtype, device=device,
+                    model=n, mode=mode, path=path, dtype=row_dtype, device=device,
                     batch_size=batch_size, threads=torch.get_num_threads(),
                     ms_per_image=t.ms_per_image, spread=t.spread, speedup=base / t.median_s,
                     ideal_speedup=macs[names[0]] / macs[n],
                     gflops=2 * factor * macs[n] * batch_size / t.median_s / 1e9, macs=macs[n],
-                    allocator=allocator(),
-                    fallbacks=built[n].fallbacks if n in built else []))
-            for m in models.values():
-                m.eval()
+                    allocator=allocator(), fallbacks=fallbacks[n],
+                    phases_ms=phases.get(n, {}),
+                    compile_s=steps[n].compile_s if mode == "train" else None))
     return rows
+
+
+def _phases(steps: Dict[str, TrainStep], x, y, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median ms per batch of each part of a step, the models taking turns."""
+    seen: Dict[str, Dict[str, List[float]]] = {n: {} for n in steps}
+    for _ in range(repeats):
+        for n, step in steps.items():
+            for part, seconds in step.phases(x, y, 0.01).items():
+                seen[n].setdefault(part, []).append(1000 * seconds)
+    return {n: {part: statistics.median(v) for part, v in parts.items()}
+            for n, parts in seen.items()}
 
 
 def bench_paper(table: str, *, batch_size: Optional[int] = None, **kwargs) -> List[BenchRow]:
@@ -162,15 +222,24 @@ def bench_paper(table: str, *, batch_size: Optional[int] = None, **kwargs) -> Li
 
 
 def format_bench(rows: List[BenchRow]) -> str:
-    """Bench rows as a readable table."""
+    """Bench rows as a readable table (with the parts of a training step, when measured)."""
     head = ("model", "mode", "path", "ms/img", "spread", "speedup", "ideal", "GFLOP/s")
+    parts = list(next((r.phases_ms for r in rows if r.phases_ms), {}))
+    short = {"forward": "fwd", "backward": "bwd", "optimizer": "opt"}
+    head += tuple(f"{short.get(p, p)} ms" for p in parts)
     body = [(r.model, r.mode, r.path, f"{r.ms_per_image:.3f}", f"{100 * r.spread:.0f}%",
-             f"{r.speedup:.2f}x", f"{r.ideal_speedup:.2f}x", f"{r.gflops:.0f}") for r in rows]
+             f"{r.speedup:.2f}x", f"{r.ideal_speedup:.2f}x", f"{r.gflops:.0f}",
+             *(f"{r.phases_ms[p]:.2f}" if p in r.phases_ms else "" for p in parts))
+            for r in rows]
     r0 = rows[0]
-    title = (f"batch {r0.batch_size}, {r0.dtype}, {r0.device}, {r0.threads} threads, "
+    dtypes = ", ".join(dict.fromkeys(r.dtype for r in rows))
+    title = (f"batch {r0.batch_size}, {dtypes}, {r0.device}, {r0.threads} threads, "
              f"torch {torch.__version__}")
     notes = [f"{r.model} ({r.path}) left to PyTorch: {f}" for r in rows for f in r.fallbacks]
-    return "\n".join([title, format_table(head, body, align="lllrrrrr"),
+    notes += [f"{r.model} ({r.path}): first step, compiling: {r.compile_s:.1f} s"
+              for r in rows if r.compile_s is not None]
+    notes += list(dict.fromkeys(n for r in rows for n in r.notes))
+    return "\n".join([title, format_table(head, body, align="lllrrrrr" + "r" * len(parts)),
                       f"allocator: {r0.allocator}", *notes])
 
 

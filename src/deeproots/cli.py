@@ -30,8 +30,8 @@ from typing import Dict, List, Optional
 
 from . import __version__
 from .checks import check_whole
-from .config import (DATA_HELP, DTYPES, LAYER_PATHS, MODES, PATHS, ROOFLINE_DEVICES,
-                     ROOFLINE_DTYPES, TrainConfig)
+from .config import (COMPILE_MODES, DATA_HELP, DTYPES, GROUPED_CONV, LAYER_PATHS, MODES,
+                     PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
 
 __all__ = ["main", "build_parser"]
@@ -141,7 +141,10 @@ def _add_config_options(p: argparse.ArgumentParser, cls, skip=()) -> None:
             p.add_argument(f.name, nargs="?", **{k: v for k, v in kw.items() if k != "dest"})
             continue
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        if "const" in meta:
+        if "const" in meta and meta.get("nargs") == "?":  # --flag [VALUE]
+            kw.update(nargs="?", const=meta["const"], choices=meta.get("choices"),
+                      metavar=meta.get("metavar"))
+        elif "const" in meta:
             kw.update(action="store_const", const=meta["const"])
         elif isinstance(default, bool):
             kw.update(action="store_true")
@@ -335,8 +338,17 @@ def cmd_bench(args) -> int:
         return _bench_layers(args, common)
     from .bench import bench_models, format_bench
 
+    if "train" not in args.mode and (args.compile or args.detail or
+                                     args.grouped_conv != "native"):
+        raise ValueError("--compile, --grouped-conv and --detail set the training step: add "
+                         "--mode train")
+    if args.mode == ["train"] and args.dtype != "float32":
+        raise ValueError(f"--dtype {args.dtype} sets the inference precision; --mode train "
+                         f"follows deeproots train's recipe (bf16 autocast on CUDA, float32 "
+                         f"on CPU)")
     rows = bench_models(args.models, batch_size=args.batch_size or 128, paths=args.path,
-                        modes=args.mode, **common)
+                        modes=args.mode, compile=args.compile, grouped_conv=args.grouped_conv,
+                        detail=args.detail, **common)
     if args.json:
         _print_json([r.to_dict() for r in rows])
     else:
@@ -595,7 +607,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--path", nargs="+", default=["fold"], choices=PATHS,
                    help="inference engines to time (default fold: BN folded, channels-last)")
-    p.add_argument("--mode", nargs="+", default=["inference"], choices=MODES)
+    p.add_argument("--mode", nargs="+", default=["inference"], choices=MODES,
+                   help="train: one step of deeproots train's recipe (bf16 autocast on CUDA)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   metavar="MODE", help="train mode: torch.compile the step, as train "
+                   "--compile (default; reduce-overhead: CUDA graphs; max-autotune)")
+    p.add_argument("--grouped-conv", choices=GROUPED_CONV, default="native",
+                   help="train mode: how grouped convs run, as train --grouped-conv "
+                        "(default native)")
+    p.add_argument("--detail", action="store_true", help="train mode: also time the "
+                   "forward, backward and optimizer parts of a step")
     p.add_argument("--repeats", type=positive["--repeats"], default=10)
     p.add_argument("--warmup", type=_whole("--warmup", 0), default=3)
     p.add_argument("--input-size", type=_input_size, default=None)

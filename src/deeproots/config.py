@@ -12,7 +12,7 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
                      check_positive, check_seed, check_whole)
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS", "LAYER_PATHS",
-           "DTYPES", "MODES", "DATA_HELP", "config_defaults"]
+           "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV"]
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
@@ -20,6 +20,10 @@ LR_SCHEDULES = ("cosine", "step")
 PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch")
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
 DTYPES = ("float32", "bfloat16")
+# torch.compile modes for the training step (deeproots.step); reduce-overhead = CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# how grouped convs run in training: auto, PyTorch's own, the Triton kernels, measured dispatch
+GROUPED_CONV = ("auto", "native", "triton", "dispatch")
 MODES = ("inference", "train")
 ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured
 ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
@@ -72,6 +76,16 @@ class TrainConfig:
     change: List[str] = _opt([], "with --resume: settings allowed to differ from the run's "
                              "(e.g. --change epochs); each change is recorded", nargs="+",
                              metavar="SETTING")
+    compile: Optional[str] = _opt(
+        None, "compile the training step with torch.compile, in this mode (default; "
+        "reduce-overhead: CUDA graphs; max-autotune); the first step's compile time is "
+        "reported, and a failure falls back to eager with a warning", choices=COMPILE_MODES,
+        nargs="?", const="default", metavar="MODE")
+    grouped_conv: str = _opt(
+        "auto", "how grouped convs run: native (PyTorch), triton (deeproots' kernels, "
+        "CUDA), dispatch (the fastest of native, triton, block-diagonal dense and split, "
+        "measured per layer on the first step; CUDA), auto (dispatch on CUDA with Triton "
+        "installed and no --compile, else native)", choices=GROUPED_CONV)
     checkpoint_every_min: float = _opt(5.0, "minutes between mid-epoch checkpoints (0: "
                                        "only at the end of each epoch)")
     progress: Optional[bool] = _opt(None, "no progress bar", flag="--no-progress", const=False)
@@ -101,6 +115,9 @@ class TrainConfig:
         for m in self.step_milestones:
             check_number("step_milestones", m)
         check_choice("schedule", self.schedule, LR_SCHEDULES)
+        if self.compile is not None:
+            check_choice("compile", self.compile, COMPILE_MODES)
+        check_choice("grouped_conv", self.grouped_conv, GROUPED_CONV)
         check_seed(self.seed)
         check_whole("workers", self.workers)
         check_device(self.device)

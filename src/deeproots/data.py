@@ -47,6 +47,8 @@ __all__ = [
     "TensorLoader",
     "FolderLoader",
     "random_crop_flip",
+    "crop_flip_draws",
+    "apply_crop_flip",
     "build_loaders",
     "fashion_mnist_dirs",
     "dataset_names",
@@ -322,6 +324,33 @@ def _missing(dataset: str, where, files: str, url: str) -> str:
 # In-memory data on the device, augmented in batches.
 
 
+def crop_flip_draws(n: int, pad: int, flip: bool, generator: torch.Generator
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of :func:`random_crop_flip` for ``n`` images: row and column offsets
+    (0 to 2 x pad) and mirror flags, drawn on the CPU from ``generator``."""
+    zeros = torch.zeros(n, dtype=torch.int64)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else zeros
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator) if pad else zeros
+    mirror = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=bool)
+    return dy, dx, mirror
+
+
+def apply_crop_flip(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor,
+                    mirror: torch.Tensor) -> torch.Tensor:
+    """Crops of zero-padded ``images`` at offsets ``dy``, ``dx``, mirrored where ``mirror``;
+    the draws on the images' device. A few tensor operations for the whole batch."""
+    n, _, h, w = images.shape
+    dev = images.device
+    if pad:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        index = torch.arange(n, device=dev)[:, None, None, None]
+        chans = torch.arange(images.shape[1], device=dev)[None, :, None, None]
+        images = padded[index, chans, rows, cols]
+    return torch.where(mirror[:, None, None, None], images.flip(3), images)
+
+
 def random_crop_flip(images: torch.Tensor, pad: int, flip: bool,
                      generator: torch.Generator) -> torch.Tensor:
     """Random crops of zero-padded images, and random mirroring, for a whole batch at once.
@@ -329,20 +358,11 @@ def random_crop_flip(images: torch.Tensor, pad: int, flip: bool,
     ``images`` is float [N, C, H, W] (already mean-subtracted, so the zero padding is the
     mean, as in the paper). Offsets and flips are drawn from ``generator`` on the CPU so
     that a run is reproducible on any device."""
-    n, _, h, w = images.shape
-    if pad:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
-        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-        index = torch.arange(n, device=images.device)[:, None, None, None]
-        chans = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-        images = padded[index, chans, rows, cols]
-    if flip:
-        mirror = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-        images = torch.where(mirror[:, None, None, None], images.flip(3), images)
-    return images
+    dy, dx, mirror = crop_flip_draws(len(images), pad, flip, generator)
+    if not pad and not flip:
+        return images
+    dev = images.device
+    return apply_crop_flip(images, pad, dy.to(dev), dx.to(dev), mirror.to(dev))
 
 
 def check_batch_split(batch_size: int, world_size: int) -> int:
@@ -398,20 +418,34 @@ class TensorLoader:
         return min(batches, self.limit_batches) if self.limit_batches else batches
 
     def batches(self, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """Yield normalised, augmented (images, labels) batches from batch ``start`` on."""
-        n = self.num_samples
+        """Yield normalised, augmented (images, labels) batches from batch ``start`` on.
+
+        The epoch's order and every batch's crops and flips are drawn first and moved to the
+        device in one copy each: the host never waits for the GPU between batches."""
+        n, dev, spec = self.num_samples, self.images.device, self.spec
+        batches = range(start, len(self))
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.images.device)
+            order = torch.randperm(n, generator=g)
+            draws = [crop_flip_draws(min(self.batch_size, n - b * self.batch_size), spec.pad,
+                                     spec.flip, torch.Generator().manual_seed(
+                                         (self.seed * 100_003 + self.epoch) * 1_000_003 + b))
+                     for b in batches]
+            order = order.to(dev)
+            dys, dxs, flips = (torch.cat([d[i] for d in draws]).to(dev) if draws else None
+                               for i in range(3))
         else:
-            order = torch.arange(n, device=self.images.device)
-        for b in range(start, len(self)):
+            order = torch.arange(n, device=dev)
+        mean, std = self._scale()
+        at = 0
+        for b in batches:
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.spec.normalize(self.images[index])
+            x = (self.images[index].float() - mean) / std
             if self.train:
-                g = torch.Generator().manual_seed(
-                    (self.seed * 100_003 + self.epoch) * 1_000_003 + b)
-                x = random_crop_flip(x, self.spec.pad, self.spec.flip, g)
+                k = len(index)
+                x = apply_crop_flip(x, spec.pad, dys[at:at + k], dxs[at:at + k],
+                                    flips[at:at + k])
+                at += k
             y = self.labels[index]
             if self.world_size > 1:
                 if self.train:
@@ -420,6 +454,15 @@ class TensorLoader:
                 else:
                     x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
             yield x, y
+
+    def _scale(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The dataset's mean and std on the images' device, made once (each new small
+        tensor on a GPU would be a copy that waits for the queue)."""
+        if getattr(self, "_mean_std", None) is None:
+            dev, spec = self.images.device, self.spec
+            self._mean_std = (torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1),
+                              torch.tensor(spec.std, device=dev).view(1, -1, 1, 1))
+        return self._mean_std
 
     def __iter__(self):
         return self.batches()

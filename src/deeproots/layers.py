@@ -22,6 +22,7 @@ __all__ = [
     "GroupsError",
     "apply_groups",
     "convert",
+    "grouped_convs",
     "conv_layers",
     "layer_name",
     "he_init",
@@ -73,6 +74,28 @@ def layer_name(path: str) -> str:
 def conv_layers(model: nn.Module) -> Dict[str, nn.Conv2d]:
     """All ``nn.Conv2d`` modules of ``model``, keyed by :func:`layer_name`, in model order."""
     return {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def grouped_convs(model: nn.Module, example: torch.Tensor) -> list:
+    """``(layer, conv, input shape of one image)`` of every grouped conv that a forward pass
+    of ``example`` runs, in the order it runs them (each conv once)."""
+    shapes: Dict[str, tuple] = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is kept
+            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n))
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = dict(model.named_modules())
+    return [(layer_name(n), convs[n], shape) for n, shape in shapes.items()]
 
 
 def _divisors(n: int) -> list[int]:

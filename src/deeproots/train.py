@@ -42,6 +42,7 @@ from .plots import plot_training_curves
 from .registry import build_model, is_model, is_user_model
 from .runtime import (allocator, atomic_write, check_output_dir, resolve_device, to_json,
                       write_json, write_text)
+from .step import TrainStep, loss_of, make_optimizer, resolve_grouped_conv
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "load_for_eval",
@@ -106,6 +107,9 @@ class TrainSummary:
     checkpoint: str
     out: str
     changes: List[dict] = field(default_factory=list)
+    compile_s: Optional[float] = None  # seconds of the first compiled step, if compiled
+    compile_error: Optional[str] = None  # why torch.compile fell back to eager, if it did
+    grouped_conv: str = "native"  # how grouped convs ran (native, triton, dispatch)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -256,16 +260,17 @@ def evaluate(model: nn.Module, loader, device=None, autocast=None) -> EvalResult
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum = top1 = top5 = n = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # on the device: no sync a batch
+    n = 0
     for x, y in loader.batches():
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast or nullcontext():
             logits = main_logits(model(x)).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         hits = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
-        top1 += hits[:, 0].sum().item()
-        top5 += hits.any(1).sum().item()
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(1).sum().double()])
         n += len(y)
+    loss_sum, top1, top5 = sums.tolist()
     loss_sum, top1, top5, n = _all_sum([loss_sum, top1, top5, n], device)
     model.train(was_training)
     if n == 0:
@@ -461,6 +466,8 @@ class _Run:
         self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
         self.epoch, self.step, self.history, self.best_top1, self.wall_before = 0, 0, [], -1.0, 0.0
         self.sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, seen, seconds of the epoch so far
+        self.step_fn: Optional[TrainStep] = None
+        self.compile_recorded = False
         self.started = time.perf_counter()
 
 
@@ -510,14 +517,23 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     if run.cuda:  # tensor-core friendly layout and bf16 math on GPUs
         model = model.to(memory_format=torch.channels_last)
     run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda else None
-    decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on biases and batch norm
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    run.optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                     {"params": no_decay, "weight_decay": 0.0}],
-                                    lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    run.optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    resolve_grouped_conv(cfg.grouped_conv, run.device, cfg.compile)  # refused before writing
     run.model = run.net = model
     return run
+
+
+def _make_step(run: _Run) -> None:
+    """The training step (:class:`deeproots.step.TrainStep`): grouped convs as configured, a
+    resumed run's measured choices kept, compiled if asked."""
+    if run.state is not None and run.state.get("dispatch"):
+        from .kernels.modules import dispatch_cache  # Triton layer: a GPU run's choices
+
+        dispatch_cache().update({tuple(k): (v[0], dict(v[1])) for k, v in run.state["dispatch"]})
+    run.step_fn = TrainStep(run.model, run.optimizer, net=run.net, aux_weight=run.cfg.aux_weight,
+                            compile=run.cfg.compile, grouped_conv=run.cfg.grouped_conv)
+    for line in run.step_fn.fallbacks:
+        print(f"grouped conv left to PyTorch: {line}", file=sys.stderr)
 
 
 def _resume(run: _Run) -> None:
@@ -553,6 +569,7 @@ def _start_writing(run: _Run) -> None:
             # (SyncBatchNorm runs on GPUs only; on CPU each process normalises its own part)
             run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
         run.net = DDP(run.model, device_ids=[run.device.index] if run.cuda else None)
+    _make_step(run)
     if run.writer:
         run.out.mkdir(parents=True, exist_ok=True)
         if run.cfg.overwrite:
@@ -574,6 +591,10 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     }
     if run.cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
+    if getattr(run, "step_fn", None) is not None and run.step_fn.grouped_conv == "dispatch":
+        from .kernels.modules import dispatch_cache  # loaded already: the run uses it
+
+        state["dispatch"] = [[list(k), [v[0], v[1]]] for k, v in dispatch_cache().items()]
     return state
 
 
@@ -591,12 +612,46 @@ def _save_last(run: _Run, epoch: int, step: int) -> dict:
     return state
 
 
-def _loss(out, y: torch.Tensor, aux_weight: float):
-    logits = main_logits(out)
-    loss = F.cross_entropy(logits, y)
-    if isinstance(out, tuple):  # GoogLeNet's auxiliary classifiers (Szegedy et al.: 0.3)
-        loss = loss + aux_weight * sum(F.cross_entropy(a, y) for a in out[1:] if a is not None)
-    return logits, loss
+def _check_finite(run: _Run, epoch: int) -> None:
+    """Bring the step's device sums into ``run.sums`` (one synchronisation) and stop if a
+    loss of this epoch was not finite."""
+    r = run.step_fn.read()
+    if r["bad_step"]:
+        where = run.last_path if run.last_path.exists() else "none written yet"
+        raise TrainingDiverged(
+            f"loss became {r['bad_loss']} at epoch {epoch + 1}, step {r['bad_step']}; "
+            f"stopped without saving this state. Last good checkpoint: {where}. "
+            f"Try a lower --lr (now {run.cfg.lr})")
+    run.sums[:3] = [r["loss_sum"], r["correct"], r["seen"]]
+
+
+def _out_of_memory(run: _Run, x: torch.Tensor, y: torch.Tensor) -> ValueError:
+    """The error for a batch that ran out of GPU memory, with the largest batch that fits:
+    found by trying forward and backward at half the batch, then half again."""
+    run.optimizer.zero_grad(set_to_none=True)
+    _empty_cache(run.device)
+    fits = len(x) // 2
+    while fits >= 1:
+        try:
+            with run.autocast or nullcontext():
+                _, loss = loss_of(run.net(x[:fits]), y[:fits], run.cfg.aux_weight)
+            loss.backward()
+            break
+        except torch.cuda.OutOfMemoryError:
+            run.optimizer.zero_grad(set_to_none=True)
+            _empty_cache(run.device)
+            fits //= 2
+    run.optimizer.zero_grad(set_to_none=True)
+    what = f"batch size {len(x)} per process does not fit in the memory of {run.device}"
+    if fits < 1:
+        return ValueError(f"{what}: even one image ran out of memory")
+    return ValueError(f"{what} (out of memory in a training step); the largest batch that "
+                      f"fit, halving: {fits}. Use --batch-size {fits * run.world}")
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
@@ -613,46 +668,44 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
     lr = lr_at(cfg, epoch * steps + max(first - 1, 0), steps)
     t0 = last_save = time.perf_counter()
     before = run.sums[3]
+    step_fn = run.step_fn
+    step_fn.reset(*run.sums[:3], steps=first)
+    shown = t0
     try:
         for step, (x, y) in enumerate(loader.batches(first), start=first):
             global_step = epoch * steps + step
             lr = lr_at(cfg, global_step, steps)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-            if run.cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with run.autocast or nullcontext():
-                logits, loss = _loss(run.net(x), y, cfg.aux_weight)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                where = run.last_path if run.last_path.exists() else "none written yet"
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; "
-                    f"stopped without saving this state. Last good checkpoint: {where}. "
-                    f"Try a lower --lr (now {cfg.lr})")
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
-            s = run.sums
-            s[0] += loss_value * len(y)
-            s[1] += (logits.argmax(1) == y).sum().item()
-            s[2] += len(y)
-            s[3] = before + time.perf_counter() - t0
+            try:
+                loss = step_fn.step(x, y, lr)  # queued: no wait for the GPU
+            except torch.cuda.OutOfMemoryError:
+                raise _out_of_memory(run, x, y) from None
+            now = time.perf_counter()
+            run.sums[3] = before + now - t0
             if bar is not None:
-                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{s[1] / s[2]:.3f}",
-                                img_s=f"{s[2] * run.world / max(s[3], 1e-9):.0f}")
+                if now - shown >= 0.5 or step + 1 == steps:  # one sync per refresh
+                    _check_finite(run, epoch)
+                    s = run.sums
+                    bar.set_postfix(loss=f"{s[0] / max(s[2], 1):.3f}",
+                                    acc=f"{s[1] / max(s[2], 1):.3f}",
+                                    img_s=f"{s[2] * run.world / max(s[3], 1e-9):.0f}")
+                    shown = now
                 bar.update(1)
-            for callback in callbacks or ():
-                callback({"epoch": epoch, "step": step, "global_step": global_step,
-                          "loss": loss_value, "lr": lr, "model": run.model})
+            if callbacks:  # the loss as a number: a sync, only for those who ask
+                info = {"epoch": epoch, "step": step, "global_step": global_step,
+                        "loss": loss.item(), "lr": lr, "model": run.model}
+                for callback in callbacks:
+                    callback(info)
             if stop.signal is not None:
+                _check_finite(run, epoch)
                 _save_last(run, epoch, step + 1)
                 raise Interrupted(stop.signal, run.last_path)
             if cfg.checkpoint_every_min and step + 1 < steps and \
                     time.perf_counter() - last_save >= 60 * cfg.checkpoint_every_min:
+                _check_finite(run, epoch)
                 _save_last(run, epoch, step + 1)  # an interrupted long epoch loses little
                 last_save = time.perf_counter()
+        _check_finite(run, epoch)  # waits for the epoch's last step
+        run.sums[3] = before + time.perf_counter() - t0
     finally:
         if bar is not None:
             bar.close()
@@ -670,10 +723,14 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
                                f"without saving this state. Last good checkpoint: {where}. "
                                f"Try a lower --lr (now {run.cfg.lr})")
     epoch_s = max(run.sums[3], 1e-9)
+    compile_s = run.step_fn.compile_s if not run.compile_recorded else None
+    run.compile_recorded = run.compile_recorded or compile_s is not None
     record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
               "train_top1": correct / seen, "test_loss": metrics.loss,
               "test_top1": metrics.top1, "test_top5": metrics.top5, "epoch_s": epoch_s,
-              "images_per_s": seen / epoch_s}
+              # throughput without the first step's compilation, which is paid once
+              "images_per_s": seen / max(epoch_s - (compile_s or 0.0), 1e-9),
+              "compile_s": compile_s}
     run.history.append(record)
     best = metrics.top1 > run.best_top1
     run.best_top1 = max(run.best_top1, metrics.top1)
@@ -683,6 +740,9 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
         if best:
             save_checkpoint(run.best_path, state)
         _write_records(run.out, run.history)
+        if compile_s is not None:
+            print(f"compiled the training step (torch.compile, mode {run.cfg.compile}) in its "
+                  f"first step: {compile_s:.1f} s", flush=True)
         print(f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f} "
               f"acc {record['train_top1']:.4f} | test loss {metrics.loss:.4f} "
               f"top1 {metrics.top1:.4f} top5 {metrics.top5:.4f} | "
@@ -702,7 +762,10 @@ def _finish(run: _Run) -> TrainSummary:
         max(1e-9, seconds),
         device=_device_name(run.device), world_size=run.world, versions=_versions(),
         allocator=allocator(), config=asdict(run.cfg) | {"out": str(run.out)},
-        checkpoint=str(run.last_path), out=str(run.out), changes=run.changes)
+        checkpoint=str(run.last_path), out=str(run.out), changes=run.changes,
+        compile_s=next((h["compile_s"] for h in history if h.get("compile_s") is not None),
+                       None),
+        compile_error=run.step_fn.compile_error, grouped_conv=run.step_fn.grouped_conv)
     if run.writer:
         write_json(run.out / "summary.json", summary.to_dict())
         if history:
@@ -749,8 +812,9 @@ def _write_records(out: Path, history: List[dict]) -> None:
     hold each epoch once)."""
     write_text(out / "metrics.jsonl", "".join(to_json(h) + "\n" for h in history))
     buf = io.StringIO()
-    if history:
-        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    if history:  # every key of every record (a run resumed from an older version adds some)
+        keys = list(dict.fromkeys(k for h in history for k in h))
+        writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(history)
     write_text(out / "metrics.csv", buf.getvalue())

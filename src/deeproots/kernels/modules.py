@@ -120,6 +120,8 @@ class TritonConv2d(_SharedConv2d):
             raise ValueError(f"the Triton conv cannot run this layer: {reason}")
         super().__init__(conv)
 
+    # torch.compile runs this layer as it is (a graph break), not traced into its kernels
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _triton(self, x, self.weight, self.bias)
 
@@ -189,6 +191,7 @@ class DispatchConv2d(_SharedConv2d):
             ms[name] = self.timer(call, x.is_cuda, name=name)
         return ms
 
+    @torch.compiler.disable  # the measuring is host code; the compiler leaves it alone
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         key = self._key(x, training)
