@@ -82,7 +82,8 @@ def test_phases_split_a_step_into_forward_backward_optimizer():
     assert not torch.equal(before, model[0].weight) and step.read()["seen"] == 8
 
 
-def test_grouped_conv_choices_say_what_runs_where():
+def test_grouped_conv_choices_say_what_runs_where(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = torch.device("cpu")
     assert resolve_grouped_conv("auto", cpu) == "native"
     assert resolve_grouped_conv("auto", torch.device("cuda"), compile="default") == "native"
@@ -154,3 +155,21 @@ def test_compiled_training_reports_its_compile_time_and_resumes(data_dir, tmp_pa
     we = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["model"]
     assert all(torch.allclose(wa[k].float(), we[k].float(), rtol=1e-3, atol=1e-4) for k in wa)
     assert eager.top1 == pytest.approx(a.top1, abs=1 / 32)
+
+
+def test_training_with_the_triton_kernels_follows_the_native_run(data_dir, tmp_path):
+    """train --grouped-conv triton, end to end under Triton's CPU interpreter: the grouped
+    conv's forward and backward run in deeproots' kernels, and after 4 SGD steps the weights
+    are those of the run with PyTorch's own conv, to float32 rounding."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels under TRITON_INTERPRET=1 (set by conftest without a GPU)")
+    short = dict(epochs=1, limit_eval_batches=1)
+    kernels = train(_cfg(data_dir, tmp_path / "t", grouped_conv="triton", **short), model=tiny())
+    native = train(_cfg(data_dir, tmp_path / "n", grouped_conv="native", **short), model=tiny())
+    assert kernels.grouped_conv == "triton" and native.grouped_conv == "native"
+    wt = torch.load(tmp_path / "t" / "last.pt", weights_only=True)["model"]
+    wn = torch.load(tmp_path / "n" / "last.pt", weights_only=True)["model"]
+    assert list(wt) == list(wn)  # the same parameter names: checkpoints are interchangeable
+    for k in wn:
+        assert torch.allclose(wt[k].float(), wn[k].float(), rtol=1e-4, atol=1e-5), k
