@@ -8,17 +8,14 @@ synchronised warm-up, the models of a pair side by side in one process.
     python benchmarks/gpu_targets.py --device cpu --dtype float32 --batch-size 4 --quick
 """
 import argparse
-import platform
-import sys
 
 import torch
 
 from deeproots.bench import bench_models, format_bench
-from deeproots.costs import profile
 from deeproots.kernels.modules import _time_ms, lowerings
 from deeproots.layers import grouped_convs
 from deeproots.registry import create_model
-from deeproots.roofline import HARDWARE, measure_cpu, roofline
+from deeproots.roofline import machine, roofline
 
 PAIRS = [("resnet50", "resnet50-root-64", 1.15), ("googlenet", "googlenet-root-16", 1.15),
          ("nin", "nin-root-8", 1.25)]
@@ -78,16 +75,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="NiN only, few repeats: a smoke test")
     p.add_argument("--skip-layers", action="store_true")
     args = p.parse_args()
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda: this machine has no CUDA GPU; use --device cpu")
-        gpu = torch.cuda.get_device_name()
-        hw = HARDWARE["h200" if "H200" in gpu else "a100" if "A100" in gpu else "h100"]
-        print(f"{gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
-    else:
+    hw, where = machine(args.device)
+    print(where)
+    if args.device != "cuda":
         args.paths = [x for x in args.paths if x != "triton"]
-        hw = measure_cpu()
-        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     try:
         import triton
 

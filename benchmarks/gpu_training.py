@@ -14,8 +14,6 @@ at batch 128, 224x224; every grouped layer's backward within 3x of its roofline 
 """
 import argparse
 import copy
-import platform
-import sys
 import time
 
 import torch
@@ -25,7 +23,7 @@ from deeproots.bench import train_step_fn
 from deeproots.kernels.modules import _dense_weight, _time_ms
 from deeproots.layers import grouped_convs
 from deeproots.registry import create_model
-from deeproots.roofline import HARDWARE, measure_cpu
+from deeproots.roofline import machine
 from deeproots.timing import interleaved
 
 # (orig, root, target speedup, batch, input size, classes)
@@ -188,16 +186,8 @@ def main() -> None:
     p.add_argument("--detail", action="store_true", help="also the parts of a step")
     args = p.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            sys.exit("error: --device cuda: this machine has no CUDA GPU; use --device cpu")
-        gpu = torch.cuda.get_device_name()
-        hw = HARDWARE["h200" if "H200" in gpu else "a100" if "A100" in gpu else "h100"]
-        print(f"{gpu}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
-    else:
-        hw = measure_cpu()
-        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads")
+    hw, where = machine(args.device)
+    print(where)
     try:
         import triton
 

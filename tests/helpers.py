@@ -84,3 +84,14 @@ def trained_like(name, **kwargs):
                 m.weight.data.uniform_(0.5, 1.5)
                 m.bias.data.uniform_(-0.2, 0.2)
     return model
+
+
+def train_cfg(data_dir, out, **kw):
+    """A short training run's config on the small Fashion-MNIST files in ``data_dir``."""
+    from deeproots.config import TrainConfig
+
+    base = dict(model="nin-root-4", data="fashion-mnist", data_dir=str(data_dir), out=str(out),
+                epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.5, device="cpu",
+                progress=False, download=False)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -67,14 +67,18 @@ def test_half_precision(shape, dtype):
            groups, dtype)
 
 
-@pytest.mark.parametrize("case", [
+ODD_CASES = [
     dict(c=12, o=24, k=3, s=2, p=0, d=1, g=3, h=9, w=7),     # odd sizes, stride 2, no pad
     dict(c=16, o=16, k=3, s=1, p=2, d=2, g=4, h=8, w=8),     # dilation
     dict(c=8, o=16, k=3, s=1, p=1, d=1, g=8, h=5, w=6),      # depthwise, multiplier 2
     dict(c=8, o=8, k=5, s=2, p=2, d=1, g=4, h=11, w=11),     # 2 channels a group
     dict(c=40, o=48, k=1, s=1, p=0, d=1, g=2, h=4, w=4),     # grouped 1x1
     dict(c=6, o=6, k=3, s=1, p=1, d=1, g=1, h=4, w=4),       # ungrouped, few channels
-])
+    dict(c=16, o=8, k=3, s=3, p=1, d=1, g=2, h=10, w=8),     # stride 3: gaps in the input
+]
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
 def test_strides_padding_dilation_bias(case):
     x = torch.randn(2, case["c"], case["h"], case["w"]).contiguous(
         memory_format=torch.channels_last)
@@ -137,14 +141,7 @@ def test_gradients_in_half_precision(shape, dtype):
                  padding, 1, groups, dtype)
 
 
-@pytest.mark.parametrize("case", [
-    dict(c=12, o=24, k=3, s=2, p=0, d=1, g=3, h=9, w=7),     # odd sizes, stride 2, no pad
-    dict(c=16, o=16, k=3, s=1, p=2, d=2, g=4, h=8, w=8),     # dilation
-    dict(c=8, o=16, k=3, s=1, p=1, d=1, g=8, h=5, w=6),      # depthwise, multiplier 2
-    dict(c=8, o=8, k=5, s=2, p=2, d=1, g=4, h=11, w=11),     # 2 channels a group
-    dict(c=40, o=48, k=1, s=1, p=0, d=1, g=2, h=4, w=4),     # grouped 1x1
-    dict(c=16, o=8, k=3, s=3, p=1, d=1, g=2, h=10, w=8),     # stride 3: gaps in the input
-])
+@pytest.mark.parametrize("case", ODD_CASES)
 def test_gradients_with_strides_padding_dilation_bias(case):
     x = torch.randn(2, case["c"], case["h"], case["w"]).contiguous(
         memory_format=torch.channels_last)

@@ -3,15 +3,14 @@ torch.compile with its fallback, resume under compile, out-of-memory, and the ph
 import json
 import os
 import signal
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from deeproots.step import TrainStep, make_optimizer, loss_of, resolve_grouped_conv
-from deeproots.train import Interrupted, TrainConfig, TrainingDiverged, train
-from helpers import write_fashion_mnist
+from deeproots.train import Interrupted, train
+from helpers import train_cfg, write_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +29,7 @@ def tiny():
 
 
 def _cfg(data_dir, out, **kw):
-    base = dict(model="tiny", data="fashion-mnist", data_dir=str(data_dir), out=str(out),
-                epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.5, device="cpu",
-                progress=False, download=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return train_cfg(data_dir, out, **{"model": "tiny", **kw})
 
 
 def test_the_sums_are_the_batches_own_and_read_once_an_epoch(data_dir, tmp_path, monkeypatch):

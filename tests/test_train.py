@@ -17,7 +17,7 @@ from deeproots.config import lr_at, warmup_steps
 from deeproots.train import (CheckpointError, Interrupted, TrainConfig, TrainingDiverged,
                              load_checkpoint, train)
 from deeproots.step import loss_of as _loss
-from helpers import write_cifar_folder, write_fashion_mnist
+from helpers import train_cfg, write_cifar_folder, write_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,7 @@ def data_dir(tmp_path_factory):
     return folder
 
 
-def _cfg(data_dir, out, **kw):
-    base = dict(model="nin-root-4", data="fashion-mnist", data_dir=str(data_dir), out=str(out),
-                epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.5, device="cpu",
-                progress=False, download=False)
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = train_cfg
 
 
 def _weights(path):

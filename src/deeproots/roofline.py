@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from .layers import layer_name
 from .registry import build_model
 from .text import format_table
 
-__all__ = ["HARDWARE", "Hardware", "LayerBound", "Roofline", "roofline", "measure_cpu",
+__all__ = ["HARDWARE", "Hardware", "LayerBound", "Roofline", "roofline", "measure_cpu", "machine",
            "format_roofline"]
 
 
@@ -103,6 +103,24 @@ class Roofline:
         for row, layer in zip(d["layers"], self.layers):
             row["fraction"] = layer.fraction
         return d
+
+
+def machine(device: str) -> Tuple[Hardware, str]:
+    """The roofs of the machine the benchmarks run on, and a line naming it: for ``cuda`` the
+    data sheet of this GPU (H200 or A100 by name, else H100), for ``cpu`` this CPU, measured.
+    SystemExit with a one-line message when ``cuda`` is asked for and there is none."""
+    import platform  # only for the CPU's name
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda: this machine has no CUDA GPU; use --device "
+                             "cpu")
+        gpu = torch.cuda.get_device_name()
+        hw = HARDWARE["h200" if "H200" in gpu else "a100" if "A100" in gpu else "h100"]
+        return hw, (f"{gpu}, torch {torch.__version__}, cuDNN "
+                    f"{torch.backends.cudnn.version()}")
+    return measure_cpu(), (f"{platform.processor() or platform.machine()}, torch "
+                           f"{torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def measure_cpu(seconds: float = 0.5) -> Hardware:

@@ -53,6 +53,12 @@ def _tuned(configs, key):
     return (lambda fn: fn) if INTERPRET else triton.autotune(configs=configs, key=key)
 
 
+@triton.jit
+def _pixel(offs, H, W):
+    """Flat pixel indices over N x H x W -> (image, row, column)."""
+    return offs // (H * W), (offs % (H * W)) // W, offs % W
+
+
 @_tuned(GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
 @triton.jit
 def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
@@ -69,10 +75,7 @@ def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
     mask_m = offs_m < M
     mask_n = offs_n < COUT_G
-    n = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    n, oh, ow = _pixel(offs_m, OH, OW)
     out_ch = g * COUT_G + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
@@ -113,10 +116,7 @@ def _conv_depthwise(x_ptr, w_ptr, b_ptr, y_ptr,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # output channels
     mask_p = offs_p < M
     mask_c = offs_c < C_OUT
-    n = offs_p // (OH * OW)
-    rem = offs_p % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
+    n, oh, ow = _pixel(offs_p, OH, OW)
     group = offs_c // COUT_G
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for ci in range(0, CIN_G):

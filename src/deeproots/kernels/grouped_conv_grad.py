@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import INTERPRET, _tuned, check_conv
+from .grouped_conv import INTERPRET, _pixel, _tuned, check_conv
 
 __all__ = ["conv2d_input_grad", "conv2d_weight_grad", "weight_grad_splits"]
 
@@ -79,10 +79,7 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within the group
     mask_m = offs_m < M
     mask_n = offs_n < CIN_G
-    n = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    ih = rem // W
-    iw = rem % W
+    n, ih, iw = _pixel(offs_m, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -123,10 +120,7 @@ def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # input channels
     mask_p = offs_p < M
     mask_c = offs_c < C_IN
-    n = offs_p // (H * W)
-    rem = offs_p % (H * W)
-    ih = rem // W
-    iw = rem % W
+    n, ih, iw = _pixel(offs_p, H, W)
     group = offs_c // CIN_G
     ci = offs_c % CIN_G
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -178,10 +172,7 @@ def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
     for p0 in range(start, end, BLOCK_K):
         offs_p = p0 + tl.arange(0, BLOCK_K)  # output pixels, over N x OH x OW
         mask_p = offs_p < end
-        n = offs_p // (OH * OW)
-        rem = offs_p % (OH * OW)
-        oh = rem // OW
-        ow = rem % OW
+        n, oh, ow = _pixel(offs_p, OH, OW)
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         iw = ow * STRIDE_W - PAD_W + kw * DIL_W
         inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -225,10 +216,7 @@ def _weight_grad_direct(x_ptr, dy_ptr, part_ptr,
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask_p = offs_p < end
-        n = offs_p // (OH * OW)
-        rem = offs_p % (OH * OW)
-        oh = rem // OW
-        ow = rem % OW
+        n, oh, ow = _pixel(offs_p, OH, OW)
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         iw = ow * STRIDE_W - PAD_W + kw * DIL_W
         inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
