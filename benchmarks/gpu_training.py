@@ -19,7 +19,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from deeproots.bench import train_step_fn
+from deeproots.bench import step_phases, train_step_fn
 from deeproots.kernels.modules import _dense_weight, _time_ms
 from deeproots.layers import grouped_convs
 from deeproots.registry import create_model
@@ -52,12 +52,8 @@ def step_table(pair, device, steps, repeats, detail):
         if device.type != "cuda" and options.get("grouped_conv") == "dispatch":
             continue  # the Triton candidates need a GPU
         try:
-            work = {}
-            for n, m in models.items():
-                m = copy.deepcopy(m)
-                if device.type == "cuda":
-                    m = m.to(memory_format=torch.channels_last)
-                work[n] = train_step_fn(m, x, y, lr=0.01, **options)
+            work = {n: train_step_fn(copy.deepcopy(m), x, y, lr=0.01, **options)
+                    for n, m in models.items()}
             first = {}
             for n, w in work.items():  # the first step compiles (or measures the dispatch)
                 t0 = time.perf_counter()
@@ -69,12 +65,10 @@ def step_table(pair, device, steps, repeats, detail):
         except Exception as err:  # one variant failing must not lose the others' figures
             print(f"{label:16s} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             continue
+        phases = step_phases({n: w.step for n, w in work.items()}, x, y, repeats) \
+            if detail else {}
         for n in (orig, root):
-            parts = ""
-            if detail:
-                ph = [work[n].step.phases(x, y, 0.01) for _ in range(repeats)]
-                parts = " / ".join(f"{1000 * sorted(p[k] for p in ph)[len(ph) // 2]:.2f}"
-                                   for k in ("forward", "backward", "optimizer"))
+            parts = " / ".join(f"{ms:.2f}" for ms in phases.get(n, {}).values())
             speedup = t[n].images_per_s / t[orig].images_per_s
             print(f"{label:16s} {n:18s} {t[n].images_per_s:9.0f} {100 * t[n].spread:6.0f}% "
                   f"{speedup:7.2f}x {first[n]:12.1f}  {parts}", flush=True)

@@ -26,7 +26,7 @@ from .step import TrainStep, make_optimizer, resolve_grouped_conv
 from .text import format_table
 from .timing import Timing, interleaved
 
-__all__ = ["Timing", "interleaved", "train_step_fn", "BenchRow", "bench_models", "bench_paper",
+__all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models", "bench_paper",
            "format_bench", "LayerTimes", "layer_times", "bench_layers", "format_layer_times",
            "TORCH_DTYPES"]
 
@@ -165,13 +165,9 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
                 fallbacks = {n: f.fallbacks for n, f in built.items()}
                 row_dtype = dtype
-            else:  # a copy each, in train's layout: the inference models stay as they are
-                work = {}
-                for n, m in models.items():
-                    m = copy.deepcopy(m)
-                    if cuda:
-                        m = m.to(memory_format=torch.channels_last)
-                    work[n] = train_step_fn(m, x, y, **train_options)
+            else:  # a copy each: the inference models stay as they are
+                work = {n: train_step_fn(copy.deepcopy(m), x, y, **train_options)
+                        for n, m in models.items()}
                 steps = {n: w.step for n, w in work.items()}
                 fallbacks = {n: s.fallbacks for n, s in steps.items()}
                 first_step = steps[names[0]]
@@ -180,7 +176,7 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                                          else "+" + first_step.grouped_conv)
                 row_dtype = "bfloat16 autocast" if cuda else "float32"
             timings = interleaved(work, batch_size, repeats, warmup, cuda=cuda)
-            phases = _phases(steps, x, y, repeats) if mode == "train" and detail else {}
+            phases = step_phases(steps, x, y, repeats) if mode == "train" and detail else {}
             base = timings[names[0]].median_s
             factor = 3 if mode == "train" else 1  # backward costs about twice the forward
             for n in names:
@@ -197,8 +193,10 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     return rows
 
 
-def _phases(steps: Dict[str, TrainStep], x, y, repeats: int) -> Dict[str, Dict[str, float]]:
-    """Median ms per batch of each part of a step, the models taking turns."""
+def step_phases(steps: Dict[str, TrainStep], x, y, repeats: int
+                ) -> Dict[str, Dict[str, float]]:
+    """Median ms per batch of each part (forward, backward, optimizer) of each training
+    step, over ``repeats``, the steps taking turns."""
     seen: Dict[str, Dict[str, List[float]]] = {n: {} for n in steps}
     for _ in range(repeats):
         for n, step in steps.items():

@@ -16,6 +16,7 @@ into place.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -77,9 +78,16 @@ class DataSpec:
 
     def normalize(self, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """uint8 [N, C, H, W] -> mean-subtracted, std-scaled float on the same device."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=dtype).view(1, -1, 1, 1)
+        mean, std = _mean_std(self, images.device, dtype)
         return (images.to(dtype) - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(spec: DataSpec, device: torch.device, dtype: torch.dtype):
+    """``spec``'s mean and std as [1, C, 1, 1] tensors on ``device``, made once: a new small
+    tensor on a GPU for every batch would be a copy that waits for the queue."""
+    return (torch.tensor(spec.mean, device=device, dtype=dtype).view(1, -1, 1, 1),
+            torch.tensor(spec.std, device=device, dtype=dtype).view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -426,21 +434,19 @@ class TensorLoader:
         batches = range(start, len(self))
         if self.train:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
+            order = torch.randperm(n, generator=g).to(dev)
             draws = [crop_flip_draws(min(self.batch_size, n - b * self.batch_size), spec.pad,
                                      spec.flip, torch.Generator().manual_seed(
                                          (self.seed * 100_003 + self.epoch) * 1_000_003 + b))
                      for b in batches]
-            order = order.to(dev)
-            dys, dxs, flips = (torch.cat([d[i] for d in draws]).to(dev) if draws else None
-                               for i in range(3))
+            if draws:  # one copy each of the epoch's offsets and flips
+                dys, dxs, flips = (torch.cat(part).to(dev) for part in zip(*draws))
         else:
             order = torch.arange(n, device=dev)
-        mean, std = self._scale()
         at = 0
         for b in batches:
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = (self.images[index].float() - mean) / std
+            x = spec.normalize(self.images[index])
             if self.train:
                 k = len(index)
                 x = apply_crop_flip(x, spec.pad, dys[at:at + k], dxs[at:at + k],
@@ -454,15 +460,6 @@ class TensorLoader:
                 else:
                     x, y = x[self.rank::self.world_size], y[self.rank::self.world_size]
             yield x, y
-
-    def _scale(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The dataset's mean and std on the images' device, made once (each new small
-        tensor on a GPU would be a copy that waits for the queue)."""
-        if getattr(self, "_mean_std", None) is None:
-            dev, spec = self.images.device, self.spec
-            self._mean_std = (torch.tensor(spec.mean, device=dev).view(1, -1, 1, 1),
-                              torch.tensor(spec.std, device=dev).view(1, -1, 1, 1))
-        return self._mean_std
 
     def __iter__(self):
         return self.batches()

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from contextlib import nullcontext
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -92,6 +92,8 @@ class TrainStep:
         self.aux_weight = aux_weight
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
+        if self.cuda:  # channels-last: the layout tensor-core convolutions read directly
+            model.to(memory_format=torch.channels_last)  # in place; a no-op if it is already
         # bf16 autocast on GPUs: tensor cores, half the bytes of every activation
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda \
             else nullcontext
@@ -165,10 +167,29 @@ class TrainStep:
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One optimizer step at learning rate ``lr``; returns the loss (a device tensor:
         reading it waits for the GPU)."""
+        return self._step(x, y, lr, [])
+
+    def phases(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> Dict[str, float]:
+        """Seconds of the forward (with the loss), backward and optimizer parts of one step,
+        each timed alone (CUDA events on a GPU)."""
+        marks = [_Mark(self.cuda) for _ in range(4)]
+        self._step(x, y, lr, marks)
+        names = ("forward", "backward", "optimizer")
+        return {name: marks[i].seconds_to(marks[i + 1]) for i, name in enumerate(names)}
+
+    def _step(self, x, y, lr: float, marks: List["_Mark"]) -> torch.Tensor:
+        """The step; ``marks`` (none, or four) are recorded before the forward, the backward,
+        the optimizer and after it."""
+        def mark(i):
+            if marks:
+                marks[i].record()
+
         x, y = self._prepare(x, y)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        mark(0)
         loss, correct = self._run_forward(x, y)
+        mark(1)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss.backward()
@@ -178,7 +199,9 @@ class TrainStep:
             self._fall_back(err)
             loss, correct = self._forward(x, y)
             loss.backward()
+        mark(2)
         self.optimizer.step()
+        mark(3)
         if self._compiled and self.compile_s is None:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -186,24 +209,23 @@ class TrainStep:
         self._accumulate(loss, correct, len(y))
         return loss
 
-    def phases(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> Dict[str, float]:
-        """Seconds of the forward (with the loss), backward and optimizer parts of one step,
-        each timed alone (CUDA events on a GPU)."""
+    def largest_batch(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """After ``x`` ran out of memory: the largest of half, a quarter, ... of the batch
+        whose forward and backward fit (0 if not even one image), tried eagerly; no weight
+        changes, the gradients are cleared."""
         x, y = self._prepare(x, y)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        marks = [_Mark(self.cuda) for _ in range(4)]
-        marks[0].record()
-        loss, correct = self._run_forward(x, y)
-        marks[1].record()
+        fits = len(x) // 2
+        while fits >= 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cuda:
+                torch.cuda.empty_cache()
+            try:
+                self._eager_forward(x[:fits], y[:fits])[0].backward()
+                break
+            except torch.cuda.OutOfMemoryError:
+                fits //= 2
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        marks[2].record()
-        self.optimizer.step()
-        marks[3].record()
-        self._accumulate(loss, correct, len(y))
-        names = ("forward", "backward", "optimizer")
-        return {name: marks[i].seconds_to(marks[i + 1]) for i, name in enumerate(names)}
+        return fits
 
     # -- the sums
 

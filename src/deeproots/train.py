@@ -42,7 +42,7 @@ from .plots import plot_training_curves
 from .registry import build_model, is_model, is_user_model
 from .runtime import (allocator, atomic_write, check_output_dir, resolve_device, to_json,
                       write_json, write_text)
-from .step import TrainStep, loss_of, make_optimizer, resolve_grouped_conv
+from .step import TrainStep, make_optimizer, resolve_grouped_conv
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "load_for_eval",
@@ -514,7 +514,7 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     _check_batch(model, run.cost, cfg.batch_size // run.world, run.device)
     model = model.to(run.device)
     run.cuda = run.device.type == "cuda"
-    if run.cuda:  # tensor-core friendly layout and bf16 math on GPUs
+    if run.cuda:  # the step's layout, set before DDP wraps the model
         model = model.to(memory_format=torch.channels_last)
     run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda else None
     run.optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -529,7 +529,7 @@ def _make_step(run: _Run) -> None:
     if run.state is not None and run.state.get("dispatch"):
         from .kernels.modules import dispatch_cache  # Triton layer: a GPU run's choices
 
-        dispatch_cache().update({tuple(k): (v[0], dict(v[1])) for k, v in run.state["dispatch"]})
+        dispatch_cache().update(run.state["dispatch"])
     run.step_fn = TrainStep(run.model, run.optimizer, net=run.net, aux_weight=run.cfg.aux_weight,
                             compile=run.cfg.compile, grouped_conv=run.cfg.grouped_conv)
     for line in run.step_fn.fallbacks:
@@ -591,10 +591,10 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     }
     if run.cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
-    if getattr(run, "step_fn", None) is not None and run.step_fn.grouped_conv == "dispatch":
+    if run.step_fn is not None and run.step_fn.grouped_conv == "dispatch":
         from .kernels.modules import dispatch_cache  # loaded already: the run uses it
 
-        state["dispatch"] = [[list(k), [v[0], v[1]]] for k, v in dispatch_cache().items()]
+        state["dispatch"] = list(dispatch_cache().items())  # tuples load safely
     return state
 
 
@@ -626,32 +626,13 @@ def _check_finite(run: _Run, epoch: int) -> None:
 
 
 def _out_of_memory(run: _Run, x: torch.Tensor, y: torch.Tensor) -> ValueError:
-    """The error for a batch that ran out of GPU memory, with the largest batch that fits:
-    found by trying forward and backward at half the batch, then half again."""
-    run.optimizer.zero_grad(set_to_none=True)
-    _empty_cache(run.device)
-    fits = len(x) // 2
-    while fits >= 1:
-        try:
-            with run.autocast or nullcontext():
-                _, loss = loss_of(run.net(x[:fits]), y[:fits], run.cfg.aux_weight)
-            loss.backward()
-            break
-        except torch.cuda.OutOfMemoryError:
-            run.optimizer.zero_grad(set_to_none=True)
-            _empty_cache(run.device)
-            fits //= 2
-    run.optimizer.zero_grad(set_to_none=True)
+    """The error for a batch that ran out of GPU memory, with the largest batch that fits."""
+    fits = run.step_fn.largest_batch(x, y)
     what = f"batch size {len(x)} per process does not fit in the memory of {run.device}"
     if fits < 1:
         return ValueError(f"{what}: even one image ran out of memory")
     return ValueError(f"{what} (out of memory in a training step); the largest batch that "
                       f"fit, halving: {fits}. Use --batch-size {fits * run.world}")
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:

@@ -168,8 +168,9 @@ class DispatchConv2d(_SharedConv2d):
 
     def _measure(self, options: Dict[str, Callable], x: torch.Tensor,
                  training: bool) -> Dict[str, float]:
-        def twin(t):
-            return t.detach().clone().requires_grad_(training) if t is not None else None
+        def twin(t):  # a copy that wants a gradient where the original does
+            return t.detach().clone().requires_grad_(training and t.requires_grad) \
+                if t is not None else None
 
         x_, w_, b_ = twin(x), twin(self.weight), twin(self.bias)
         grad = None
@@ -184,9 +185,9 @@ class DispatchConv2d(_SharedConv2d):
                 nonlocal grad
                 grad = torch.ones_like(y) if grad is None else grad
                 y.backward(grad)
-                x_.grad = w_.grad = None
-                if b_ is not None:
-                    b_.grad = None
+                for t in (x_, w_, b_):
+                    if t is not None:
+                        t.grad = None
 
             ms[name] = self.timer(call, x.is_cuda, name=name)
         return ms
