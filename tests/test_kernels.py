@@ -238,13 +238,34 @@ def test_every_lowering_computes_the_conv_and_its_gradients():
     g = torch.randn_like(ref)
     want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
     options = M.lowerings(conv, torch.device("cpu"))
-    assert set(options) == {"native", "dense", "split"}  # triton only on a GPU
+    # triton only on a GPU; inductor: F.conv2d compiled with max-autotune
+    assert set(options) == {"native", "dense", "split", "inductor"}
     for name, fn in options.items():
         y = fn(conv, x, conv.weight, conv.bias)
         assert torch.allclose(y, ref, atol=1e-5), name
         got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
         for a, b in zip(got, want):
             assert torch.allclose(a, b, atol=1e-4), name
+
+
+def test_the_dispatch_measures_inductor_only_when_asked(monkeypatch):
+    M.dispatch_cache().clear()
+    timed = _fake_clock(monkeypatch, {"native": 3.0, "dense": 2.0, "split": 4.0,
+                                      "inductor": 1.0})
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        M.DispatchConv2d(conv)(x)
+        assert sorted(timed) == ["dense", "native", "split"]  # DEFAULT_LOWERINGS
+        timed.clear()
+        M.dispatch_cache().clear()
+        layer = M.DispatchConv2d(conv, choices=M.LOWERINGS)
+        assert (layer(x) - conv(x)).abs().max() <= 1e-5
+    assert sorted(timed) == ["dense", "inductor", "native", "split"]
+    assert list(layer.chosen.values()) == ["inductor"]
+    with pytest.raises(ValueError, match=r"dispatch choices must be among native, triton, "
+                                         r"dense, split, inductor; got \['cudnn'\]"):
+        M.DispatchConv2d(conv, choices=["cudnn"])
 
 
 def test_a_layer_with_other_padding_has_only_the_native_lowering():

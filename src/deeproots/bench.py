@@ -164,12 +164,14 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                          for n, m in models.items()}
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
                 fallbacks = {n: f.fallbacks for n, f in built.items()}
+                notes = {n: f.notes for n, f in built.items()}
                 row_dtype = dtype
             else:  # a copy each: the inference models stay as they are
                 work = {n: train_step_fn(copy.deepcopy(m), x, y, **train_options)
                         for n, m in models.items()}
                 steps = {n: w.step for n, w in work.items()}
                 fallbacks = {n: s.fallbacks for n, s in steps.items()}
+                notes = {n: [] for n in steps}
                 first_step = steps[names[0]]
                 path = ("compile:" + first_step.compile_mode if first_step.compile_mode
                         else "eager") + ("" if first_step.grouped_conv == "native"
@@ -188,6 +190,7 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                     ideal_speedup=macs[names[0]] / macs[n],
                     gflops=2 * factor * macs[n] * batch_size / t.median_s / 1e9, macs=macs[n],
                     allocator=allocator(), fallbacks=fallbacks[n],
+                    notes=[f"{n} ({path}): {note}" for note in notes[n]],
                     phases_ms=phases.get(n, {}),
                     compile_s=steps[n].compile_s if mode == "train" else None))
     return rows

@@ -16,8 +16,10 @@ __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
-# TorchScript, torch.compile, ONNX Runtime, OpenVINO
-PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch")
+# TorchScript, torch.compile, ONNX Runtime, OpenVINO; on CUDA: grouped convs in Triton, by
+# measured dispatch, root blocks fused into one kernel, a CUDA graph replayed
+PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch",
+         "fused", "cudagraph")
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
 DTYPES = ("float32", "bfloat16")
 # torch.compile modes for the training step (deeproots.step); reduce-overhead = CUDA graphs

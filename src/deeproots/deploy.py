@@ -10,8 +10,12 @@ Paths: ``eager`` (the model as built), ``fold`` (BN folded + channels-last), ``s
 (fold, then TorchScript trace + freeze), ``compile`` (fold, then torch.compile with weight
 freezing), ``onnxruntime`` and ``openvino`` (fold, exported), ``triton`` (fold, grouped
 convs in deeproots' Triton kernel; CUDA), ``dispatch`` (fold, each grouped conv by the
-fastest of its lowerings, measured per shape: see :mod:`deeproots.kernels.modules`). ``bfloat16`` runs the torch
-paths and OpenVINO in bf16, an opt-in with its accuracy cost (see docs/speed.md).
+fastest of its lowerings, measured per shape: see :mod:`deeproots.kernels.modules`),
+``fused`` (fold, each grouped conv -> ReLU -> 1x1 conv root block in one Triton kernel, the
+other grouped convs in the Triton conv; CUDA: see :mod:`deeproots.kernels.fusion`),
+``cudagraph`` (the dispatch path captured once per input shape as a CUDA graph and replayed:
+one launch per batch instead of one per layer). ``bfloat16`` runs the torch paths and
+OpenVINO in bf16, an opt-in with its accuracy cost (see docs/speed.md).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from .runtime import atomic_write, openvino_refusal
 from .timing import interleaved
 
 __all__ = ["PATHS", "EXPORT_FORMATS", "fold_batchnorm", "check_path", "build_path",
-           "optimize_for_inference", "FastModel", "export", "available_paths", "onnx_bytes",
+           "optimize_for_inference", "FastModel", "CudaGraphed", "export", "available_paths", "onnx_bytes",
            "openvino_compile"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -56,9 +60,12 @@ class FastModel:
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], path: str,
                  timings: Optional[Dict[str, float]] = None,
                  check: Optional[Callable[[torch.Tensor], None]] = None,
-                 fallbacks: Sequence[str] = ()):
+                 fallbacks: Sequence[str] = (), fused: Sequence[str] = (),
+                 notes: Sequence[str] = ()):
         self._fn, self.path, self.timings, self._check = fn, path, timings or {}, check
         self.fallbacks = list(fallbacks)  # layers a kernel path left to PyTorch, and why
+        self.fused = list(fused)  # path fused: the grouped convs fused with their 1x1 conv
+        self.notes = list(notes)  # what a table of timings should say beside this path
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._check is not None:
@@ -83,8 +90,9 @@ def available_paths() -> List[str]:
     OpenVINO aborts the process ("double free or corruption") under a preloaded jemalloc,
     so it is left out there."""
     paths = ["eager", "fold", "script", "compile", "dispatch"]
-    if torch.cuda.is_available() and _triton_installed():
-        paths.append("triton")
+    if torch.cuda.is_available():
+        paths += ["triton", "fused"] if _triton_installed() else []
+        paths.append("cudagraph")
     for name in ("onnxruntime", "openvino"):
         if name == "openvino" and openvino_refusal():
             continue
@@ -104,9 +112,9 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
         raise ValueError(openvino_refusal())
     if path in ("onnxruntime", "openvino") and path not in available_paths():
         raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
-    if path == "triton" and not _triton_installed():
-        raise ValueError("path 'triton' needs the triton package (pip install triton) and a "
-                         "CUDA GPU")
+    if path in ("triton", "fused") and not _triton_installed():
+        raise ValueError(f"path {path!r} needs the triton package (pip install triton) and a "
+                         f"CUDA GPU")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
     if dtype != torch.float32 and path == "onnxruntime":
@@ -143,7 +151,7 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         m = copy.deepcopy(model).eval().to(dtype)
         return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path, check=check)
     folded = fold_batchnorm(model)
-    if path in ("triton", "dispatch"):
+    if path in ("triton", "dispatch", "fused", "cudagraph"):
         return _kernel_path(folded, example, path, dtype, check)
     if path in ("fold", "script", "compile"):
         # channels-last: the layout oneDNN's convolutions run fastest in
@@ -185,23 +193,67 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
 
 
 def _kernel_path(folded, example, path, dtype, check) -> FastModel:
-    """Grouped convs in the Triton kernel, or each by its fastest lowering (measured on the
-    first batch of each shape); layers left to PyTorch are listed in ``fallbacks``."""
+    """Grouped convs in the Triton kernel (``triton``; ``fused`` first fuses the root blocks),
+    or each by its fastest lowering, measured on the first batch of each shape (``dispatch``;
+    ``cudagraph`` then captures the whole forward as a CUDA graph). Layers left to PyTorch
+    are listed in ``fallbacks``, the root blocks fused in ``fused``."""
     from .kernels import modules  # the kernel layer: only for these paths
 
-    if path == "triton":
-        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-        if example.device.type != "cuda" and not interpreting:
-            raise ValueError(f"path 'triton' runs on CUDA GPUs; got an input on "
-                             f"{example.device} (paths for this device: "
-                             f"{', '.join(available_paths())})")
-        make = modules.TritonConv2d
-    else:
-        make = modules.DispatchConv2d
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and path != "cudagraph"
+    if path != "dispatch" and example.device.type != "cuda" and not interpreting:
+        raise ValueError(f"path {path!r} runs on CUDA GPUs; got an input on "
+                         f"{example.device} (paths for this device: "
+                         f"{', '.join(available_paths())})")
     folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
-    net, kept = modules.replace_convs(folded, make)
+    fused: List[str] = []
+    kept: List[str] = []
+    if path == "fused":
+        from .kernels.fusion import fuse_root_blocks
+
+        fused, kept = fuse_root_blocks(folded)
+    make = modules.TritonConv2d if path in ("triton", "fused") else modules.DispatchConv2d
+    net, left = modules.replace_convs(folded, make)
     cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
-    return FastModel(_no_grad(lambda x: net(cl(x)).float()), path, check=check, fallbacks=kept)
+    run = _no_grad(lambda x: net(cl(x)).float())
+    if path == "cudagraph":
+        run = CudaGraphed(run)
+    notes = [f"{len(fused)} root blocks fused (grouped conv + ReLU + 1x1 conv)"] \
+        if path == "fused" else []
+    notes += [f"not fused: {why}" for why in kept]
+    return FastModel(run, path, check=check, fallbacks=left, fused=fused, notes=notes)
+
+
+class CudaGraphed:
+    """``fn`` replayed from a CUDA graph: on the first batch of each shape, dtype and device,
+    ``warmup`` calls on a side stream (the dispatch measures its lowerings, Triton tunes,
+    cuDNN picks its algorithms), then one call captured; later batches of that shape are
+    copied into the captured input and the graph is replayed, one launch instead of one per
+    layer. Returns a copy of the output, so a result survives the next call."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], warmup: int = 3):
+        self.fn, self.warmup = fn, warmup
+        self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static input, static output)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            raise ValueError(f"a CUDA graph replays on a CUDA GPU; got an input on {x.device}")
+        key = (tuple(x.shape), x.dtype, x.device, x.stride())
+        if key not in self.graphs:
+            static_x = x.clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(static_x)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = self.fn(static_x)
+            self.graphs[key] = (graph, static_x, static_y)
+        graph, static_x, static_y = self.graphs[key]
+        static_x.copy_(x)
+        graph.replay()
+        return static_y.clone()
 
 
 def _no_grad(fn):

@@ -8,7 +8,11 @@ The lowerings of a grouped conv:
 * ``triton``: deeproots' Triton kernel (:mod:`.grouped_conv`; CUDA only);
 * ``dense``: one ungrouped conv whose weight is block-diagonal (zeros off the groups):
   g times the multiply-adds, but a GEMM the library runs fast;
-* ``split``: one conv per group, concatenated.
+* ``split``: one conv per group, concatenated;
+* ``inductor``: ``F.conv2d`` compiled by torch.compile with ``max-autotune``, which measures
+  inductor's own Triton conv templates (they take groups) against cuDNN's kernel.
+  Seconds to compile per shape, so a dispatch measures it only when asked
+  (``choices=LOWERINGS``); the default candidates are ``DEFAULT_LOWERINGS``.
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ from ..layers import layer_name
 from ..timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
-           "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv"]
+           "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv",
+           "DEFAULT_LOWERINGS"]
 
-LOWERINGS = ("native", "triton", "dense", "split")
+LOWERINGS = ("native", "triton", "dense", "split", "inductor")
+DEFAULT_LOWERINGS = ("native", "triton", "dense", "split")
 
 
 def unsupported(conv: nn.Conv2d) -> Optional[str]:
@@ -86,6 +92,22 @@ def _triton(conv, x, weight, bias):
                                        conv.dilation, conv.groups)
 
 
+# one compiled F.conv2d per (stride, padding, dilation, groups); inductor specialises each
+# on its input shapes
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def _inductor(conv, x, weight, bias):
+    key = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if key not in _COMPILED:
+        def conv2d(x, weight, bias):
+            return F.conv2d(x, weight, bias, *key)
+
+        _COMPILED[key] = torch.compile(conv2d, mode="max-autotune-no-cudagraphs",
+                                       dynamic=False)
+    return _COMPILED[key](x, weight, bias)
+
+
 def lowerings(conv: nn.Conv2d, device: torch.device) -> Dict[str, Callable]:
     """The lowerings of ``conv`` that can run on ``device``, each
     ``fn(conv, x, weight, bias) -> y``."""
@@ -93,6 +115,7 @@ def lowerings(conv: nn.Conv2d, device: torch.device) -> Dict[str, Callable]:
     if conv.groups > 1 and conv.padding_mode == "zeros":
         out["dense"] = _dense
         out["split"] = _split
+        out["inductor"] = _inductor
         if device.type == "cuda" and unsupported(conv) is None:
             out["triton"] = _triton
     return out
@@ -150,12 +173,16 @@ class DispatchConv2d(_SharedConv2d):
     shape, dtype, device and autocast setting, measured on the first call with that key and
     remembered for the process (:func:`dispatch_cache`). In training (gradients wanted) a
     lowering is timed forward and backward, on copies of the tensors, so the layer's own
-    gradients are untouched. ``choices`` limits the candidates."""
+    gradients are untouched. ``choices`` names the candidates (any of ``LOWERINGS``)."""
 
     timer = staticmethod(_time_ms)  # replaceable, e.g. by a fake clock in tests
 
-    def __init__(self, conv: nn.Conv2d, choices=LOWERINGS):
+    def __init__(self, conv: nn.Conv2d, choices=DEFAULT_LOWERINGS):
         super().__init__(conv)
+        bad = [c for c in choices if c not in LOWERINGS]
+        if bad or not choices:
+            raise ValueError(f"dispatch choices must be among {', '.join(LOWERINGS)}; got "
+                             f"{list(choices)}")
         self.choices = tuple(choices)
         self.chosen: Dict[tuple, str] = {}
 

@@ -1,0 +1,204 @@
+"""A root module in one Triton kernel, for inference on CUDA: a grouped conv, its bias and
+ReLU, then the 1x1 conv that mixes the groups (its bias, and optionally a residual add and a
+ReLU after it), with the grouped conv's output kept on chip.
+
+Unfused, the grouped conv writes its output to memory and the 1x1 conv reads it back: on a
+GPU these layers are memory-bound (``deeproots roofline``), so that round trip is a large
+part of a root block's time. Here program (m, n) computes BLOCK_M output pixels x BLOCK_N
+output channels of the 1x1 conv. It walks the intermediate channels STEP at a time: each
+step computes the grouped conv for those channels and the program's pixels in registers
+(fp32), adds the bias, applies ReLU, rounds to the output dtype (as the unfused layer would
+store it) and multiplies into the 1x1 conv's accumulator on the tensor cores (``tl.dot``).
+
+Two ways to compute a step of the grouped conv, chosen by the group width:
+
+* GEMM (>= ``GEMM_MIN_CHANNELS`` input and output channels per group): one group per step,
+  an implicit GEMM over the kernel taps and the group's input channels;
+* direct (depthwise and narrow groups): BLOCK_J intermediate channels per step, spanning
+  several groups, a fused multiply-add per input channel and tap.
+
+When the 1x1 conv has more output channels than one BLOCK_N tile, each tile recomputes the
+grouped conv for its pixels: extra multiply-adds traded for bytes not moved (the autotuner
+picks the tile). Inference only: there is no backward pass (the module that uses it runs
+the parts separately when a gradient is wanted).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .grouped_conv import INTERPRET, Pair, _pair, _pixel, _tuned, check_conv
+
+__all__ = ["fused_root_conv", "check_root", "GEMM_MIN_CHANNELS", "MAX_GROUP_CHANNELS"]
+
+GEMM_MIN_CHANNELS = 8  # per group, in and out: narrower groups use the direct way
+MAX_GROUP_CHANNELS = 256  # output channels per group the GEMM way holds on chip
+DIRECT_STEP = 32  # intermediate channels per step the direct way
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}  # correctness, not speed
+
+
+@_tuned(CONFIGS, key=["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET"])
+@triton.jit
+def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
+                H, W, OH, OW, M,
+                sxn, sxh, sxw, sxc, s1o, s1c, s1h, s1w, s2o, s2c,
+                srn, srh, srw, src, syn, syh, syw, syc,
+                CIN_G, COUT_G, C2, C3, STEP,
+                STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                KH: tl.constexpr, KW: tl.constexpr, DIRECT: tl.constexpr,
+                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RES: tl.constexpr,
+                RELU_OUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels, over N x OH x OW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels of the 1x1 conv
+    mask_m = offs_m < M
+    mask_n = offs_n < C3
+    n, oh, ow = _pixel(offs_m, OH, OW)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, C2, STEP):
+        offs_j = j0 + tl.arange(0, BLOCK_J)  # intermediate channels of this step
+        mask_j = (tl.arange(0, BLOCK_J) < STEP) & (offs_j < C2)
+        h = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        if DIRECT:
+            group = offs_j // COUT_G
+            for ci in range(0, CIN_G):
+                in_ch = group * CIN_G + ci
+                for kh in tl.static_range(KH):
+                    for kw in tl.static_range(KW):
+                        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None]
+                                     + in_ch[None, :] * sxc,
+                                     mask=inside[:, None] & mask_j[None, :], other=0.0)
+                        wv = tl.load(w1_ptr + offs_j * s1o + ci * s1c + kh * s1h + kw * s1w,
+                                     mask=mask_j, other=0.0)
+                        h += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        else:
+            g = j0 // COUT_G  # one group per step
+            for kh in tl.static_range(KH):
+                for kw in tl.static_range(KW):
+                    ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                    iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                    inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    x_row = x_ptr + n * sxn + ih * sxh + iw * sxw + g * CIN_G * sxc
+                    for c0 in range(0, CIN_G, BLOCK_K):
+                        offs_k = c0 + tl.arange(0, BLOCK_K)
+                        mask_k = offs_k < CIN_G
+                        a = tl.load(x_row[:, None] + offs_k[None, :] * sxc,
+                                    mask=inside[:, None] & mask_k[None, :], other=0.0)
+                        b = tl.load(w1_ptr + offs_j[None, :] * s1o + offs_k[:, None] * s1c
+                                    + kh * s1h + kw * s1w,
+                                    mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+                        if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
+                            a = a.to(tl.float32)
+                            b = b.to(tl.float32)
+                        h += tl.dot(a, b)
+        if HAS_B1:
+            h += tl.load(b1_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+        # ReLU, rounded to the dtype the unfused layer would have stored
+        h = tl.maximum(h, 0.0).to(y_ptr.dtype.element_ty)
+        w2 = tl.load(w2_ptr + offs_n[None, :] * s2o + offs_j[:, None] * s2c,
+                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        acc += tl.dot(h, w2)
+    if HAS_B2:
+        acc += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src,
+                       mask=mask, other=0.0).to(tl.float32)
+    if RELU_OUT:
+        acc = tl.maximum(acc, 0.0)
+    y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _direct(cin_g: int, cout_g: int) -> bool:
+    return cin_g < GEMM_MIN_CHANNELS or cout_g < GEMM_MIN_CHANNELS
+
+
+def check_root(weight: torch.Tensor, pointwise: torch.Tensor, groups: int) -> Optional[str]:
+    """Why the fused kernel cannot run a grouped conv of ``weight`` ([C2, C1/groups, KH, KW])
+    followed by a 1x1 conv of ``pointwise`` ([C3, C2, 1, 1]), or None."""
+    if pointwise.dim() != 4 or tuple(pointwise.shape[2:]) != (1, 1):
+        return f"the second conv must be 1x1; got weight {tuple(pointwise.shape)}"
+    if pointwise.shape[1] != weight.shape[0]:
+        return (f"the 1x1 conv takes {pointwise.shape[1]} channels but the grouped conv gives "
+                f"{weight.shape[0]}")
+    cout_g = weight.shape[0] // groups
+    if not _direct(weight.shape[1], cout_g) and cout_g > MAX_GROUP_CHANNELS:
+        return f"{cout_g} output channels per group (the kernel holds at most " \
+               f"{MAX_GROUP_CHANNELS})"
+    return None
+
+
+def fused_root_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    pointwise: torch.Tensor, pointwise_bias: Optional[torch.Tensor],
+                    stride: Pair = 1, padding: Pair = 0, dilation: Pair = 1, groups: int = 1,
+                    residual: Optional[torch.Tensor] = None,
+                    relu_out: bool = False) -> torch.Tensor:
+    """``act(conv1x1(relu(conv2d(x, weight, bias, ..., groups)), pointwise, pointwise_bias)
+    [+ residual])``, ``act`` ReLU if ``relu_out`` else identity, in one Triton kernel with
+    zero padding; the output is channels-last, in ``x``'s dtype. Forward only."""
+    check_conv(x, weight, bias, groups)
+    reason = check_root(weight, pointwise, groups)
+    if reason:
+        raise ValueError(f"the fused root kernel cannot run this block: {reason}")
+    for name, t in (("pointwise", pointwise), ("pointwise_bias", pointwise_bias),
+                    ("residual", residual)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must be {x.dtype} on {x.device} like the input; got "
+                             f"{t.dtype} on {t.device}")
+    sh, sw = _pair("stride", stride, 1)
+    ph, pw = _pair("padding", padding, 0)
+    dh, dw = _pair("dilation", dilation, 1)
+    n, _, h, w = x.shape
+    c2, cin_g, kh, kw = weight.shape
+    c3 = pointwise.shape[0]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh},{dw}, padding {ph},{pw}) leaves no "
+                         f"output on a {h}x{w} input")
+    if residual is not None and tuple(residual.shape) != (n, c3, oh, ow):
+        raise ValueError(f"residual must have the output's shape {(n, c3, oh, ow)}; got "
+                         f"{tuple(residual.shape)}")
+    y = torch.empty((n, c3, oh, ow), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    m = n * oh * ow
+    cout_g = c2 // groups
+    direct = _direct(cin_g, cout_g)
+    step = DIRECT_STEP if direct else cout_g
+    block_j = step if direct else max(16, triton.next_power_of_2(cout_g))
+    nhwc = lambda t: (t.stride(0), t.stride(2), t.stride(3), t.stride(1))  # noqa: E731
+    res = residual if residual is not None else y
+    extra = dict(INTERPRET_CONFIG) if INTERPRET else {}
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c3, meta["BLOCK_N"]))
+
+    _root_block[grid](
+        x, weight, bias if bias is not None else weight, pointwise,
+        pointwise_bias if pointwise_bias is not None else pointwise, res, y,
+        h, w, oh, ow, m, *nhwc(x), *weight.stride(), pointwise.stride(0), pointwise.stride(1),
+        *nhwc(res), *nhwc(y), cin_g, cout_g, c2, c3, step, sh, sw, ph, pw, dh, dw,
+        triton.next_power_of_2(m), KH=kh, KW=kw, DIRECT=direct, HAS_B1=bias is not None,
+        HAS_B2=pointwise_bias is not None, HAS_RES=residual is not None, RELU_OUT=relu_out,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16, BLOCK_J=block_j, **extra)
+    return y

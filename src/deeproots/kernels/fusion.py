@@ -1,0 +1,156 @@
+"""Fusing root modules: in a traced (torch.fx) model, each grouped conv -> ReLU -> 1x1 conv
+chain (and the residual add and ReLU after it, as in a ResNet bottleneck) becomes one
+:class:`FusedRootConv`, run by the fused Triton kernel (:mod:`.fused_root`).
+
+    gm = deeproots.fold_batchnorm(model)          # a GraphModule, batch norm folded
+    fused, kept = fuse_root_blocks(gm)            # in place; names of the fused blocks
+
+NiN's root blocks (conv2a -> conv2b, conv3a -> conv3b) and every bottleneck of a ResNet root
+network (conv2 -> conv3 -> + identity -> ReLU) fuse; GoogLeNet's grouped convs feed a
+concatenation, not a 1x1 conv, and stay as they are.
+"""
+from __future__ import annotations
+
+import operator
+from typing import List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .modules import _autocast, unsupported
+
+__all__ = ["FusedRootConv", "fuse_root_blocks", "fusable"]
+
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def fusable(conv: nn.Conv2d, pointwise: nn.Conv2d) -> Optional[str]:
+    """Why ``conv`` -> ReLU -> ``pointwise`` cannot run as one fused kernel, or None."""
+    from .fused_root import check_root  # Triton: only when fusing
+
+    reason = unsupported(conv)
+    if reason:
+        return reason
+    if pointwise.groups != 1 or pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) \
+            or pointwise.padding != (0, 0):
+        return "the conv after it is not a plain 1x1 conv"
+    return check_root(conv.weight, pointwise.weight, conv.groups)
+
+
+class FusedRootConv(nn.Module):
+    """``conv`` -> ReLU -> ``pointwise`` [-> + residual] [-> ReLU] as one Triton kernel, the
+    grouped conv's output never written to memory. Inference: when a gradient is wanted it
+    runs the same layers one after another (still correct, not fused)."""
+
+    def __init__(self, conv: nn.Conv2d, pointwise: nn.Conv2d, residual: bool = False,
+                 relu_out: bool = False):
+        super().__init__()
+        reason = fusable(conv, pointwise)
+        if reason:
+            raise ValueError(f"cannot fuse this root block: {reason}")
+        self.conv, self.pointwise = conv, pointwise
+        self.residual, self.relu_out = residual, relu_out
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}, relu_out={self.relu_out}"
+
+    def _unfused(self, x, residual):
+        y = self.pointwise(F.relu(self.conv(x)))
+        y = y + residual if residual is not None else y
+        return F.relu(y) if self.relu_out else y
+
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (residual is not None) != self.residual:
+            raise ValueError(f"this fused block {'takes' if self.residual else 'takes no'} "
+                             f"residual input; got {'one' if residual is not None else 'none'}")
+        params = (self.conv.weight, self.conv.bias, self.pointwise.weight,
+                  self.pointwise.bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, residual, *params)):
+            return self._unfused(x, residual)
+        from .fused_root import fused_root_conv  # Triton: only when run
+
+        x, residual, *params = _autocast(x, residual, *params)
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
+        c = self.conv
+        return fused_root_conv(x, params[0], params[1], params[2], params[3], c.stride,
+                               c.padding, c.dilation, c.groups, residual, self.relu_out)
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _conv(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Conv2d]:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Conv2d):
+            return mod
+    return None
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _residual_of(add: fx.Node, out: fx.Node) -> Optional[fx.Node]:
+    """The other tensor of ``add`` = out + other (or other + out), or None."""
+    if add.op != "call_function" or add.target not in _ADD_FUNCTIONS or add.kwargs \
+            or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is out else add.args[0]
+    return other if isinstance(other, fx.Node) and other is not out else None
+
+
+def fuse_root_blocks(gm: fx.GraphModule) -> Tuple[List[str], List[str]]:
+    """Replace, in place, every grouped conv -> ReLU -> 1x1 conv chain of ``gm`` (each
+    intermediate used once), with the residual add and the ReLU that follow where present,
+    by a :class:`FusedRootConv`. Returns the grouped convs fused, and one line per grouped
+    conv followed by a 1x1 conv that could not be (and why)."""
+    fused, kept = [], []
+    for node in list(gm.graph.nodes):
+        conv = _conv(gm, node)
+        if conv is None or conv.groups == 1:
+            continue
+        relu = _only_user(node)
+        if relu is None or not _is_relu(gm, relu):
+            continue
+        nxt = _only_user(relu)
+        pointwise = _conv(gm, nxt) if nxt is not None else None
+        if pointwise is None:
+            continue
+        reason = fusable(conv, pointwise)
+        if reason:
+            kept.append(f"{node.target}: {reason}")
+            continue
+        chain, residual, relu_out = [node, relu, nxt], None, False
+        after = _only_user(nxt)
+        if after is not None and _residual_of(after, nxt) is not None:
+            residual = _residual_of(after, nxt)
+            chain.append(after)
+            after = _only_user(after)
+        if after is not None and _is_relu(gm, after):
+            relu_out = True
+            chain.append(after)
+        target = f"{node.target}_fused"
+        gm.add_submodule(target, FusedRootConv(conv, pointwise, residual is not None,
+                                               relu_out))
+        with gm.graph.inserting_before(chain[-1]):
+            new = gm.graph.call_module(target, (node.args[0],) + (
+                (residual,) if residual is not None else ()))
+        chain[-1].replace_all_uses_with(new)
+        for old in reversed(chain):
+            gm.graph.erase_node(old)
+        fused.append(str(node.target))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return fused, kept
