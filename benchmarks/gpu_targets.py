@@ -1,15 +1,19 @@
 """The GPU targets of the grouped-convolution issue, in one command: whole models (root over
-orig, each path, beside the roofline bound) and every grouped conv layer (each lowering:
-cuDNN, deeproots' Triton kernel, block-diagonal dense, split per group, against its
-roofline bound). Prints the device; every step is timed with CUDA events after a
-synchronised warm-up, the models of a pair side by side in one process.
+orig, each path, beside the roofline bound), every grouped conv layer (each lowering:
+cuDNN, deeproots' Triton kernel, block-diagonal dense, split per group, inductor
+max-autotune, against its roofline bound), and every root block (grouped conv + ReLU + 1x1
+conv [+ residual + ReLU]) unfused against the fused kernel, each beside its bound. Prints
+the device; every step is timed with CUDA events after a synchronised warm-up, the models
+of a pair side by side in one process.
 
     python benchmarks/gpu_targets.py                        # H100/H200: bf16, batch 256
     python benchmarks/gpu_targets.py --device cpu --dtype float32 --batch-size 4 --quick
 """
 import argparse
+import time
 
 import torch
+from torch.nn import functional as F
 
 from deeproots.bench import bench_models, format_bench
 from deeproots.kernels.modules import _time_ms, lowerings
@@ -28,14 +32,15 @@ def grouped_layers(name: str):
     return grouped_convs(model, torch.zeros(1, *model.default_input_size))
 
 
-def layer_table(name, batch, dtype, device, hw, repeats):
+def layer_table(name, batch, dtype, device, hw, repeats, inductor):
     peak, bw = hw.peak_flops[dtype], hw.bandwidth
     size = torch.finfo(DTYPES[dtype]).bits // 8
     print(f"\n{name}: grouped conv layers, batch {batch}, {dtype}, channels-last "
           f"(us per batch; TFLOP/s; fraction of the roofline bound)")
     head = f"{'layer':26s} {'shape':28s} {'bound':>7s}"
-    lows = ("native", "triton", "dense", "split")
+    lows = ("native", "triton", "dense", "split") + (("inductor",) if inductor else ())
     print(head + "".join(f" {k:>16s}" for k in lows) + "  best   within 2x")
+    compile_s = []
     seen = set()
     for layer, conv, shape in grouped_layers(name):
         key = (tuple(shape), conv.out_channels, conv.kernel_size, conv.stride, conv.groups)
@@ -51,10 +56,17 @@ def layer_table(name, batch, dtype, device, hw, repeats):
             conv.kernel_size[1]
         moved = (x.numel() + y.numel() + conv.weight.numel()) * size
         bound = max(2 * macs / peak, moved / bw)
+        ms = {}
         with torch.no_grad():
-            ms = {k: _time_ms(lambda fn=fn: fn(conv, x, conv.weight, conv.bias), x.is_cuda,
-                              repeats=repeats)
-                  for k, fn in lowerings(conv, x.device).items()}
+            for k, fn in lowerings(conv, x.device).items():
+                if k not in lows:
+                    continue
+                if k == "inductor":  # the first call compiles and autotunes
+                    start = time.perf_counter()
+                    fn(conv, x, conv.weight, conv.bias)
+                    compile_s.append(time.perf_counter() - start)
+                ms[k] = _time_ms(lambda fn=fn: fn(conv, x, conv.weight, conv.bias), x.is_cuda,
+                                 repeats=repeats)
         cells = "".join(
             f" {1e3 * ms[k]:7.0f} {2 * macs / ms[k] / 1e9:4.0f}T{1e3 * bound / ms[k]:4.0%}"
             if k in ms else f" {'-':>16s}" for k in lows)
@@ -63,6 +75,84 @@ def layer_table(name, batch, dtype, device, hw, repeats):
                f"{conv.kernel_size[1]}/{conv.stride[0]} g{conv.groups} {shape[1]}x{shape[2]}"
         print(f"{layer:26s} {desc:28s} {1e6 * bound:7.0f}{cells}  {best:6s} "
               f"{'yes' if ms[best] <= 2e3 * bound else 'NO'}", flush=True)
+    if compile_s:
+        print(f"inductor max-autotune: {sum(compile_s):.0f} s compiling and tuning "
+              f"{len(compile_s)} shapes")
+
+
+def fused_table(name, batch, dtype, device, hw, repeats):
+    """Each distinct root block of ``name``: cuDNN's layers, Triton conv + cuDNN 1x1, the
+    fused kernel; us per batch beside the unfused and the fused roofline bounds."""
+    from deeproots.deploy import fold_batchnorm
+    from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks
+    from deeproots.kernels.modules import TritonConv2d
+
+    model = create_model(name).eval()
+    gm = fold_batchnorm(model)
+    inputs = {}
+
+    def keep_input(block, args, _out):
+        inputs.setdefault(block, [a.shape for a in args])
+
+    fused, _ = fuse_root_blocks(gm)
+    blocks = [m for m in gm.modules() if isinstance(m, FusedRootConv)]
+    if not blocks:
+        print(f"\n{name}: no root block to fuse")
+        return
+    hooks = [b.register_forward_hook(keep_input) for b in blocks]
+    with torch.enable_grad():  # shapes only: the blocks run unfused on the CPU
+        gm(torch.zeros(1, *model.default_input_size, requires_grad=True))
+    for h in hooks:
+        h.remove()
+    size = torch.finfo(DTYPES[dtype]).bits // 8
+    peak, bw = hw.peak_flops[dtype], hw.bandwidth
+    print(f"\n{name}: root blocks, batch {batch}, {dtype}, channels-last (us per batch; "
+          f"fraction of the fused bound)")
+    print(f"{'block':20s} {'shape':36s} {'unfused':>8s} {'fused':>7s} {'cuDNN':>13s} "
+          f"{'triton+1x1':>13s} {'fused kernel':>13s}  gain")
+    seen = set()
+    for path, block in zip(fused, blocks):
+        shapes = inputs[block]
+        c, p = block.conv, block.pointwise
+        key = (tuple(shapes[0][1:]), c.out_channels, p.out_channels, c.kernel_size,
+               c.stride, c.groups, block.residual)
+        if key in seen:
+            continue
+        seen.add(key)
+        block = block.to(device, DTYPES[dtype])
+        make = lambda shape: torch.randn(batch, *shape[1:], device=device,  # noqa: E731
+                                         dtype=DTYPES[dtype]).contiguous(
+                                             memory_format=torch.channels_last)
+        x = make(shapes[0])
+        r = make(shapes[1]) if block.residual else None
+        with torch.no_grad():
+            y = block(x, r)
+            h = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        macs = h.numel() * c.weight[0].numel() + y.numel() * p.in_channels
+        weights = (c.weight.numel() + p.weight.numel()) * size
+        fused_bytes = (x.numel() + y.numel() * (2 if block.residual else 1)) * size + weights
+        # unfused: the intermediate written and read back, the 1x1 output too when an add
+        # and a ReLU follow it
+        unfused_bytes = fused_bytes + 2 * h.numel() * size + (
+            2 * y.numel() * size if block.residual else 0)
+        bound_f = max(2 * macs / peak, fused_bytes / bw)
+        bound_u = max(2 * macs / peak, unfused_bytes / bw)
+        triton_block = FusedRootConv(c, p, block.residual, block.relu_out)
+        triton_block.conv = TritonConv2d(c)
+        cuda = x.is_cuda
+        with torch.no_grad():
+            ms = {"cuDNN": _time_ms(lambda: block._unfused(x, r), cuda, repeats=repeats),
+                  "triton+1x1": _time_ms(lambda: triton_block._unfused(x, r), cuda,
+                                         repeats=repeats),
+                  "fused": _time_ms(lambda: block(x, r), cuda, repeats=repeats)}
+        cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}"
+                        for k in ("cuDNN", "triton+1x1", "fused"))
+        desc = (f"{c.in_channels}->{c.out_channels} {c.kernel_size[0]}x{c.kernel_size[1]} "
+                f"g{c.groups} ->{p.out_channels} {shapes[0][2]}x{shapes[0][3]}"
+                f"{' +res' if block.residual else ''}")
+        gain = min(ms["cuDNN"], ms["triton+1x1"]) / ms["fused"]
+        print(f"{path:20s} {desc:36s} {1e6 * bound_u:8.1f} {1e6 * bound_f:7.1f}{cells}  "
+              f"{gain:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -70,21 +160,25 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--paths", nargs="+", default=["fold", "triton", "dispatch", "compile"])
+    p.add_argument("--paths", nargs="+",
+                   default=["fold", "triton", "dispatch", "fused", "cudagraph", "compile"])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="NiN only, few repeats: a smoke test")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--inductor", action="store_true",
+                   help="also time each grouped layer compiled by inductor (max-autotune): "
+                        "minutes of compiling")
     args = p.parse_args()
     hw, where = machine(args.device)
     print(where)
     if args.device != "cuda":
-        args.paths = [x for x in args.paths if x != "triton"]
+        args.paths = [x for x in args.paths if x not in ("triton", "fused", "cudagraph")]
     try:
         import triton
 
         print(f"triton {triton.__version__}")
     except ImportError:
-        args.paths = [x for x in args.paths if x != "triton"]
+        args.paths = [x for x in args.paths if x not in ("triton", "fused")]
     pairs = PAIRS[2:] if args.quick else PAIRS
     repeats = 3 if args.quick else args.repeats
     verdicts = []
@@ -108,7 +202,10 @@ def main() -> None:
                             f"{'met' if speedup >= target else 'missed'}")
         if not args.skip_layers and args.dtype in ("bfloat16", "float16", "float32"):
             layer_table(root, args.batch_size, args.dtype, torch.device(args.device), hw,
-                        repeats)
+                        repeats, args.inductor)
+            if args.device == "cuda":
+                fused_table(root, args.batch_size, args.dtype, torch.device(args.device), hw,
+                            repeats)
     print("\n" + "\n".join(verdicts))
 
 

@@ -125,6 +125,8 @@ CASES = [
     ("bench", ["nin", "--mode", "train", "--grouped-conv", "dispatch"],
      "grouped_conv 'dispatch' runs on CUDA GPUs; got device cpu"),
     ("bench", ["nin", "--grouped-conv", "cudnn"], "invalid choice: 'cudnn'"),
+    ("bench", ["nin", "--path", "cudagraph", "--batch-size", "2"],
+     "path 'cudagraph' runs on CUDA GPUs; got an input on cpu"),
     ("study", ["vgg"], "unknown model family 'vgg'"),
     ("study", ["nin", "--seeds", "0"], "--seeds must be a whole number >= 1"),
     ("study", ["nin", "--variants", "root-3", "--out", "{missing}/s"], "unknown variant 'root-3'"),

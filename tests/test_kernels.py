@@ -14,7 +14,8 @@ from deeproots.kernels import grouped_conv as K  # noqa: E402
 from deeproots.kernels import modules as M  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # of max |reference|
+TOL = {torch.float32: 1e-4 if DEVICE == "cpu" else 5e-3,  # TF32 on a GPU
+       torch.float16: 2e-3, torch.bfloat16: 2e-2}  # of max |reference|
 
 
 def _registered_shapes():

@@ -110,13 +110,13 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
         if HAS_B1:
             h += tl.load(b1_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
         # ReLU, rounded to the dtype the unfused layer would have stored
-        h = tl.maximum(h, 0.0).to(y_ptr.dtype.element_ty)
+        hr = tl.maximum(h, 0.0).to(y_ptr.dtype.element_ty)
         w2 = tl.load(w2_ptr + offs_n[None, :] * s2o + offs_j[:, None] * s2c,
                      mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
-            h = h.to(tl.float32)
+            hr = hr.to(tl.float32)
             w2 = w2.to(tl.float32)
-        acc += tl.dot(h, w2)
+        acc += tl.dot(hr, w2)
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
