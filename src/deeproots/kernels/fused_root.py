@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import INTERPRET, Pair, _pair, _pixel, _tuned, check_conv
+from .grouped_conv import (INTERPRET, Pair, _direct_tile, _gemm_tile, _pair, _pixel, _tuned,
+                           check_conv)
 
 __all__ = ["fused_root_conv", "check_root", "GEMM_MIN_CHANNELS", "MAX_GROUP_CHANNELS"]
 
@@ -71,42 +72,16 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
     for j0 in range(0, C2, STEP):
         offs_j = j0 + tl.arange(0, BLOCK_J)  # intermediate channels of this step
         mask_j = (tl.arange(0, BLOCK_J) < STEP) & (offs_j < C2)
-        h = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
         if DIRECT:
-            group = offs_j // COUT_G
-            for ci in range(0, CIN_G):
-                in_ch = group * CIN_G + ci
-                for kh in tl.static_range(KH):
-                    for kw in tl.static_range(KW):
-                        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-                        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                        xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None]
-                                     + in_ch[None, :] * sxc,
-                                     mask=inside[:, None] & mask_j[None, :], other=0.0)
-                        wv = tl.load(w1_ptr + offs_j * s1o + ci * s1c + kh * s1h + kw * s1w,
-                                     mask=mask_j, other=0.0)
-                        h += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-        else:
-            g = j0 // COUT_G  # one group per step
-            for kh in tl.static_range(KH):
-                for kw in tl.static_range(KW):
-                    ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-                    iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                    inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    x_row = x_ptr + n * sxn + ih * sxh + iw * sxw + g * CIN_G * sxc
-                    for c0 in range(0, CIN_G, BLOCK_K):
-                        offs_k = c0 + tl.arange(0, BLOCK_K)
-                        mask_k = offs_k < CIN_G
-                        a = tl.load(x_row[:, None] + offs_k[None, :] * sxc,
-                                    mask=inside[:, None] & mask_k[None, :], other=0.0)
-                        b = tl.load(w1_ptr + offs_j[None, :] * s1o + offs_k[:, None] * s1c
-                                    + kh * s1h + kw * s1w,
-                                    mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-                        if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
-                            a = a.to(tl.float32)
-                            b = b.to(tl.float32)
-                        h += tl.dot(a, b)
+            h = _direct_tile(x_ptr, w1_ptr, n, oh, ow, mask_m, offs_j, mask_j, H, W,
+                             sxn, sxh, sxw, sxc, s1o, s1c, s1h, s1w,
+                             CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                             KH, KW, BLOCK_M, BLOCK_J)
+        else:  # one group per step
+            h = _gemm_tile(x_ptr, w1_ptr, n, oh, ow, mask_m, offs_j, mask_j, j0 // COUT_G,
+                           H, W, sxn, sxh, sxw, sxc, s1o, s1c, s1h, s1w,
+                           CIN_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                           KH, KW, UPCAST, BLOCK_M, BLOCK_J, BLOCK_K)
         if HAS_B1:
             h += tl.load(b1_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
         # ReLU, rounded to the dtype the unfused layer would have stored

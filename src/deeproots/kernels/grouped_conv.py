@@ -59,24 +59,15 @@ def _pixel(offs, H, W):
     return offs // (H * W), (offs % (H * W)) // W, offs % W
 
 
-@_tuned(GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
 @triton.jit
-def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
-               H, W, OH, OW, M,
-               sxn, sxh, sxw, sxc, swo, swc, swh, sww, syn, syh, syw, syc,
-               CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
-               KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-               UPCAST: tl.constexpr,
+def _gemm_tile(x_ptr, w_ptr, n, oh, ow, mask_m, out_ch, mask_n, g, H, W,
+               sxn, sxh, sxw, sxc, swo, swc, swh, sww,
+               CIN_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+               KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    g = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels, over N x OH x OW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
-    mask_m = offs_m < M
-    mask_n = offs_n < COUT_G
-    n, oh, ow = _pixel(offs_m, OH, OW)
-    out_ch = g * COUT_G + offs_n
+    """The conv of group ``g`` for BLOCK_M output pixels (image n, row oh, column ow) x
+    BLOCK_N output channels ``out_ch``: an implicit GEMM over the kernel taps and the group's
+    input channels, in fp32, no bias."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -96,6 +87,58 @@ def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def _direct_tile(x_ptr, w_ptr, n, oh, ow, mask_p, out_ch, mask_c, H, W,
+                 sxn, sxh, sxw, sxc, swo, swc, swh, sww,
+                 CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                 KH: tl.constexpr, KW: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv for BLOCK_P output pixels x BLOCK_C output channels ``out_ch`` (of any
+    groups): a fused multiply-add per input channel of the group and kernel tap, in fp32,
+    no bias. For depthwise and narrow groups, where a matrix multiply would waste its tile."""
+    group = out_ch // COUT_G
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for ci in range(0, CIN_G):
+        in_ch = group * CIN_G + ci
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None]
+                             + in_ch[None, :] * sxc,
+                             mask=inside[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(w_ptr + out_ch * swo + ci * swc + kh * swh + kw * sww,
+                             mask=mask_c, other=0.0)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return acc
+
+
+@_tuned(GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
+@triton.jit
+def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
+               H, W, OH, OW, M,
+               sxn, sxh, sxw, sxc, swo, swc, swh, sww, syn, syh, syw, syc,
+               CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+               KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+               UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels, over N x OH x OW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels within the group
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT_G
+    n, oh, ow = _pixel(offs_m, OH, OW)
+    out_ch = g * COUT_G + offs_n
+    acc = _gemm_tile(x_ptr, w_ptr, n, oh, ow, mask_m, out_ch, mask_n, g, H, W,
+                     sxn, sxh, sxw, sxc, swo, swc, swh, sww,
+                     CIN_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                     KH, KW, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + out_ch, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + n[:, None] * syn + oh[:, None] * syh + ow[:, None] * syw + out_ch[None, :] * syc
@@ -117,21 +160,10 @@ def _conv_depthwise(x_ptr, w_ptr, b_ptr, y_ptr,
     mask_p = offs_p < M
     mask_c = offs_c < C_OUT
     n, oh, ow = _pixel(offs_p, OH, OW)
-    group = offs_c // COUT_G
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for ci in range(0, CIN_G):
-        in_ch = group * CIN_G + ci
-        for kh in tl.static_range(KH):
-            for kw in tl.static_range(KW):
-                ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                inside = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None]
-                             + in_ch[None, :] * sxc,
-                             mask=inside[:, None] & mask_c[None, :], other=0.0)
-                wv = tl.load(w_ptr + offs_c * swo + ci * swc + kh * swh + kw * sww,
-                             mask=mask_c, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    acc = _direct_tile(x_ptr, w_ptr, n, oh, ow, mask_p, offs_c, mask_c, H, W,
+                       sxn, sxh, sxw, sxc, swo, swc, swh, sww,
+                       CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+                       KH, KW, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_c[None, :] * syc
