@@ -2,7 +2,8 @@
 orig, each path, beside the roofline bound), every grouped conv layer (each lowering:
 cuDNN, deeproots' Triton kernel, block-diagonal dense, split per group, inductor
 max-autotune, against its roofline bound), and every root block (grouped conv + ReLU + 1x1
-conv [+ residual + ReLU]) unfused against the fused kernel, each beside its bound. Prints
+conv [+ residual + ReLU]) unfused against the fused kernel, each beside its bound; then
+every variant of the paper's Tables 4, 6 and 8 against its orig. Prints
 the device; every step is timed with CUDA events after a synchronised warm-up, the models
 of a pair side by side in one process.
 
@@ -15,12 +16,13 @@ import time
 import torch
 from torch.nn import functional as F
 
-from deeproots.bench import bench_models, format_bench
+from deeproots.bench import bench_models, bench_paper, format_bench
 from deeproots.kernels.modules import _time_ms, lowerings
 from deeproots.layers import grouped_convs
 from deeproots.registry import create_model
 from deeproots.roofline import machine, roofline
 
+TABLES = {"resnet50": 4, "googlenet": 6, "nin": 8}  # the paper's timed tables
 PAIRS = [("resnet50", "resnet50-root-64", 1.15), ("googlenet", "googlenet-root-16", 1.15),
          ("nin", "nin-root-8", 1.25)]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -163,8 +165,11 @@ def main() -> None:
     p.add_argument("--paths", nargs="+",
                    default=["fold", "triton", "dispatch", "fused", "cudagraph", "compile"])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--quick", action="store_true", help="NiN only, few repeats: a smoke test")
+    p.add_argument("--quick", action="store_true",
+                   help="NiN only (its pair and Table 8), few repeats: a smoke test")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--table-paths", nargs="*", default=["dispatch", "fused"],
+                   help="paths to time every variant of Tables 4, 6 and 8 in (none: skip)")
     p.add_argument("--inductor", action="store_true",
                    help="also time each grouped layer compiled by inductor (max-autotune): "
                         "minutes of compiling")
@@ -206,6 +211,19 @@ def main() -> None:
             if args.device == "cuda":
                 fused_table(root, args.batch_size, args.dtype, torch.device(args.device), hw,
                             repeats)
+    table_paths = [x for x in args.table_paths if x in args.paths]
+    for table in (["nin"] if args.quick else TABLES):
+        for path in table_paths:
+            try:
+                rows = bench_paper(table, batch_size=args.batch_size, device=args.device,
+                                   dtype=args.dtype, paths=[path], repeats=repeats, warmup=3)
+            except Exception as err:
+                print(f"Table {TABLES[table]} path {path}: failed ({type(err).__name__}: {err})")
+                continue
+            print(format_bench(rows), flush=True)
+            slower = ", ".join(f"{r.model} {r.speedup:.2f}x" for r in rows[1:] if r.speedup < 1)
+            verdicts.append(f"{path:9s} Table {TABLES[table]}: no variant slower than "
+                            f"{rows[0].model}: {'missed: ' + slower if slower else 'met'}")
     print("\n" + "\n".join(verdicts))
 
 

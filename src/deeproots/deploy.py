@@ -267,9 +267,11 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
                            paths: Sequence[str] | str = "auto", *,
                            dtype: torch.dtype = torch.float32, repeats: int = 5) -> FastModel:
     """The fastest inference form of ``model`` on this machine for batches like
-    ``example_input``. ``paths="auto"`` measures fold, script, onnxruntime and openvino
-    (those installed; torch.compile only when named, as it takes minutes to build) side by
-    side and returns the fastest, with every candidate's ms per image in ``.timings``."""
+    ``example_input``. ``paths="auto"`` measures every path this process can build
+    (:func:`available_paths`: fold, script, dispatch, onnxruntime and openvino where
+    installed; on a CUDA GPU also triton, fused and cudagraph) but eager and compile
+    (torch.compile only when named, as it takes minutes to build), side by side, and returns
+    the fastest, with every candidate's ms per image in ``.timings``."""
     if isinstance(paths, str):
         paths = [p for p in available_paths() if p not in ("eager", "compile")] \
             if paths == "auto" else [paths]
