@@ -128,7 +128,7 @@ def fused_table(name, batch, dtype, device, hw, repeats):
         x = make(shapes[0])
         r = make(shapes[1]) if block.residual else None
         with torch.no_grad():
-            y = block(x, r)
+            y = block.fused(x, r)
             h = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         macs = h.numel() * c.weight[0].numel() + y.numel() * p.in_channels
         weights = (c.weight.numel() + p.weight.numel()) * size
@@ -143,10 +143,10 @@ def fused_table(name, batch, dtype, device, hw, repeats):
         triton_block.conv = TritonConv2d(c)
         cuda = x.is_cuda
         with torch.no_grad():
-            ms = {"cuDNN": _time_ms(lambda: block._unfused(x, r), cuda, repeats=repeats),
-                  "triton+1x1": _time_ms(lambda: triton_block._unfused(x, r), cuda,
+            ms = {"cuDNN": _time_ms(lambda: block.unfused(x, r), cuda, repeats=repeats),
+                  "triton+1x1": _time_ms(lambda: triton_block.unfused(x, r), cuda,
                                          repeats=repeats),
-                  "fused": _time_ms(lambda: block(x, r), cuda, repeats=repeats)}
+                  "fused": _time_ms(lambda: block.fused(x, r), cuda, repeats=repeats)}
         cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}"
                         for k in ("cuDNN", "triton+1x1", "fused"))
         desc = (f"{c.in_channels}->{c.out_channels} {c.kernel_size[0]}x{c.kernel_size[1]} "

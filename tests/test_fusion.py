@@ -120,6 +120,15 @@ def test_bad_input(monkeypatch):
             R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2)
 
 
+def _prefer(monkeypatch, winner):
+    """A fake clock for the blocks' choice: ``winner`` measures faster (both still run)."""
+    def fake_timer(call, cuda, name=""):
+        call()
+        return 1.0 if name == winner else 2.0
+
+    monkeypatch.setattr(FusedRootConv, "timer", staticmethod(fake_timer))
+
+
 class Bottleneck(nn.Module):
     """A user's own root bottleneck: 1x1 -> grouped 3x3 -> 1x1, + identity, ReLU."""
 
@@ -137,9 +146,10 @@ class Bottleneck(nn.Module):
         return torch.relu(self.expand(y) + x)
 
 
-def test_the_fused_path_runs_a_users_residual_block_as_one_kernel():
+def test_the_fused_path_runs_a_users_residual_block_as_one_kernel(monkeypatch):
     from deeproots.deploy import build_path
 
+    _prefer(monkeypatch, "fused")
     model = nn.Sequential(Bottleneck(), Bottleneck(groups=16)).eval()
     model[0].bn.running_var.uniform_(0.5, 2.0)
     model = model.to(DEVICE)
@@ -148,8 +158,35 @@ def test_the_fused_path_runs_a_users_residual_block_as_one_kernel():
     with torch.no_grad():
         ref = model(x)
     assert fast.fused == ["0.conv", "1.conv"]
-    assert fast.notes == ["2 root blocks fused (grouped conv + ReLU + 1x1 conv)"]
+    assert fast.notes == ["2 root blocks fused (grouped conv + ReLU + 1x1 conv; each runs "
+                          "fused where that measured faster)"]
     assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
+
+
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, FusedRootConv)]
+
+
+@pytest.mark.parametrize("winner", ["fused", "unfused"])
+def test_each_block_keeps_the_faster_of_fused_and_apart(winner, monkeypatch):
+    from deeproots.deploy import fold_batchnorm
+
+    _prefer(monkeypatch, winner)
+    model = Bottleneck().eval().to(DEVICE)
+    gm = fold_batchnorm(model)
+    fuse_root_blocks(gm)
+    block, = _blocks(gm)
+    calls = []
+    for name in ("fused", "unfused"):  # count the calls after the choice
+        method = getattr(block, name)
+        monkeypatch.setattr(block, name, lambda *a, m=method, n=name: calls.append(n) or m(*a))
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        y, ref = gm(x), model(x)
+        gm(x)
+    assert list(block.chosen.values()) == [winner]
+    assert calls == ["fused", "unfused", winner, winner]  # measured once, then the winner
+    assert (y - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
 
 
 def test_a_block_the_kernel_cannot_run_is_left_unfused_and_named():
@@ -161,9 +198,10 @@ def test_a_block_the_kernel_cannot_run_is_left_unfused_and_named():
                                     "zeros)"]
 
 
-def test_nin_root_fuses_its_two_root_blocks():
+def test_nin_root_fuses_its_two_root_blocks(monkeypatch):
     from deeproots.deploy import build_path
 
+    _prefer(monkeypatch, "fused")
     model = trained_like("nin-root-8").to(DEVICE)
     x = torch.randn(1, 3, 8, 8, device=DEVICE)
     fast = build_path(model, x, "fused")

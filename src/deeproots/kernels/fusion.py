@@ -12,13 +12,13 @@ concatenation, not a 1x1 conv, and stay as they are.
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .modules import _autocast, unsupported
+from .modules import _autocast, _time_ms, unsupported
 
 __all__ = ["FusedRootConv", "fuse_root_blocks", "fusable"]
 
@@ -41,25 +41,47 @@ def fusable(conv: nn.Conv2d, pointwise: nn.Conv2d) -> Optional[str]:
 
 class FusedRootConv(nn.Module):
     """``conv`` -> ReLU -> ``pointwise`` [-> + residual] [-> ReLU] as one Triton kernel, the
-    grouped conv's output never written to memory. Inference: when a gradient is wanted it
-    runs the same layers one after another (still correct, not fused)."""
+    grouped conv's output never written to memory.
+
+    With ``choose`` (the default) the block times, on the first batch of each shape, dtype
+    and device, the fused kernel against its layers run one after another, and keeps the
+    faster (``chosen``, ``timings`` in ms): where the 1x1 conv is much wider than a tile,
+    the kernel recomputes the grouped conv per tile and fusing can lose. Inference: when a
+    gradient is wanted the block runs its layers one after another (correct, not fused)."""
+
+    timer = staticmethod(_time_ms)  # replaceable, e.g. by a fake clock in tests
 
     def __init__(self, conv: nn.Conv2d, pointwise: nn.Conv2d, residual: bool = False,
-                 relu_out: bool = False):
+                 relu_out: bool = False, choose: bool = True):
         super().__init__()
         reason = fusable(conv, pointwise)
         if reason:
             raise ValueError(f"cannot fuse this root block: {reason}")
         self.conv, self.pointwise = conv, pointwise
-        self.residual, self.relu_out = residual, relu_out
+        self.residual, self.relu_out, self.choose = residual, relu_out, choose
+        self.chosen: Dict[tuple, str] = {}  # "fused" or "unfused", per input key
+        self.timings: Dict[tuple, Dict[str, float]] = {}
 
     def extra_repr(self) -> str:
-        return f"residual={self.residual}, relu_out={self.relu_out}"
+        return f"residual={self.residual}, relu_out={self.relu_out}, choose={self.choose}"
 
-    def _unfused(self, x, residual):
+    def unfused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The block's layers one after another."""
         y = self.pointwise(F.relu(self.conv(x)))
         y = y + residual if residual is not None else y
         return F.relu(y) if self.relu_out else y
+
+    def fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The block in the fused kernel (forward only)."""
+        from .fused_root import fused_root_conv  # Triton: only when run
+
+        c, p = self.conv, self.pointwise
+        x, residual, *params = _autocast(x, residual, c.weight, c.bias, p.weight, p.bias)
+        if residual is not None and residual.dtype != x.dtype:
+            residual = residual.to(x.dtype)
+        return fused_root_conv(x, *params, c.stride, c.padding, c.dilation, c.groups,
+                               residual, self.relu_out)
 
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -70,15 +92,17 @@ class FusedRootConv(nn.Module):
                   self.pointwise.bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, residual, *params)):
-            return self._unfused(x, residual)
-        from .fused_root import fused_root_conv  # Triton: only when run
-
-        x, residual, *params = _autocast(x, residual, *params)
-        if residual is not None and residual.dtype != x.dtype:
-            residual = residual.to(x.dtype)
-        c = self.conv
-        return fused_root_conv(x, params[0], params[1], params[2], params[3], c.stride,
-                               c.padding, c.dilation, c.groups, residual, self.relu_out)
+            return self.unfused(x, residual)
+        if not self.choose:
+            return self.fused(x, residual)
+        kind = x.device.type
+        key = (str(x.device), str(x.dtype), tuple(x.shape), x.stride(),
+               str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "")
+        if key not in self.chosen:
+            ms = {name: self.timer(lambda fn=fn: fn(x, residual), x.is_cuda, name=name)
+                  for name, fn in (("fused", self.fused), ("unfused", self.unfused))}
+            self.chosen[key], self.timings[key] = min(ms, key=ms.get), ms
+        return (self.fused if self.chosen[key] == "fused" else self.unfused)(x, residual)
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -110,10 +134,11 @@ def _residual_of(add: fx.Node, out: fx.Node) -> Optional[fx.Node]:
     return other if isinstance(other, fx.Node) and other is not out else None
 
 
-def fuse_root_blocks(gm: fx.GraphModule) -> Tuple[List[str], List[str]]:
+def fuse_root_blocks(gm: fx.GraphModule, choose: bool = True) -> Tuple[List[str], List[str]]:
     """Replace, in place, every grouped conv -> ReLU -> 1x1 conv chain of ``gm`` (each
     intermediate used once), with the residual add and the ReLU that follow where present,
-    by a :class:`FusedRootConv`. Returns the grouped convs fused, and one line per grouped
+    by a :class:`FusedRootConv` (``choose``: each block keeps the fused kernel only where
+    it measures faster). Returns the grouped convs fused, and one line per grouped
     conv followed by a 1x1 conv that could not be (and why)."""
     fused, kept = [], []
     for node in list(gm.graph.nodes):
@@ -142,7 +167,7 @@ def fuse_root_blocks(gm: fx.GraphModule) -> Tuple[List[str], List[str]]:
             chain.append(after)
         target = f"{node.target}_fused"
         gm.add_submodule(target, FusedRootConv(conv, pointwise, residual is not None,
-                                               relu_out))
+                                               relu_out, choose))
         with gm.graph.inserting_before(chain[-1]):
             new = gm.graph.call_module(target, (node.args[0],) + (
                 (residual,) if residual is not None else ()))
