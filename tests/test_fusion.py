@@ -198,17 +198,44 @@ def test_a_block_the_kernel_cannot_run_is_left_unfused_and_named():
                                     "zeros)"]
 
 
+def _big_tiles(monkeypatch):  # fewer programs: the interpreter runs whole models faster
+    monkeypatch.setattr(R, "INTERPRET_CONFIG", {"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128})
+    monkeypatch.setattr(R, "DIRECT_STEP", 64)
+
+
 def test_nin_root_fuses_its_two_root_blocks(monkeypatch):
     from deeproots.deploy import build_path
 
     _prefer(monkeypatch, "fused")
+    _big_tiles(monkeypatch)
     model = trained_like("nin-root-8").to(DEVICE)
     x = torch.randn(1, 3, 8, 8, device=DEVICE)
     fast = build_path(model, x, "fused")
     with torch.no_grad():
         ref = model(x)
-    assert fast.fused == ["conv2a.conv", "conv3a.conv"] and fast.fallbacks == []
+    # the two root blocks, and conv1a -> conv1b, ungrouped, as in nin itself
+    assert fast.fused == ["conv1a.conv", "conv2a.conv", "conv3a.conv"]
+    assert fast.fallbacks == []
     assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
+
+
+def test_the_orig_network_fuses_its_ungrouped_blocks_in_the_same_path(monkeypatch):
+    """An orig and its root variant timed in the fused path get the same treatment."""
+    from deeproots.deploy import build_path, fold_batchnorm
+
+    _prefer(monkeypatch, "fused")
+    _big_tiles(monkeypatch)
+    model = trained_like("nin").to(DEVICE)
+    x = torch.randn(1, 3, 8, 8, device=DEVICE)
+    fast = build_path(model, x, "fused")
+    with torch.no_grad():
+        ref = model(x)
+    assert fast.fused == ["conv1a.conv", "conv2a.conv", "conv3a.conv"]
+    assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
+    fused, kept = fuse_root_blocks(fold_batchnorm(trained_like("resnet50")))
+    assert len(fused) == 13  # the 3 + 4 + 6 bottlenecks of 64 to 256 channels
+    assert kept == [f"layer4.{i}.conv2: 512 output channels per group (the kernel holds at "
+                    f"most 256)" for i in range(3)]
 
 
 def test_resnet_root_fuses_every_bottleneck_with_its_residual():

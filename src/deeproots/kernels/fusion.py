@@ -1,13 +1,16 @@
 """Fusing root modules: in a traced (torch.fx) model, each grouped conv -> ReLU -> 1x1 conv
 chain (and the residual add and ReLU after it, as in a ResNet bottleneck) becomes one
-:class:`FusedRootConv`, run by the fused Triton kernel (:mod:`.fused_root`).
+:class:`FusedRootConv`, run by the fused Triton kernel (:mod:`.fused_root`). An ungrouped
+conv -> ReLU -> 1x1 conv chain fuses the same way (groups = 1), so that an orig network
+and its root variant, timed in the same path, get the same treatment.
 
     gm = deeproots.fold_batchnorm(model)          # a GraphModule, batch norm folded
     fused, kept = fuse_root_blocks(gm)            # in place; names of the fused blocks
 
-NiN's root blocks (conv2a -> conv2b, conv3a -> conv3b) and every bottleneck of a ResNet root
-network (conv2 -> conv3 -> + identity -> ReLU) fuse; GoogLeNet's grouped convs feed a
-concatenation, not a 1x1 conv, and stay as they are.
+NiN's blocks (conv1a -> conv1b, conv2a -> conv2b, conv3a -> conv3b) and every bottleneck
+of a ResNet (conv2 -> conv3 -> + identity -> ReLU; an ungrouped conv2 of more than 256
+channels excepted) fuse; GoogLeNet's grouped convs feed a concatenation, not a 1x1 conv,
+and stay as they are.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .modules import _autocast, _time_ms, unsupported
+from .modules import _autocast, _time_ms, padding_unsupported
 
 __all__ = ["FusedRootConv", "fuse_root_blocks", "fusable"]
 
@@ -26,15 +29,19 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
+def _plain_1x1(conv: nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and \
+        conv.padding in ((0, 0), "valid")
+
+
 def fusable(conv: nn.Conv2d, pointwise: nn.Conv2d) -> Optional[str]:
     """Why ``conv`` -> ReLU -> ``pointwise`` cannot run as one fused kernel, or None."""
     from .fused_root import check_root  # Triton: only when fusing
 
-    reason = unsupported(conv)
+    reason = padding_unsupported(conv)
     if reason:
         return reason
-    if pointwise.groups != 1 or pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) \
-            or pointwise.padding != (0, 0):
+    if not _plain_1x1(pointwise):
         return "the conv after it is not a plain 1x1 conv"
     return check_root(conv.weight, pointwise.weight, conv.groups)
 
@@ -135,22 +142,22 @@ def _residual_of(add: fx.Node, out: fx.Node) -> Optional[fx.Node]:
 
 
 def fuse_root_blocks(gm: fx.GraphModule, choose: bool = True) -> Tuple[List[str], List[str]]:
-    """Replace, in place, every grouped conv -> ReLU -> 1x1 conv chain of ``gm`` (each
+    """Replace, in place, every conv -> ReLU -> 1x1 conv chain of ``gm`` (each
     intermediate used once), with the residual add and the ReLU that follow where present,
     by a :class:`FusedRootConv` (``choose``: each block keeps the fused kernel only where
-    it measures faster). Returns the grouped convs fused, and one line per grouped
-    conv followed by a 1x1 conv that could not be (and why)."""
+    it measures faster). Returns the first convs of the blocks fused, and one line per
+    conv followed by ReLU and a 1x1 conv that could not be (and why)."""
     fused, kept = [], []
     for node in list(gm.graph.nodes):
         conv = _conv(gm, node)
-        if conv is None or conv.groups == 1:
+        if conv is None:
             continue
         relu = _only_user(node)
         if relu is None or not _is_relu(gm, relu):
             continue
         nxt = _only_user(relu)
         pointwise = _conv(gm, nxt) if nxt is not None else None
-        if pointwise is None:
+        if pointwise is None or not _plain_1x1(pointwise):  # not a root block
             continue
         reason = fusable(conv, pointwise)
         if reason:

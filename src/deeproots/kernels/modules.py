@@ -34,12 +34,20 @@ LOWERINGS = ("native", "triton", "dense", "split", "inductor")
 DEFAULT_LOWERINGS = ("native", "triton", "dense", "split")
 
 
-def unsupported(conv: nn.Conv2d) -> Optional[str]:
-    """Why the Triton kernel cannot run ``conv``, or None."""
+def padding_unsupported(conv: nn.Conv2d) -> Optional[str]:
+    """Why the Triton kernels cannot pad as ``conv`` does, or None."""
     if conv.padding_mode != "zeros":
         return f"padding_mode {conv.padding_mode!r} (the kernel pads with zeros)"
     if isinstance(conv.padding, str):
         return f"padding {conv.padding!r} (the kernel takes explicit padding)"
+    return None
+
+
+def unsupported(conv: nn.Conv2d) -> Optional[str]:
+    """Why the Triton conv module should not run ``conv``, or None."""
+    reason = padding_unsupported(conv)
+    if reason:
+        return reason
     if conv.groups == 1:
         return "ungrouped (left to cuDNN's dense kernels)"
     return None
