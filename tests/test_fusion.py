@@ -158,8 +158,8 @@ def test_the_fused_path_runs_a_users_residual_block_as_one_kernel(monkeypatch):
     with torch.no_grad():
         ref = model(x)
     assert fast.fused == ["0.conv", "1.conv"]
-    assert fast.notes == ["2 root blocks fused (grouped conv + ReLU + 1x1 conv; each runs "
-                          "fused where that measured faster)"]
+    assert fast.notes == ["2 blocks fused (conv + ReLU + 1x1 conv; each runs fused "
+                          "where that measured faster)"]
     assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
 
 

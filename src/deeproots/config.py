@@ -17,7 +17,7 @@ __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
 # TorchScript, torch.compile, ONNX Runtime, OpenVINO; on CUDA: grouped convs in Triton, by
-# measured dispatch, root blocks fused into one kernel, a CUDA graph replayed
+# measured dispatch, conv -> ReLU -> 1x1 blocks fused into one kernel, a CUDA graph replayed
 PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch",
          "fused", "cudagraph")
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside

@@ -11,8 +11,9 @@ Paths: ``eager`` (the model as built), ``fold`` (BN folded + channels-last), ``s
 freezing), ``onnxruntime`` and ``openvino`` (fold, exported), ``triton`` (fold, grouped
 convs in deeproots' Triton kernel; CUDA), ``dispatch`` (fold, each grouped conv by the
 fastest of its lowerings, measured per shape: see :mod:`deeproots.kernels.modules`),
-``fused`` (fold, each grouped conv -> ReLU -> 1x1 conv root block in one Triton kernel, the
-other grouped convs in the Triton conv; CUDA: see :mod:`deeproots.kernels.fusion`),
+``fused`` (fold, each conv -> ReLU -> 1x1 conv block, a root block or its ungrouped
+counterpart, in one Triton kernel where that measures faster, the other grouped convs in
+the Triton conv; CUDA: see :mod:`deeproots.kernels.fusion`),
 ``cudagraph`` (the dispatch path captured once per input shape as a CUDA graph and replayed:
 one launch per batch instead of one per layer). ``bfloat16`` runs the torch paths and
 OpenVINO in bf16, an opt-in with its accuracy cost (see docs/speed.md).
@@ -196,7 +197,7 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
     """Grouped convs in the Triton kernel (``triton``; ``fused`` first fuses the root blocks),
     or each by its fastest lowering, measured on the first batch of each shape (``dispatch``;
     ``cudagraph`` then captures the whole forward as a CUDA graph). Layers left to PyTorch
-    are listed in ``fallbacks``, the root blocks fused in ``fused``."""
+    are listed in ``fallbacks``, the blocks fused in ``fused``."""
     from .kernels import modules  # the kernel layer: only for these paths
 
     interpreting = os.environ.get("TRITON_INTERPRET") == "1" and path != "cudagraph"
@@ -217,8 +218,8 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
     run = _no_grad(lambda x: net(cl(x)).float())
     if path == "cudagraph":
         run = CudaGraphed(run)
-    notes = [f"{len(fused)} root blocks fused (grouped conv + ReLU + 1x1 conv; each runs "
-             f"fused where that measured faster)"] if path == "fused" else []
+    notes = [f"{len(fused)} blocks fused (conv + ReLU + 1x1 conv; each runs fused "
+             f"where that measured faster)"] if path == "fused" else []
     notes += [f"not fused: {why}" for why in kept]
     return FastModel(run, path, check=check, fallbacks=left, fused=fused, notes=notes)
 
