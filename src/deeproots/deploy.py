@@ -35,8 +35,8 @@ from .runtime import atomic_write, openvino_refusal
 from .timing import interleaved
 
 __all__ = ["PATHS", "EXPORT_FORMATS", "fold_batchnorm", "check_path", "build_path",
-           "optimize_for_inference", "FastModel", "CudaGraphed", "export", "available_paths", "onnx_bytes",
-           "openvino_compile"]
+           "optimize_for_inference", "FastModel", "CudaGraphed", "export", "available_paths",
+           "onnx_bytes", "openvino_compile"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 
