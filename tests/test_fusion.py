@@ -161,6 +161,19 @@ def test_the_fused_path_runs_a_users_residual_block_as_one_kernel(monkeypatch):
     assert fast.notes == ["2 blocks fused (conv + ReLU + 1x1 conv; each runs fused "
                           "where that measured faster)"]
     assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
+    assert len(fast.notes) == 1  # every block ran fused
+
+
+def test_the_fused_path_says_which_blocks_ran_apart(monkeypatch):
+    from deeproots.deploy import build_path
+
+    _prefer(monkeypatch, "unfused")
+    model = nn.Sequential(Bottleneck(), Bottleneck(groups=16)).eval().to(DEVICE)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE)
+    fast = build_path(model, x, "fused")
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() <= TOL[torch.float32] * model(x).abs().max()
+    assert fast.notes[1:] == ["ran apart, faster than fused: 0.conv, 1.conv"]
 
 
 def _blocks(model):

@@ -346,6 +346,11 @@ def test_the_dispatch_path_matches_the_model():
     model = trained_like("resnet50-root-64")
     x = torch.randn(1, 3, 64, 64)
     fast = build_path(model, x, "dispatch")
+    assert fast.notes == []  # nothing measured yet
     with torch.no_grad():
         ref = model(x)
     assert (fast(x) - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-6
+    # each of the 16 grouped convs by one lowering; the line counts them
+    counts = [int(part.split("(")[1].rstrip(")"))
+              for part in fast.notes[0].removeprefix("dispatch ran grouped convs by ").split(", ")]
+    assert len(fast.notes) == 1 and sum(counts) == 16

@@ -164,20 +164,20 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                          for n, m in models.items()}
                 work = {n: (lambda f=f: f(x)) for n, f in built.items()}
                 fallbacks = {n: f.fallbacks for n, f in built.items()}
-                notes = {n: f.notes for n, f in built.items()}
                 row_dtype = dtype
             else:  # a copy each: the inference models stay as they are
                 work = {n: train_step_fn(copy.deepcopy(m), x, y, **train_options)
                         for n, m in models.items()}
                 steps = {n: w.step for n, w in work.items()}
                 fallbacks = {n: s.fallbacks for n, s in steps.items()}
-                notes = {n: [] for n in steps}
                 first_step = steps[names[0]]
                 path = ("compile:" + first_step.compile_mode if first_step.compile_mode
                         else "eager") + ("" if first_step.grouped_conv == "native"
                                          else "+" + first_step.grouped_conv)
                 row_dtype = "bfloat16 autocast" if cuda else "float32"
             timings = interleaved(work, batch_size, repeats, warmup, cuda=cuda)
+            # after the run: a kernel path's notes include the choices it measured
+            notes = {n: built[n].notes if mode == "inference" else [] for n in names}
             phases = step_phases(steps, x, y, repeats) if mode == "train" and detail else {}
             base = timings[names[0]].median_s
             factor = 3 if mode == "train" else 1  # backward costs about twice the forward

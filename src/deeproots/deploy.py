@@ -62,11 +62,18 @@ class FastModel:
                  timings: Optional[Dict[str, float]] = None,
                  check: Optional[Callable[[torch.Tensor], None]] = None,
                  fallbacks: Sequence[str] = (), fused: Sequence[str] = (),
-                 notes: Sequence[str] = ()):
+                 notes: Sequence[str] = (),
+                 choices: Optional[Callable[[], List[str]]] = None):
         self._fn, self.path, self.timings, self._check = fn, path, timings or {}, check
         self.fallbacks = list(fallbacks)  # layers a kernel path left to PyTorch, and why
-        self.fused = list(fused)  # path fused: the grouped convs fused with their 1x1 conv
-        self.notes = list(notes)  # what a table of timings should say beside this path
+        self.fused = list(fused)  # path fused: the first convs of the blocks fused
+        self._notes, self._choices = list(notes), choices
+
+    @property
+    def notes(self) -> List[str]:
+        """What a table of timings should say beside this path: what it fused or left, and
+        (after the first batch) what its measured choices were."""
+        return self._notes + (self._choices() if self._choices else [])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._check is not None:
@@ -221,7 +228,29 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
     notes = [f"{len(fused)} blocks fused (conv + ReLU + 1x1 conv; each runs fused "
              f"where that measured faster)"] if path == "fused" else []
     notes += [f"not fused: {why}" for why in kept]
-    return FastModel(run, path, check=check, fallbacks=left, fused=fused, notes=notes)
+    return FastModel(run, path, check=check, fallbacks=left, fused=fused, notes=notes,
+                     choices=lambda: _measured_choices(net))
+
+
+def _measured_choices(net: nn.Module) -> List[str]:
+    """One line per kind of measured choice in ``net`` so far: how many grouped convs the
+    dispatch ran by each lowering, which fused blocks ran apart."""
+    from .kernels.fusion import FusedRootConv
+    from .kernels.modules import DispatchConv2d
+
+    lowering: Dict[str, int] = {}
+    apart = []
+    for name, m in net.named_modules():
+        if isinstance(m, DispatchConv2d):
+            for how in set(m.chosen.values()):
+                lowering[how] = lowering.get(how, 0) + 1
+        elif isinstance(m, FusedRootConv) and "unfused" in m.chosen.values():
+            apart.append(name.removesuffix("_fused"))
+    lines = ["dispatch ran grouped convs by " + ", ".join(
+        f"{how} ({n})" for how, n in sorted(lowering.items()))] if lowering else []
+    if apart:
+        lines.append(f"ran apart, faster than fused: {', '.join(apart)}")
+    return lines
 
 
 class CudaGraphed:
