@@ -216,35 +216,27 @@ def _big_tiles(monkeypatch):  # fewer programs: the interpreter runs whole model
     monkeypatch.setattr(R, "DIRECT_STEP", 64)
 
 
-def test_nin_root_fuses_its_two_root_blocks(monkeypatch):
+@pytest.mark.parametrize("name", ["nin-root-8", "nin"])
+def test_nin_and_its_root_variant_fuse_the_same_blocks(name, monkeypatch):
+    """nin-root-8's two root blocks and conv1a -> conv1b; nin's same three, ungrouped: an
+    orig and its root variant timed in the fused path get the same treatment."""
     from deeproots.deploy import build_path
 
     _prefer(monkeypatch, "fused")
     _big_tiles(monkeypatch)
-    model = trained_like("nin-root-8").to(DEVICE)
+    model = trained_like(name).to(DEVICE)
     x = torch.randn(1, 3, 8, 8, device=DEVICE)
     fast = build_path(model, x, "fused")
     with torch.no_grad():
         ref = model(x)
-    # the two root blocks, and conv1a -> conv1b, ungrouped, as in nin itself
     assert fast.fused == ["conv1a.conv", "conv2a.conv", "conv3a.conv"]
     assert fast.fallbacks == []
     assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
 
 
-def test_the_orig_network_fuses_its_ungrouped_blocks_in_the_same_path(monkeypatch):
-    """An orig and its root variant timed in the fused path get the same treatment."""
-    from deeproots.deploy import build_path, fold_batchnorm
+def test_resnet50_fuses_its_bottlenecks_up_to_256_channels():
+    from deeproots.deploy import fold_batchnorm
 
-    _prefer(monkeypatch, "fused")
-    _big_tiles(monkeypatch)
-    model = trained_like("nin").to(DEVICE)
-    x = torch.randn(1, 3, 8, 8, device=DEVICE)
-    fast = build_path(model, x, "fused")
-    with torch.no_grad():
-        ref = model(x)
-    assert fast.fused == ["conv1a.conv", "conv2a.conv", "conv3a.conv"]
-    assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
     fused, kept = fuse_root_blocks(fold_batchnorm(trained_like("resnet50")))
     assert len(fused) == 13  # the 3 + 4 + 6 bottlenecks of 64 to 256 channels
     assert kept == [f"layer4.{i}.conv2: 512 output channels per group (the kernel holds at "
