@@ -82,9 +82,28 @@ def layer_table(name, batch, dtype, device, hw, repeats, inductor):
               f"{len(compile_s)} shapes")
 
 
-def fused_table(name, batch, dtype, device, hw, repeats):
-    """Each distinct root block of ``name``: cuDNN's layers, Triton conv + cuDNN 1x1, the
-    fused kernel; us per batch beside the unfused and the fused roofline bounds."""
+def block_bounds(block, x_shape, batch, dtype, hw):
+    """(seconds apart, seconds fused): the roofline bounds of a conv -> ReLU -> 1x1 conv
+    block for a batch. Apart, each conv is one kernel with its bias, ReLU (and residual add)
+    fused in, and the intermediate goes to memory and back; fused, it stays on chip."""
+    c, p = block.conv, block.pointwise
+    with torch.device("meta"):
+        h = F.conv2d(torch.empty(batch, *x_shape[1:]), c.weight.to("meta"), None, c.stride,
+                     c.padding, c.dilation, c.groups)
+        y = F.conv2d(h, p.weight.to("meta"))
+    size = torch.finfo(DTYPES[dtype]).bits // 8
+    macs = h.numel() * c.weight[0].numel() + y.numel() * p.in_channels
+    x_items = batch * x_shape[1:].numel()
+    fused = (x_items + y.numel() * (2 if block.residual else 1) + c.weight.numel()
+             + p.weight.numel()) * size
+    apart = fused + 2 * h.numel() * size
+    compute = 2 * macs / hw.peak_flops[dtype]
+    return max(compute, apart / hw.bandwidth), max(compute, fused / hw.bandwidth)
+
+
+def fused_table(name, batch, dtype, device, hw, repeats, bounds_only=False):
+    """Each distinct conv -> ReLU -> 1x1 block of ``name``: cuDNN's layers, Triton conv +
+    cuDNN 1x1, the fused kernel; us per batch beside the bounds apart and fused."""
     from deeproots.deploy import fold_batchnorm
     from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks
     from deeproots.kernels.modules import TritonConv2d
@@ -99,19 +118,18 @@ def fused_table(name, batch, dtype, device, hw, repeats):
     fused, _ = fuse_root_blocks(gm)
     blocks = [m for m in gm.modules() if isinstance(m, FusedRootConv)]
     if not blocks:
-        print(f"\n{name}: no root block to fuse")
+        print(f"\n{name}: no conv -> ReLU -> 1x1 block to fuse")
         return
     hooks = [b.register_forward_hook(keep_input) for b in blocks]
-    with torch.enable_grad():  # shapes only: the blocks run unfused on the CPU
+    with torch.enable_grad():  # shapes only: the blocks run their layers apart
         gm(torch.zeros(1, *model.default_input_size, requires_grad=True))
     for h in hooks:
         h.remove()
-    size = torch.finfo(DTYPES[dtype]).bits // 8
-    peak, bw = hw.peak_flops[dtype], hw.bandwidth
-    print(f"\n{name}: root blocks, batch {batch}, {dtype}, channels-last (us per batch; "
-          f"fraction of the fused bound)")
-    print(f"{'block':20s} {'shape':36s} {'unfused':>8s} {'fused':>7s} {'cuDNN':>13s} "
-          f"{'triton+1x1':>13s} {'fused kernel':>13s}  gain")
+    print(f"\n{name}: conv -> ReLU -> 1x1 blocks, batch {batch}, {dtype}, channels-last, "
+          f"roofline bounds on {hw.name}" + ("" if bounds_only else
+                                             " (us per batch; fraction of the fused bound)"))
+    print(f"{'block':20s} {'shape':36s} {'apart':>8s} {'fused':>7s}" + ("  gain at best" if
+          bounds_only else f" {'cuDNN':>13s} {'triton+1x1':>13s} {'fused kernel':>13s}  gain"))
     seen = set()
     for path, block in zip(fused, blocks):
         shapes = inputs[block]
@@ -121,40 +139,33 @@ def fused_table(name, batch, dtype, device, hw, repeats):
         if key in seen:
             continue
         seen.add(key)
+        bound_u, bound_f = block_bounds(block, shapes[0], batch, dtype, hw)
+        desc = (f"{c.in_channels}->{c.out_channels} {c.kernel_size[0]}x{c.kernel_size[1]} "
+                f"g{c.groups} ->{p.out_channels} {shapes[0][2]}x{shapes[0][3]}"
+                f"{' +res' if block.residual else ''}")
+        line = f"{path:20s} {desc:36s} {1e6 * bound_u:8.1f} {1e6 * bound_f:7.1f}"
+        if bounds_only:
+            print(f"{line}  {bound_u / bound_f:.2f}x", flush=True)
+            continue
         block = block.to(device, DTYPES[dtype])
         make = lambda shape: torch.randn(batch, *shape[1:], device=device,  # noqa: E731
                                          dtype=DTYPES[dtype]).contiguous(
                                              memory_format=torch.channels_last)
         x = make(shapes[0])
         r = make(shapes[1]) if block.residual else None
+        ms = {}
         with torch.no_grad():
-            y = block.fused(x, r)
-            h = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
-        macs = h.numel() * c.weight[0].numel() + y.numel() * p.in_channels
-        weights = (c.weight.numel() + p.weight.numel()) * size
-        fused_bytes = (x.numel() + y.numel() * (2 if block.residual else 1)) * size + weights
-        # unfused: the intermediate written and read back, the 1x1 output too when an add
-        # and a ReLU follow it
-        unfused_bytes = fused_bytes + 2 * h.numel() * size + (
-            2 * y.numel() * size if block.residual else 0)
-        bound_f = max(2 * macs / peak, fused_bytes / bw)
-        bound_u = max(2 * macs / peak, unfused_bytes / bw)
-        triton_block = FusedRootConv(c, p, block.residual, block.relu_out)
-        triton_block.conv = TritonConv2d(c)
-        cuda = x.is_cuda
-        with torch.no_grad():
-            ms = {"cuDNN": _time_ms(lambda: block.unfused(x, r), cuda, repeats=repeats),
-                  "triton+1x1": _time_ms(lambda: triton_block.unfused(x, r), cuda,
-                                         repeats=repeats),
-                  "fused": _time_ms(lambda: block.fused(x, r), cuda, repeats=repeats)}
-        cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}"
-                        for k in ("cuDNN", "triton+1x1", "fused"))
-        desc = (f"{c.in_channels}->{c.out_channels} {c.kernel_size[0]}x{c.kernel_size[1]} "
-                f"g{c.groups} ->{p.out_channels} {shapes[0][2]}x{shapes[0][3]}"
-                f"{' +res' if block.residual else ''}")
-        gain = min(ms["cuDNN"], ms["triton+1x1"]) / ms["fused"]
-        print(f"{path:20s} {desc:36s} {1e6 * bound_u:8.1f} {1e6 * bound_f:7.1f}{cells}  "
-              f"{gain:.2f}x", flush=True)
+            ms["cuDNN"] = _time_ms(lambda: block.unfused(x, r), x.is_cuda, repeats=repeats)
+            if c.groups > 1:  # the Triton conv takes grouped convs only
+                apart = FusedRootConv(c, p, block.residual, block.relu_out)
+                apart.conv = TritonConv2d(c)
+                ms["triton+1x1"] = _time_ms(lambda: apart.unfused(x, r), x.is_cuda,
+                                            repeats=repeats)
+            ms["fused"] = _time_ms(lambda: block.fused(x, r), x.is_cuda, repeats=repeats)
+        cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}" if k in ms
+                        else f" {'-':>12s}" for k in ("cuDNN", "triton+1x1", "fused"))
+        gain = min(v for k, v in ms.items() if k != "fused") / ms["fused"]
+        print(f"{line}{cells}  {gain:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -170,10 +181,23 @@ def main() -> None:
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--table-paths", nargs="*", default=["dispatch", "fused"],
                    help="paths to time every variant of Tables 4, 6 and 8 in (none: skip)")
+    p.add_argument("--bounds-only", action="store_true",
+                   help="print the conv -> ReLU -> 1x1 blocks' roofline bounds (apart, fused) "
+                        "for --hardware and stop: any machine, no timing")
+    p.add_argument("--hardware", default="h100", choices=["h100", "h200", "a100"],
+                   help="with --bounds-only: the data sheet to take the roofs from")
     p.add_argument("--inductor", action="store_true",
                    help="also time each grouped layer compiled by inductor (max-autotune): "
                         "minutes of compiling")
     args = p.parse_args()
+    if args.bounds_only:
+        from deeproots.roofline import HARDWARE
+
+        for _, root, _ in PAIRS:
+            for name in (root, root.split("-")[0]):
+                fused_table(name, args.batch_size, args.dtype, None, HARDWARE[args.hardware],
+                            0, bounds_only=True)
+        return
     hw, where = machine(args.device)
     print(where)
     if args.device != "cuda":

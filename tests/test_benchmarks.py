@@ -1,0 +1,30 @@
+"""The benchmark scripts' own arithmetic, checked by hand (their timings need a GPU)."""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+gpu_targets = pytest.importorskip("gpu_targets")
+
+
+def test_the_bounds_of_nin_root_8s_conv2a_block_by_hand():
+    from deeproots.roofline import HARDWARE
+
+    with torch.device("meta"):
+        block = SimpleNamespace(conv=nn.Conv2d(96, 192, 5, padding=2, groups=8),
+                                pointwise=nn.Conv2d(192, 192, 1), residual=False)
+    apart, fused = gpu_targets.block_bounds(block, torch.Size([1, 96, 16, 16]), 256,
+                                            "bfloat16", HARDWARE["h100"])
+    pixels = 256 * 16 * 16
+    macs = pixels * 192 * (12 * 25) + pixels * 192 * 192  # grouped 5x5, then the 1x1
+    moved = 2 * (pixels * 96 + pixels * 192 + 192 * 12 * 25 + 192 * 192)  # x, y, weights
+    compute = 2 * macs / 989e12
+    assert fused == pytest.approx(max(compute, moved / 3.35e12))
+    assert fused == pytest.approx(12.52e-6, rel=1e-3)  # compute-bound
+    # apart, the 192-channel intermediate goes to memory and comes back
+    assert apart == pytest.approx((moved + 2 * 2 * pixels * 192) / 3.35e12)
+    assert apart == pytest.approx(26.35e-6, rel=1e-3)
