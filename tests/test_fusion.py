@@ -202,6 +202,31 @@ def test_each_block_keeps_the_faster_of_fused_and_apart(winner, monkeypatch):
     assert (y - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()
 
 
+class Offset(Bottleneck):
+    """Adds a learned per-channel offset, not a residual map, after its 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(1, 16, 1, 1))
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(torch.relu(self.reduce(x)))))
+        return torch.relu(self.expand(y) + self.offset)
+
+
+def test_a_broadcast_add_after_the_block_runs_apart(monkeypatch):
+    from deeproots.deploy import build_path
+
+    _prefer(monkeypatch, "fused")
+    model = Offset().eval().to(DEVICE)
+    x = torch.randn(2, 16, 5, 5, device=DEVICE)
+    fast = build_path(model, x, "fused")
+    with torch.no_grad():
+        ref = model(x)
+    assert fast.fused == ["conv"]  # fused as a block with a residual input ...
+    assert (fast(x) - ref).abs().max() <= TOL[torch.float32] * ref.abs().max()  # ... run apart
+
+
 def test_a_block_the_kernel_cannot_run_is_left_unfused_and_named():
     from deeproots.deploy import fold_batchnorm
 
