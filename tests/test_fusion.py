@@ -97,27 +97,25 @@ def test_small_tiles_cover_every_edge(monkeypatch):
 
 
 def test_bad_input(monkeypatch):
-    x, w1, w2 = torch.randn(1, 16, 4, 4), torch.randn(16, 8, 3, 3), torch.randn(8, 16, 1, 1)
+    t = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    x, w1, w2 = t(1, 16, 4, 4), t(16, 8, 3, 3), t(8, 16, 1, 1)
     with pytest.raises(ValueError, match=r"must be 1x1; got weight \(8, 16, 3, 3\)"):
-        R.fused_root_conv(x, w1, None, torch.randn(8, 16, 3, 3), None, padding=1, groups=2)
+        R.fused_root_conv(x, w1, None, t(8, 16, 3, 3), None, padding=1, groups=2)
     with pytest.raises(ValueError, match="takes 12 channels but the grouped conv gives 16"):
-        R.fused_root_conv(x, w1, None, torch.randn(8, 12, 1, 1), None, padding=1, groups=2)
+        R.fused_root_conv(x, w1, None, t(8, 12, 1, 1), None, padding=1, groups=2)
     with pytest.raises(ValueError, match=r"residual must have the output's shape "
                                          r"\(1, 8, 4, 4\); got \(1, 8, 2, 2\)"):
-        R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2,
-                          residual=torch.randn(1, 8, 2, 2))
-    with pytest.raises(ValueError, match="pointwise must be torch.float32 on cpu like the "
-                                         "input; got torch.float64"):
+        R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2, residual=t(1, 8, 2, 2))
+    with pytest.raises(ValueError, match=f"pointwise must be torch.float32 on {x.device} like "
+                                         f"the input; got torch.float64"):
         R.fused_root_conv(x, w1, None, w2.double(), None, padding=1, groups=2)
-    wide = torch.randn(512, 16, 1, 1)
     with pytest.raises(ValueError, match=r"512 output channels per group \(the kernel holds "
                                          r"at most 256\)"):
-        R.fused_root_conv(torch.randn(1, 16, 2, 2), wide, None, torch.randn(8, 512, 1, 1),
-                          None)
+        R.fused_root_conv(t(1, 16, 2, 2), t(512, 16, 1, 1), None, t(8, 512, 1, 1), None)
     monkeypatch.setattr(K, "INTERPRET", False)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="runs on CUDA GPUs; got an input on cpu"):
-            R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2)
+    x, w1, w2 = x.cpu(), w1.cpu(), w2.cpu()
+    with pytest.raises(ValueError, match="runs on CUDA GPUs; got an input on cpu"):
+        R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2)
 
 
 def _prefer(monkeypatch, winner):
