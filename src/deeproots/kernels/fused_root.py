@@ -39,17 +39,26 @@ GEMM_MIN_CHANNELS = 8  # per group, in and out: narrower groups use the direct w
 MAX_GROUP_CHANNELS = 256  # output channels per group the GEMM way holds on chip
 DIRECT_STEP = 32  # intermediate channels per step the direct way
 
-CONFIGS = [
+# block shapes as data, per way of computing the grouped conv. Pruned by what sm_90 compiles
+# them to (benchmarks/kernel_resources.py): BLOCK_M 32 gets no wgmma; 128 x 128 x 8 warps
+# spilled at NiN's 5x5 block; the direct way's unrolled taps, pipelined 3 deep, asked for
+# up to 232 KB of shared memory (more than a block may have), so it pipelines 1 or 2 deep
+GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+DIRECT_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=2),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}  # correctness, not speed
+KEY = ["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET"]
 
 
-@_tuned(CONFIGS, key=["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET"])
 @triton.jit
 def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
                 H, W, OH, OW, M,
@@ -102,6 +111,10 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
         acc = tl.maximum(acc, 0.0)
     y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_root_block_gemm = _tuned(GEMM_CONFIGS, KEY)(_root_block)
+_root_block_direct = _tuned(DIRECT_CONFIGS, KEY)(_root_block)
 
 
 def _direct(cin_g: int, cout_g: int) -> bool:
@@ -168,7 +181,8 @@ def fused_root_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c3, meta["BLOCK_N"]))
 
-    _root_block[grid](
+    kernel = _root_block_direct if direct else _root_block_gemm
+    kernel[grid](
         x, weight, bias if bias is not None else weight, pointwise,
         pointwise_bias if pointwise_bias is not None else pointwise, res, y,
         h, w, oh, ow, m, *nhwc(x), *weight.stride(), pointwise.stride(0), pointwise.stride(1),

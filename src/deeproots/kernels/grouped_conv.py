@@ -36,7 +36,7 @@ GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 DEPTHWISE_CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
@@ -69,24 +69,28 @@ def _gemm_tile(x_ptr, w_ptr, n, oh, ow, mask_m, out_ch, mask_n, g, H, W,
     BLOCK_N output channels ``out_ch``: an implicit GEMM over the kernel taps and the group's
     input channels, in fp32, no bias."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = x_ptr + n * sxn + ih * sxh + iw * sxw + g * CIN_G * sxc
-            for c0 in range(0, CIN_G, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < CIN_G
-                a = tl.load(x_row[:, None] + offs_k[None, :] * sxc,
-                            mask=inside[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_ptr + out_ch[None, :] * swo + offs_k[:, None] * swc
-                            + kh * swh + kw * sww,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc += tl.dot(a, b)
+    # one loop over (tap, channel block), not the taps unrolled: unrolled, a 5x5 kernel
+    # spilled registers on sm_90 (benchmarks/kernel_resources.py), and one flat loop is
+    # what the software pipeliner overlaps
+    k_steps = tl.cdiv(CIN_G, BLOCK_K)
+    for step in range(0, KH * KW * k_steps):
+        tap = step // k_steps
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        inside = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < CIN_G
+        a = tl.load((x_ptr + n * sxn + ih * sxh + iw * sxw + g * CIN_G * sxc)[:, None]
+                    + offs_k[None, :] * sxc, mask=inside[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + out_ch[None, :] * swo + offs_k[:, None] * swc
+                    + kh * swh + kw * sww,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b)
     return acc
 
 

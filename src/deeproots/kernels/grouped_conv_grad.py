@@ -37,7 +37,7 @@ INPUT_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 INPUT_DIRECT_CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
@@ -81,27 +81,28 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
     mask_n = offs_n < CIN_G
     n, ih, iw = _pixel(offs_m, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            th = ih + PAD_H - kh * DIL_H
-            tw = iw + PAD_W - kw * DIL_W
-            oh = th // STRIDE_H
-            ow = tw // STRIDE_W
-            fed = mask_m & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
-                (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
-            dy_row = dy_ptr + n * sdn + oh * sdh + ow * sdw + g * COUT_G * sdc
-            for c0 in range(0, COUT_G, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)  # output channels within the group
-                mask_k = offs_k < COUT_G
-                a = tl.load(dy_row[:, None] + offs_k[None, :] * sdc,
-                            mask=fed[:, None] & mask_k[None, :], other=0.0)
-                b = tl.load(w_ptr + (g * COUT_G + offs_k)[:, None] * swo
-                            + offs_n[None, :] * swc + kh * swh + kw * sww,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc += tl.dot(a, b)
+    k_steps = tl.cdiv(COUT_G, BLOCK_K)
+    for step in range(0, KH * KW * k_steps):  # one flat loop, as in the forward's GEMM
+        tap = step // k_steps
+        kh = tap // KW
+        kw = tap % KW
+        th = ih + PAD_H - kh * DIL_H
+        tw = iw + PAD_W - kw * DIL_W
+        oh = th // STRIDE_H
+        ow = tw // STRIDE_W
+        fed = mask_m & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
+            (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+        offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channels
+        mask_k = offs_k < COUT_G
+        a = tl.load((dy_ptr + n * sdn + oh * sdh + ow * sdw + g * COUT_G * sdc)[:, None]
+                    + offs_k[None, :] * sdc, mask=fed[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptr + (g * COUT_G + offs_k)[:, None] * swo
+                    + offs_n[None, :] * swc + kh * swh + kw * sww,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc += tl.dot(a, b)
     dx = dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * CIN_G + offs_n)[None, :] * sxc
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
