@@ -353,3 +353,49 @@ def test_the_dispatch_path_matches_the_model():
     counts = [int(part.split("(")[1].rstrip(")"))
               for part in fast.notes[0].removeprefix("dispatch ran grouped convs by ").split(", ")]
     assert len(fast.notes) == 1 and sum(counts) == 16
+
+
+# run in a fresh process without TRITON_INTERPRET: there the kernels are compiled, not
+# interpreted; one launch of each of the eight kernels, at layers of the registered models
+HOPPER_CHECK = """
+import json, torch
+from deeproots.kernels import fused_root as R, grouped_conv as G, grouped_conv_grad as GG
+from deeproots.kernels.resources import configs, kernel_resources, recorded
+cl = lambda *s: torch.randn(*s, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+w = lambda *s: torch.randn(*s, dtype=torch.bfloat16)
+with recorded() as launches:
+    for x, wt, dy, pad, g in [(cl(2, 96, 8, 8), w(192, 12, 5, 5), cl(2, 192, 8, 8), 2, 8),
+                              (cl(2, 64, 8, 8), w(64, 1, 3, 3), cl(2, 64, 8, 8), 1, 64)]:
+        G.grouped_conv2d(x, wt, None, 1, pad, 1, g)
+        GG.conv2d_input_grad(dy, wt, x.shape, (1, 1), (pad, pad), (1, 1), g)
+        GG.conv2d_weight_grad(x, dy, wt.shape, (1, 1), (pad, pad), (1, 1), g)
+        c3 = 160 if g == 8 else 256
+        R.fused_root_conv(x, wt, None, w(c3, wt.shape[0], 1, 1), None, 1, pad, 1, g,
+                          cl(2, c3, 8, 8), True)
+print(json.dumps({n: [vars(kernel_resources(n, a, k, c)) for c in configs(n)]
+                  for n, a, k in launches}))
+"""
+
+
+def test_every_kernel_compiles_for_hopper_without_spilling():
+    """Each kernel with each of its autotune configurations, compiled ahead of time for
+    sm_90a (no GPU needed): no register spilled to local memory, and the matrix multiplies
+    on the tensor cores as wgmma (in the configurations whose tiles are 64 rows or more)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from deeproots.kernels.resources import KERNELS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", HOPPER_CHECK], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(found) == set(KERNELS)
+    for name, per_config in found.items():
+        for r in per_config:
+            assert r["stack_bytes"] == 0 and r["registers"] <= 255, (name, r)
+    for name in ("_conv_gemm", "_input_grad_gemm", "_root_block_gemm", "_root_block_direct"):
+        assert found[name][0]["wgmma"] > 0, (name, found[name][0])

@@ -40,20 +40,20 @@ MAX_GROUP_CHANNELS = 256  # output channels per group the GEMM way holds on chip
 DIRECT_STEP = 32  # intermediate channels per step the direct way
 
 # block shapes as data, per way of computing the grouped conv. Pruned by what sm_90 compiles
-# them to (benchmarks/kernel_resources.py): BLOCK_M 32 gets no wgmma; 128 x 128 x 8 warps
-# spilled at NiN's 5x5 block; the direct way's unrolled taps, pipelined 3 deep, asked for
-# up to 232 KB of shared memory (more than a block may have), so it pipelines 1 or 2 deep
+# them to (benchmarks/kernel_resources.py, triton 3.9 and 3.6): BLOCK_M 32 gets no wgmma;
+# 128 x 128 x 8 warps and 64 x 128 x 4 warps spilled at NiN's 5x5 block; the direct way's
+# unrolled taps, pipelined 3 deep, asked for up to 232 KB of shared memory (more than a
+# block may have), so it pipelines 1 or 2 deep
 GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
 DIRECT_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=2),
 ]
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}  # correctness, not speed
 KEY = ["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET"]
