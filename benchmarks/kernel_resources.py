@@ -1,8 +1,8 @@
 """Every Triton kernel of deeproots compiled for a Hopper GPU (sm_90a) on this machine, no GPU
 needed: for representative layers of the registered models and each autotune configuration,
 the registers per thread, the bytes of stack (local memory: spilled registers), the shared
-memory, and how many wgmma instructions (HGMMA in the machine code) the matrix multiplies
-became. What the device's compiler does to a kernel, read at no device time: a
+memory, how many wgmma instructions (HGMMA in the machine code) the matrix multiplies
+became, and the global loads by width (16-byte vectors are what memory-bound code wants). What the device's compiler does to a kernel, read at no device time: a
 configuration that spills or misses the tensor cores is slow however it is timed.
 
     python benchmarks/kernel_resources.py            # every kernel and configuration
@@ -62,8 +62,9 @@ def _compile(job):
     layer, name, args, kwargs, config = job
     r = kernel_resources(name, args, kwargs, config)
     blocks = "/".join(f"{v}" for v in config.kwargs.values())
+    loads = "/".join(str(r.loads.get(n, 0)) for n in (16, 8, 4, 2))
     return (layer, name.lstrip("_"), f"{blocks} w{config.num_warps} s{config.num_stages}",
-            r.registers, r.stack_bytes, r.shared_bytes, r.wgmma)
+            r.registers, r.stack_bytes, r.shared_bytes, r.wgmma, loads)
 
 
 def jobs(only=None):
@@ -87,14 +88,15 @@ def main() -> None:
     todo = jobs(args.only)
     print(f"triton {triton.__version__}, target sm_90a (Hopper), {len(todo)} compilations; "
           f"bf16; registers per thread (255 at most), stack bytes (> 0: registers spilled "
-          f"to local memory), shared memory KB, wgmma instructions", flush=True)
+          f"to local memory), shared memory KB, wgmma instructions, global loads of "
+          f"16/8/4/2 bytes", flush=True)
     print(f"{'layer':38s} {'kernel':18s} {'blocks warps stages':24s} {'regs':>4s} "
-          f"{'stack':>5s} {'smem':>5s} {'wgmma':>5s}")
+          f"{'stack':>5s} {'smem':>5s} {'wgmma':>5s}  loads")
     with ProcessPoolExecutor(args.workers) as pool:
-        for layer, kernel, conf, regs, stack, smem, wgmma in pool.map(_compile, todo):
+        for layer, kernel, conf, regs, stack, smem, wgmma, loads in pool.map(_compile, todo):
             flag = "  SPILLS" if stack else ""
             print(f"{layer:38s} {kernel:18s} {conf:24s} {regs:4d} {stack:5d} "
-                  f"{smem / 1024:5.0f} {wgmma:5d}{flag}", flush=True)
+                  f"{smem / 1024:5.0f} {wgmma:5d}  {loads}{flag}", flush=True)
 
 
 if __name__ == "__main__":

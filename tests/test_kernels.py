@@ -379,8 +379,8 @@ print(json.dumps({n: [vars(kernel_resources(n, a, k, c)) for c in configs(n)]
 
 def test_every_kernel_compiles_for_hopper_without_spilling():
     """Each kernel with each of its autotune configurations, compiled ahead of time for
-    sm_90a (no GPU needed): no register spilled to local memory, and the matrix multiplies
-    on the tensor cores as wgmma (in the configurations whose tiles are 64 rows or more)."""
+    sm_90a (no GPU needed): no register spilled to local memory, the matrix multiplies on
+    the tensor cores as wgmma, and vector loads."""
     import json
     import os
     import subprocess
@@ -399,3 +399,7 @@ def test_every_kernel_compiles_for_hopper_without_spilling():
             assert r["stack_bytes"] == 0 and r["registers"] <= 255, (name, r)
     for name in ("_conv_gemm", "_input_grad_gemm", "_root_block_gemm", "_root_block_direct"):
         assert found[name][0]["wgmma"] > 0, (name, found[name][0])
+    # the input tiles move in 8- or 16-byte vectors, even at NiN's 12 channels per group
+    # (json keys are strings)
+    for name, per_config in found.items():
+        assert int(max(per_config[0]["loads"], key=int)) >= 8, (name, per_config[0])

@@ -69,7 +69,8 @@ TARGET_PROGRAMS = 1024  # about 8 programs per SM of an H100: enough to hide mem
 def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
                      H, W, OH, OW, M,
                      sdn, sdh, sdw, sdc, swo, swc, swh, sww, sxn, sxh, sxw, sxc,
-                     CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                     CIN_G: tl.constexpr, COUT_G: tl.constexpr,
+                     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                      KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -112,7 +113,8 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
 def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
                        H, W, OH, OW, M, C_IN,
                        sdn, sdh, sdw, sdc, swo, swc, swh, sww, sxn, sxh, sxw, sxc,
-                       CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                       CIN_G: tl.constexpr, COUT_G: tl.constexpr,
+                       STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                        KH: tl.constexpr, KW: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
@@ -150,7 +152,8 @@ def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
 def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
                       H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
                       sxn, sxh, sxw, sxc, sdn, sdh, sdw, sdc,
-                      CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                      CIN_G: tl.constexpr, COUT_G: tl.constexpr,
+                      STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                       SPLIT, KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)  # a tile of output channels x input channels
@@ -198,7 +201,8 @@ def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
 def _weight_grad_direct(x_ptr, dy_ptr, part_ptr,
                         H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
                         sxn, sxh, sxw, sxc, sdn, sdh, sdw, sdc,
-                        CIN_G, COUT_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
+                        CIN_G: tl.constexpr, COUT_G: tl.constexpr,
+                        STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                         SPLIT, KH: tl.constexpr, KW: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c = tl.program_id(0)  # a block of output channels

@@ -18,8 +18,8 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
-from typing import List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -50,6 +50,9 @@ class Resources:
     stack_bytes: int
     shared_bytes: int
     wgmma: int
+    # global loads in the machine code (plain and asynchronous copies), by bytes per thread:
+    # {16: n, 8: n, 4: n, 2: n}; 16-byte loads are what memory-bound code wants
+    loads: Dict[int, int] = field(default_factory=dict)
 
 
 class _Recorder:
@@ -118,6 +121,8 @@ def kernel_resources(name: str, args: tuple, kwargs: dict, config: triton.Config
     signature, constants, attrs = {}, dict(kwargs), {}
     constants.update(config.kwargs)
     for i, arg_name in enumerate(jit.arg_names):
+        if i in jit.constexprs and arg_name not in constants:  # passed by position
+            constants[arg_name] = args[i]
         if arg_name in constants:
             signature[arg_name] = "constexpr"
             continue
@@ -139,4 +144,15 @@ def kernel_resources(name: str, args: tuple, kwargs: dict, config: triton.Config
         sass = _cuobjdump("-sass", path)
     return Resources(int(re.search(r"REG:(\d+)", usage).group(1)),
                      int(re.search(r"STACK:(\d+)", usage).group(1)),
-                     kernel.metadata.shared, len(re.findall(r"\bHGMMA", sass)))
+                     kernel.metadata.shared, len(re.findall(r"\bHGMMA", sass)), _loads(sass))
+
+
+def _loads(sass: str) -> Dict[int, int]:
+    """Global loads (LDG, and LDGSTS: the asynchronous copies to shared memory) by width."""
+    widths: Dict[int, int] = {}
+    for op in re.findall(r"\b(?:LDG|LDGSTS)\.E[.\w]*", sass):
+        size = re.search(r"\.(128|64|U16|S16|U8|S8)\b", op)
+        nbytes = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[size.group(1)] \
+            if size else 4
+        widths[nbytes] = widths.get(nbytes, 0) + 1
+    return dict(sorted(widths.items(), reverse=True))
