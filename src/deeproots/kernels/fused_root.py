@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .grouped_conv import (INTERPRET, Pair, _direct_tile, _gemm_tile, _pair, _pixel, _tuned,
-                           check_conv)
+                           check_conv, output_size)
 
 __all__ = ["fused_root_conv", "check_root", "GEMM_MIN_CHANNELS", "MAX_GROUP_CHANNELS"]
 
@@ -160,11 +160,7 @@ def fused_root_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     n, _, h, w = x.shape
     c2, cin_g, kh, kw = weight.shape
     c3 = pointwise.shape[0]
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh},{dw}, padding {ph},{pw}) leaves no "
-                         f"output on a {h}x{w} input")
+    oh, ow = output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     if residual is not None and tuple(residual.shape) != (n, c3, oh, ow):
         raise ValueError(f"residual must have the output's shape {(n, c3, oh, ow)}; got "
                          f"{tuple(residual.shape)}")

@@ -212,6 +212,18 @@ def check_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                          f"weight {tuple(weight.shape)}")
 
 
+def output_size(h: int, w: int, kh: int, kw: int, stride: Tuple[int, int],
+                padding: Tuple[int, int], dilation: Tuple[int, int]) -> Tuple[int, int]:
+    """The output's height and width of a conv; a one-line ValueError when there is none."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh},{dw}, padding {ph},{pw}) leaves no "
+                         f"output on a {h}x{w} input")
+    return oh, ow
+
+
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    stride: Pair = 1, padding: Pair = 0, dilation: Pair = 1,
                    groups: int = 1) -> torch.Tensor:
@@ -222,11 +234,7 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     dh, dw = _pair("dilation", dilation, 1)
     n, c, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"a {kh}x{kw} kernel (dilation {dh},{dw}, padding {ph},{pw}) leaves no "
-                         f"output on a {h}x{w} input")
+    oh, ow = output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     y = torch.empty((n, cout, oh, ow), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     m = n * oh * ow

@@ -64,6 +64,19 @@ PIXEL_STEP = 128  # a slice of the weight gradient's pixels is a multiple of eve
 TARGET_PROGRAMS = 1024  # about 8 programs per SM of an H100: enough to hide memory latency
 
 
+@triton.jit
+def _fed(ih, iw, kh, kw, mask, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W):
+    """The output pixel (oh, ow) that input pixel (ih, iw) fed through tap (kh, kw), and
+    whether it did (the stride divides, and it lies inside the output)."""
+    th = ih + PAD_H - kh * DIL_H
+    tw = iw + PAD_W - kw * DIL_W
+    oh = th // STRIDE_H
+    ow = tw // STRIDE_W
+    fed = mask & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & (tw % STRIDE_W == 0) & \
+        (oh < OH) & (ow < OW)
+    return oh, ow, fed
+
+
 @_tuned(INPUT_GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
 @triton.jit
 def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
@@ -87,12 +100,8 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
         tap = step // k_steps
         kh = tap // KW
         kw = tap % KW
-        th = ih + PAD_H - kh * DIL_H
-        tw = iw + PAD_W - kw * DIL_W
-        oh = th // STRIDE_H
-        ow = tw // STRIDE_W
-        fed = mask_m & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
-            (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+        oh, ow, fed = _fed(ih, iw, kh, kw, mask_m, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+                           DIL_H, DIL_W)
         offs_k = (step % k_steps) * BLOCK_K + tl.arange(0, BLOCK_K)  # output channels
         mask_k = offs_k < COUT_G
         a = tl.load((dy_ptr + n * sdn + oh * sdh + ow * sdw + g * COUT_G * sdc)[:, None]
@@ -131,12 +140,8 @@ def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
         co = group * COUT_G + j
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
-                th = ih + PAD_H - kh * DIL_H
-                tw = iw + PAD_W - kw * DIL_W
-                oh = th // STRIDE_H
-                ow = tw // STRIDE_W
-                fed = mask_p & (th >= 0) & (tw >= 0) & (th % STRIDE_H == 0) & \
-                    (tw % STRIDE_W == 0) & (oh < OH) & (ow < OW)
+                oh, ow, fed = _fed(ih, iw, kh, kw, mask_p, OH, OW, STRIDE_H, STRIDE_W, PAD_H,
+                                   PAD_W, DIL_H, DIL_W)
                 dyv = tl.load(dy_ptr + (n * sdn + oh * sdh + ow * sdw)[:, None]
                               + co[None, :] * sdc,
                               mask=fed[:, None] & mask_c[None, :], other=0.0)
