@@ -31,6 +31,7 @@ def _registered_shapes():
 
 
 SHAPES = _registered_shapes()
+SHAPE_IDS = [f"{c}-{o}-k{k}-s{s}-g{g}" for c, o, k, s, _, g in SHAPES]
 
 
 def _check(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, dtype=torch.float32):
@@ -49,8 +50,7 @@ def test_the_registered_models_have_many_grouped_shapes():
     assert len(SHAPES) > 50 and any(g == c for c, _, _, _, _, g in SHAPES)  # depthwise too
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{c}-{o}-k{k}-s{s}-g{g}"
-                                               for c, o, k, s, _, g in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_every_grouped_shape_of_the_registered_models(shape):
     cin, cout, k, stride, padding, groups = shape
     x = torch.randn(1, cin, 6, 6).contiguous(memory_format=torch.channels_last)
@@ -124,8 +124,7 @@ def _check_grads(x, w, b=None, stride=1, padding=0, dilation=1, groups=1,
         assert err <= TOL[dtype] * r.abs().max().item() + 1e-5, (name, err)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"{c}-{o}-k{k}-s{s}-g{g}"
-                                               for c, o, k, s, _, g in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_gradients_of_every_grouped_shape_of_the_registered_models(shape):
     cin, cout, k, stride, padding, groups = shape
     x = torch.randn(1, cin, 5, 5).contiguous(memory_format=torch.channels_last)

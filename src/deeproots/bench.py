@@ -26,9 +26,9 @@ from .step import TrainStep, make_optimizer, resolve_grouped_conv
 from .text import format_table
 from .timing import Timing, interleaved
 
-__all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models", "bench_paper",
-           "format_bench", "LayerTimes", "layer_times", "bench_layers", "format_layer_times",
-           "TORCH_DTYPES"]
+__all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models",
+           "bench_paper", "format_bench", "LayerTimes", "layer_times", "bench_layers",
+           "format_layer_times", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 assert tuple(TORCH_DTYPES) == DTYPES

@@ -73,9 +73,11 @@ class FusedRootConv(nn.Module):
         return f"residual={self.residual}, relu_out={self.relu_out}, choose={self.choose}"
 
     def _out_shape(self, x: torch.Tensor) -> Tuple[int, int, int, int]:
+        from .grouped_conv import output_size  # Triton: only when run
+
         c = self.conv
-        size = [(x.shape[2 + i] + 2 * c.padding[i] - c.dilation[i] * (c.kernel_size[i] - 1)
-                 - 1) // c.stride[i] + 1 for i in range(2)]
+        size = output_size(x.shape[2], x.shape[3], *c.kernel_size, c.stride, c.padding,
+                           c.dilation)
         return (x.shape[0], self.pointwise.out_channels, *size)
 
     def unfused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
