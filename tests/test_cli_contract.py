@@ -25,14 +25,55 @@ def world(tmp_path_factory):
     (root / "file").write_text("a file, not a folder")
     (root / "summary.json").write_text("{not json")
     (root / "folder").mkdir()
-    (root / "mine.py").write_text("import torch\n\ndef small():\n    return torch.nn.Sequential("
-                                  "torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))\n\n"
-                                  "def not_a_model():\n    return 3\n")
+    (root / "mine.py").write_text(MINE)
+    (root / "exits.py").write_text("import sys\nsys.exit(7)\n")
+    (root / "existing.onnx").write_bytes(b"a user's file")
+    for name, manifest in (("empty_study", "{}"), ("list_study", "[1, 2]"),
+                           ("other_study", '{"name": "another tool", "version": 3}')):
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_text(manifest)
     return {"root": root, "data": str(data), "run": str(run), "ckpt": str(run / "last.pt"),
+            "exits": str(root / "exits.py"), "existing": str(root / "existing.onnx"),
+            "empty_study": str(root / "empty_study"), "list_study": str(root / "list_study"),
+            "other_study": str(root / "other_study"),
             "empty": str(root / "empty.pt"), "corrupt": str(root / "corrupt.pt"),
             "file": str(root / "file"), "under_file": str(root / "file" / "x"),
             "folder": str(root / "folder"), "missing": str(root / "missing"),
             "bad_summary": str(root / "summary.json"), "mine": str(root / "mine.py")}
+
+
+MINE = """import torch
+
+
+def small():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
+
+
+def not_a_model():
+    return 3
+
+
+class _Dict(torch.nn.Module):
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, num_classes, 3)
+
+    def forward(self, x):
+        return {"logits": self.conv(x).mean((2, 3))}
+
+
+class _Two(_Dict):
+    def forward(self, x, mask):
+        return self.conv(x * mask).mean((2, 3))
+
+
+def returns_dict(in_channels=3, num_classes=10):
+    return _Dict(in_channels, num_classes)
+
+
+def takes_two(in_channels=3, num_classes=10):
+    return _Two(in_channels, num_classes)
+"""
 
 
 def _snapshot(folder):
@@ -166,6 +207,45 @@ CASES = [
                 "--groups", "conv2a=2"], "--groups cannot change a trained checkpoint's model"),
     ("export", ["nin", "--format", "onnx", "--out", "{missing}/m", "--batch-size", "0"],
      "--batch-size must be a whole number >= 1"),
+    # outputs: nothing is replaced without being asked, a run's own files never
+    ("export", ["nin", "--format", "torchscript", "--out", "{ckpt}"],
+     "last.pt is a file of the run in"),
+    ("export", ["nin", "--format", "torchscript", "--out", "{ckpt}", "--overwrite"],
+     "another command never replaces it"),
+    ("export", ["nin", "--format", "onnx", "--out", "{existing}"],
+     "existing.onnx already exists; add --overwrite to replace it"),
+    ("plot-costs", ["nin", "nin-root-8", "--out", "{run}/summary.json"],
+     "summary.json is a file of the run in"),
+    ("plot-results", ["{run}/summary.json", "--out", "{run}/last.pt"],
+     "last.pt is a file of the run in"),
+    ("plot-results", ["{run}/summary.json", "--out", "{existing}"], "already exists"),
+    ("bench", ["nin", "--layers", "--plot", "{run}/curves.png"], "curves.png is a file of the run"),
+    # a study folder that is not a deeproots study
+    ("study", ["--report", "{empty_study}"], "is not a deeproots study manifest (family, data"),
+    ("study", ["--report", "{list_study}"], "is not a deeproots study manifest (a JSON list"),
+    ("study", ["--report", "{other_study}"], "is not a deeproots study manifest"),
+    ("study", ["nin", "--out", "{other_study}", "--data-dir", "{data}"],
+     "is not a deeproots study manifest"),
+    # models deeproots cannot feed one batch of images, or files that exit
+    ("train", ["{mine}:returns_dict", "--data-dir", "{data}", "--out", "{missing}/a",
+               "--device", "cpu", "--batch-size", "16"], "returns a dict for a batch of shape (1, 1, 8, 8)"),
+    ("train", ["{mine}:takes_two", "--data-dir", "{data}", "--out", "{missing}/a",
+               "--device", "cpu", "--batch-size", "16"], "cannot run a batch of shape (1, 1, 8, 8) (TypeError"),
+    ("bench", ["{mine}:returns_dict", "--input-size", "3,8,8", "--batch-size", "2"],
+     "returns a dict"),
+    ("bench", ["{mine}:takes_two", "--input-size", "3,8,8", "--batch-size", "2"],
+     "missing 1 required positional argument: 'mask'"),
+    ("export", ["{mine}:returns_dict", "--input-size", "3,8,8", "--format", "onnx", "--out",
+                "{missing}/d.onnx"], "returns a dict"),
+    ("export", ["{mine}:takes_two", "--input-size", "3,8,8", "--format", "onnx", "--out",
+                "{missing}/d.onnx"], "cannot run a batch"),
+    ("profile", ["{exits}:f", "--input-size", "3,8,8"], "called sys.exit(7)"),
+    ("train", ["{exits}:f", "--data-dir", "{data}", "--out", "{missing}/a", "--batch-size",
+               "16"],
+     "called sys.exit(7)"),
+    # names, choices and devices are refused before any data is looked for
+    ("train", ["nin", "--device", "cuda:x", "--out", "{missing}/a", "--data-dir", "{missing}"],
+     "device must be auto, cpu or cuda"),
 ]
 COMMANDS = sorted({c for c, _, _ in CASES})
 
@@ -233,3 +313,18 @@ def test_the_allocator_keeps_a_users_preload(monkeypatch):
     runtime.reexec_with_jemalloc(["list"], "auto")
     assert seen["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /opt/mine.so"
     assert "dirty_decay_ms:-1" in seen["MALLOC_CONF"]
+
+
+def test_a_defect_inside_deeproots_keeps_its_traceback(monkeypatch, capsys):
+    """Only deeproots' own errors (DeeprootsError) are one line; a bug shows its traceback
+    and asks to be reported, instead of passing for bad input."""
+    import deeproots.registry as R
+
+    def broken(pattern="*"):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(R, "list_models", broken)
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'a bug'" in err
+    assert "internal error" in err and "please report it" in err

@@ -185,3 +185,16 @@ def test_openvino_is_refused_under_jemalloc(monkeypatch, capsys):
     model = deeproots.create_model("nin")
     with pytest.raises(ValueError, match="'openvino' aborts the process under a preloaded"):
         build_path(model, torch.randn(1, 3, 32, 32), "openvino")
+
+
+def test_optimize_for_inference_says_what_it_takes():
+    import deeproots
+
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"optimize_for_inference takes an nn.Module; got str "
+                                         r"'nin' \(build it first: deeproots.create_model"):
+        deeproots.optimize_for_inference("nin", x)
+    model = deeproots.create_model("nin-root-8").eval()
+    with pytest.raises(ValueError, match=r"path 'onnxruntime' runs float32 only; got dtype "
+                                         r"torch.bfloat16"):
+        deeproots.optimize_for_inference(model, x, "onnxruntime", dtype=torch.bfloat16)

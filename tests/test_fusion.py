@@ -10,6 +10,7 @@ from helpers import trained_like
 
 triton = pytest.importorskip("triton")
 from deeproots.kernels import fused_root as R  # noqa: E402
+from deeproots.kernels import _common as C  # noqa: E402
 from deeproots.kernels import grouped_conv as K  # noqa: E402
 from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_bad_input(monkeypatch):
     with pytest.raises(ValueError, match=r"512 output channels per group \(the kernel holds "
                                          r"at most 256\)"):
         R.fused_root_conv(t(1, 16, 2, 2), t(512, 16, 1, 1), None, t(8, 512, 1, 1), None)
-    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(C, "INTERPRET", False)
     x, w1, w2 = x.cpu(), w1.cpu(), w2.cpu()
     with pytest.raises(ValueError, match="runs on CUDA GPUs; got an input on cpu"):
         R.fused_root_conv(x, w1, None, w2, None, padding=1, groups=2)

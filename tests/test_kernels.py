@@ -10,6 +10,7 @@ import deeproots
 from helpers import trained_like
 
 triton = pytest.importorskip("triton")
+from deeproots.kernels import _common as C  # noqa: E402
 from deeproots.kernels import grouped_conv as K  # noqa: E402
 from deeproots.kernels import modules as M  # noqa: E402
 
@@ -209,7 +210,7 @@ def test_bad_input(monkeypatch):
         K.grouped_conv2d(x, w, stride=0, groups=4)
     with pytest.raises(ValueError, match="leaves no output on a 4x4 input"):
         K.grouped_conv2d(x, torch.randn(8, 2, 7, 7, device=DEVICE), groups=4)
-    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(C, "INTERPRET", False)
     with pytest.raises(ValueError, match="runs on CUDA GPUs; got an input on cpu"):
         K.grouped_conv2d(x.cpu(), w.cpu(), groups=4)
 

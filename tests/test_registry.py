@@ -83,3 +83,12 @@ def test_schedule_rows_follow_the_stated_rules():
     with pytest.raises(ValueError, match="unknown nin variant 'root-3'"):
         resolve("nin", "root-3")
     assert deeproots.registry.model_entry("googlenet-root-4").variant == "root-4"
+
+
+def test_keyword_arguments_of_the_wrong_type_are_refused():
+    with pytest.raises(ValueError, match=r"googlenet: aux_logits must be True or False; got "
+                                         r"'no'"):
+        deeproots.create_model("googlenet", aux_logits="no")
+    with pytest.raises(ValueError, match=r"nin: num_classes must be a whole number; got 10.5"):
+        deeproots.create_model("nin", num_classes=10.5)
+    assert deeproots.create_model("googlenet", aux_logits=False).aux_logits is False

@@ -169,3 +169,37 @@ def test_an_interrupted_study_says_how_to_continue(monkeypatch, capsys, tmp_path
     assert main(["study", "nin", "--out", str(tmp_path)]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "Run the same command again to continue the study" in err and "Traceback" not in err
+
+
+def test_a_run_another_study_is_training_is_skipped_and_never_touched(data_dir, tmp_path,
+                                                                       capsys):
+    """Two studies into one --out: the second sees the first's lock on a run and leaves that
+    folder alone (it used to remove it before taking the lock)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "study"
+    settings = dict(data_dir=data_dir, batch_size=16, device="cpu", download=False,
+                    limit_train_batches=1)
+    busy = out / "runs" / "nin-seed0"
+    busy.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (busy / ".lock").write_text(f"{sleeper.pid}\n")
+        (busy / "metrics.jsonl").write_text("")  # the other study's run, before its checkpoint
+        (out / "manifest.json").write_text(json.dumps({
+            "family": "nin", "data": "fashion-mnist", "epochs": 1,
+            "models": ["nin", "nin-root-4"], "seeds": [0], "settings": {
+                "epochs": 1, "data": "fashion-mnist", **settings}}))
+        with pytest.raises(ValueError, match="has no finished run of nin"):
+            run_study("nin", variants=["root-4"], seeds=1, epochs=1, out=out, progress=False,
+                      **settings)
+        assert sorted(p.name for p in busy.iterdir()) == [".lock", "metrics.jsonl"]
+        assert "nin-seed0 is being trained by process" in capsys.readouterr().err
+        assert (out / "runs" / "nin-root-4-seed0" / "summary.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    report = run_study("nin", variants=["root-4"], seeds=1, epochs=1, out=out, progress=False,
+                       **settings)  # its process is gone: the run is trained now
+    assert [v.n for v in report.variants] == [1, 1] and report.held == []

@@ -19,12 +19,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import DeeprootsError
 from .checks import check_number, check_optional_positive, check_positive
 from .layers import conv_layers
 from .plots import plot_covariance_pair, plot_filters, plot_matrix_grid
-from .runtime import check_output_dir, write_json, write_text
+from .rundir import check_new_folder
+from .runtime import write_json, write_text
 
 __all__ = [
+    "REPORT_FILES",
     "PairStats",
     "upsample_to",
     "collect_pair_stats",
@@ -37,6 +40,8 @@ __all__ = [
     "analyze",
     "format_score",
 ]
+
+REPORT_FILES = ("analysis.json", "report.md")  # an analysis folder's own files
 
 
 def upsample_to(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -75,7 +80,7 @@ class PairStats:
 
     def _cov(self, s_xy, s_x, s_y) -> torch.Tensor:
         if self.n < 2:
-            raise ValueError(f"covariance needs at least 2 samples; got {self.n}")
+            raise DeeprootsError(f"covariance needs at least 2 samples; got {self.n}")
         return (s_xy - torch.outer(s_x, s_y) / self.n) / (self.n - 1)
 
     def cov_ab(self) -> torch.Tensor:
@@ -93,7 +98,7 @@ def zca_matrix(cov: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """ZCA whitening matrix W = P (D + eps)^(-1/2) P^T of a covariance C = P D P^T
     (equations 3-8): W C W^T is the identity when eps is 0."""
     if eps < 0:
-        raise ValueError(f"eps must be >= 0; got {eps}")
+        raise DeeprootsError(f"eps must be >= 0; got {eps}")
     d, p = torch.linalg.eigh(cov)
     d = d.clamp_min(0)
     return p @ torch.diag((d + eps).rsqrt()) @ p.T
@@ -115,7 +120,7 @@ def correlation(cov: torch.Tensor) -> torch.Tensor:
 def block_mask(rows: int, cols: int, groups: int) -> torch.Tensor:
     """True on the ``groups`` diagonal blocks of a rows x cols matrix."""
     if groups < 1 or rows % groups or cols % groups:
-        raise ValueError(f"{groups} groups do not divide a {rows} x {cols} matrix")
+        raise DeeprootsError(f"{groups} groups do not divide a {rows} x {cols} matrix")
     r = torch.arange(rows) // (rows // groups)
     c = torch.arange(cols) // (cols // groups)
     return r[:, None] == c[None, :]
@@ -147,8 +152,9 @@ def _response_modules(model: nn.Module, names: Iterable[str]) -> Dict[str, nn.Mo
     out = {}
     for name in names:
         if name not in modules:
-            raise ValueError(f"no layer {name!r} in {getattr(model, 'name', type(model).__name__)}"
-                             f"; conv layers: {', '.join(conv_layers(model))}")
+            model_name = getattr(model, "name", type(model).__name__)
+            raise DeeprootsError(f"no layer {name!r} in {model_name}; conv layers: "
+                                 f"{', '.join(conv_layers(model))}")
         out[name] = modules[name]
     return out
 
@@ -191,7 +197,7 @@ def collect_pair_stats(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
             h.remove()
         model.train(was_training)
     if not stats:
-        raise ValueError("no batches were analysed; the data is empty")
+        raise DeeprootsError("no batches were analysed; the data is empty")
     return stats
 
 
@@ -216,9 +222,11 @@ def first_layer_filters(model: nn.Module) -> Tuple[str, torch.Tensor, int]:
 
 
 def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] = None,
-            eps: float = 1e-5, blocks: int = 4, device=None, progress: bool = False) -> dict:
+            eps: float = 1e-5, blocks: int = 4, device=None, progress: bool = False,
+            overwrite: bool = False) -> dict:
     """Covariance, correlation and filter figures for ``model`` on ``batches``, written to
-    ``out`` with ``analysis.json`` and ``report.md``. Returns the analysis dict.
+    ``out`` with ``analysis.json`` and ``report.md``. Returns the analysis dict. A folder
+    that holds an analysis already is written over only with ``overwrite``.
 
     For each adjacent conv pair (a -> b) the block-diagonality score uses b's filter groups,
     or ``blocks`` groups where b is ungrouped (so an orig model is scored on the same
@@ -226,10 +234,10 @@ def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] 
     check_number("eps", eps)
     check_positive("blocks", blocks)
     check_optional_positive("max_batches", max_batches)
-    out = check_output_dir(out)
+    out = check_new_folder(out, REPORT_FILES, overwrite=overwrite)
     pairs = adjacent_pairs(model)
     if not pairs:
-        raise ValueError("the model has no adjacent conv layers to analyse")
+        raise DeeprootsError("the model has no adjacent conv layers to analyse")
     stats = collect_pair_stats(model, batches, pairs, max_batches, device, progress)
     out.mkdir(parents=True, exist_ok=True)
     convs = conv_layers(model)

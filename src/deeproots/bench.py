@@ -14,10 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import DeeprootsError
 from .checks import check_choice, check_positive, check_whole
 from .config import COMPILE_MODES, DTYPES, LAYER_PATHS, MODES, PATHS
 from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino_compile
-from .layers import layer_name, main_logits
+from .layers import example_logits, layer_name
 from .paper import PAPER_TABLES, paper_timings
 from .costs import parse_input_size, profile
 from .registry import build_model, check_model_spec
@@ -103,17 +104,17 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     pass as twice the forward. A batch that runs out of GPU memory is halved and tried
     again, as timm's benchmark does; the rows say so in ``notes``."""
     if not names:
-        raise ValueError("name at least one model to time (deeproots list shows them)")
+        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
     for name in names:
         check_model_spec(name)  # unknown names fail before anything is built
     check_positive("batch size", batch_size)
     _check_dtype(dtype)
     for p in paths:
         if p not in PATHS:
-            raise ValueError(f"unknown path {p!r}; accepted: {', '.join(PATHS)}")
+            raise DeeprootsError(f"unknown path {p!r}; accepted: {', '.join(PATHS)}")
     for m in modes:
         if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
+            raise DeeprootsError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
     if compile is not None:
         check_choice("compile", compile, COMPILE_MODES)
     device = str(resolve_device(device, accepted=("cpu", "cuda")))
@@ -128,7 +129,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
                           input_size, dict(compile=compile, grouped_conv=grouped_conv), detail)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
-                raise ValueError(f"one image runs out of memory on {device}") from None
+                raise DeeprootsError(f"one image runs out of memory on {device}") from None
             notes.append(f"batch {batch_size} ran out of memory on {device}; halved to "
                          f"{batch_size // 2}")
             batch_size //= 2
@@ -149,10 +150,10 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     if hasattr(first, "check_input"):
         first.check_input(torch.empty(1, *size, device="meta"))
     x = torch.randn(batch_size, *size, device=device)
+    # each model runs one image first: one line for a model that cannot be timed
+    classes = {n: example_logits(m, x[:1], n).shape[1] for n, m in models.items()}[names[0]]
     y = None
-    if "train" in modes:  # labels in the model's class range: count its outputs once
-        with torch.no_grad():
-            classes = main_logits(first(x[:1])).shape[1]
+    if "train" in modes:  # labels in the model's class range
         y = torch.randint(0, classes, (batch_size,), device=device)
     macs = {n: profile(m, size).macs for n, m in models.items()}
     cuda = device.startswith("cuda")
@@ -278,8 +279,8 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     the timing runs on an eval-mode copy.
     """
     if path not in LAYER_PATHS:
-        raise ValueError(f"per-layer timing supports paths {', '.join(LAYER_PATHS)}; "
-                         f"got {path!r}")
+        raise DeeprootsError(f"per-layer timing supports paths {', '.join(LAYER_PATHS)}; "
+                             f"got {path!r}")
     _check_dtype(dtype)
     check_positive("repeats", repeats)
     check_whole("warmup", warmup)
@@ -289,7 +290,8 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
     category = {c.name: _category(c) for c in costs}
     if path == "openvino":
         if example.device.type != "cpu":
-            raise ValueError(f"path 'openvino' runs on the CPU; got an input on {example.device}")
+            raise DeeprootsError(f"path 'openvino' runs on the CPU; got an input on "
+                                 f"{example.device}")
         check_path(path, TORCH_DTYPES[dtype])  # the same checks as the timed path
         total, times, kinds = _openvino_layer_times(model, example, TORCH_DTYPES[dtype],
                                                     repeats, warmup)
@@ -331,9 +333,9 @@ def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
     batch; ``on_result`` is called as each one is ready (to print it)."""
     for path in paths:
         if path not in LAYER_PATHS:
-            raise ValueError(f"--layers times paths {', '.join(LAYER_PATHS)}; got {path!r}")
+            raise DeeprootsError(f"--layers times paths {', '.join(LAYER_PATHS)}; got {path!r}")
     if not names:
-        raise ValueError("name at least one model to time (deeproots list shows them)")
+        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
     for name in names:
         check_model_spec(name)
     check_positive("batch size", batch_size)

@@ -1,19 +1,18 @@
-"""One validator per kind of value, each raising a one-line ValueError that names the setting,
-the value given and what is accepted. Torch-free, so the command line can use them before
-torch is imported."""
+"""One validator per kind of value, each raising a one-line DeeprootsError (a ValueError)
+that names the setting, the value given and what is accepted. Torch-free, so the command
+line can use them before torch is imported."""
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["GroupsError", "check_whole", "check_positive", "check_optional_positive", "check_number",
-           "check_choice", "check_device", "check_groups_mapping", "check_seed", "listed"]
+from .errors import DeeprootsError, GroupsError
+
+__all__ = ["GroupsError", "check_whole", "check_positive", "check_optional_positive",
+           "check_number", "check_choice", "check_device", "check_groups_mapping", "check_seed",
+           "listed"]
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
-
-
-class GroupsError(ValueError):
-    """A groups mapping that cannot be applied to a model."""
 
 
 def listed(values: Sequence[Any]) -> str:
@@ -25,7 +24,7 @@ def listed(values: Sequence[Any]) -> str:
 def check_whole(name: str, value: Any, minimum: int = 0) -> int:
     """``value`` if it is a whole number >= ``minimum``, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}; got {value!r}")
+        raise DeeprootsError(f"{name} must be a whole number >= {minimum}; got {value!r}")
     return value
 
 
@@ -39,7 +38,7 @@ def check_optional_positive(name: str, value: Any) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1 or None; got {value!r}")
+        raise DeeprootsError(f"{name} must be a whole number >= 1 or None; got {value!r}")
     return value
 
 
@@ -50,21 +49,21 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = 
           and math.isfinite(value) and (value > minimum if strict else value >= minimum))
     if not ok:
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+        raise DeeprootsError(f"{name} must be a finite number {bound}; got {value!r}")
     return float(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise DeeprootsError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
 
 
 def check_seed(value: Any) -> int:
     """A random seed: a whole number from 0 to 2**63 - 1."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
-        raise ValueError(f"seed must be a whole number from 0 to {SEED_MAX}; got {value!r}")
+        raise DeeprootsError(f"seed must be a whole number from 0 to {SEED_MAX}; got {value!r}")
     return value
 
 
@@ -73,7 +72,7 @@ def check_device(name: Any, accepted: Sequence[str] = ("auto", "cpu", "cuda")) -
     if isinstance(name, str) and (name in accepted or (
             "cuda" in accepted and name.startswith("cuda:") and name[5:].isdigit())):
         return name
-    raise ValueError(f"device must be {listed(accepted)}; got {name!r}")
+    raise DeeprootsError(f"device must be {listed(accepted)}; got {name!r}")
 
 
 def check_groups_mapping(groups: Any) -> Mapping[str, int]:

@@ -28,6 +28,7 @@ import sys
 from dataclasses import MISSING, asdict, fields
 from typing import Dict, List, Optional
 
+from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
 from .config import (COMPILE_MODES, DATA_HELP, DTYPES, GROUPED_CONV, LAYER_PATHS, MODES,
@@ -37,6 +38,7 @@ from .paper import PAPER_TABLES, TIMED_TABLES
 __all__ = ["main", "build_parser"]
 
 ALLOCATORS = ("auto", "jemalloc", "system")
+OVERWRITE_HELP = "replace the file if it exists (a run's own files are never replaced)"
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
@@ -95,7 +97,7 @@ def _groups(items: Optional[List[str]]) -> Optional[Dict[str, int]]:
     for item in items:
         layer, sep, value = item.rpartition("=")
         if not sep or not layer or not value.strip().isdigit():
-            raise ValueError(
+            raise DeeprootsError(
                 f"--groups takes LAYER=GROUPS (e.g. conv2a=8 or 'layer1.*.conv2=4'); got {item!r}"
             )
         mapping[layer] = int(value)  # a layer given twice: the last value wins
@@ -175,7 +177,7 @@ def cmd_list(args) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        raise ValueError(f"no model matches {args.pattern!r}; `deeproots list` shows all names")
+        raise DeeprootsError(f"no model matches {args.pattern!r}; `deeproots list` shows all names")
     if not args.verbose:
         print("\n".join(names))
         return 0
@@ -223,27 +225,22 @@ def cmd_table(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The run's config: the flags given over the defaults, or with --resume over the
-    settings the run was started with."""
-    from .train import config_from_checkpoint, default_out
-
-    from .registry import is_user_model
+    settings the run was started with (:func:`deeproots.checkpoint.resume_config`, the one
+    rule the library uses too)."""
+    from .checkpoint import resume_config
+    from .train import default_out
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
         if "model" not in given:
-            raise ValueError("name a model to train (deeproots list shows them), or continue "
-                             "a run with --resume --out DIR")
+            raise DeeprootsError("name a model to train (deeproots list shows them), or "
+                                 "continue a run with --resume --out DIR")
         return TrainConfig(**given)
     out = given.get("out") or str(default_out(TrainConfig(**given)))
-    last = os.path.join(out, "last.pt")
-    if not os.path.exists(last):  # train() says what is missing
+    if not os.path.exists(os.path.join(out, "last.pt")):  # train() says what is missing
         return TrainConfig(**{**given, "out": out})
-    saved = asdict(config_from_checkpoint(last))
-    if is_user_model(saved["model"]) and "model" not in given:
-        raise ValueError(f"this run's model is built by {saved['model']}; deeproots never runs "
-                         f"code named in a checkpoint: resume with deeproots train "
-                         f"{saved['model']} --resume --out {out}")
-    return TrainConfig(**{**saved, **given, "out": out})
+    TrainConfig(**given).check()  # the flags' own ranges first, before the checkpoint
+    return resume_config(out, given)
 
 
 def cmd_train(args) -> int:
@@ -253,8 +250,7 @@ def cmd_train(args) -> int:
     try:
         summary = train(cfg)
     except Interrupted as stop:
-        out = os.path.dirname(stop.checkpoint)
-        print(f"{stop}. Resume with: deeproots train --resume --out {out}", file=sys.stderr)
+        print(f"{stop}. Resume with: {stop.command}", file=sys.stderr)
         return 128 + stop.signum
     except TrainingDiverged as err:
         print(f"deeproots train: error: {err}", file=sys.stderr)
@@ -264,8 +260,7 @@ def cmd_train(args) -> int:
     print(f"{summary.model} on {summary.data}: top-1 {summary.top1:.4f}, top-5 "
           f"{summary.top5:.4f} after {summary.epochs} epochs ({summary.wall_s:.0f} s, "
           f"{summary.train_images_per_s:.0f} training img/s)")
-    print(f"wrote {summary.out}/: last.pt, best.pt (checkpoints), metrics.jsonl, metrics.csv, "
-          f"summary.json, curves.png")
+    print(f"wrote {summary.out}/: {', '.join(summary.files)}")
     return 0
 
 
@@ -293,13 +288,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import analyze, format_score
-    from .runtime import check_output_dir
+    from .analysis import REPORT_FILES, analyze, format_score
+    from .rundir import check_new_folder
 
-    check_output_dir(args.out)  # before the checkpoint and the data are loaded
+    # before the checkpoint and the data are loaded
+    check_new_folder(args.out, REPORT_FILES, overwrite=args.overwrite)
     model, test_loader, _, _, _ = _load_for_eval(args)
     result = analyze(model, test_loader.batches(), args.out, max_batches=args.max_batches,
-                     eps=args.eps, blocks=args.blocks, progress=sys.stderr.isatty())
+                     eps=args.eps, blocks=args.blocks, progress=sys.stderr.isatty(),
+                     overwrite=args.overwrite)
     print(f"{result['model']}: block-diagonality of inter-layer covariance")
     for key, p in result["pairs"].items():
         print(f"  {key:16s} groups {p['groups']:>2}  block score raw "
@@ -312,24 +309,26 @@ def cmd_analyze(args) -> int:
 def cmd_plot_costs(args) -> int:
     from .plots import plot_costs
 
-    print(f"wrote {plot_costs(args.model_a, args.model_b, args.out, args.input_size)}")
+    out = plot_costs(args.model_a, args.model_b, args.out, args.input_size,
+                     overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_plot_results(args) -> int:
     from .plots import plot_results
 
-    print(f"wrote {plot_results(args.summaries, args.out)}")
+    print(f"wrote {plot_results(args.summaries, args.out, overwrite=args.overwrite)}")
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .runtime import check_output_file
+    from .rundir import check_new_file
 
     if args.plot:
         if not args.layers:
-            raise ValueError("--plot draws per-layer times: add --layers")
-        check_output_file(args.plot, "--plot")  # before the timing, which it would lose
+            raise DeeprootsError("--plot draws per-layer times: add --layers")
+        check_new_file(args.plot, "--plot", args.overwrite)  # before the timing it would lose
     common = dict(device=args.device, threads=args.threads, dtype=args.dtype,
                   repeats=args.repeats, warmup=args.warmup, input_size=args.input_size)
     if args.paper:
@@ -340,12 +339,12 @@ def cmd_bench(args) -> int:
 
     if "train" not in args.mode and (args.compile or args.detail or
                                      args.grouped_conv != "native"):
-        raise ValueError("--compile, --grouped-conv and --detail set the training step: add "
-                         "--mode train")
+        raise DeeprootsError("--compile, --grouped-conv and --detail set the training step: add "
+                             "--mode train")
     if args.mode == ["train"] and args.dtype != "float32":
-        raise ValueError(f"--dtype {args.dtype} sets the inference precision; --mode train "
-                         f"follows deeproots train's recipe (bf16 autocast on CUDA, float32 "
-                         f"on CPU)")
+        raise DeeprootsError(f"--dtype {args.dtype} sets the inference precision; --mode train "
+                             f"follows deeproots train's recipe (bf16 autocast on CUDA, float32 "
+                             f"on CPU)")
     rows = bench_models(args.models, batch_size=args.batch_size or 128, paths=args.path,
                         modes=args.mode, compile=args.compile, grouped_conv=args.grouped_conv,
                         detail=args.detail, **common)
@@ -361,11 +360,11 @@ def _bench_paper(args, common) -> int:
     from .paper import format_timings
 
     if args.models:
-        raise ValueError(f"--paper {args.paper} times that table's models; name no models "
-                         f"(got {' '.join(args.models)})")
+        raise DeeprootsError(f"--paper {args.paper} times that table's models; name no models "
+                             f"(got {' '.join(args.models)})")
     if args.layers:
-        raise ValueError("--paper times whole forward passes; --layers and --plot take model "
-                         "names instead (deeproots bench MODEL... --layers)")
+        raise DeeprootsError("--paper times whole forward passes; --layers and --plot take model "
+                             "names instead (deeproots bench MODEL... --layers)")
     rows = bench_paper(args.paper, batch_size=args.batch_size, paths=args.path, **common)
     if args.json:
         _print_json([r.to_dict() for r in rows])
@@ -385,7 +384,7 @@ def _bench_layers(args, common) -> int:
     if args.plot:
         from .plots import plot_layer_times
 
-        out = plot_layer_times(results, args.plot)
+        out = plot_layer_times(results, args.plot, overwrite=args.overwrite)
         print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -399,7 +398,7 @@ def cmd_rootify(args) -> int:
 
     model = build_model(args.model)
     if args.input_size is None and getattr(model, "default_input_size", None) is None:
-        raise ValueError(f"{args.model} has no default input size; give --input-size C,H,W")
+        raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
     x = torch.zeros(1, *parse_input_size(args.input_size, model))
     _, report = rootify(model, args.schedule, example_input=x, ignore=args.ignore,
                         macs=args.macs, params=args.params, regroup=args.regroup)
@@ -412,12 +411,12 @@ def cmd_study(args) -> int:
 
     if args.report:
         if args.family:
-            raise ValueError(f"--report rebuilds the study in {args.report}; name no family "
-                             f"(got {args.family})")
+            raise DeeprootsError(f"--report rebuilds the study in {args.report}; name no family "
+                                 f"(got {args.family})")
         report = study_report(args.report)
     else:
         if not args.family:
-            raise ValueError("name a model family to study (e.g. nin), or --report DIR")
+            raise DeeprootsError("name a model family to study (e.g. nin), or --report DIR")
         given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if hasattr(args, f.name) and f.name not in STUDY_SETTINGS}
         from .train import Interrupted
@@ -433,6 +432,8 @@ def cmd_study(args) -> int:
     print(report.table())
     if report.missing or report.corrupt:
         print(f"not finished: {', '.join(report.missing + report.corrupt)}")
+    if report.held:
+        print(f"trained by another process, skipped here: {', '.join(report.held)}")
     print(f"wrote {report.out}/: study.md, study.csv, study.json, accuracy.png")
     return 0
 
@@ -487,25 +488,32 @@ def cmd_export(args) -> int:
 
     from .costs import parse_input_size
     from .deploy import export
-    from .runtime import check_output_file
+    from .rundir import check_new_file
 
-    check_output_file(args.out)
+    check_new_file(args.out, overwrite=args.overwrite)
     if args.checkpoint:
         ignored = [f for f, v in (("--num-classes", args.num_classes),
                                   ("--in-channels", args.in_channels),
                                   ("--groups", args.groups)) if v]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} cannot change a trained checkpoint's model; "
-                             f"export --checkpoint takes the model it was trained as")
+            raise DeeprootsError(f"{', '.join(ignored)} cannot change a trained checkpoint's "
+                                 f"model; export --checkpoint takes the model it was trained as")
+        from .checkpoint import load_checkpoint, model_from_checkpoint
         from .registry import is_user_model
-        from .train import load_checkpoint, model_from_checkpoint
 
-        model = model_from_checkpoint(load_checkpoint(args.checkpoint), args.checkpoint,
+        state = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(state, args.checkpoint,
                                       args.model if is_user_model(args.model) else None)
+        trained = state.get("data") if isinstance(state.get("data"), dict) else {}
+        if args.input_size is None and trained.get("image_size"):
+            # the size the run was trained at (Fashion-MNIST: 1x28x28), not the model's default
+            args.input_size = (int(trained.get("in_channels", model.in_channels)),
+                               int(trained["image_size"]), int(trained["image_size"]))
     else:
         model = _build(args)
     size = parse_input_size(args.input_size, model)
-    export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format)
+    export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format,
+           overwrite=args.overwrite)
     print(f"wrote {args.out} ({args.format}, batch norm folded, input {size})")
     return 0
 
@@ -580,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_number, default=1e-5, help="ZCA whitening epsilon (>= 0)")
     p.add_argument("--blocks", type=positive["--blocks"], default=4,
                    help="blocks to score ungrouped layers on (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an analysis already in --out")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("plot-costs", help="per-layer costs of two models (Figure 15)")
@@ -587,12 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_b")
     p.add_argument("--input-size", type=_input_size, default=None)
     p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_costs)
 
     p = sub.add_parser("plot-results", help="accuracy vs costs from summary.json files "
                        "(Figures 5, 8, 9)")
     p.add_argument("summaries", nargs="+", help="summary.json files of training runs")
     p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_results)
 
     p = sub.add_parser("bench", help="time models side by side (ms per image)")
@@ -626,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"per-layer times instead (paths {', '.join(LAYER_PATHS)})")
     p.add_argument("--plot", metavar="PNG", help="with --layers: a bar chart of where the "
                    "time goes, by kind of layer")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -683,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="export the trained weights of this checkpoint")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--batch-size", type=positive["--batch-size"], default=1)
     p.add_argument("--input-size", type=_input_size, default=None)
     _add_model_options(p)
@@ -708,12 +721,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
-    except (ValueError, OSError) as err:  # DataError, CheckpointError, GroupsError: ValueError
+    except DeeprootsError as err:  # bad input: DataError, CheckpointError, GroupsError, ...
+        print(f"deeproots {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine said no (a full disk, a folder not writable)
+        if err.errno is None:
+            raise
         print(f"deeproots {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a defect in deeproots: keep the traceback, ask for a report
+        import traceback
+
+        traceback.print_exc()
+        print(f"deeproots {args.command}: internal error (the traceback above is a bug in "
+              f"deeproots {__version__}, not in your input); please report it with the "
+              f"command you ran", file=sys.stderr)
+        return 1
 
 
 def _one_line(err: BaseException) -> str:

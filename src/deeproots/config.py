@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from .errors import DeeprootsError
 from .checks import (check_choice, check_device, check_number, check_optional_positive,
                      check_positive, check_seed, check_whole)
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS", "LAYER_PATHS",
-           "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV"]
+__all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
+           "LAYER_PATHS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
+           "setting_differences", "given_settings"]
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
@@ -103,7 +105,7 @@ class TrainConfig:
         check_number("lr", self.lr, strict=True)
         check_number("momentum", self.momentum)
         if self.momentum >= 1:
-            raise ValueError(f"momentum must be from 0 to below 1; got {self.momentum!r}")
+            raise DeeprootsError(f"momentum must be from 0 to below 1; got {self.momentum!r}")
         check_number("weight_decay", self.weight_decay)
         if self.warmup_epochs is not None:
             check_number("warmup_epochs", self.warmup_epochs)
@@ -112,8 +114,8 @@ class TrainConfig:
         check_number("checkpoint_every_min", self.checkpoint_every_min)
         for name in self.change:
             if name not in RESUMABLE_SETTINGS:
-                raise ValueError(f"change takes settings of the run ({', '.join(RESUMABLE_SETTINGS)})"
-                                 f"; got {name!r}")
+                raise DeeprootsError(f"change takes settings of the run "
+                                     f"({', '.join(RESUMABLE_SETTINGS)}); got {name!r}")
         for m in self.step_milestones:
             check_number("step_milestones", m)
         check_choice("schedule", self.schedule, LR_SCHEDULES)
@@ -130,6 +132,35 @@ class TrainConfig:
 RESUMABLE_SETTINGS = ("model", "rootify", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                       "schedule", "warmup_epochs", "step_milestones", "step_gamma", "aux_weight",
                       "seed", "image_size", "limit_train_batches")
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def setting_differences(saved: Mapping[str, Any], given: Mapping[str, Any],
+                        names: Sequence[str] = RESUMABLE_SETTINGS) -> List[tuple]:
+    """``(name, saved value, given value)`` for each setting in ``names`` that ``given``
+    sets to another value than ``saved`` holds (lists and tuples compare alike): the one
+    comparison behind a resumed run and a study's runs."""
+    out = []
+    for name in names:
+        if name not in given:
+            continue
+        old, new = _comparable(saved.get(name)), _comparable(given[name])
+        if old != new:
+            out.append((name, saved.get(name), given[name]))
+    return out
+
+
+def given_settings(cfg: "TrainConfig") -> Dict[str, Any]:
+    """The fields of ``cfg`` that differ from :class:`TrainConfig`'s defaults, and those it
+    names in ``change``: what a caller of the Python API set, when it resumes a run with a
+    config instead of the command line's flags."""
+    defaults = config_defaults(TrainConfig)
+    return {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)
+            if _comparable(getattr(cfg, f.name)) != _comparable(defaults[f.name])
+            or f.name in cfg.change}
 
 
 def config_defaults(cls) -> Dict[str, Any]:

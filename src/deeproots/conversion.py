@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .errors import DeeprootsError
 from .checks import check_groups_mapping, check_number
 from .costs import parse_input_size, profile
 from .layers import GroupsError, apply_groups, layer_name
@@ -45,8 +46,8 @@ def parse_schedule(schedule: str) -> Tuple[str, int]:
     """``"root-8"`` -> ``("root", 8)``; a ValueError naming the accepted forms otherwise."""
     match = _SCHEDULE.match(schedule.strip().lower()) if isinstance(schedule, str) else None
     if not match:
-        raise ValueError(f"schedule must be {SCHEDULE_FORMS}, or a mapping of layer names or "
-                         f"resolutions ('56x56') to groups; got {schedule!r}")
+        raise DeeprootsError(f"schedule must be {SCHEDULE_FORMS}, or a mapping of layer names or "
+                             f"resolutions ('56x56') to groups; got {schedule!r}")
     return match.group(1), int(match.group(2))
 
 
@@ -87,9 +88,9 @@ def trace_convs(model: nn.Module, example_input: torch.Tensor) -> List[ConvSite]
             runner(example_input)
     except Exception as err:  # a model that cannot run this input: say which and why
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        raise ValueError(f"could not run {type(model).__name__} on an example input of shape "
-                         f"{tuple(example_input.shape)} ({type(err).__name__}: {first}); give "
-                         f"an example_input the model takes") from None
+        raise DeeprootsError(f"could not run {type(model).__name__} on an example input of shape "
+                             f"{tuple(example_input.shape)} ({type(err).__name__}: {first}); give "
+                             f"an example_input the model takes") from None
     finally:
         for h in hooks:
             h.remove()
@@ -299,24 +300,24 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         regroup: also regroup convs that are already grouped (depthwise ones included).
     """
     if not isinstance(model, nn.Module):
-        raise ValueError(f"rootify takes an nn.Module; got {type(model).__name__}")
+        raise DeeprootsError(f"rootify takes an nn.Module; got {type(model).__name__}")
     if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        raise DeeprootsError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if (schedule is None) == (macs is None and params is None) or (macs is not None and
                                                                      params is not None):
-        raise ValueError("give a schedule (e.g. 'root-8') or one budget (macs=0.5 or "
-                         "params=0.5), not both and not neither")
+        raise DeeprootsError("give a schedule (e.g. 'root-8') or one budget (macs=0.5 or "
+                             "params=0.5), not both and not neither")
     example_input = _example(model, example_input)
     size = tuple(example_input.shape[1:])
     sites = trace_convs(model, example_input)
     bad = [p for p in ignore if not any(fnmatch.fnmatchcase(s.name, p) for s in sites)]
     if bad:
         close = difflib.get_close_matches(bad[0], [s.name for s in sites], n=4, cutoff=0.4)
-        raise ValueError(f"ignore {bad[0]!r} matches no conv layer"
-                         f"{'; closest: ' + ', '.join(close) if close else ''}")
+        raise DeeprootsError(f"ignore {bad[0]!r} matches no conv layer"
+                             f"{'; closest: ' + ', '.join(close) if close else ''}")
     if not any(s.spatial for s in sites):
-        raise ValueError(f"{type(model).__name__} has no spatial convolutions (kernel > 1) to "
-                         f"group; rootify groups 3x3, 5x5, ... convs")
+        raise DeeprootsError(f"{type(model).__name__} has no spatial convolutions (kernel > 1) to "
+                             f"group; rootify groups 3x3, 5x5, ... convs")
     before = profile(model, size)
     if schedule is None:
         schedule = _budget_schedule(sites, before, size[0], ignore, regroup, macs, params)
@@ -340,16 +341,16 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
 def _example(model: nn.Module, example_input) -> torch.Tensor:
     if example_input is None:
         if getattr(model, "default_input_size", None) is None:
-            raise ValueError(f"{type(model).__name__} has no default input size; give "
-                             f"example_input, e.g. torch.zeros(1, 3, 224, 224)")
+            raise DeeprootsError(f"{type(model).__name__} has no default input size; give "
+                                 f"example_input, e.g. torch.zeros(1, 3, 224, 224)")
         param = next(model.parameters(), None)
         return torch.zeros(1, *parse_input_size(None, model),
                            device=param.device if param is not None else "cpu")
     if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
         shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else \
             type(example_input).__name__
-        raise ValueError(f"example_input must be a batch of images shaped (N, C, H, W); got "
-                         f"{shape}")
+        raise DeeprootsError(f"example_input must be a batch of images shaped (N, C, H, W); got "
+                             f"{shape}")
     return example_input
 
 
@@ -381,9 +382,9 @@ def _budget_schedule(sites, before, in_channels, ignore, regroup, macs, params) 
         best = min(best, (fraction, n))
         n *= 2
     reach = f"root-{best[1]} reaches {best[0]:.3f}" if best[1] else "no root-N changes it"
-    raise ValueError(f"no root-N schedule brings {key} to {budget} of the model's; the "
-                     f"smallest fraction is {best[0]:.3f} ({reach}). Accepted: a budget of at "
-                     f"least {best[0]:.3f}, or fewer ignored layers")
+    raise DeeprootsError(f"no root-N schedule brings {key} to {budget} of the model's; the "
+                         f"smallest fraction is {best[0]:.3f} ({reach}). Accepted: a budget of at "
+                         f"least {best[0]:.3f}, or fewer ignored layers")
 
 
 def _report(schedule, size, sites, plan, before, after, init) -> RootifyReport:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import DeeprootsError, first_line
 from .layers import layer_name
 from .text import format_table
 
@@ -134,7 +135,7 @@ def parse_input_size(
     if input_size is None:
         default = getattr(model, "default_input_size", None)
         if default is None:
-            raise ValueError(
+            raise DeeprootsError(
                 f"{type(model).__name__} has no default input size; pass input_size, "
                 f"e.g. (3, 224, 224)"
             )
@@ -151,7 +152,7 @@ def parse_input_size(
     if len(size) != 3 or not all(
         isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size
     ):
-        raise ValueError(
+        raise DeeprootsError(
             f"input_size must be a positive int, (H, W) or (C, H, W); got {input_size!r}"
         )
     return size  # type: ignore[return-value]
@@ -210,12 +211,11 @@ def profile(
     try:
         with torch.no_grad(), counter:
             runner(x)
-    except ValueError:
+    except DeeprootsError:
         raise
-    except RuntimeError as err:
-        raise ValueError(
-            f"could not run {name} on a {size[0]}x{size[1]}x{size[2]} input: {err}"
-        ) from err
+    except Exception as err:  # the model cannot run this input: say which and why
+        raise DeeprootsError(f"could not run {name} on a {size[0]}x{size[1]}x{size[2]} input "
+                             f"({type(err).__name__}: {first_line(err)})") from err
     finally:
         for h in hooks:
             h.remove()

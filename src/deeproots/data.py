@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .errors import DataError, DeeprootsError
 from .runtime import atomic_write
 
 __all__ = [
@@ -54,10 +55,6 @@ __all__ = [
     "fashion_mnist_dirs",
     "dataset_names",
 ]
-
-
-class DataError(ValueError):
-    """Data that is missing, corrupt or not in the expected format."""
 
 
 @dataclass(frozen=True)
@@ -376,8 +373,8 @@ def random_crop_flip(images: torch.Tensor, pad: int, flip: bool,
 def check_batch_split(batch_size: int, world_size: int) -> int:
     """The per-process batch: ``batch_size`` must split evenly over the processes."""
     if batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} must be a multiple of the number of "
-                         f"processes ({world_size})")
+        raise DeeprootsError(f"batch size {batch_size} must be a multiple of the number of "
+                             f"processes ({world_size})")
     return batch_size // world_size
 
 
@@ -576,7 +573,7 @@ def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cp
                                world_size, workers, image_size, limit_train_batches,
                                limit_eval_batches)
     else:
-        raise ValueError(f"unknown data {data!r}; accepted: {', '.join(dataset_names())}")
+        raise DeeprootsError(f"unknown data {data!r}; accepted: {', '.join(dataset_names())}")
     # the table's spec, sized as the files really are (small test files, resized copies)
     spec = replace(DATASETS[name].spec, image_size=int(train[0].shape[-1]))
     common = dict(spec=spec, batch_size=batch_size, device=device, seed=seed, rank=rank,

@@ -29,8 +29,11 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from .errors import DeeprootsError
 from .checks import check_positive
 from .config import PATHS
+from .layers import example_logits
+from .rundir import check_new_file
 from .runtime import atomic_write, openvino_refusal
 from .timing import interleaved
 
@@ -41,6 +44,14 @@ __all__ = ["PATHS", "EXPORT_FORMATS", "fold_batchnorm", "check_path", "build_pat
 EXPORT_FORMATS = ("onnx", "torchscript")
 
 
+def _check_module(model, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        hint = (f" (build it first: deeproots.create_model({model!r}))"
+                if isinstance(model, str) else "")
+        raise DeeprootsError(f"{what} takes an nn.Module; got {type(model).__name__} "
+                             f"{model!r:.60}{hint}")
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every conv -> batch-norm pair folded into the conv's
     weights and bias (torch.fx's conv-bn fusion). Pre-activation BN, which comes before its
@@ -49,8 +60,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     try:
         return fuse(model, inplace=True)
     except Exception as err:  # a model FX cannot trace keeps its batch norm
-        raise ValueError(f"cannot fold batch norm of {type(model).__name__}: FX could not "
-                         f"trace it ({type(err).__name__}: {err})") from err
+        raise DeeprootsError(f"cannot fold batch norm of {type(model).__name__}: FX could not "
+                             f"trace it ({type(err).__name__}: {err})") from err
 
 
 class FastModel:
@@ -115,18 +126,18 @@ def available_paths() -> List[str]:
 def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
     """A ValueError unless this process can run ``path`` in ``dtype``."""
     if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
+        raise DeeprootsError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
     if path == "openvino" and openvino_refusal():
-        raise ValueError(openvino_refusal())
+        raise DeeprootsError(openvino_refusal())
     if path in ("onnxruntime", "openvino") and path not in available_paths():
-        raise ValueError(f"path {path!r} needs the {path} package: pip install {path}")
+        raise DeeprootsError(f"path {path!r} needs the {path} package: pip install {path}")
     if path in ("triton", "fused") and not _triton_installed():
-        raise ValueError(f"path {path!r} needs the triton package (pip install triton) and a "
-                         f"CUDA GPU")
+        raise DeeprootsError(f"path {path!r} needs the triton package (pip install triton) and a "
+                             f"CUDA GPU")
     if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
+        raise DeeprootsError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
     if dtype != torch.float32 and path == "onnxruntime":
-        raise ValueError(f"path {path!r} runs float32 only; got dtype {dtype}")
+        raise DeeprootsError(f"path {path!r} runs float32 only; got dtype {dtype}")
 
 
 def _triton_installed() -> bool:
@@ -209,9 +220,9 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
 
     interpreting = os.environ.get("TRITON_INTERPRET") == "1" and path != "cudagraph"
     if path != "dispatch" and example.device.type != "cuda" and not interpreting:
-        raise ValueError(f"path {path!r} runs on CUDA GPUs; got an input on "
-                         f"{example.device} (paths for this device: "
-                         f"{', '.join(available_paths())})")
+        raise DeeprootsError(f"path {path!r} runs on CUDA GPUs; got an input on "
+                             f"{example.device} (paths for this device: "
+                             f"{', '.join(available_paths())})")
     folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
     fused: List[str] = []
     kept: List[str] = []
@@ -266,7 +277,7 @@ class CudaGraphed:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda":
-            raise ValueError(f"a CUDA graph replays on a CUDA GPU; got an input on {x.device}")
+            raise DeeprootsError(f"a CUDA graph replays on a CUDA GPU; got an input on {x.device}")
         key = (tuple(x.shape), x.dtype, x.device, x.stride())
         if key not in self.graphs:
             static_x = x.clone()
@@ -302,13 +313,20 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     installed; on a CUDA GPU also triton, fused and cudagraph) but eager and compile
     (torch.compile only when named, as it takes minutes to build), side by side, and returns
     the fastest, with every candidate's ms per image in ``.timings``."""
-    if isinstance(paths, str):
-        paths = [p for p in available_paths() if p not in ("eager", "compile")] \
-            if paths == "auto" else [paths]
-    paths = [p for p in paths if p != "onnxruntime" or dtype == torch.float32]
+    _check_module(model, "optimize_for_inference")
+    if not isinstance(example_input, torch.Tensor):
+        raise DeeprootsError(f"example_input must be a batch of images (a tensor); got "
+                             f"{type(example_input).__name__}")
+    if isinstance(paths, str) and paths == "auto":  # those that run here, in this dtype
+        paths = [p for p in available_paths() if p not in ("eager", "compile")
+                 and (p != "onnxruntime" or dtype == torch.float32)]
+    elif isinstance(paths, str):
+        paths = [paths]
+    for p in paths:
+        check_path(p, dtype)  # a path named that cannot run says why, in one line
     if not paths:
-        raise ValueError(f"paths must name at least one of {', '.join(PATHS)}, or be 'auto'; "
-                         f"got none")
+        raise DeeprootsError(f"paths must name at least one of {', '.join(PATHS)}, or be "
+                             f"'auto'; got none")
     check_positive("repeats", repeats)
     if hasattr(model, "check_input"):
         model.check_input(example_input)
@@ -323,14 +341,20 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     return built[best]
 
 
-def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str) -> None:
+def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,
+           overwrite: bool = False) -> None:
     """Write ``model`` (batch norm folded, eval mode) as ONNX (batch size dynamic) or a
     frozen TorchScript file, atomically. The model's input check runs on ``example_input``
-    first, so a wrong size is one clear error."""
+    first, so a wrong size is one clear error. An existing ``out`` is replaced only with
+    ``overwrite``, and a run's own file (``last.pt``, ...) never."""
+    check_new_file(out, overwrite=overwrite)
+    _check_module(model, "export")
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; accepted: {', '.join(EXPORT_FORMATS)}")
+        raise DeeprootsError(f"unknown export format {fmt!r}; accepted: "
+                             f"{', '.join(EXPORT_FORMATS)}")
     if hasattr(model, "check_input"):
         model.check_input(example_input)
+    example_logits(model, example_input)  # one line for a model that cannot be exported
     folded = fold_batchnorm(model)
     if fmt == "onnx":
         data = onnx_bytes(folded, example_input)

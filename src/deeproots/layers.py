@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from .errors import DeeprootsError, first_line
 from .checks import GroupsError, check_groups_mapping, check_positive
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "init_weights",
     "InputCheck",
     "main_logits",
+    "example_logits",
 ]
 
 
@@ -228,20 +230,20 @@ class InputCheck:
         name = getattr(self, "name", type(self).__name__)
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
+            raise DeeprootsError(
                 f"{name} expects a batch of images shaped (N, {self.in_channels}, H, W); "
                 f"got {shape}"
             )
         _, c, h, w = x.shape
         if c != self.in_channels:
-            raise ValueError(
+            raise DeeprootsError(
                 f"{name} was built for {self.in_channels}-channel input; got {c} channels "
                 f"(shape {tuple(x.shape)}). Build it with in_channels={c} to accept this."
             )
         lo, hi = self.min_input_size, self.max_input_size
         if min(h, w) < lo or (hi is not None and max(h, w) > hi):
             accepted = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
-            raise ValueError(
+            raise DeeprootsError(
                 f"input {h}x{w} does not fit {name}: height and width must be {accepted} "
                 f"pixels (default {self.default_input_size[1]}x{self.default_input_size[2]})"
                 + (f". {self.input_size_hint}" if getattr(self, "input_size_hint", "") else "")
@@ -257,6 +259,36 @@ def main_logits(out):
     """The class scores of a model's output: GoogLeNet in training returns
     ``(logits, aux2, aux1)``; every other model returns the logits."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def example_logits(model: nn.Module, x: torch.Tensor, name: Optional[str] = None
+                   ) -> torch.Tensor:
+    """The class scores ``model`` gives for the batch ``x`` (eval mode, no gradients; the
+    model is put back in the mode it was in). A one-line DeeprootsError for a model that
+    cannot run this batch (a forward that takes other inputs, a shape it refuses) or that
+    does not return class scores (a tensor, or GoogLeNet's tuple of them)."""
+    name = name or getattr(model, "name", type(model).__name__)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except DeeprootsError:
+        raise
+    except Exception as err:  # the user's model: say which input it refused, and why
+        raise DeeprootsError(f"{name} cannot run a batch of shape {tuple(x.shape)} "
+                             f"({type(err).__name__}: {first_line(err)}); deeproots feeds a "
+                             f"model one tensor of images (N, C, H, W)") from None
+    finally:
+        model.train(was_training)
+    logits = main_logits(out)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = (f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)
+               else f"a {type(out).__name__}")
+        raise DeeprootsError(f"{name} returns {got} for a batch of shape {tuple(x.shape)}; "
+                             f"deeproots takes a model that returns class scores, a tensor "
+                             f"(N, classes) (or a tuple whose first item is one)")
+    return logits
 
 
 def init_weights(modules: Iterable[nn.Module]) -> None:

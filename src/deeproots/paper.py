@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from .errors import DeeprootsError
 from .registry import model_name
 from .text import format_table
 
@@ -145,7 +146,7 @@ def table_of(model: str) -> str:
 def check_table(name: str) -> PaperTable:
     """The table called ``name``; a ValueError listing the tables if there is none."""
     if name not in PAPER_TABLES:
-        raise ValueError(f"unknown table {name!r}; choose from {', '.join(PAPER_TABLES)}")
+        raise DeeprootsError(f"unknown table {name!r}; choose from {', '.join(PAPER_TABLES)}")
     return PAPER_TABLES[name]
 
 
@@ -158,8 +159,8 @@ def paper_timings(name: str) -> List[dict]:
     (orig ms / variant ms): the part of a timing that carries over to other hardware."""
     table = check_table(name)
     if name not in TIMED_TABLES:
-        raise ValueError(f"{table.title.split(':')[0]} ({name}) prints no timings; tables with "
-                         f"timings: {', '.join(TIMED_TABLES)}")
+        raise DeeprootsError(f"{table.title.split(':')[0]} ({name}) prints no timings; tables with "
+                             f"timings: {', '.join(TIMED_TABLES)}")
     cpu, gpu = table.columns.index("CPU (ms)"), table.columns.index("GPU (ms)")
     orig = table.rows["orig"]
     return [{"model": model_name(table.model, variant),

@@ -13,8 +13,10 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .errors import DeeprootsError
 from .costs import profile
 from .registry import create_model, is_model, model_entry
+from .rundir import check_new_file
 from .runtime import atomic_write, check_output_file
 
 __all__ = ["plot_training_curves", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
@@ -117,9 +119,11 @@ def plot_filters(name: str, w: torch.Tensor, groups: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_costs(model_a: str, model_b: str, path: Path, input_size=None) -> Path:
-    """Per-layer multiply-adds and parameters of two models side by side (Figure 15)."""
-    path = check_output_file(path)
+def plot_costs(model_a: str, model_b: str, path: Path, input_size=None, *,
+               overwrite: bool = False) -> Path:
+    """Per-layer multiply-adds and parameters of two models side by side (Figure 15). An
+    existing ``path`` is replaced only with ``overwrite`` (a run's own file never)."""
+    path = check_new_file(path, overwrite=overwrite)
     plt = _plt()
     costs = []
     for name in (model_a, model_b):
@@ -143,12 +147,12 @@ def plot_costs(model_a: str, model_b: str, path: Path, input_size=None) -> Path:
     return _save(fig, path)
 
 
-def plot_layer_times(results: Sequence, path: Path) -> Path:
+def plot_layer_times(results: Sequence, path: Path, *, overwrite: bool = False) -> Path:
     """Where the time of a forward pass goes, one stacked bar per model and path: ms per image
     in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
     with its GFLOP/s (``results``: :class:`deeproots.bench.LayerTimes`, or their dicts as
     ``deeproots bench --layers --json`` writes them)."""
-    path = check_output_file(path)
+    path = check_new_file(path, overwrite=overwrite)
     results = [r.to_dict() if hasattr(r, "to_dict") else r for r in results]
     plt = _plt()
     kinds = ["1x1 convs", "dense spatial convs", "grouped spatial convs", "grouped 1x1 convs",
@@ -201,10 +205,10 @@ def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
             data["top1"], data["macs"], data["params"] = (
                 float(data["top1"]), int(data["macs"]), int(data["params"]))
             if not math.isfinite(data["top1"]):
-                raise ValueError(f"top1 is {data['top1']}")
+                raise DeeprootsError(f"top1 is {data['top1']}")
             runs.setdefault(data["model"], []).append(data)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{s} is not a deeproots summary.json ({err})") from err
+            raise DeeprootsError(f"{s} is not a deeproots summary.json ({err})") from err
     out = {}
     for model, items in sorted(runs.items()):
         acc = np.array([r["top1"] for r in items], dtype=float)
@@ -215,11 +219,12 @@ def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
     return out
 
 
-def plot_results(summaries: Sequence[Path], path: Path) -> Path:
+def plot_results(summaries: Sequence[Path], path: Path, *, overwrite: bool = False) -> Path:
     """Accuracy against multiply-adds and against parameters from training ``summary.json``
     files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
-    markers (Figures 5, 8, 9)."""
-    path = check_output_file(path)  # before the summaries are read
+    markers (Figures 5, 8, 9). An existing ``path`` is replaced only with ``overwrite`` (a
+    run's own file never)."""
+    path = check_new_file(path, overwrite=overwrite)  # before the summaries are read
     return plot_accuracy_vs_cost(summarize_runs(summaries), path)
 
 

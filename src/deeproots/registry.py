@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -17,14 +18,17 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+
+from .errors import DeeprootsError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["register_model", "register_variants", "model_name", "create_model", "list_models",
            "is_model", "model_entry", "ModelEntry", "build_model", "is_user_model",
-           "check_model_spec", "load_builder"]
+           "check_model_spec", "load_builder", "resolve_model_spec", "model_source_digest",
+           "model_slug"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def register_model(name: str, builder: Callable[..., "nn.Module"], *, family: st
     table it reads; ``kwargs["variant"]`` names the row."""
     name = _normalise(name)
     if name in _REGISTRY:
-        raise ValueError(f"model name {name!r} is already registered")
+        raise DeeprootsError(f"model name {name!r} is already registered")
     variant = kwargs.get("variant", "orig")
     _REGISTRY[name] = ModelEntry(name, builder, dict(kwargs), family, variant)
 
@@ -95,7 +99,7 @@ def list_models(pattern: str = "*") -> List[str]:
     """Registered model names matching a shell-style ``pattern``, in natural order
     (``root-8`` before ``root-16``)."""
     if not isinstance(pattern, str):
-        raise ValueError(f"pattern must be a string such as 'nin*'; got {pattern!r}")
+        raise DeeprootsError(f"pattern must be a string such as 'nin*'; got {pattern!r}")
     pattern = _normalise(pattern)
     return sorted((n for n in _registry() if fnmatch.fnmatchcase(n, pattern)),
                   key=_natural_key)
@@ -113,23 +117,65 @@ def model_entry(name: str) -> ModelEntry:
     if key not in registry:
         close = difflib.get_close_matches(str(key), list(registry), n=5, cutoff=0.5)
         hint = f" Closest names: {', '.join(close)}." if close else ""
-        raise ValueError(
+        raise DeeprootsError(
             f"unknown model {name!r}.{hint} `deeproots list` (or deeproots.list_models()) "
             f"shows all {len(registry)} names."
         )
     return registry[key]
 
 
-def _accepted_kwargs(entry: ModelEntry) -> List[str]:
-    # The builder's own keywords, and (through **kwargs) those of the class it returns.
-    names = []
+def _accepted_kwargs(entry: ModelEntry) -> Dict[str, Any]:
+    # The builder's own keywords, and (through **kwargs) those of the class it returns,
+    # each with its type hint (or None)
+    names: Dict[str, Any] = {}
     for fn in (entry.builder, typing.get_type_hints(entry.builder).get("return")):
         if fn is None:
             continue
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
         for p in inspect.signature(fn).parameters.values():
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names:
-                names.append(p.name)
-    return [n for n in names if n not in ("self", "layers") and n not in entry.kwargs]
+                names[p.name] = hints.get(p.name)
+    return {n: h for n, h in names.items()
+            if n not in ("self", "layers") and n not in entry.kwargs}
+
+
+_SIMPLE = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _fits(value: Any, hint: Any) -> Optional[bool]:
+    """Whether ``value`` fits a simple type hint (bool, int, float, str, Optional of one);
+    None when the hint is not one of those (not checked here)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args and len(args) == 2:
+        inner = next(a for a in args if a is not type(None))
+        return True if value is None else _fits(value, inner)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return None
+
+
+def _check_kwargs(entry: ModelEntry, kwargs: Dict[str, Any]) -> None:
+    accepted = _accepted_kwargs(entry)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise DeeprootsError(
+            f"bad arguments for {entry.name}: {', '.join(map(repr, unknown))}. Accepted "
+            f"keyword arguments: {', '.join(accepted)}"
+        )
+    for name, value in kwargs.items():
+        hint = accepted[name]
+        if _fits(value, hint) is False:
+            inner = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            wanted = _SIMPLE.get(inner, getattr(inner, "__name__", str(inner)))
+            raise DeeprootsError(f"{entry.name}: {name} must be {wanted}"
+                                 f"{' or None' if typing.get_args(hint) else ''}; got "
+                                 f"{value!r}")
 
 
 def create_model(name: str, **kwargs: Any) -> "nn.Module":
@@ -140,13 +186,7 @@ def create_model(name: str, **kwargs: Any) -> "nn.Module":
     ``model.deeproots_cfg`` (name and arguments), which checkpoints use to rebuild it.
     """
     entry = model_entry(name)
-    accepted = _accepted_kwargs(entry)
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"bad arguments for {entry.name}: {', '.join(map(repr, unknown))}. Accepted "
-            f"keyword arguments: {', '.join(accepted)}"
-        )
+    _check_kwargs(entry, kwargs)
     model = entry.builder(**{**entry.kwargs, **kwargs})
     model.name = entry.name
     model.deeproots_cfg = {"name": entry.name, "kwargs": dict(kwargs)}
@@ -158,29 +198,63 @@ def is_user_model(spec: str) -> bool:
     return isinstance(spec, str) and ":" in spec and spec.rsplit(":", 1)[0].endswith(".py")
 
 
+def resolve_model_spec(spec: str) -> str:
+    """``spec`` as a run records it: a registered name as it is; ``FILE.py:FUNCTION`` with
+    the file's absolute path, so that the run can be resumed, evaluated or exported from
+    any folder."""
+    if not is_user_model(spec):
+        return spec
+    path, _, function = spec.rpartition(":")
+    return f"{os.path.abspath(path)}:{function}"
+
+
+def model_source_digest(spec: str) -> Optional[str]:
+    """The SHA-256 of the file a ``FILE.py:FUNCTION`` model is built by (None for a
+    registered name or a file that cannot be read): a resumed run warns when it changed."""
+    if not is_user_model(spec):
+        return None
+    try:
+        with open(spec.rpartition(":")[0], "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def model_slug(spec: str) -> str:
+    """A file-name-safe name for a model: the registered name, or ``FILE-FUNCTION`` (the
+    file's stem) for ``FILE.py:FUNCTION``."""
+    if not is_user_model(spec):
+        return spec
+    path, _, function = spec.rpartition(":")
+    return f"{os.path.splitext(os.path.basename(path))[0]}-{function}"
+
+
 def load_builder(spec: str) -> Callable[..., "nn.Module"]:
     """The function ``FUNCTION`` of the Python file ``FILE.py`` (``spec = "FILE.py:FUNCTION"``).
     This runs that file: it is the user's own code, named by the user; deeproots never runs
     a file named inside a checkpoint or a dataset."""
     path, _, function = spec.rpartition(":")
     if not os.path.isfile(path):
-        raise ValueError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python file "
-                         f"and the function in it that returns the model")
+        raise DeeprootsError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python "
+                             f"file and the function in it that returns the model")
     module_spec = importlib.util.spec_from_file_location(
         f"deeproots_user_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as stop:  # the file called sys.exit() or exit() when imported
+        raise DeeprootsError(f"model {spec!r}: running {path} called sys.exit({stop.code!r}); "
+                             f"a model file must define its function without exiting (guard "
+                             f"its script part with if __name__ == '__main__':)") from None
     except Exception as err:
-        raise ValueError(f"model {spec!r}: running {path} failed ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
-                         ) from err
+        raise DeeprootsError(f"model {spec!r}: running {path} failed ({type(err).__name__}: "
+                             f"{first_line(err, 200)})") from err
     builder = getattr(module, function, None)
     if not callable(builder):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         close = difflib.get_close_matches(function, names, n=4, cutoff=0.4)
-        raise ValueError(f"model {spec!r}: {path} has no function {function!r}"
-                         f"{'; closest: ' + ', '.join(close) if close else ''}")
+        raise DeeprootsError(f"model {spec!r}: {path} has no function {function!r}"
+                             f"{'; closest: ' + ', '.join(close) if close else ''}")
     return builder
 
 
@@ -190,8 +264,8 @@ def check_model_spec(spec: str) -> None:
     if is_user_model(spec):
         path = spec.rsplit(":", 1)[0]
         if not os.path.isfile(path):
-            raise ValueError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python "
-                             f"file and the function in it that returns the model")
+            raise DeeprootsError(f"model {spec!r}: no file {path}; give FILE.py:FUNCTION, a Python "
+                                 f"file and the function in it that returns the model")
     else:
         model_entry(spec)
 
@@ -211,12 +285,14 @@ def build_model(spec: str, **kwargs: Any) -> "nn.Module":
     used = {k: v for k, v in kwargs.items() if takes_all or k in params}
     try:
         model = builder(**used)
+    except SystemExit as stop:
+        raise DeeprootsError(f"model {spec!r}: calling it called sys.exit({stop.code!r}); it "
+                             f"must return an nn.Module") from None
     except Exception as err:
-        raise ValueError(f"model {spec!r}: calling it failed ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
-                         ) from err
+        raise DeeprootsError(f"model {spec!r}: calling it failed ({type(err).__name__}: "
+                             f"{first_line(err, 200)})") from err
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module")
+        raise DeeprootsError(f"model {spec!r} returned {type(model).__name__}, not an nn.Module")
     model.name = spec
     model.deeproots_cfg = {"name": spec, "kwargs": used}
     return model

@@ -10,10 +10,12 @@ import errno
 import json
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, List, Optional, Sequence
 
+from .errors import DeeprootsError
 from .checks import check_device
 
 __all__ = ["check_device", "resolve_device", "allocator", "atomic_write", "write_text",
@@ -40,14 +42,14 @@ def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda"))
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but this machine has no CUDA GPU "
-                             "(or this torch build has no CUDA); use --device cpu")
+            raise DeeprootsError("device 'cuda' was asked for, but this machine has no CUDA GPU "
+                                 "(or this torch build has no CUDA); use --device cpu")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         name = f"cuda:{local}" if name == "cuda" else name
         index = int(name.split(":")[1])
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
-                             f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise DeeprootsError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
+                                 f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
@@ -80,14 +82,14 @@ def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()
         return
     if "openvino" in paths:
         if wanted == "jemalloc":
-            raise ValueError("--path openvino cannot run under jemalloc (OpenVINO aborts with "
-                             "'double free or corruption'); use --allocator system")
+            raise DeeprootsError("--path openvino cannot run under jemalloc (OpenVINO aborts with "
+                                 "'double free or corruption'); use --allocator system")
         return  # auto: OpenVINO needs the system allocator
     lib = jemalloc_path()
     if lib is None:
         if wanted == "jemalloc":
-            raise ValueError("--allocator jemalloc: libjemalloc.so.2 not found in "
-                             f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
+            raise DeeprootsError("--allocator jemalloc: libjemalloc.so.2 not found in "
+                                 f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
         return
     preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
     env = dict(os.environ, LD_PRELOAD=preload,
@@ -97,23 +99,46 @@ def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()
     os.execve(sys.executable, [sys.executable, "-m", "deeproots", *argv], env)
 
 
+def _disk_error(err: BaseException) -> Optional[OSError]:
+    """The OSError behind ``err``: itself, or one it was raised from or during. torch.save
+    reports a full disk as a RuntimeError ("unexpected pos") raised while handling the
+    file's OSError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file in the same folder,
     flushed to disk, then renamed over ``path``: a crash leaves the old file or the new one.
-    If ``write`` raises, the temporary file is removed and ``path`` is untouched. A full disk
-    or a folder that cannot be written is a one-line OSError naming the path."""
+    If ``write`` raises, the temporary file is removed and ``path`` is untouched. A full disk,
+    a missing folder or one that cannot be written is a one-line OSError naming ``path``
+    (the temporary file's name is short, so any valid ``path`` has a valid one)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"no space left on the device to write {path}; the old "
-                                     f"file, if any, is kept") from None
+    except Exception as err:  # noqa: BLE001  (torch wraps the file's OSError in others)
+        cause = _disk_error(err)
+        if cause is None or cause.errno is None:  # not the disk's (e.g. a download's)
+            raise
+        if cause.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on the device to write {path}; the "
+                                        f"old file, if any, is kept") from None
+        if cause.errno == errno.ENOENT and not path.parent.is_dir():
+            raise OSError(errno.ENOENT, f"cannot write {path}: the folder {path.parent} does "
+                                        f"not exist") from None
+        if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT):
+            raise OSError(cause.errno, f"cannot write {path}: {os.strerror(cause.errno)}"
+                          ) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -159,10 +184,10 @@ def check_output_dir(path: Path | str, what: str = "--out") -> Path:
     probe = _nearest_existing(path)
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == path else f"lies under the file {probe}"
-        raise ValueError(f"{what} {path} {where}; give a folder")
+        raise DeeprootsError(f"{what} {path} {where}; give a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {probe} is not writable; give a folder you can "
-                         f"write to")
+        raise DeeprootsError(f"{what} {path}: {probe} is not writable; give a folder you can "
+                             f"write to")
     return path
 
 
@@ -171,11 +196,11 @@ def check_output_file(path: Path | str, what: str = "--out") -> Path:
     lies under a file, or its folder cannot be written. Creates nothing."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; give a file name, e.g. {path}/out.png")
+        raise DeeprootsError(f"{what} {path} is a folder; give a file name, e.g. {path}/out.png")
     probe = _nearest_existing(path.parent)
     if probe.exists() and not probe.is_dir():
-        raise ValueError(f"{what} {path} lies under the file {probe}; give a path in a folder")
+        raise DeeprootsError(f"{what} {path} lies under the file {probe}; give a path in a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {probe} is not writable; give a path you can "
-                         f"write to")
+        raise DeeprootsError(f"{what} {path}: {probe} is not writable; give a path you can "
+                             f"write to")
     return path

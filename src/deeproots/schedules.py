@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import Dict, Mapping
 
+from .errors import DeeprootsError
 from .checks import check_groups_mapping
 
 __all__ = ["SCHEDULES", "COLUMNS", "PAPER_TABLE", "resolve", "variants", "merge"]
@@ -108,7 +109,7 @@ def resolve(family: str, variant: str) -> Dict[str, int]:
     if variant not in table:
         close = difflib.get_close_matches(variant, list(table), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
+        raise DeeprootsError(
             f"unknown {family} variant {variant!r}; {PAPER_TABLE[family]} lists "
             f"{', '.join(table)}.{hint}"
         )
@@ -130,4 +131,4 @@ def merge(schedule: Mapping[str, int], overrides: Mapping[str, int] | None) -> D
 
 def _check_family(family: str) -> None:
     if family not in SCHEDULES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(SCHEDULES)}")
+        raise DeeprootsError(f"unknown model family {family!r}; known: {', '.join(SCHEDULES)}")

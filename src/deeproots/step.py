@@ -6,7 +6,8 @@ forward, loss, backward and the SGD update, with what keeps a GPU busy.
   checkpoint or epoch), and a non-finite loss is recorded there too (the first step it
   happened and its value) instead of being checked with ``.item()`` every step. A GPU step
   then only queues work, and the host runs ahead.
-* bf16 autocast and channels-last memory on CUDA (tensor cores, fewer bytes moved).
+* The layout (:class:`Layout`, :func:`choose_layout`): memory format and autocast, one
+  decision for the step and evaluation; on CUDA bf16 autocast and channels-last.
 * ``compile``: ``torch.compile`` of the forward and loss (backward compiled with it), in
   one of its modes: ``default``; ``reduce-overhead`` (CUDA graphs: one launch per step
   instead of hundreds); ``max-autotune`` (also tunes the conv and matmul kernels). If
@@ -27,11 +28,59 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import DeeprootsError
 from .checks import check_choice
 from .config import COMPILE_MODES, GROUPED_CONV
 from .layers import main_logits
 
-__all__ = ["TrainStep", "make_optimizer", "loss_of", "resolve_grouped_conv"]
+__all__ = ["TrainStep", "Layout", "choose_layout", "make_optimizer", "loss_of",
+           "resolve_grouped_conv"]
+
+
+class Layout:
+    """How a training run holds its tensors: the memory format of the model and of every
+    batch (``"channels-last"`` or ``"contiguous"``, NCHW) and the autocast dtype (None:
+    float32). One decision for the step, evaluation and the checkpoint's records."""
+
+    def __init__(self, device: torch.device, memory_format: str = "contiguous",
+                 autocast_dtype: Optional[torch.dtype] = None):
+        self.device = torch.device(device)
+        self.memory_format = memory_format
+        self.autocast_dtype = autocast_dtype
+
+    def __repr__(self) -> str:
+        cast = f", autocast {self.autocast_dtype}" if self.autocast_dtype else ""
+        return f"Layout({self.memory_format}{cast})"
+
+    @property
+    def torch_format(self) -> torch.memory_format:
+        return torch.channels_last if self.memory_format == "channels-last" else \
+            torch.contiguous_format
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """``model`` in this memory format, in place (before DDP wraps it)."""
+        return model.to(memory_format=self.torch_format)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the device, in this memory format."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.torch_format) if x.dim() == 4 else x
+
+    def autocast(self):
+        """The autocast context of the forward pass (a no-op in float32)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def choose_layout(device: torch.device) -> Layout:
+    """The training layout for ``device``: on CUDA channels-last (the layout tensor-core
+    convolutions read directly) and bf16 autocast (tensor cores, half the bytes of every
+    activation); on the CPU NCHW in float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return Layout(device, "channels-last", torch.bfloat16)
+    return Layout(device, "contiguous", None)
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
@@ -64,8 +113,8 @@ def resolve_grouped_conv(how: str, device: torch.device, compile: Optional[str] 
     if how != "auto":
         interpreted = how == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
         if how in ("triton", "dispatch") and device.type != "cuda" and not interpreted:
-            raise ValueError(f"grouped_conv {how!r} runs on CUDA GPUs; got device {device} "
-                             f"(accepted there: native or auto)")
+            raise DeeprootsError(f"grouped_conv {how!r} runs on CUDA GPUs; got device {device} "
+                                 f"(accepted there: native or auto)")
         return how
     if device.type != "cuda" or compile:
         return "native"
@@ -86,17 +135,16 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  net: Optional[nn.Module] = None, aux_weight: float = 0.3,
-                 compile: Optional[str] = None, grouped_conv: str = "native"):
+                 compile: Optional[str] = None, grouped_conv: str = "native",
+                 layout: Optional[Layout] = None):
         self.model, self.optimizer = model, optimizer
         self.net = net if net is not None else model  # what runs forward (a DDP wrapper)
         self.aux_weight = aux_weight
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
-        if self.cuda:  # channels-last: the layout tensor-core convolutions read directly
-            model.to(memory_format=torch.channels_last)  # in place; a no-op if it is already
-        # bf16 autocast on GPUs: tensor cores, half the bytes of every activation
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.cuda \
-            else nullcontext
+        self.layout = layout if layout is not None else choose_layout(self.device)
+        self.layout.apply(model)  # in place; a no-op if it is already
+        self.autocast = self.layout.autocast
         self.grouped_conv = resolve_grouped_conv(grouped_conv, self.device, compile)
         self.fallbacks: List[str] = []
         if self.grouped_conv != "native":
@@ -127,10 +175,7 @@ class TrainStep:
         return loss, correct
 
     def _prepare(self, x: torch.Tensor, y: torch.Tensor):
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.cuda:  # channels-last: the layout tensor-core convolutions read directly
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        return self.layout.input(x), y.to(self.device, non_blocking=True)
 
     def _run_forward(self, x, y):
         if not self._compiled or self.compile_s is not None:

@@ -17,21 +17,23 @@ import csv
 import io
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .errors import DeeprootsError
 from .checks import check_positive
-from .config import RESUMABLE_SETTINGS, TrainConfig
+from .checkpoint import CheckpointError, load_checkpoint, validate_state
+from .config import TrainConfig, config_defaults, setting_differences
 from .paper import PAPER_TABLES
 from .plots import plot_accuracy_vs_cost
 from .registry import is_model, list_models, model_entry, model_name
 from .runtime import check_output_dir, write_json, write_text
 from .text import format_table
-from .train import CheckpointError, load_checkpoint, train
+from .rundir import RunFolder, lock_holder
+from .train import train
 
 __all__ = ["run_study", "study_report", "StudyReport", "VariantStats", "welch",
            "study_variants", "STUDY_SETTINGS"]
@@ -50,7 +52,7 @@ def study_variants(family: str, variants: Optional[Sequence[str]] = None) -> Lis
     added, as the baseline)."""
     if not is_model(family) or model_entry(family).variant != "orig":
         families = [n for n in list_models() if model_entry(n).variant == "orig"]
-        raise ValueError(f"unknown model family {family!r}; accepted: {', '.join(families)}")
+        raise DeeprootsError(f"unknown model family {family!r}; accepted: {', '.join(families)}")
     members = [n for n in list_models(f"{family}*")
                if n == family or model_entry(n).name.startswith(family + "-")]
     if not variants:
@@ -60,14 +62,14 @@ def study_variants(family: str, variants: Optional[Sequence[str]] = None) -> Lis
         if v in TOPOLOGIES:
             picked = [n for n in members if model_entry(n).topology == v]
             if not picked:
-                raise ValueError(f"{family} has no {v} variants; it has "
-                                 f"{', '.join(sorted({model_entry(n).topology for n in members}))}")
+                kinds = sorted({model_entry(n).topology for n in members})
+                raise DeeprootsError(f"{family} has no {v} variants; it has {', '.join(kinds)}")
             chosen += picked
         else:
             name = v if v in members else model_name(family, v)
             if name not in members:
-                raise ValueError(f"unknown variant {v!r} of {family}; accepted: root, tree, col "
-                                 f"or names from {', '.join(members)}")
+                raise DeeprootsError(f"unknown variant {v!r} of {family}; accepted: root, tree, "
+                                     f"col or names from {', '.join(members)}")
             chosen.append(name)
     return list(dict.fromkeys(chosen))
 
@@ -130,6 +132,7 @@ class StudyReport:
     variants: List[VariantStats] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # runs not finished
     corrupt: List[str] = field(default_factory=list)  # summaries that could not be read
+    held: List[str] = field(default_factory=list)  # runs another process was training
     wall_s: float = 0.0
     out: str = ""  # the study's folder, where the report files are
 
@@ -196,9 +199,9 @@ def _read_summary(path: Path, epochs: int) -> Optional[dict]:
         top1, top5 = float(data["top1"]), float(data["top5"])
         int(data["macs"]), int(data["params"]), float(data["train_images_per_s"])
         if not (math.isfinite(top1) and math.isfinite(top5)):
-            raise ValueError(f"top1 {top1}, top5 {top5}")
+            raise DeeprootsError(f"top1 {top1}, top5 {top5}")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a readable summary ({type(err).__name__}: {err})")
+        raise DeeprootsError(f"{path} is not a readable summary ({type(err).__name__}: {err})")
     return data if data.get("epochs") == epochs else None
 
 
@@ -239,8 +242,8 @@ def study_report(out: Path | str) -> StudyReport:
             else:
                 runs.setdefault(model, []).append({**summary, "seed": seed})
     if family not in runs:
-        raise ValueError(f"the study in {out} has no finished run of {family} (orig) yet; "
-                         f"run it first (the comparison needs orig)")
+        raise DeeprootsError(f"the study in {out} has no finished run of {family} (orig) yet; "
+                             f"run it first (the comparison needs orig)")
     base = runs[family]
     paper_data, column = PAPER_ACCURACY.get(family, (None, None))
     table = next((t for t in PAPER_TABLES.values() if t.model == family), None)
@@ -286,14 +289,38 @@ def _std(xs):
 
 
 def _manifest(out: Path) -> dict:
+    """The study's manifest, checked to be one deeproots wrote: a one-line error for a
+    missing, unreadable or foreign one (another tool's JSON, a list, ``{}``)."""
     path = out / "manifest.json"
     if not path.exists():
-        raise ValueError(f"{out} holds no study (no manifest.json); run deeproots study there "
-                         f"first")
+        raise DeeprootsError(f"{out} holds no study (no manifest.json); run deeproots study "
+                             f"there first")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not readable ({err})") from None
+        raise DeeprootsError(f"{path} is not readable ({err})") from None
+    expected = ("family (a model family), data, epochs (a whole number >= 1), models and "
+                "seeds (lists)")
+    if not isinstance(manifest, dict):
+        raise DeeprootsError(f"{path} is not a deeproots study manifest (a JSON "
+                             f"{type(manifest).__name__}, not an object with {expected})")
+    problems = [k for k in ("family", "data", "epochs", "models", "seeds") if k not in manifest]
+    if not problems:
+        problems = [k for k, ok in (
+            ("family", isinstance(manifest["family"], str) and is_model(manifest["family"])),
+            ("data", isinstance(manifest["data"], str)),
+            ("epochs", isinstance(manifest["epochs"], int) and not isinstance(
+                manifest["epochs"], bool) and manifest["epochs"] >= 1),
+            ("models", isinstance(manifest["models"], list) and all(
+                isinstance(m, str) and is_model(m) for m in manifest["models"])),
+            ("seeds", isinstance(manifest["seeds"], list) and all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                for s in manifest["seeds"])),
+            ("settings", isinstance(manifest.get("settings", {}), dict))) if not ok]
+    if problems:
+        raise DeeprootsError(f"{path} is not a deeproots study manifest ({', '.join(problems)} "
+                             f"missing or wrong; it holds {expected})")
+    return manifest
 
 
 def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
@@ -311,8 +338,8 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
     known = {f.name for f in fields(TrainConfig)}
     unknown = [k for k in train_settings if k not in known]
     if fixed or unknown:
-        raise ValueError(f"a study sets {', '.join(fixed or unknown)} itself"
-                         if fixed else f"unknown training settings: {', '.join(unknown)}")
+        raise DeeprootsError(f"a study sets {', '.join(fixed or unknown)} itself"
+                             if fixed else f"unknown training settings: {', '.join(unknown)}")
     out = Path(out) if out else Path("studies") / f"{family}-{data.split(':')[0]}"
     check_output_dir(out)
     settings = {"epochs": epochs, "data": data, **train_settings}
@@ -328,13 +355,22 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
 
         bar = tqdm(total=len(todo), initial=done, desc=f"study {family}", unit="run")
     started = time.perf_counter()
+    held: List[str] = []
     try:
         for model, seed in todo:
             if _finished(out, model, seed, epochs):
                 continue
             if bar is not None:
                 bar.set_postfix_str(f"{model} seed {seed}")
-            _train_one(out / "runs" / f"{model}-seed{seed}", model, seed, settings)
+            folder = out / "runs" / f"{model}-seed{seed}"
+            pid = lock_holder(folder)
+            if pid is not None:  # another study trains it now: never touched from here
+                held.append(f"{folder.name} (process {pid})")
+                print(f"deeproots study: {folder.name} is being trained by process {pid}; "
+                      f"skipped here (run the study again once it ends to report it)",
+                      file=sys.stderr)
+                continue
+            _train_one(folder, model, seed, settings)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -342,7 +378,9 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
             bar.close()
         manifest["wall_s"] = manifest.get("wall_s", 0.0) + time.perf_counter() - started
         write_json(out / "manifest.json", manifest)
-    return study_report(out)
+    report = study_report(out)
+    report.held = held
+    return report
 
 
 def _claim(out: Path, family, data, epochs, models, seeds, settings) -> dict:
@@ -353,23 +391,23 @@ def _claim(out: Path, family, data, epochs, models, seeds, settings) -> dict:
         manifest = _manifest(out)
         for key, value in (("family", family), ("data", data), ("epochs", epochs)):
             if manifest.get(key) != value:
-                raise ValueError(f"{out} holds a study of {manifest.get('family')} on "
-                                 f"{manifest.get('data')} with {manifest.get('epochs')} epochs; "
-                                 f"this one is {family} on {data} with {epochs} epochs. Give "
-                                 f"another --out")
-        saved = manifest.get("settings", {})
-        for key in RESUMABLE_SETTINGS:
-            if key in saved or key in settings:
-                if saved.get(key) != settings.get(key):
-                    raise ValueError(f"the study in {out} was run with {key} = "
-                                     f"{saved.get(key)!r}, not {settings.get(key)!r}; its runs "
-                                     f"must share their settings. Give another --out")
+                raise DeeprootsError(f"{out} holds a study of {manifest.get('family')} on "
+                                     f"{manifest.get('data')} with {manifest.get('epochs')} "
+                                     f"epochs; this one is {family} on {data} with {epochs} "
+                                     f"epochs. Give "
+                                     f"another --out")
+        defaults = config_defaults(TrainConfig)  # a setting not given is its default
+        for key, old, new in setting_differences({**defaults, **manifest.get("settings", {})},
+                                                 {**defaults, **settings}):
+            raise DeeprootsError(f"the study in {out} was run with {key} = {old!r}, not "
+                                 f"{new!r}; its runs must share their settings. Give another "
+                                 f"--out")
         manifest["models"] = list(dict.fromkeys(manifest["models"] + models))
         manifest["seeds"] = sorted(set(manifest["seeds"]) | set(seeds))
     else:
         if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--out {out} is not empty and holds no study; give an empty or "
-                             f"new folder")
+            raise DeeprootsError(f"--out {out} is not empty and holds no study; give an empty or "
+                                 f"new folder")
         manifest = {"family": family, "data": data, "epochs": epochs, "models": models,
                     "seeds": seeds, "settings": settings}
     out.mkdir(parents=True, exist_ok=True)
@@ -386,22 +424,23 @@ def _finished(out: Path, model: str, seed: int, epochs: int) -> bool:
 
 
 def _train_one(folder: Path, model: str, seed: int, settings: dict) -> None:
-    """One run: resumed from its checkpoint when it has one, else started (over anything
-    a run that failed before its first checkpoint left)."""
-    summary = folder / "summary.json"
-    try:
-        _read_summary(summary, settings["epochs"])
-    except ValueError as err:  # never averaged in: reported, then the run is finished again
-        print(f"deeproots study: {err}; running {folder.name} again", file=sys.stderr)
-        summary.unlink()
-    resume = False
-    if (folder / "last.pt").exists():
+    """One run, with its folder locked before anything in it is touched: resumed from its
+    checkpoint when it has a good one, else started over what a failed start left (which
+    the new run replaces at its first checkpoint, see :mod:`deeproots.rundir`)."""
+    with RunFolder(folder).lock() as run:
+        summary = run.path / "summary.json"
         try:
-            load_checkpoint(folder / "last.pt")
-            resume = True
-        except CheckpointError as err:
-            print(f"deeproots study: {err}; starting {folder.name} afresh", file=sys.stderr)
-    if not resume and folder.exists():
-        shutil.rmtree(folder)
-    train(TrainConfig(model=model, seed=seed, out=str(folder), resume=resume, progress=False,
-                      **settings))
+            _read_summary(summary, settings["epochs"])
+        except ValueError as err:  # never averaged in: reported, then the run is finished again
+            print(f"deeproots study: {err}; running {folder.name} again", file=sys.stderr)
+            summary.unlink()
+        resume = False
+        if run.last.exists():
+            try:
+                validate_state(load_checkpoint(run.last), run.last)
+                resume = True
+            except CheckpointError as err:
+                print(f"deeproots study: {err}; starting {folder.name} afresh", file=sys.stderr)
+        train(TrainConfig(model=model, seed=seed, out=str(folder), resume=resume,
+                          overwrite=not resume and run.holds_run(), progress=False,
+                          **settings))

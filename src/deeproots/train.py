@@ -5,17 +5,20 @@ schedule with warm-up, random crops and mirroring.
 Nothing is lost: a checkpoint is written atomically after every epoch, every few minutes
 within an epoch, and when the run is stopped (Ctrl-C, SIGTERM); ``resume=True`` continues
 from it, batch for batch, to the same weights an uninterrupted run reaches, with the
-settings the run was started with. A folder that holds a run is never overwritten unless
-asked, and a lock file keeps a second run out of it. A loss, weight or test loss that is not
-finite stops the run, keeping the last good checkpoint. Under ``torchrun`` the run is
-data-parallel (DistributedDataParallel; nccl on GPU, gloo on CPU); rank 0 writes every file.
+settings the run was started with (:func:`deeproots.checkpoint.resume_config`). The run
+folder (:mod:`deeproots.rundir`) is never overwritten unless asked, and then only once the
+new run has its first checkpoint; its lock keeps a second process out. A loss, weight or
+test loss that is not finite stops the run, keeping the last good checkpoint. Under
+``torchrun`` the run is data-parallel (DistributedDataParallel; nccl on GPU, gloo on CPU);
+rank 0 writes every file.
+
+The loop reads top to bottom: :func:`_setup` (everything checked before anything is
+written), :func:`_resume`, :func:`_start`, then per epoch :func:`_train_epoch` and
+:func:`_end_epoch`, and :func:`_finish`.
 """
 from __future__ import annotations
 
 import copy
-import csv
-import glob
-import io
 import math
 import os
 import platform
@@ -23,48 +26,45 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from . import __version__
-from .config import RESUMABLE_SETTINGS, TrainConfig, lr_at
+from .checkpoint import (CheckpointError, changes_of, config_from_checkpoint, load_checkpoint,
+                         model_from_checkpoint, resume_config, save_checkpoint)
+from .config import TrainConfig, lr_at
+from .conversion import rootify
 from .costs import profile
 from .data import DataSpec, build_loaders
-from .conversion import rootify
-from .layers import apply_groups, conv_layers, main_logits
+from .errors import DeeprootsError
+from .layers import conv_layers, example_logits, main_logits
 from .plots import plot_training_curves
-from .registry import build_model, is_model, is_user_model
-from .runtime import (allocator, atomic_write, check_output_dir, resolve_device, to_json,
-                      write_json, write_text)
-from .step import TrainStep, make_optimizer, resolve_grouped_conv
+from .registry import (build_model, check_model_spec, is_user_model, model_slug,
+                       model_source_digest, resolve_model_spec)
+from .rundir import RUN_FILES, RunFolder
+from .runtime import allocator, resolve_device, write_json
+from .step import Layout, TrainStep, choose_layout, make_optimizer, resolve_grouped_conv
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "load_for_eval",
            "TrainingDiverged", "CheckpointError", "Interrupted", "EvalResult", "TrainSummary",
-           "lr_at", "RUN_FILES"]
-
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png")
+           "lr_at", "RUN_FILES", "default_out", "resume_command"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss, the weights or the test loss became NaN or infinite."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit."""
-
-
 class Interrupted(Exception):
     """The run was stopped by a signal after writing its checkpoint."""
 
-    def __init__(self, signum: int, checkpoint: Path):
-        self.signum, self.checkpoint = signum, checkpoint
+    def __init__(self, signum: int, checkpoint: Path, command: str = ""):
+        self.signum, self.checkpoint, self.command = signum, checkpoint, command
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
 
 
@@ -110,90 +110,11 @@ class TrainSummary:
     compile_s: Optional[float] = None  # seconds of the first compiled step, if compiled
     compile_error: Optional[str] = None  # why torch.compile fell back to eager, if it did
     grouped_conv: str = "native"  # how grouped convs ran (native, triton, dispatch)
+    memory_format: str = "contiguous"  # the step's layout: channels-last or contiguous
+    files: List[str] = field(default_factory=list)  # the run's files, as written
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
-    to disk, then renamed over the old one. A crash leaves the old file or the new one."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
-    """Read a deeproots checkpoint with ``torch.load(weights_only=True)``: a file from
-    outside cannot run code. CheckpointError if it is missing, empty, corrupt, unsafe or not
-    a deeproots checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. "
-                              f"{path}/last.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never written "
-                              f"completely")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several kinds on truncated or foreign files
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        if lines[0].startswith("Weights only load failed"):
-            reason = next((line for line in lines[1:] if not line.startswith(
-                ("Please file", "Check the documentation"))), "")
-            # keep torch's warning, never only its advice to turn weights_only off
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt, not a PyTorch file, or unsafe: torch's safe "
-                f"loader (weights_only=True) refused it ({reason}). Loading it with "
-                f"weights_only=False can result in arbitrary code execution; do that only for "
-                f"a file from a trusted source") from err
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
-                              f"({type(err).__name__}: {lines[0][:300]})") from err
-    needed = ("model", "model_cfg", "config", "epoch", "step")
-    if not isinstance(state, dict) or any(k not in state for k in needed):
-        missing = [k for k in needed if not isinstance(state, dict) or k not in state]
-        raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
-                              f"{', '.join(missing)})")
-    return state
-
-
-def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint",
-                          model: Union[None, str, nn.Module] = None) -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights. A registered
-    model is rebuilt by name; a model of the user's own (``FILE.py:FUNCTION``, or one passed
-    to :func:`train`) only from ``model`` (that spec, or the module), since deeproots never
-    runs code named inside a file. CheckpointError if the weights do not fit."""
-    cfg = state["model_cfg"]
-    name = cfg["name"]
-    if model is None and not is_model(name):
-        how = (f"pass --model {name} (model='{name}')" if is_user_model(name) else
-               "pass the model it was trained as (model=...)")
-        raise CheckpointError(f"{path} holds a model of your own, {name}; deeproots never runs "
-                              f"code named in a checkpoint: {how} to rebuild it")
-    try:
-        if isinstance(model, nn.Module):
-            model = copy.deepcopy(model)
-        else:
-            model = build_model(model or name, **cfg["kwargs"])
-        apply_groups(model, {glob.escape(k): g for k, g in cfg.get("groups", {}).items()},
-                     reinit=False)
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: its weights do not fit the model its config names "
-                              f"({first})") from err
-    return model
-
-
-def config_from_checkpoint(path: Path | str) -> TrainConfig:
-    """The :class:`TrainConfig` a checkpoint's run was started with (``resume`` off)."""
-    saved = load_checkpoint(path)["config"]
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in known and k != "resume"})
 
 
 def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_dir=None,
@@ -214,12 +135,11 @@ def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_di
         limit_eval_batches=limit_eval_batches, download_ok=download)
     classes = getattr(model, "num_classes", None)
     if classes is None:  # a model of the user's own: count its outputs
-        with torch.no_grad():
-            classes = main_logits(model(torch.zeros(
-                1, spec.in_channels, spec.image_size, spec.image_size, device=dev))).shape[1]
+        classes = example_logits(model, torch.zeros(
+            1, spec.in_channels, spec.image_size, spec.image_size, device=dev)).shape[1]
     if spec.num_classes != classes:
-        raise ValueError(f"{checkpoint} has {classes} classes but {data} has "
-                         f"{spec.num_classes}")
+        raise DeeprootsError(f"{checkpoint} has {classes} classes but {data} has "
+                             f"{spec.num_classes}")
     return model, test_loader, spec, state, dev
 
 
@@ -255,16 +175,19 @@ def _all_sum(values: List[float], device) -> List[float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device=None, autocast=None) -> EvalResult:
-    """Loss, top-1 and top-5 accuracy of ``model`` over ``loader`` (all ranks together)."""
+def evaluate(model: nn.Module, loader, device=None, layout: Optional[Layout] = None
+             ) -> EvalResult:
+    """Loss, top-1 and top-5 accuracy of ``model`` over ``loader`` (all ranks together), in
+    ``layout`` (default: the training layout of the model's device)."""
     device = device or next(model.parameters()).device
+    layout = layout if layout is not None else choose_layout(device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # on the device: no sync a batch
     n = 0
     for x, y in loader.batches():
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast or nullcontext():
+        x, y = layout.input(x), y.to(device, non_blocking=True)
+        with layout.autocast():
             logits = main_logits(model(x)).float()
         hits = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
         sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
@@ -274,7 +197,7 @@ def evaluate(model: nn.Module, loader, device=None, autocast=None) -> EvalResult
     loss_sum, top1, top5, n = _all_sum([loss_sum, top1, top5, n], device)
     model.train(was_training)
     if n == 0:
-        raise ValueError("the evaluation data is empty")
+        raise DeeprootsError("the evaluation data is empty")
     return EvalResult(loss_sum / n, top1 / n, top5 / n, int(n))
 
 
@@ -306,59 +229,19 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-class _RunLock:
-    """``out/.lock`` holding the PID of the run that writes ``out``; a lock whose process is
-    gone is stale and taken over."""
-
-    def __init__(self, out: Path, enabled: bool = True):
-        self.path, self.enabled = out / ".lock", enabled
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = _read_pid(self.path)
-                if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise ValueError(f"--out {self.path.parent} is in use by another run "
-                                     f"(process {pid}, {self.path}); wait for it to end or give "
-                                     f"another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            return self
-        raise ValueError(f"could not take the lock {self.path}; another run keeps taking it")
-
-    def __exit__(self, *exc):
-        if self.enabled and _read_pid(self.path) == os.getpid():
-            self.path.unlink(missing_ok=True)
-
-
-def _read_pid(path: Path) -> Optional[int]:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def default_out(cfg: TrainConfig) -> Path:
-    """``runs/MODEL-DATA-seedN``: where a run goes without ``out``."""
+    """``runs/MODEL-DATA-seedN``: where a run goes without ``out`` (``FILE-FUNCTION`` for a
+    model of your own)."""
     data = cfg.data.split(":")[0]
-    return Path("runs") / f"{cfg.model}-{data}-seed{cfg.seed}"
+    return Path("runs") / f"{model_slug(cfg.model)}-{data}-seed{cfg.seed}"
+
+
+def resume_command(cfg: TrainConfig, out: Path | str) -> str:
+    """The command that continues the run in ``out``, from any folder: the folder's
+    absolute path, and a model of your own named (deeproots never runs code a checkpoint
+    names)."""
+    model = f"{resolve_model_spec(cfg.model)} " if is_user_model(cfg.model) else ""
+    return f"deeproots train {model}--resume --out {os.path.abspath(out)}"
 
 
 def _versions() -> dict:
@@ -370,45 +253,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _check_out(cfg: TrainConfig, out: Path) -> None:
-    """Refuse an ``out`` that cannot be written, or that holds a run that neither
-    ``resume`` nor ``overwrite`` names. Writes nothing."""
-    check_output_dir(out)
-    if cfg.resume:
-        if not (out / "last.pt").exists():
-            raise CheckpointError(f"--resume: no checkpoint at {out / 'last.pt'}; start the "
-                                  f"run without --resume, or pass the --out of the run to "
-                                  f"resume")
-        if cfg.overwrite:
-            raise ValueError("--resume continues the run in --out and --overwrite replaces "
-                             "it; give one of them")
-        return
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if held and not cfg.overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}); add --resume "
-                         f"to continue it or --overwrite to replace it")
-
-
-def _changes(cfg: TrainConfig, state: dict) -> List[dict]:
-    """The settings ``cfg`` changes against the checkpoint's run (each must be named in
-    ``cfg.change``), as history records."""
-    saved, changes = state["config"], []
-    for name in RESUMABLE_SETTINGS:
-        old, new = saved.get(name), getattr(cfg, name)
-        if isinstance(old, (list, tuple)):
-            old, new = list(old), list(new) if new is not None else new
-        if old == new:
-            continue
-        if name not in cfg.change:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"--resume: this run was started with {name} = {old!r}, not "
-                             f"{new!r}; leave {flag} out to keep the run's value, or add "
-                             f"--change {name} to change it (recorded in the run's history)")
-        changes.append({"setting": name, "from": old, "to": new, "epoch": state["epoch"],
-                        "step": state["step"]})
-    return changes
 
 
 def _bytes_free(device: torch.device) -> Optional[int]:
@@ -430,45 +274,58 @@ def _check_batch(model: nn.Module, cost, per_rank: int, device: torch.device) ->
     kept about four times over, float32, for the backward pass)."""
     if per_rank == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                              for m in model.modules()):
-        raise ValueError(f"batch size 1 per process cannot train {model.name}: batch norm "
-                         f"needs at least 2 images; use --batch-size 2 or more")
+        raise DeeprootsError(f"batch size 1 per process cannot train {model.name}: batch norm "
+                             f"needs at least 2 images; use --batch-size 2 or more")
     per_image = 4 * 4 * sum(math.prod(layer.output_shape) * layer.calls
                             for layer in cost.layers if layer.output_shape)
     free = _bytes_free(device)
     if free and per_image * per_rank > free:
         fits = max(1, free // per_image)
-        raise ValueError(f"batch size {per_rank} needs about {_size(per_image * per_rank)} of "
-                         f"activations to train {model.name}; {_size(free)} is free on "
-                         f"{device}. The largest batch that fits is about {fits}")
+        raise DeeprootsError(f"batch size {per_rank} needs about {_size(per_image * per_rank)} "
+                             f"of activations to train {model.name}; {_size(free)} is free on "
+                             f"{device}. The largest batch that fits is about {fits}")
 
 
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+@dataclass
 class _Run:
-    """The state of one training run, shared by the steps of :func:`train`."""
+    """The state of one training run, shared by the steps of :func:`train`: every field is
+    declared here; :func:`_setup` fills them, the loop updates the position and records."""
 
-    def __init__(self, cfg: TrainConfig):
-        cfg.check()
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.out = Path(cfg.out) if cfg.out else default_out(cfg)
-        self.rank, self.world = 0, int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.resume or int(os.environ.get("RANK", "0")) == 0:
-            # under torchrun rank 0 alone judges the folder: it may already be writing
-            # there while another rank is still starting
-            _check_out(cfg, self.out)
-        self.state = load_checkpoint(self.out / "last.pt", map_location=self.device) \
-            if cfg.resume else None
-        self.changes = list(self.state.get("changes", [])) + _changes(cfg, self.state) \
-            if self.state else []
-        self.last_path, self.best_path = self.out / "last.pt", self.out / "best.pt"
-        self.epoch, self.step, self.history, self.best_top1, self.wall_before = 0, 0, [], -1.0, 0.0
-        self.sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, seen, seconds of the epoch so far
-        self.step_fn: Optional[TrainStep] = None
-        self.compile_recorded = False
-        self.started = time.perf_counter()
+    cfg: TrainConfig
+    device: torch.device
+    folder: RunFolder
+    rank: int = 0
+    world: int = 1
+    writer: bool = True  # rank 0 writes the run's files
+    state: Optional[dict] = None  # the checkpoint a resumed run continues
+    changes: List[dict] = field(default_factory=list)
+    spec: Optional[DataSpec] = None
+    train_loader: Any = None
+    test_loader: Any = None
+    model: Optional[nn.Module] = None  # the model (its state dict is the checkpoint's)
+    net: Optional[nn.Module] = None  # what runs forward: the model, or its DDP wrapper
+    cost: Any = None  # its Profile at the data's input size
+    optimizer: Optional[torch.optim.Optimizer] = None
+    layout: Optional[Layout] = None  # memory format and autocast, the step's
+    step_fn: Optional[TrainStep] = None
+    # the position: epochs finished, steps into the next one, the history of finished epochs
+    epoch: int = 0
+    step: int = 0
+    history: List[dict] = field(default_factory=list)
+    best_top1: float = -1.0
+    wall_before: float = 0.0  # seconds the run ran before this process
+    sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct,
+    # seen, seconds of the epoch so far
+    compile_recorded: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
 
 def _build(cfg: TrainConfig, spec: DataSpec, model: Optional[nn.Module]) -> nn.Module:
@@ -486,68 +343,76 @@ def _build(cfg: TrainConfig, spec: DataSpec, model: Optional[nn.Module]) -> nn.M
         name, built_cfg = model.name, model.deeproots_cfg
         model, _ = rootify(model, cfg.rootify, example_input=torch.zeros(1, *size))
         model.name, model.deeproots_cfg = name, built_cfg
-    with torch.no_grad():
-        out = main_logits(copy.deepcopy(model).eval()(torch.zeros(1, *size)))
-    if out.dim() != 2 or out.shape[1] != spec.num_classes:
-        raise ValueError(f"{cfg.model} gives outputs of shape {tuple(out.shape)} for one "
-                         f"{'x'.join(map(str, size))} image; {spec.name} needs "
-                         f"(1, {spec.num_classes}): one score per class")
+    out = example_logits(copy.deepcopy(model), torch.zeros(1, *size), cfg.model)
+    if out.shape[1] != spec.num_classes:
+        raise DeeprootsError(f"{cfg.model} gives outputs of shape {tuple(out.shape)} for one "
+                             f"{'x'.join(map(str, size))} image; {spec.name} needs "
+                             f"(1, {spec.num_classes}): one score per class")
     return model
 
 
 def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
-    """Validate everything (settings, --out, data, model, memory) before writing anything."""
-    run = _Run(cfg)
-    run.rank, run.world = _dist_setup(run.device)
+    """Validate everything before writing anything: the settings, the model's name, the
+    device and the grouped-conv choice first (no data is looked for before they pass),
+    then the folder, the checkpoint a resumed run continues, the data, the model and the
+    memory."""
+    cfg.check()
+    if model is None:
+        check_model_spec(cfg.model)
+    device = resolve_device(cfg.device)
+    resolve_grouped_conv(cfg.grouped_conv, device, cfg.compile)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    run = _Run(cfg=cfg, device=device, folder=RunFolder(out),
+               world=int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.resume or int(os.environ.get("RANK", "0")) == 0:
+        # under torchrun rank 0 alone judges the folder: it may already be writing
+        # there while another rank is still starting
+        run.folder.check(cfg.resume, cfg.overwrite)
+    if cfg.resume:
+        run.state = load_checkpoint(run.folder.last, map_location=device)
+        run.cfg = cfg = resume_config(out, cfg, run.state)
+        run.changes = list(run.state.get("changes", [])) + changes_of(cfg, run.state)
+    elif model is None:  # recorded resolved: the run resumes from any folder
+        run.cfg = cfg = TrainConfig(**{**asdict(cfg), "model": resolve_model_spec(cfg.model)})
+    run.rank, run.world = _dist_setup(device)
     torch.manual_seed(cfg.seed)
     run.train_loader, run.test_loader, run.spec = build_loaders(
-        cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=run.device,
+        cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, rank=run.rank, world_size=run.world, workers=cfg.workers,
         image_size=cfg.image_size, limit_train_batches=cfg.limit_train_batches,
         limit_eval_batches=cfg.limit_eval_batches, download_ok=cfg.download)
     if len(run.train_loader) == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set "
-                         f"({run.train_loader.num_samples})")
+        raise DeeprootsError(f"batch size {cfg.batch_size} is larger than the training set "
+                             f"({run.train_loader.num_samples})")
     spec = run.spec
-    model = _build(cfg, spec, model)
-    run.cost = profile(model, (spec.in_channels, spec.image_size, spec.image_size))
-    _check_batch(model, run.cost, cfg.batch_size // run.world, run.device)
-    model = model.to(run.device)
-    run.cuda = run.device.type == "cuda"
-    if run.cuda:  # the step's layout, set before DDP wraps the model
-        model = model.to(memory_format=torch.channels_last)
-    run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda else None
-    run.optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
-    resolve_grouped_conv(cfg.grouped_conv, run.device, cfg.compile)  # refused before writing
-    run.model = run.net = model
+    built = _build(cfg, spec, model)
+    run.cost = profile(built, (spec.in_channels, spec.image_size, spec.image_size))
+    _check_batch(built, run.cost, cfg.batch_size // run.world, device)
+    run.model = run.net = built.to(device)
+    run.layout = choose_layout(device)
+    run.layout.apply(run.model)  # before DDP wraps the model
+    run.optimizer = make_optimizer(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
     return run
 
 
-def _make_step(run: _Run) -> None:
-    """The training step (:class:`deeproots.step.TrainStep`): grouped convs as configured, a
-    resumed run's measured choices kept, compiled if asked."""
-    if run.state is not None and run.state.get("dispatch"):
-        from .kernels.modules import dispatch_cache  # Triton layer: a GPU run's choices
-
-        dispatch_cache().update(run.state["dispatch"])
-    run.step_fn = TrainStep(run.model, run.optimizer, net=run.net, aux_weight=run.cfg.aux_weight,
-                            compile=run.cfg.compile, grouped_conv=run.cfg.grouped_conv)
-    for line in run.step_fn.fallbacks:
-        print(f"grouped conv left to PyTorch: {line}", file=sys.stderr)
-
-
 def _resume(run: _Run) -> None:
-    """Load the checkpoint's weights, optimizer, position, history and random state."""
+    """Load the checkpoint's weights, optimizer, position, history and random state (all
+    checked by :func:`deeproots.checkpoint.validate_state` in :func:`_setup`)."""
     state = run.state
     if state["model_cfg"]["name"] != run.model.name:
-        raise CheckpointError(f"{run.last_path} is a {state['model_cfg']['name']} run; this "
+        raise CheckpointError(f"{run.folder.last} is a {state['model_cfg']['name']} run; this "
                               f"run is {run.model.name}")
     try:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     except (KeyError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{run.last_path}: its weights do not fit {run.model.name} "
+        raise CheckpointError(f"{run.folder.last}: its weights do not fit {run.model.name} "
                               f"({str(err).strip().splitlines()[0][:300]})") from err
+    digest = state["model_cfg"].get("source_sha256")
+    if digest and digest != model_source_digest(run.cfg.model):
+        print(f"warning: {run.cfg.model.rpartition(':')[0]} changed since this run started "
+              f"(its SHA-256 differs); the run continues with the code as it is now",
+              file=sys.stderr)
     run.epoch, run.step = state["epoch"], state["step"]
     run.history, run.best_top1 = list(state["history"]), state["best_top1"]
     run.wall_before = state["wall_s"]
@@ -558,9 +423,11 @@ def _resume(run: _Run) -> None:
         torch.cuda.set_rng_state(state["rng_cuda"])
 
 
-def _start_writing(run: _Run) -> None:
-    """The first write of a run: the folder, the lock, and (on --overwrite) the old run's
-    files removed so that nothing of it mixes with the new one."""
+def _start(run: _Run) -> None:
+    """With the folder locked: the DDP wrapper and the training step (grouped convs as
+    configured, a resumed run's measured choices kept, compiled if asked). Nothing of the
+    run is written before its first checkpoint; with ``overwrite`` the old run stays whole
+    until then."""
     run.writer = run.rank == 0
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP  # only under torchrun
@@ -569,24 +436,31 @@ def _start_writing(run: _Run) -> None:
             # (SyncBatchNorm runs on GPUs only; on CPU each process normalises its own part)
             run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
         run.net = DDP(run.model, device_ids=[run.device.index] if run.cuda else None)
-    _make_step(run)
+    if run.state is not None and run.state.get("dispatch"):
+        from .kernels.modules import dispatch_cache  # Triton layer: a GPU run's choices
+
+        dispatch_cache().update(run.state["dispatch"])
+    run.step_fn = TrainStep(run.model, run.optimizer, net=run.net,
+                            aux_weight=run.cfg.aux_weight, compile=run.cfg.compile,
+                            grouped_conv=run.cfg.grouped_conv, layout=run.layout)
+    for line in run.step_fn.fallbacks:
+        print(f"grouped conv left to PyTorch: {line}", file=sys.stderr)
     if run.writer:
-        run.out.mkdir(parents=True, exist_ok=True)
-        if run.cfg.overwrite:
-            for name in RUN_FILES:
-                (run.out / name).unlink(missing_ok=True)
-        _write_records(run.out, run.history)
+        run.folder.begin(run.cfg.overwrite)
 
 
 def _snapshot(run: _Run, epoch: int, step: int) -> dict:
+    model_cfg = {**run.model.deeproots_cfg, "groups": {
+        name: conv.groups for name, conv in conv_layers(run.model).items() if conv.groups > 1}}
+    digest = model_source_digest(run.cfg.model)
+    if digest:
+        model_cfg["source_sha256"] = digest
     state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "epoch": epoch, "step": step, "history": run.history, "best_top1": run.best_top1,
-        "config": asdict(run.cfg) | {"out": str(run.out)},
-        "model_cfg": {**run.model.deeproots_cfg, "groups": {
-            name: conv.groups for name, conv in conv_layers(run.model).items() if conv.groups > 1}},
+        "config": asdict(run.cfg) | {"out": str(run.folder.path)}, "model_cfg": model_cfg,
         "data": asdict(run.spec), "rng_cpu": torch.get_rng_state(), "changes": run.changes,
-        "epoch_sums": list(run.sums),
+        "epoch_sums": list(run.sums), "memory_format": run.layout.memory_format,
         "wall_s": run.wall_before + time.perf_counter() - run.started,
     }
     if run.cuda:
@@ -598,17 +472,20 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     return state
 
 
+def _last_good(run: _Run) -> str:
+    return str(run.folder.last) if run.folder.last.exists() else "none written yet"
+
+
 def _save_last(run: _Run, epoch: int, step: int) -> dict:
     """Checkpoint to last.pt, after checking that every weight is finite."""
     for name, value in run.model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
-            where = run.last_path if run.last_path.exists() else "none written yet"
             raise TrainingDiverged(f"weight {name} is not finite at epoch {epoch + 1}, step "
                                    f"{step}; stopped without saving it. Last good checkpoint: "
-                                   f"{where}. Try a lower --lr (now {run.cfg.lr})")
+                                   f"{_last_good(run)}. Try a lower --lr (now {run.cfg.lr})")
     state = _snapshot(run, epoch, step)
     if run.writer:
-        save_checkpoint(run.last_path, state)
+        run.folder.write_checkpoint(lambda: save_checkpoint(run.folder.last, state))
     return state
 
 
@@ -617,22 +494,25 @@ def _check_finite(run: _Run, epoch: int) -> None:
     loss of this epoch was not finite."""
     r = run.step_fn.read()
     if r["bad_step"]:
-        where = run.last_path if run.last_path.exists() else "none written yet"
         raise TrainingDiverged(
             f"loss became {r['bad_loss']} at epoch {epoch + 1}, step {r['bad_step']}; "
-            f"stopped without saving this state. Last good checkpoint: {where}. "
+            f"stopped without saving this state. Last good checkpoint: {_last_good(run)}. "
             f"Try a lower --lr (now {run.cfg.lr})")
     run.sums[:3] = [r["loss_sum"], r["correct"], r["seen"]]
 
 
-def _out_of_memory(run: _Run, x: torch.Tensor, y: torch.Tensor) -> ValueError:
+def _out_of_memory(run: _Run, x: torch.Tensor, y: torch.Tensor) -> DeeprootsError:
     """The error for a batch that ran out of GPU memory, with the largest batch that fits."""
     fits = run.step_fn.largest_batch(x, y)
     what = f"batch size {len(x)} per process does not fit in the memory of {run.device}"
     if fits < 1:
-        return ValueError(f"{what}: even one image ran out of memory")
-    return ValueError(f"{what} (out of memory in a training step); the largest batch that "
-                      f"fit, halving: {fits}. Use --batch-size {fits * run.world}")
+        return DeeprootsError(f"{what}: even one image ran out of memory")
+    return DeeprootsError(f"{what} (out of memory in a training step); the largest batch that "
+                          f"fit, halving: {fits}. Use --batch-size {fits * run.world}")
+
+
+def _interrupted(run: _Run, signum: int) -> Interrupted:
+    return Interrupted(signum, run.folder.last, resume_command(run.cfg, run.folder.path))
 
 
 def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
@@ -679,7 +559,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
             if stop.signal is not None:
                 _check_finite(run, epoch)
                 _save_last(run, epoch, step + 1)
-                raise Interrupted(stop.signal, run.last_path)
+                raise _interrupted(run, stop.signal)
             if cfg.checkpoint_every_min and step + 1 < steps and \
                     time.perf_counter() - last_save >= 60 * cfg.checkpoint_every_min:
                 _check_finite(run, epoch)
@@ -697,12 +577,11 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     """Evaluate, record, and checkpoint a finished epoch (best.pt when top-1 improved)."""
     loss_sum, correct, seen = _all_sum(run.sums[:3], run.device)
     seen = max(seen, 1.0)  # a run resumed after the epoch's last step saw none
-    metrics = evaluate(run.model, run.test_loader, run.device, run.autocast)
+    metrics = evaluate(run.model, run.test_loader, run.device, run.layout)
     if not math.isfinite(metrics.loss):
-        where = run.last_path if run.last_path.exists() else "none written yet"
         raise TrainingDiverged(f"test loss is {metrics.loss} after epoch {epoch + 1}; stopped "
-                               f"without saving this state. Last good checkpoint: {where}. "
-                               f"Try a lower --lr (now {run.cfg.lr})")
+                               f"without saving this state. Last good checkpoint: "
+                               f"{_last_good(run)}. Try a lower --lr (now {run.cfg.lr})")
     epoch_s = max(run.sums[3], 1e-9)
     compile_s = run.step_fn.compile_s if not run.compile_recorded else None
     run.compile_recorded = run.compile_recorded or compile_s is not None
@@ -719,8 +598,8 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     state = _save_last(run, epoch + 1, 0)
     if run.writer:
         if best:
-            save_checkpoint(run.best_path, state)
-        _write_records(run.out, run.history)
+            save_checkpoint(run.folder.best, state)
+        run.folder.write_records(run.history)
         if compile_s is not None:
             print(f"compiled the training step (torch.compile, mode {run.cfg.compile}) in its "
                   f"first step: {compile_s:.1f} s", flush=True)
@@ -742,15 +621,18 @@ def _finish(run: _Run) -> TrainSummary:
         train_images_per_s=sum(h["images_per_s"] * h["epoch_s"] for h in history) /
         max(1e-9, seconds),
         device=_device_name(run.device), world_size=run.world, versions=_versions(),
-        allocator=allocator(), config=asdict(run.cfg) | {"out": str(run.out)},
-        checkpoint=str(run.last_path), out=str(run.out), changes=run.changes,
+        allocator=allocator(), config=asdict(run.cfg) | {"out": str(run.folder.path)},
+        checkpoint=str(run.folder.last), out=str(run.folder.path), changes=run.changes,
         compile_s=next((h["compile_s"] for h in history if h.get("compile_s") is not None),
                        None),
-        compile_error=run.step_fn.compile_error, grouped_conv=run.step_fn.grouped_conv)
+        compile_error=run.step_fn.compile_error, grouped_conv=run.step_fn.grouped_conv,
+        memory_format=run.layout.memory_format)
     if run.writer:
-        write_json(run.out / "summary.json", summary.to_dict())
         if history:
-            plot_training_curves(history, run.out / "curves.png", run.cfg.model)
+            plot_training_curves(history, run.folder.path / "curves.png", run.cfg.model)
+        summary.files = [name for name in RUN_FILES if name == "summary.json"
+                         or (run.folder.path / name).exists()]
+        write_json(run.folder.path / "summary.json", summary.to_dict())
     return summary
 
 
@@ -759,10 +641,16 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
     """Train ``cfg.model`` on ``cfg.data``; returns the :class:`TrainSummary` (also written
     to ``summary.json`` in the run's folder). ``cfg`` is not changed.
 
+    ``resume=True`` continues the run in ``cfg.out`` with the settings it was started with:
+    ``TrainConfig(resume=True, out=D)`` alone is enough; a setting that defines the run and
+    differs from its own must be named in ``change`` (see
+    :func:`deeproots.checkpoint.resume_config`). ``overwrite=True`` replaces the run in
+    ``cfg.out``, keeping it whole until the new run's first checkpoint.
+
     ``model``: a model of your own to train (a copy is trained; ``cfg.model`` names it in the
     records), instead of building ``cfg.model``. ``callbacks`` are called after every
-    optimizer step with a dict of ``epoch``, ``step``
-    (within the epoch), ``global_step``, ``loss``, ``lr`` and the ``model``.
+    optimizer step with a dict of ``epoch``, ``step`` (within the epoch), ``global_step``,
+    ``loss``, ``lr`` and the ``model``.
 
     Raises :class:`TrainingDiverged` when the loss, a weight or the test loss becomes NaN or
     infinite (the last good checkpoint is kept) and :class:`Interrupted` after Ctrl-C or
@@ -771,13 +659,27 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
     run = _setup(cfg, model)
     if run.state is not None:
         _resume(run)
-    with _RunLock(run.out, enabled=run.rank == 0):
-        _start_writing(run)
+    lock = run.folder.lock() if run.rank == 0 else _NoLock(run.folder)
+    with lock:
+        _start(run)
         with _StopRequest() as stop:
-            for epoch in range(run.epoch, cfg.epochs):
+            for epoch in range(run.epoch, run.cfg.epochs):
                 lr = _train_epoch(run, epoch, stop, callbacks)
                 _end_epoch(run, epoch, lr)
         return _finish(run)
+
+
+class _NoLock:
+    """A rank other than 0 writes nothing and takes no lock."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+
+    def __enter__(self) -> RunFolder:
+        return self.folder
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def _progress(total: int, initial: int, desc: str, show: bool):
@@ -786,16 +688,3 @@ def _progress(total: int, initial: int, desc: str, show: bool):
     from tqdm import tqdm  # only on a terminal
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _write_records(out: Path, history: List[dict]) -> None:
-    """metrics.jsonl and metrics.csv, rewritten from the history (so a resumed run's files
-    hold each epoch once)."""
-    write_text(out / "metrics.jsonl", "".join(to_json(h) + "\n" for h in history))
-    buf = io.StringIO()
-    if history:  # every key of every record (a run resumed from an older version adds some)
-        keys = list(dict.fromkeys(k for h in history for k in h))
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    write_text(out / "metrics.csv", buf.getvalue())

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import (INTERPRET, Pair, _direct_tile, _gemm_tile, _pair, _pixel, _tuned,
-                           check_conv, output_size)
+from ..errors import DeeprootsError
+from . import _common as C
+from ._common import Pair, _direct_tile, _gemm_tile, _pixel, _relu, output_size
 
 __all__ = ["fused_root_conv", "check_root", "GEMM_MIN_CHANNELS", "MAX_GROUP_CHANNELS"]
 
@@ -55,8 +56,13 @@ DIRECT_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
 ]
-INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}  # correctness, not speed
-KEY = ["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET"]
+# the interpreter's block shape, at most this and shrunk to the problem: correctness, not speed
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}
+# what changes the best block shape: the block's shapes, the pixels (bucketed), the spatial
+# size, stride, padding, dilation, the input's layout (channel stride), and whether a
+# residual is added and a ReLU follows
+KEY = ["CIN_G", "COUT_G", "C2", "C3", "KH", "KW", "M_BUCKET", "H", "W", "STRIDE_H",
+       "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "sxc", "HAS_RES", "RELU_OUT"]
 
 
 @triton.jit
@@ -69,7 +75,8 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
                 STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                 KH: tl.constexpr, KW: tl.constexpr, DIRECT: tl.constexpr,
                 HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RES: tl.constexpr,
-                RELU_OUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_J: tl.constexpr,
+                RELU_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_J: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,17 +98,17 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
             h = _gemm_tile(x_ptr, w1_ptr, n, oh, ow, mask_m, offs_j, mask_j, j0 // COUT_G,
                            H, W, sxn, sxh, sxw, sxc, s1o, s1c, s1h, s1w,
                            CIN_G, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-                           KH, KW, UPCAST, BLOCK_M, BLOCK_J, BLOCK_K)
+                           KH, KW, UPCAST, PRECISION, BLOCK_M, BLOCK_J, BLOCK_K)
         if HAS_B1:
             h += tl.load(b1_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-        # ReLU, rounded to the dtype the unfused layer would have stored
-        hr = tl.maximum(h, 0.0).to(y_ptr.dtype.element_ty)
+        # ReLU (NaN kept, as torch.relu does), rounded to the dtype the unfused layer stores
+        hr = _relu(h).to(y_ptr.dtype.element_ty)
         w2 = tl.load(w2_ptr + offs_n[None, :] * s2o + offs_j[:, None] * s2c,
                      mask=mask_j[:, None] & mask_n[None, :], other=0.0)
         if UPCAST:
             hr = hr.to(tl.float32)
             w2 = w2.to(tl.float32)
-        acc += tl.dot(hr, w2)
+        acc += tl.dot(hr, w2, input_precision=PRECISION)
     if HAS_B2:
         acc += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -109,13 +116,13 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
         acc += tl.load(r_ptr + (n * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src,
                        mask=mask, other=0.0).to(tl.float32)
     if RELU_OUT:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_root_block_gemm = _tuned(GEMM_CONFIGS, KEY)(_root_block)
-_root_block_direct = _tuned(DIRECT_CONFIGS, KEY)(_root_block)
+_root_block_gemm = C.tuned(GEMM_CONFIGS, KEY)(_root_block)
+_root_block_direct = C.tuned(DIRECT_CONFIGS, KEY)(_root_block)
 
 
 def _direct(cin_g: int, cout_g: int) -> bool:
@@ -145,35 +152,48 @@ def fused_root_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """``act(conv1x1(relu(conv2d(x, weight, bias, ..., groups)), pointwise, pointwise_bias)
     [+ residual])``, ``act`` ReLU if ``relu_out`` else identity, in one Triton kernel with
     zero padding; the output is channels-last, in ``x``'s dtype. Forward only."""
-    check_conv(x, weight, bias, groups)
+    C.check_conv(x, weight, bias, groups)
     reason = check_root(weight, pointwise, groups)
     if reason:
-        raise ValueError(f"the fused root kernel cannot run this block: {reason}")
+        raise DeeprootsError(f"the fused root kernel cannot run this block: {reason}")
     for name, t in (("pointwise", pointwise), ("pointwise_bias", pointwise_bias),
                     ("residual", residual)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name} must be {x.dtype} on {x.device} like the input; got "
-                             f"{t.dtype} on {t.device}")
-    sh, sw = _pair("stride", stride, 1)
-    ph, pw = _pair("padding", padding, 0)
-    dh, dw = _pair("dilation", dilation, 1)
+            raise DeeprootsError(f"{name} must be {x.dtype} on {x.device} like the input; got "
+                                 f"{t.dtype} on {t.device}")
+    sh, sw = C.pair("stride", stride, 1)
+    ph, pw = C.pair("padding", padding, 0)
+    dh, dw = C.pair("dilation", dilation, 1)
     n, _, h, w = x.shape
     c2, cin_g, kh, kw = weight.shape
     c3 = pointwise.shape[0]
     oh, ow = output_size(h, w, kh, kw, (sh, sw), (ph, pw), (dh, dw))
     if residual is not None and tuple(residual.shape) != (n, c3, oh, ow):
-        raise ValueError(f"residual must have the output's shape {(n, c3, oh, ow)}; got "
-                         f"{tuple(residual.shape)}")
+        raise DeeprootsError(f"residual must have the output's shape {(n, c3, oh, ow)}; got "
+                             f"{tuple(residual.shape)}")
     y = torch.empty((n, c3, oh, ow), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
+    with C.on_device(x):
+        for start, stop in C.batch_chunks(n, (x, y, residual)):
+            _launch(x[start:stop], weight, bias, pointwise, pointwise_bias,
+                    residual[start:stop] if residual is not None else None, y[start:stop],
+                    (sh, sw), (ph, pw), (dh, dw), groups, relu_out)
+    return y
+
+
+def _launch(x, weight, bias, pointwise, pointwise_bias, residual, y, stride, padding,
+            dilation, groups, relu_out) -> None:
+    n, _, h, w = x.shape
+    c2, cin_g, kh, kw = weight.shape
+    c3, oh, ow = y.shape[1], y.shape[2], y.shape[3]
     m = n * oh * ow
     cout_g = c2 // groups
     direct = _direct(cin_g, cout_g)
     step = DIRECT_STEP if direct else cout_g
     block_j = step if direct else max(16, triton.next_power_of_2(cout_g))
-    nhwc = lambda t: (t.stride(0), t.stride(2), t.stride(3), t.stride(1))  # noqa: E731
     res = residual if residual is not None else y
-    extra = dict(INTERPRET_CONFIG) if INTERPRET else {}
+    extra = C.interpret_blocks(INTERPRET_CONFIG, BLOCK_M=m, BLOCK_N=c3, BLOCK_K=cin_g) \
+        if C.INTERPRET else {}
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c3, meta["BLOCK_N"]))
@@ -182,9 +202,10 @@ def fused_root_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     kernel[grid](
         x, weight, bias if bias is not None else weight, pointwise,
         pointwise_bias if pointwise_bias is not None else pointwise, res, y,
-        h, w, oh, ow, m, *nhwc(x), *weight.stride(), pointwise.stride(0), pointwise.stride(1),
-        *nhwc(res), *nhwc(y), cin_g, cout_g, c2, c3, step, sh, sw, ph, pw, dh, dw,
-        triton.next_power_of_2(m), KH=kh, KW=kw, DIRECT=direct, HAS_B1=bias is not None,
-        HAS_B2=pointwise_bias is not None, HAS_RES=residual is not None, RELU_OUT=relu_out,
-        UPCAST=INTERPRET and x.dtype == torch.bfloat16, BLOCK_J=block_j, **extra)
-    return y
+        h, w, oh, ow, m, *C.nhwc(x), *weight.stride(), pointwise.stride(0),
+        pointwise.stride(1), *C.nhwc(res), *C.nhwc(y), cin_g, cout_g, c2, c3, step, *stride,
+        *padding, *dilation, triton.next_power_of_2(m), KH=kh, KW=kw, DIRECT=direct,
+        HAS_B1=bias is not None, HAS_B2=pointwise_bias is not None,
+        HAS_RES=residual is not None, RELU_OUT=relu_out,
+        UPCAST=C.INTERPRET and x.dtype == torch.bfloat16,
+        PRECISION=C.input_precision(x.dtype), BLOCK_J=block_j, **extra)

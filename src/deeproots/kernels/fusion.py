@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..errors import DeeprootsError
 from .modules import _autocast, _time_ms, padding_unsupported
 
 __all__ = ["FusedRootConv", "fuse_root_blocks", "fusable"]
@@ -63,7 +64,7 @@ class FusedRootConv(nn.Module):
         super().__init__()
         reason = fusable(conv, pointwise)
         if reason:
-            raise ValueError(f"cannot fuse this root block: {reason}")
+            raise DeeprootsError(f"cannot fuse this root block: {reason}")
         self.conv, self.pointwise = conv, pointwise
         self.residual, self.relu_out, self.choose = residual, relu_out, choose
         self.chosen: Dict[tuple, str] = {}  # "fused" or "unfused", per input key
@@ -101,8 +102,8 @@ class FusedRootConv(nn.Module):
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (residual is not None) != self.residual:
-            raise ValueError(f"this fused block {'takes' if self.residual else 'takes no'} "
-                             f"residual input; got {'one' if residual is not None else 'none'}")
+            raise DeeprootsError(f"this fused block {'takes' if self.residual else 'takes no'} "
+                                 f"residual input; got {'one' if residual is not None else 'none'}")
         params = (self.conv.weight, self.conv.bias, self.pointwise.weight,
                   self.pointwise.bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad

@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .grouped_conv import INTERPRET, _pixel, _tuned, check_conv
+from ..errors import DeeprootsError
+from . import _common as C
+from ._common import _pixel, tuned
 
 __all__ = ["conv2d_input_grad", "conv2d_weight_grad", "weight_grad_splits"]
 
@@ -55,13 +57,20 @@ WEIGHT_DIRECT_CONFIGS = [
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
     triton.Config({"BLOCK_P": 32, "BLOCK_C": 128}, num_warps=4),
 ]
-# one block shape each under the interpreter: correctness, not speed
-INTERPRET_INPUT_GEMM = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 128}
-INTERPRET_INPUT_DIRECT = {"BLOCK_P": 32, "BLOCK_C": 128}
-INTERPRET_WEIGHT_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
-INTERPRET_WEIGHT_DIRECT = {"BLOCK_P": 64, "BLOCK_C": 128}
+# one block shape each under the interpreter, at most these and shrunk to the problem
+# (_common.interpret_blocks): correctness, not speed
+INTERPRET_INPUT_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
+INTERPRET_INPUT_DIRECT = {"BLOCK_P": 128, "BLOCK_C": 128}
+INTERPRET_WEIGHT_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}
+INTERPRET_WEIGHT_DIRECT = {"BLOCK_P": 128, "BLOCK_C": 128}
 PIXEL_STEP = 128  # a slice of the weight gradient's pixels is a multiple of every BLOCK_K
 TARGET_PROGRAMS = 1024  # about 8 programs per SM of an H100: enough to hide memory latency
+# what changes the best block shape (see grouped_conv.KEY): the layout is the output
+# gradient's channel stride
+KEY = ["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET", "H", "W", "STRIDE_H", "STRIDE_W", "PAD_H",
+       "PAD_W", "DIL_H", "DIL_W", "sdc"]
+WEIGHT_KEY = ["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET", "SPLIT", "H", "W", "STRIDE_H",
+              "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "sxc"]
 
 
 @triton.jit
@@ -77,7 +86,7 @@ def _fed(ih, iw, kh, kw, mask, OH, OW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, 
     return oh, ow, fed
 
 
-@_tuned(INPUT_GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET"])
+@tuned(INPUT_GEMM_CONFIGS, key=KEY)
 @triton.jit
 def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
                      H, W, OH, OW, M,
@@ -85,6 +94,7 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
                      CIN_G: tl.constexpr, COUT_G: tl.constexpr,
                      STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                      KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -112,12 +122,12 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
         if UPCAST:  # Triton's CPU interpreter has no bf16 matrix multiply
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     dx = dx_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + (g * CIN_G + offs_n)[None, :] * sxc
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@_tuned(INPUT_DIRECT_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "C_IN", "M_BUCKET"])
+@tuned(INPUT_DIRECT_CONFIGS, key=KEY + ["C_IN"])
 @triton.jit
 def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
                        H, W, OH, OW, M, C_IN,
@@ -152,7 +162,7 @@ def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_c[None, :])
 
 
-@_tuned(WEIGHT_GEMM_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET", "SPLIT"])
+@tuned(WEIGHT_GEMM_CONFIGS, key=WEIGHT_KEY)
 @triton.jit
 def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
                       H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
@@ -160,6 +170,7 @@ def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
                       CIN_G: tl.constexpr, COUT_G: tl.constexpr,
                       STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, M_BUCKET,
                       SPLIT, KH: tl.constexpr, KW: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)  # a tile of output channels x input channels
     tap_g = tl.program_id(1)  # group x kernel tap
@@ -194,14 +205,14 @@ def _weight_grad_gemm(x_ptr, dy_ptr, part_ptr,
         if UPCAST:
             dy_t = dy_t.to(tl.float32)
             xv = xv.to(tl.float32)
-        acc += tl.dot(dy_t, xv)
+        acc += tl.dot(dy_t, xv, input_precision=PRECISION)
     # part: float32 [SPLIT, C_OUT, CIN_G, KH, KW], contiguous
     idx = ((g * COUT_G + offs_co)[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + tap
     tl.store(part_ptr + split * (C_OUT * CIN_G * KH * KW) + idx, acc,
              mask=mask_co[:, None] & mask_ci[None, :])
 
 
-@_tuned(WEIGHT_DIRECT_CONFIGS, key=["CIN_G", "COUT_G", "KH", "KW", "C_OUT", "M_BUCKET", "SPLIT"])
+@tuned(WEIGHT_DIRECT_CONFIGS, key=WEIGHT_KEY + ["C_OUT"])
 @triton.jit
 def _weight_grad_direct(x_ptr, dy_ptr, part_ptr,
                         H, W, OH, OW, M, PIXELS_PER_SPLIT, C_OUT,
@@ -244,7 +255,7 @@ def weight_grad_splits(pixels: int, programs: int) -> int:
     """How many slices of ``pixels`` (N x OH x OW) the weight gradient sums separately, given
     ``programs`` per slice: enough slices to reach :data:`TARGET_PROGRAMS`, each at least
     :data:`PIXEL_STEP` pixels."""
-    if INTERPRET:  # two slices: the interpreter checks the split-and-sum, not the speed
+    if C.INTERPRET:  # two slices: the interpreter checks the split-and-sum, not the speed
         return min(2, triton.cdiv(pixels, PIXEL_STEP))
     want = triton.cdiv(TARGET_PROGRAMS, max(1, programs))
     return max(1, min(want, triton.cdiv(pixels, 4 * PIXEL_STEP)))
@@ -254,15 +265,11 @@ def _check_grad(grad: torch.Tensor, other: torch.Tensor, channels: int, groups: 
     """A one-line ValueError unless ``grad`` is a 4-d output gradient the kernels take."""
     if not isinstance(grad, torch.Tensor) or grad.dim() != 4 or grad.dtype != other.dtype \
             or grad.device != other.device:
-        raise ValueError(f"the Triton conv backward takes a 4-d output gradient of the "
-                         f"forward's dtype and device ({other.dtype}, {other.device}); got "
-                         f"{tuple(getattr(grad, 'shape', ()))} {getattr(grad, 'dtype', grad)}")
+        raise DeeprootsError(f"the Triton conv backward takes a 4-d output gradient of the "
+                             f"forward's dtype and device ({other.dtype}, {other.device}); got "
+                             f"{tuple(getattr(grad, 'shape', ()))} {getattr(grad, 'dtype', grad)}")
     if groups < 1 or channels % groups:
-        raise ValueError(f"groups {groups} must divide the {channels} input channels")
-
-
-def _nhwc(t: torch.Tensor) -> Tuple[int, int, int, int]:
-    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+        raise DeeprootsError(f"groups {groups} must divide the {channels} input channels")
 
 
 def _conv_args(stride, padding, dilation) -> Tuple[int, ...]:
@@ -273,52 +280,80 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, input_shape: Seq
                       stride: Tuple[int, int], padding: Tuple[int, int],
                       dilation: Tuple[int, int], groups: int) -> torch.Tensor:
     """d(loss)/d(input) of ``F.conv2d(input, weight, ...)`` given ``grad``, d(loss)/d(output):
-    a channels-last tensor of ``input_shape`` in ``grad``'s dtype."""
+    a channels-last tensor of ``input_shape`` in ``grad``'s dtype. Runs on ``grad``'s own
+    GPU; a batch too large for 32-bit offsets runs in slices."""
     n, c, h, w = input_shape
     _check_grad(grad, weight, c, groups)
-    cout, cin_g, kh, kw = weight.shape
-    oh, ow = grad.shape[2], grad.shape[3]
+    C.check_addressable("output gradient", grad)
     dx = torch.empty((n, c, h, w), device=grad.device, dtype=grad.dtype,
                      memory_format=torch.channels_last)
+    with C.on_device(grad):
+        for start, stop in C.batch_chunks(n, (grad, dx)):
+            _input_grad(grad[start:stop], weight, dx[start:stop], stride, padding, dilation,
+                        groups)
+    return dx
+
+
+def _input_grad(grad, weight, dx, stride, padding, dilation, groups) -> None:
+    n, c, h, w = dx.shape
+    cout, cin_g, kh, kw = weight.shape
+    oh, ow = grad.shape[2], grad.shape[3]
     m = n * h * w
     cout_g = cout // groups
     args = (grad, weight, dx, h, w, oh, ow, m)
-    strides = (*_nhwc(grad), *weight.stride(), *_nhwc(dx))
+    strides = (*C.nhwc(grad), *weight.stride(), *C.nhwc(dx))
     conv = (cin_g, cout_g, *_conv_args(stride, padding, dilation), triton.next_power_of_2(m))
     if cin_g >= 4 and cout_g >= 4:
-        extra = dict(INTERPRET_INPUT_GEMM) if INTERPRET else {}
+        extra = C.interpret_blocks(INTERPRET_INPUT_GEMM, BLOCK_M=m, BLOCK_N=cin_g,
+                                   BLOCK_K=cout_g) if C.INTERPRET else {}
 
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cin_g, meta["BLOCK_N"]), groups
 
         _input_grad_gemm[grid](*args, *strides, *conv, KH=kh, KW=kw,
-                               UPCAST=INTERPRET and grad.dtype == torch.bfloat16, **extra)
+                               UPCAST=C.INTERPRET and grad.dtype == torch.bfloat16,
+                               PRECISION=C.input_precision(grad.dtype), **extra)
     else:
-        extra = dict(INTERPRET_INPUT_DIRECT) if INTERPRET else {}
+        extra = C.interpret_blocks(INTERPRET_INPUT_DIRECT, BLOCK_P=m, BLOCK_C=c) \
+            if C.INTERPRET else {}
 
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"])
 
         _input_grad_direct[grid](*args, c, *strides, *conv, KH=kh, KW=kw, **extra)
-    return dx
 
 
 def conv2d_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight_shape: Sequence[int],
                        stride: Tuple[int, int], padding: Tuple[int, int],
                        dilation: Tuple[int, int], groups: int) -> torch.Tensor:
     """d(loss)/d(weight) of ``F.conv2d(x, weight, ...)`` given ``grad``: a tensor of
-    ``weight_shape`` in ``x``'s dtype, summed in float32."""
+    ``weight_shape`` in ``x``'s dtype, summed in float32. Runs on ``x``'s own GPU; a batch
+    too large for 32-bit offsets is summed over slices, in a fixed order."""
+    n, c = x.shape[:2]
+    C.check_conv(x, torch.empty(weight_shape, device="meta", dtype=x.dtype), None, groups)
+    _check_grad(grad, x, c, groups)
+    C.check_addressable("output gradient", grad)
+    total = None
+    with C.on_device(x):
+        for start, stop in C.batch_chunks(n, (x, grad)):
+            part = _weight_grad(x[start:stop], grad[start:stop], weight_shape, stride, padding,
+                                dilation, groups)
+            total = part if total is None else total + part
+    return total.to(x.dtype)
+
+
+def _weight_grad(x, grad, weight_shape, stride, padding, dilation, groups) -> torch.Tensor:
+    """The weight gradient of one slice of the batch, in float32."""
     cout, cin_g, kh, kw = weight_shape
     n, c, h, w = x.shape
-    check_conv(x, torch.empty(weight_shape, device="meta", dtype=x.dtype), None, groups)
-    _check_grad(grad, x, c, groups)
     oh, ow = grad.shape[2], grad.shape[3]
     m = n * oh * ow
     cout_g = cout // groups
     direct = cin_g < 4 or cout_g < 4
     if direct:
-        block = INTERPRET_WEIGHT_DIRECT["BLOCK_C"] if INTERPRET else 64
-        programs = triton.cdiv(cout, block) * kh * kw * cin_g
+        blocks = C.interpret_blocks(INTERPRET_WEIGHT_DIRECT, BLOCK_C=cout) if C.INTERPRET \
+            else {}
+        programs = triton.cdiv(cout, blocks.get("BLOCK_C", 64)) * kh * kw * cin_g
     else:
         programs = groups * kh * kw * triton.cdiv(cout_g, 64) * triton.cdiv(cin_g, 64)
     split = weight_grad_splits(m, programs)
@@ -326,23 +361,26 @@ def conv2d_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight_shape: Sequen
     split = triton.cdiv(m, per_split)
     part = torch.empty((split, cout, cin_g, kh, kw), device=x.device, dtype=torch.float32)
     args = (x, grad, part, h, w, oh, ow, m, per_split, cout)
-    strides = (*_nhwc(x), *_nhwc(grad))
+    strides = (*C.nhwc(x), *C.nhwc(grad))
     conv = (cin_g, cout_g, *_conv_args(stride, padding, dilation), triton.next_power_of_2(m),
             split)
     if direct:
-        extra = dict(INTERPRET_WEIGHT_DIRECT) if INTERPRET else {}
+        extra = C.interpret_blocks(INTERPRET_WEIGHT_DIRECT, BLOCK_P=min(m, per_split),
+                                   BLOCK_C=cout) if C.INTERPRET else {}
 
         def grid(meta):
             return triton.cdiv(cout, meta["BLOCK_C"]), kh * kw * cin_g, split
 
         _weight_grad_direct[grid](*args, *strides, *conv, KH=kh, KW=kw, **extra)
     else:
-        extra = dict(INTERPRET_WEIGHT_GEMM) if INTERPRET else {}
+        extra = C.interpret_blocks(INTERPRET_WEIGHT_GEMM, BLOCK_M=cout_g, BLOCK_N=cin_g,
+                                   BLOCK_K=min(m, per_split)) if C.INTERPRET else {}
 
         def grid(meta):
             return (triton.cdiv(cout_g, meta["BLOCK_M"]) * triton.cdiv(cin_g, meta["BLOCK_N"]),
                     groups * kh * kw, split)
 
         _weight_grad_gemm[grid](*args, *strides, *conv, KH=kh, KW=kw,
-                                UPCAST=INTERPRET and x.dtype == torch.bfloat16, **extra)
-    return (part[0] if split == 1 else part.sum(0)).to(x.dtype)
+                                UPCAST=C.INTERPRET and x.dtype == torch.bfloat16,
+                                PRECISION=C.input_precision(x.dtype), **extra)
+    return part[0] if split == 1 else part.sum(0)

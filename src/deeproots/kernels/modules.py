@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DeeprootsError
 from ..layers import layer_name
 from ..timing import interleaved
 
@@ -148,7 +149,7 @@ class TritonConv2d(_SharedConv2d):
     def __init__(self, conv: nn.Conv2d):
         reason = unsupported(conv)
         if reason:
-            raise ValueError(f"the Triton conv cannot run this layer: {reason}")
+            raise DeeprootsError(f"the Triton conv cannot run this layer: {reason}")
         super().__init__(conv)
 
     # torch.compile runs this layer as it is (a graph break), not traced into its kernels
@@ -189,8 +190,8 @@ class DispatchConv2d(_SharedConv2d):
         super().__init__(conv)
         bad = [c for c in choices if c not in LOWERINGS]
         if bad or not choices:
-            raise ValueError(f"dispatch choices must be among {', '.join(LOWERINGS)}; got "
-                             f"{list(choices)}")
+            raise DeeprootsError(f"dispatch choices must be among {', '.join(LOWERINGS)}; got "
+                                 f"{list(choices)}")
         self.choices = tuple(choices)
         self.chosen: Dict[tuple, str] = {}
 
@@ -269,5 +270,5 @@ def use_grouped_conv(model: nn.Module, how: str) -> List[str]:
     forward and backward) or ``"dispatch"`` (the fastest lowering, measured per layer). The
     parameters and their names stay the same. Returns the layers left to PyTorch and why."""
     if how not in GROUPED_CONV:
-        raise ValueError(f"grouped convs run by one of {', '.join(GROUPED_CONV)}; got {how!r}")
+        raise DeeprootsError(f"grouped convs run by one of {', '.join(GROUPED_CONV)}; got {how!r}")
     return replace_convs(model, GROUPED_CONV[how], inplace=True)[1]

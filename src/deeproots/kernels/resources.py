@@ -26,13 +26,14 @@ import triton
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
+from ..errors import DeeprootsError
+from . import _common as C
 from . import fused_root as R
 from . import grouped_conv as G
 from . import grouped_conv_grad as GG
 
 __all__ = ["KERNELS", "Resources", "recorded", "configs", "kernel_resources"]
 
-MODULES = (G, GG, R)
 KERNELS = {  # each autotuned kernel, by its name in its module
     "_conv_gemm": G, "_conv_depthwise": G, "_input_grad_gemm": GG, "_input_grad_direct": GG,
     "_weight_grad_gemm": GG, "_weight_grad_direct": GG, "_root_block_gemm": R,
@@ -72,26 +73,24 @@ def recorded():
     ``(name, args, kwargs)`` instead of run."""
     launches: List[Tuple[str, tuple, dict]] = []
     saved = {name: getattr(module, name) for name, module in KERNELS.items()}
-    flags = {m: (m.INTERPRET, m.check_conv) for m in MODULES}
+    flags = (C.INTERPRET, C.check_conv)  # read by every kernel file at call time
     for name, module in KERNELS.items():
         setattr(module, name, _Recorder(name, launches))
-    for m in MODULES:
-        m.INTERPRET, m.check_conv = False, (lambda *a, **k: None)
+    C.INTERPRET, C.check_conv = False, (lambda *a, **k: None)
     try:
         yield launches
     finally:
         for name, module in KERNELS.items():
             setattr(module, name, saved[name])
-        for m, (interpret, check) in flags.items():
-            m.INTERPRET, m.check_conv = interpret, check
+        C.INTERPRET, C.check_conv = flags
 
 
 def configs(name: str) -> List[triton.Config]:
     """The autotune configurations listed for kernel ``name``."""
     kernel = getattr(KERNELS[name], name)
     if not hasattr(kernel, "configs"):
-        raise ValueError(f"kernel {name} is not autotuned here (TRITON_INTERPRET=1 is set: "
-                         f"unset it before importing deeproots.kernels)")
+        raise DeeprootsError(f"kernel {name} is not autotuned here (TRITON_INTERPRET=1 is set: "
+                             f"unset it before importing deeproots.kernels)")
     return list(kernel.configs)
 
 

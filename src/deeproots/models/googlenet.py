@@ -25,6 +25,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..errors import DeeprootsError
 from ..checks import check_positive
 from ..layers import ConvBNAct, InputCheck, apply_groups, init_weights
 from ..registry import register_variants
@@ -108,7 +109,7 @@ class GoogLeNet(InputCheck, nn.Module):
         check_positive("num_classes", num_classes)
         check_positive("in_channels", in_channels)
         if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+            raise DeeprootsError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
         paper = layout == "paper"
         self.layout = layout
         self.in_channels = in_channels

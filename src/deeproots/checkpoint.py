@@ -1,0 +1,263 @@
+"""Checkpoints: writing and reading them safely, checking what they hold, rebuilding their
+model, and the one rule for resuming a run (:func:`resume_config`).
+
+A checkpoint holds only tensors and plain Python values and loads with
+``torch.load(weights_only=True)``: a file from outside cannot run code. Before a resumed run
+writes anything, every field it will use is checked (:func:`validate_state`), so an edited
+or foreign checkpoint is one line naming the field, never a run on nonsense.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import (RESUMABLE_SETTINGS, TrainConfig, config_defaults, given_settings,
+                     setting_differences)
+from .errors import CheckpointError, DeeprootsError, first_line
+from .layers import apply_groups
+from .registry import build_model, is_model, is_user_model, resolve_model_spec
+from .runtime import atomic_write
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "validate_state",
+           "model_from_checkpoint", "config_from_checkpoint", "resume_config",
+           "changes_of", "NEEDED"]
+
+NEEDED = ("model", "model_cfg", "config", "epoch", "step")  # what makes a deeproots checkpoint
+
+
+def save_checkpoint(path: Path | str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
+    to disk, then renamed over the old one. A crash or a full disk leaves the old file."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
+    """Read a deeproots checkpoint with ``torch.load(weights_only=True)``: a file from
+    outside cannot run code. CheckpointError if it is missing, empty, corrupt, unsafe or not
+    a deeproots checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. "
+                              f"{path}/last.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never written "
+                              f"completely")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several kinds on truncated or foreign files
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
+        if lines[0].startswith("Weights only load failed"):
+            reason = next((line for line in lines[1:] if not line.startswith(
+                ("Please file", "Check the documentation"))), "")
+            # keep torch's warning, never only its advice to turn weights_only off
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt, not a PyTorch file, or unsafe: torch's safe "
+                f"loader (weights_only=True) refused it ({reason}). Loading it with "
+                f"weights_only=False can result in arbitrary code execution; do that only for "
+                f"a file from a trusted source") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
+                              f"({type(err).__name__}: {lines[0][:300]})") from err
+    if not isinstance(state, dict) or any(k not in state for k in NEEDED):
+        missing = [k for k in NEEDED if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
+                              f"{', '.join(missing)})")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint may hold
+
+
+def _bad(path, name: str, value: Any, expected: str) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return CheckpointError(f"{path}: field {name!r} is {shown}; expected {expected}. The "
+                           f"checkpoint was edited or is not one this deeproots wrote")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _check_rng(path, name: str, value, reference: torch.Tensor) -> None:
+    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8
+            and value.shape == reference.shape):
+        shown = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                 if isinstance(value, torch.Tensor) else type(value).__name__)
+        raise _bad(path, name, shown, f"the generator's state, a uint8 tensor of shape "
+                                      f"{tuple(reference.shape)}")
+
+
+def validate_state(state: dict, path: Path | str = "the checkpoint") -> TrainConfig:
+    """Check every field of a training checkpoint that a resumed run uses (types, ranges, and
+    agreement with its own config); returns the run's :class:`TrainConfig`. A one-line
+    :class:`CheckpointError` names the first field that is wrong."""
+    cfg_dict = state["config"]
+    if not isinstance(cfg_dict, dict):
+        raise _bad(path, "config", cfg_dict, "a dict of the run's settings")
+    known = {f.name for f in fields(TrainConfig)}
+    try:
+        cfg = TrainConfig(**{k: v for k, v in cfg_dict.items() if k in known and k != "resume"})
+        cfg.check()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config is not a run's settings ({first_line(err)})"
+                              ) from None
+    model_cfg = state["model_cfg"]
+    if not (isinstance(model_cfg, dict) and isinstance(model_cfg.get("name"), str)
+            and isinstance(model_cfg.get("kwargs", {}), dict)
+            and isinstance(model_cfg.get("groups", {}), dict)
+            and all(isinstance(k, str) and _whole(g) and g >= 1
+                    for k, g in model_cfg.get("groups", {}).items())):
+        raise _bad(path, "model_cfg", model_cfg, "a dict of name, kwargs and groups")
+    epoch, step = state["epoch"], state["step"]
+    if not _whole(epoch) or not 0 <= epoch <= cfg.epochs:
+        raise _bad(path, "epoch", epoch, f"a whole number from 0 to the run's {cfg.epochs} "
+                                         f"epochs")
+    if not _whole(step) or step < 0 or (epoch == cfg.epochs and step):
+        raise _bad(path, "step", step, "a whole number >= 0 (0 once the last epoch ended)")
+    if not isinstance(state["model"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise _bad(path, "model", type(state["model"]).__name__, "a state dict of tensors")
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(h, dict) and h.get("epoch") == i + 1 and _finite(h.get("epoch_s"))
+            for i, h in enumerate(history)):
+        raise _bad(path, "history", history, f"a list of {epoch} epoch records (epoch 1 to "
+                                             f"{epoch})")
+    best = state.get("best_top1")
+    if not _finite(best) or not -1 <= best <= 1:
+        raise _bad(path, "best_top1", best, "a number from -1 (none yet) to 1")
+    if not _finite(state.get("wall_s")) or state["wall_s"] < 0:
+        raise _bad(path, "wall_s", state.get("wall_s"), "a finite number of seconds >= 0")
+    sums = state.get("epoch_sums", [0.0, 0.0, 0.0, 0.0])
+    if not (isinstance(sums, list) and len(sums) == 4 and all(_finite(s) and s >= 0
+                                                             for s in sums)):
+        raise _bad(path, "epoch_sums", sums, "4 finite numbers >= 0 (loss, correct, seen, "
+                                             "seconds)")
+    if not isinstance(state.get("changes", []), list) or not all(
+            isinstance(c, dict) for c in state.get("changes", [])):
+        raise _bad(path, "changes", state.get("changes"), "a list of change records")
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, dict) and "state" in optimizer
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise _bad(path, "optimizer", type(optimizer).__name__, "an optimizer state dict")
+    if "rng_cpu" not in state:
+        raise _bad(path, "rng_cpu", None, "the CPU generator's state")
+    _check_rng(path, "rng_cpu", state["rng_cpu"], torch.get_rng_state())
+    if "rng_cuda" in state and torch.cuda.is_available():
+        _check_rng(path, "rng_cuda", state["rng_cuda"], torch.cuda.get_rng_state())
+    if not isinstance(state.get("dispatch", []), list):
+        raise _bad(path, "dispatch", state.get("dispatch"), "a list of measured choices")
+    return cfg
+
+
+def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint",
+                          model: Union[None, str, nn.Module] = None) -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its weights. A registered
+    model is rebuilt by name; a model of the user's own (``FILE.py:FUNCTION``, or one passed
+    to :func:`deeproots.train.train`) only from ``model`` (that spec, or the module), since
+    deeproots never runs code named inside a file. CheckpointError if the weights do not
+    fit."""
+    cfg = state["model_cfg"]
+    name = cfg["name"]
+    if model is None and not is_model(name):
+        how = (f"pass --model {name} (model='{name}')" if is_user_model(name) else
+               "pass the model it was trained as (model=...)")
+        raise CheckpointError(f"{path} holds a model of your own, {name}; deeproots never runs "
+                              f"code named in a checkpoint: {how} to rebuild it")
+    try:
+        if isinstance(model, nn.Module):
+            model = copy.deepcopy(model)
+        else:
+            model = build_model(model or name, **cfg["kwargs"])
+        apply_groups(model, {glob.escape(k): g for k, g in cfg.get("groups", {}).items()},
+                     reinit=False)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its weights do not fit the model its config names "
+                              f"({first_line(err)})") from err
+    return model
+
+
+def config_from_checkpoint(path: Path | str) -> TrainConfig:
+    """The :class:`TrainConfig` a checkpoint's run was started with (``resume`` off)."""
+    saved = load_checkpoint(path)["config"]
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def _normalised(given: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(given)
+    if isinstance(out.get("model"), str):
+        out["model"] = resolve_model_spec(out["model"])
+    return out
+
+
+def resume_config(out: Path | str, given: Union[None, TrainConfig, Mapping[str, Any]] = None,
+                  state: Optional[dict] = None) -> TrainConfig:
+    """The config that continues the run in ``out``: the settings the run was started with,
+    and of ``given`` (the settings a caller set: a mapping, or a :class:`TrainConfig`, whose
+    fields that differ from the defaults count as set) only those that do not define the run
+    (device, workers, ...), or those ``change`` names. A setting that defines the run
+    (:data:`~deeproots.config.RESUMABLE_SETTINGS`) and differs from the run's is a one-line
+    error naming both values, unless ``change`` names it. ``train(TrainConfig(resume=True,
+    out=D))`` alone continues the run in D."""
+    out = Path(out)
+    if given is None:
+        given = {}
+    elif isinstance(given, TrainConfig):
+        given = given_settings(given)
+    if given.get("overwrite"):
+        raise DeeprootsError("--resume continues the run in --out and --overwrite replaces "
+                             "it; give one of them")
+    if state is None:
+        state = load_checkpoint(out / "last.pt")
+    saved = asdict(validate_state(state, out / "last.pt"))
+    given = _normalised({k: v for k, v in given.items() if k not in ("resume", "out")})
+    if is_user_model(saved["model"]) and "model" not in given:
+        raise CheckpointError(
+            f"this run's model is built by {saved['model']}; deeproots never runs code named "
+            f"in a checkpoint: name it to resume with deeproots train {saved['model']} --resume "
+            f"--out {os.path.abspath(out)} (in Python: model='{saved['model']}')")
+    change = list(given.get("change", []))
+    for name in change:
+        if name not in RESUMABLE_SETTINGS:
+            raise DeeprootsError(f"change takes settings of the run "
+                                 f"({', '.join(RESUMABLE_SETTINGS)}); got {name!r}")
+    for name, old, new in setting_differences(saved, given):
+        if name not in change:
+            raise DeeprootsError(
+                f"resume: this run was started with {name} = {old!r}, not {new!r}; leave "
+                f"{name} out to keep the run's value, or allow the change with change="
+                f"['{name}'] (--change {name} on the command line; it is recorded in the "
+                f"run's history)")
+    defaults = config_defaults(TrainConfig)
+    merged = {**defaults, **saved, **given, "resume": True, "overwrite": False, "out": str(out)}
+    return TrainConfig(**{k: merged[k] for k in defaults}).check()
+
+
+def changes_of(cfg: TrainConfig, state: dict) -> List[dict]:
+    """The settings ``cfg`` changes against the checkpoint's run, as history records (each
+    one named in ``cfg.change``; :func:`resume_config` refused the rest)."""
+    return [{"setting": name, "from": old, "to": new, "epoch": state["epoch"],
+             "step": state["step"]}
+            for name, old, new in setting_differences(state["config"], asdict(cfg))]

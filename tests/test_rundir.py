@@ -1,0 +1,190 @@
+"""The run folder owns what lies in a run's --out: its lock, the refusal of a run's own files
+to every other command, and an --overwrite that keeps the old run whole until the new one
+has its first checkpoint, whatever stops the new run (a crash, a full disk)."""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deeproots import runtime
+from deeproots.cli import main
+from deeproots.errors import DeeprootsError, RunFolderError
+from deeproots.rundir import RunFolder, RunLock, check_new_file, lock_holder
+from deeproots.train import load_checkpoint, train
+from helpers import train_cfg, write_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fashion")
+    write_fashion_mnist(folder, n_train=32, n_test=16, size=8)
+    return folder
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_lock_is_reentrant_in_a_process_and_refuses_another(tmp_path):
+    with RunLock(tmp_path) as outer:
+        with RunLock(tmp_path):  # a study holds it while train takes it again
+            pass
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())  # still held
+        assert lock_holder(tmp_path) is None  # this process is not "another"
+    assert not (tmp_path / ".lock").exists() and outer.path.name == ".lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{sleeper.pid}\n")
+        assert lock_holder(tmp_path) == sleeper.pid
+        with pytest.raises(RunFolderError, match=rf"in use by another run \(process "
+                                                 rf"{sleeper.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert lock_holder(tmp_path) is None  # gone: stale, taken over
+    with RunLock(tmp_path):
+        pass
+
+
+def test_a_runs_own_files_are_never_an_output(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"x")
+    for name in ("last.pt", "summary.json", "best.pt", "metrics.jsonl", "curves.png"):
+        with pytest.raises(RunFolderError, match=rf"{name} is a file of the run in .*run; "
+                                                 r"another command never replaces it"):
+            check_new_file(run / name, overwrite=True)  # not even when asked
+    check_new_file(run / "model.onnx")  # a new file beside the run is fine
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "manifest.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="is a file of the study in"):
+        check_new_file(study / "accuracy.png", overwrite=True)
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"mine")
+    with pytest.raises(RunFolderError, match=r"mine.png already exists; add --overwrite to "
+                                             r"replace it"):
+        check_new_file(mine)
+    assert check_new_file(mine, overwrite=True) == mine
+
+
+def test_an_interrupted_replacement_is_undone_or_finished(tmp_path):
+    old = {"last.pt": b"old last", "metrics.jsonl": b"{}\n", "summary.json": b"{}"}
+    for name, blob in old.items():
+        (tmp_path / name).write_bytes(blob)
+    folder = RunFolder(tmp_path)
+    folder.begin(overwrite=True)
+
+    def crash():
+        raise SystemExit("killed while writing the new last.pt")
+
+    with pytest.raises(SystemExit):
+        folder.write_checkpoint(crash)
+    assert _files(tmp_path) == old  # put back at once
+    # a kill -9 between moving aside and writing: the next lock puts the old run back
+    aside = tmp_path / ".replaced"
+    aside.mkdir()
+    for name in old:
+        os.replace(tmp_path / name, aside / name)
+    with RunFolder(tmp_path).lock():
+        pass
+    assert _files(tmp_path) == old and not aside.exists()
+    # killed after the new last.pt: the old files go
+    aside.mkdir()
+    os.replace(tmp_path / "summary.json", aside / "summary.json")
+    (tmp_path / "last.pt").write_bytes(b"new last")
+    with RunFolder(tmp_path).lock():
+        pass
+    assert not aside.exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_overwrite_keeps_the_old_run_until_the_first_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(train_cfg(data_dir, out, epochs=1))
+    before = _files(out)
+
+    def crash(info):  # the new run dies at its first step, before any checkpoint
+        raise SystemExit("kill -9")
+
+    with pytest.raises(SystemExit):
+        train(train_cfg(data_dir, out, epochs=1, seed=1, overwrite=True), callbacks=[crash])
+    assert _files(out) == before  # every old file, unchanged
+    replaced = train(train_cfg(data_dir, out, epochs=1, seed=1, overwrite=True))
+    assert replaced.config["seed"] == 1
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 1
+    assert not (out / ".replaced").exists() and not (out / ".lock").exists()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]  # the new run's, none of the old's
+
+
+def _full_after(limit):
+    """An ``open`` whose files take ``limit`` bytes, then say the disk is full."""
+    real = open
+
+    def fake(path, mode="r", *args, **kwargs):
+        f = real(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        written = [0]
+        write = f.write
+
+        def full_write(b):
+            written[0] += len(b)
+            if written[0] > limit:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(b)
+
+        f.write = full_write
+        return f
+
+    return fake
+
+
+def test_a_full_disk_keeps_the_old_checkpoint_and_is_one_line(data_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    out = tmp_path / "run"
+    args = ["train", "nin-root-4", "--data-dir", str(data_dir), "--epochs", "1",
+            "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-download",
+            "--no-progress", "--allocator", "system"]
+    assert main(args) == 0
+    before = _files(out)
+    capsys.readouterr()
+    # torch.save meets the full disk inside its zip writer and raises a RuntimeError
+    monkeypatch.setattr(runtime, "open", _full_after(4096), raising=False)
+    assert main(["train", "--resume", "--out", str(out), "--change", "epochs", "--epochs", "2",
+                 "--no-progress", "--allocator", "system"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on the device to write" in err[0], err
+    assert "last.pt; the old file, if any, is kept" in err[0]
+    assert _files(out) == before and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    (out / "best.pt").unlink()  # the best epoch's file lost: a resume must not claim it
+    assert main(["train", "--resume", "--out", str(out), "--change", "epochs", "--epochs", "2",
+                 "--no-progress", "--allocator", "system"]) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    assert wrote.startswith(f"wrote {out}/: last.pt") and "metrics.jsonl" in wrote
+    assert ("best.pt" in wrote) == (out / "best.pt").exists()
+
+
+def test_a_long_name_and_a_missing_folder(tmp_path):
+    long = tmp_path / ("m" * 245 + ".bin")  # 249 characters: a valid file name
+    runtime.atomic_write(long, lambda f: f.write(b"1"))
+    assert long.read_bytes() == b"1"
+    missing = tmp_path / "nowhere" / "x.bin"
+    with pytest.raises(OSError, match=rf"cannot write {missing}: the folder "
+                                      rf"{missing.parent} does not exist"):
+        runtime.atomic_write(missing, lambda f: f.write(b"1"))
+
+
+def test_every_error_of_deeproots_is_one_family():
+    from deeproots.checkpoint import CheckpointError
+    from deeproots.data import DataError
+    from deeproots.layers import GroupsError
+
+    for kind in (CheckpointError, DataError, GroupsError, RunFolderError):
+        assert issubclass(kind, DeeprootsError) and issubclass(kind, ValueError)
