@@ -10,9 +10,32 @@ from deeproots.timing import Timing, interleaved
 def test_models_take_turns_after_warmup():
     calls = []
     result = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                         images=4, repeats=3, warmup=1)
+                         images=4, repeats=3, warmup=1, warmup_s=0)
     assert calls == ["a", "b"] * 4
     assert len(result["a"].seconds) == 3 and result["b"].images == 4
+
+
+def test_the_warm_up_lasts_half_a_second_on_a_cpu_whatever_the_rounds(monkeypatch):
+    """One warm-up round asked, each round 0.1 s on a fake clock: 5 rounds warm up (a batch
+    of 2 timed after a single warm-up call once read 40x its steady time)."""
+    import deeproots.timing as T
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(T, "time", clock)
+    calls = []
+
+    def work():
+        calls.append(1)
+        clock.now += 0.1
+
+    interleaved({"a": work}, images=2, repeats=2, warmup=1)
+    assert len(calls) == 5 + 2
 
 
 def test_timing_statistics_by_hand():

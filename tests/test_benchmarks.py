@@ -28,3 +28,19 @@ def test_the_bounds_of_nin_root_8s_conv2a_block_by_hand():
     # apart, the 192-channel intermediate goes to memory and comes back
     assert apart == pytest.approx((moved + 2 * 2 * pixels * 192) / 3.35e12)
     assert apart == pytest.approx(26.35e-6, rel=1e-3)
+
+
+def test_the_family_table_of_the_stand_ins():
+    """benchmarks/rootify_families.py on tests/zoo.py's stand-ins: classes and resolutions
+    kept everywhere; the weight-standardised conv left; the deep stem's option counted."""
+    import rootify_families
+    import zoo
+
+    rows = {r[0]: r for r in (rootify_families._row(name, build, size, "root-8")
+                              for name, (build, size) in rootify_families._zoo().items())}
+    assert all(r[8] == "yes" and r[9] == "yes" for r in rows.values())
+    assert rows["subclasses (timm-ish)"][7] == "1"  # StdGainConv2d, left with its reason
+    assert rows["mobilenet-ish"][6] == "2"  # two depthwise convs left
+    deep = rows["deep-stem (resnet-d-ish)"]
+    assert float(deep[4]) > float(deep[3])  # stem='resolution' keeps the stem dense
+    assert zoo.DeepStemNet  # the stand-in the row is built from

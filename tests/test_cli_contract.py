@@ -67,6 +67,11 @@ class _Two(_Dict):
         return self.conv(x * mask).mean((2, 3))
 
 
+def depthwise_only():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 16, 3, groups=16),
+                               torch.nn.Conv2d(16, 32, 1))
+
+
 def returns_dict(in_channels=3, num_classes=10):
     return _Dict(in_channels, num_classes)
 
@@ -177,8 +182,13 @@ CASES = [
     ("study", ["nin", "--out", "{run}"], "is not empty and holds no study"),
     ("roofline", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
     ("roofline", ["nin", "--device", "v100"], "invalid choice: 'v100'"),
-    ("roofline", ["nin", "--peak-tflops", "0"], "peak_tflops must be a finite number > 0"),
-    ("roofline", ["nin", "--bandwidth-tbs", "nan"], "bandwidth_tbs must be a finite number > 0"),
+    ("roofline", ["nin", "--peak-tflops", "0"], "peak_tflops must be a finite number from 0.001"),
+    ("roofline", ["nin", "--bandwidth-tbs", "nan"], "bandwidth_tbs must be a finite number from"),
+    ("roofline", ["nin", "--peak-tflops", "1e308"], "to 100000; got 1e+308"),
+    ("roofline", ["nin", "--peak-tflops", "1e-320"], "peak_tflops must be a finite number from"),
+    ("roofline", ["nin", "--bandwidth-tbs", "1e308"], "bandwidth_tbs must be a finite number"),
+    ("roofline", ["nin", "--batch-size", "99999999999999999"],
+     "batch_size must be a whole number from 1 to 16,777,216"),
     ("roofline", ["nin", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
     ("roofline", ["nin", "--input-size", "2"], "at least 4"),
     ("rootify", ["nin-rot-8", "--schedule", "root-8"], "unknown model 'nin-rot-8'"),
@@ -186,6 +196,13 @@ CASES = [
     ("rootify", ["nin"], "one of the arguments --schedule --macs --params is required"),
     ("rootify", ["nin", "--macs", "0.01"], "no root-N schedule brings macs to 0.01"),
     ("rootify", ["nin", "--macs", "nan"], "macs must be a finite number > 0; got nan"),
+    ("rootify", ["nin", "--schedule", "root-99999999999999"],
+     "99999999999999 groups is more than the channels of any conv it groups (at most 192)"),
+    ("rootify", ["{mine}:depthwise_only", "--macs", "0.5", "--input-size", "3,16,16"],
+     "root-N changes nothing here"),
+    ("rootify", ["{mine}:depthwise_only", "--macs", "0.5", "--input-size", "3,16,16",
+                 "--ignore", "*"], "root-N changes nothing here"),
+    ("rootify", ["nin", "--schedule", "root-8", "--stem", "deep"], "invalid choice: 'deep'"),
     ("rootify", ["nin", "--schedule", "root-8", "--ignore", "conv2"], "ignore 'conv2' matches no conv layer"),
     ("rootify", ["nin", "--schedule", "root-8", "--input-size", "2"], "could not run NiN"),
     ("rootify", ["{missing}/m.py:f", "--schedule", "root-2"], "no file"),

@@ -90,3 +90,53 @@ def test_input_sizes_forms_agree():
     model = deeproots.create_model("nin")
     assert profile(model, 32).macs == profile(model, (32, 32)).macs == profile(
         model, (3, 32, 32)).macs == profile(model).macs
+
+
+def test_every_parameter_and_multiply_add_is_in_a_row():
+    """A functional conv, a transposed conv and a linear: each a row, by hand; the rows sum
+    to the totals; every parameter once."""
+    import zoo
+
+    model = zoo.FunctionalNet()
+    cost = deeproots.profile(model, (3, 8, 8))
+    rows = {r.name: r for r in cost.layers}
+    assert rows["(FunctionalNet)"].macs == 8 * 8 * 8 * 27  # F.conv2d(x, self.w), pad 1
+    assert rows["(FunctionalNet)"].params == 216 and rows["up"].type == "ConvTranspose2d"
+    assert rows["up"].macs == 8 * 8 * 8 * 4 * 4  # each input pixel to a 2x2 patch of 4
+    assert rows["fc"].macs == 40
+    assert sum(r.macs for r in cost.layers) == cost.macs and cost.other_macs == 0
+    assert cost.total_params == sum(p.numel() for p in model.parameters()) == cost.params
+    one = deeproots.profile(nn.Conv2d(3, 4, 3), (3, 8, 8))
+    assert [(r.name, r.macs, r.params) for r in one.layers] == [("(Conv2d)", 6 * 6 * 4 * 27,
+                                                                 112)]
+
+
+def test_a_convs_extra_parameters_and_a_shared_conv_count_once():
+    import zoo
+
+    model = zoo.SubclassNet()
+    cost = deeproots.profile(model, (3, 32, 32))
+    assert cost.total_params == sum(p.numel() for p in model.parameters())
+    assert cost.other_params == 32 + 32  # the two gains, beside the paper's params
+    shared = zoo.SharedConvNet()
+    cost = deeproots.profile(shared, (3, 32, 32))
+    assert [r.name for r in cost.layers].count("block") == 1
+    assert cost.total_params == sum(p.numel() for p in shared.parameters()) == 216 + 576 + 90
+    assert cost.macs == 32 * 32 * (8 * 27 + 2 * 8 * 72) + 80  # the shared conv runs twice
+
+
+def test_attention_counts_the_same_on_a_cpu_and_on_meta():
+    """nn.MultiheadAttention's inference fast path and SDPA's CPU kernel are counted by
+    rules of their own: a real CPU tensor gives the meta device's count, and the hand count."""
+    import zoo
+
+    real = deeproots.profile(zoo.TinyAttention().eval(), (3, 16, 16))
+    with torch.device("meta"):
+        meta = deeproots.profile(zoo.TinyAttention().eval(), (3, 16, 16))
+    L, E = 16, 16  # 4x4 patches of 16 channels
+    hand = (16 * 16 * 3 * 16                  # patches: a 4x4 conv, stride 4
+            + 4 * L * E * E + 2 * L * L * E   # attention: q, k, v, out projections; QK^T, AV
+            + L * E * 3 * E                   # qkv linear
+            + 2 * L * L * E                   # SDPA over 2 heads of 8
+            + 16 * 10)
+    assert real.macs == meta.macs == hand

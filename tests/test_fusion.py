@@ -11,7 +11,6 @@ from helpers import trained_like
 triton = pytest.importorskip("triton")
 from deeproots.kernels import fused_root as R  # noqa: E402
 from deeproots.kernels import _common as C  # noqa: E402
-from deeproots.kernels import grouped_conv as K  # noqa: E402
 from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -193,3 +193,100 @@ def test_bad_input():
         rootify(zoo.vgg(), "root-2")
     with pytest.raises(ValueError, match="init must be one of reinit, block-diagonal"):
         rootify(zoo.vgg(), "root-2", init="copy")
+
+
+X32 = torch.zeros(1, 3, 32, 32)
+
+
+def test_a_conv_subclass_keeps_its_class_or_is_left_with_the_reason():
+    """timm's Conv2dSame pads in forward, a gain conv has an extra parameter: both are
+    regrouped in place, as what they are. A weight-standardised conv would standardise over
+    other statistics in groups: left as it was, and the report says why."""
+    model = zoo.SubclassNet()
+    new, report = rootify(model, "root-4", example_input=X32)
+    assert type(new.same) is zoo.SamePadConv2d and type(new.gained) is zoo.GainConv2d
+    assert (new.same.groups, new.gained.groups, new.standardised.groups) == (4, 4, 1)
+    assert new.same.padding == (0, 0)  # still padding in forward, not a Conv2d(padding=0)
+    assert new.same(torch.zeros(1, 16, 16, 16)).shape == (1, 16, 16, 16)
+    assert torch.equal(new.gained.gain, model.gained.gain)  # its own parameter, kept
+    notes = {c.layer: c.note for c in report.layers}
+    assert "StdGainConv2d computes something else in 4 groups" in notes["standardised"]
+    # multiply-adds after, by hand: stem 3->16 s2, same 16->16 g4, gained 16->32 g4,
+    # standardised 32->32 dense, all at 16x16; fc
+    assert report.macs_after == (macs(16, 16, 3, 16) + macs(16, 16, 16, 16, 3, 4)
+                                 + macs(16, 16, 16, 32, 3, 4) + macs(16, 16, 32, 32) + 320)
+    with pytest.raises(ValueError, match=r"layer 'standardised': StdGainConv2d computes "
+                                         r"something else in 2 groups"):
+        deeproots.convert(zoo.SubclassNet(), {"standardised": 2})
+
+
+def test_a_regrouped_subclass_computes_its_block_diagonal_dense_form():
+    from deeproots.layers import expand_groups, regroup
+
+    torch.manual_seed(0)
+    dense = zoo.SamePadConv2d(8, 8, 3, stride=2)
+    grouped = regroup(zoo.SamePadConv2d(8, 8, 3, stride=2), 4)
+    with torch.no_grad():
+        dense.weight.copy_(expand_groups(grouped.weight, 4))
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.allclose(grouped(x), dense(x), atol=1e-6) and grouped(x).shape[-1] == 5
+
+
+def test_a_shared_conv_stays_one_module():
+    model = zoo.SharedConvNet()
+    new, report = rootify(model, "root-2", example_input=X32)
+    assert new.again is new.block and new.block.groups == 2
+    rows = {c.layer: c for c in report.layers}
+    assert rows["block"].note == "one module, also reached as again"
+    # params by hand: stem 3*8*9, block 8*8*9 -> 8*4*9, fc 8*10 + 10
+    assert (report.params_before, report.params_after) == (216 + 576 + 90, 216 + 288 + 90)
+    assert report.macs_after == macs(32, 32, 3, 8) + 2 * macs(32, 32, 8, 8, 3, 2) + 80
+
+
+def test_a_budget_no_schedule_can_reach_says_why():
+    depthwise = nn.Sequential(zoo.conv(3, 16), zoo.conv(16, 16, groups=16), zoo.conv(16, 32, 1),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with pytest.raises(ValueError, match=r"no root-N schedule brings macs to 0.5 of the "
+                                         r"model's: root-N changes nothing here \(its spatial "
+                                         r"convs after the stem are depthwise or already "
+                                         r"grouped; regroup=True"):
+        rootify(depthwise, macs=0.5, example_input=X32)
+    with pytest.raises(ValueError, match=r"every spatial conv after the stem is ignored"):
+        rootify(zoo.vgg(), macs=0.5, example_input=X32, ignore=["*"])
+
+
+def test_a_huge_count_is_refused_at_once():
+    with pytest.raises(ValueError, match=r"schedule root-99999999999999: 99999999999999 groups "
+                                         r"is more than the channels of any conv it groups "
+                                         r"\(at most 192\); give N from 1 to 192"):
+        rootify(deeproots.create_model("nin"), "root-99999999999999")
+    new, _ = rootify(deeproots.create_model("nin"), "root-192", allow_depthwise=True)
+    assert conv_layers(new)["conv2a"].groups == 96  # the largest that divides 96 -> 192
+
+
+def test_a_conv_becomes_depthwise_only_when_asked():
+    """root-32 on a 16 -> 16 conv: rounding 32 down to a divisor gives 16 groups, depthwise
+    (DLA-34's level0 at root-32); by default the largest count below that, 8."""
+    model = nn.Sequential(zoo.conv(3, 16), zoo.conv(16, 16), nn.MaxPool2d(2), zoo.conv(16, 64),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    new, report = rootify(model, "root-32", example_input=X32)
+    assert new[1].groups == 8 and "keeps it from becoming depthwise" in report.layers[1].note
+    assert new[3].groups == 16  # 16x16, level 1: the rule's own 16, followed
+    new, _ = rootify(model, "root-32", example_input=X32, allow_depthwise=True)
+    assert new[1].groups == 16
+    # a rule that asks for the channel count itself is followed: ResNet-50 root-64
+    new, _ = rootify(deeproots.create_model("resnet50"), "root-64")
+    assert conv_layers(new)["layer1.0.conv2"].groups == 64
+
+
+def test_levels_can_count_from_the_blocks_after_a_deep_stem():
+    """ResNet-D's deep stem: by the paper's rule its 2nd and 3rd 3x3 convs take the N
+    groups; with stem='resolution' they are stem, and the blocks start at level 0."""
+    model = zoo.DeepStemNet()
+    new, _ = rootify(model, "root-8", example_input=X32)
+    assert _groups(new) == {"stem.0": 1, "stem.2": 8, "stem.4": 8, "layer1": 4, "layer2": 2}
+    new, report = rootify(model, "root-8", example_input=X32, stem="resolution")
+    assert _groups(new) == {"stem.0": 1, "stem.2": 1, "stem.4": 1, "layer1": 8, "layer2": 4}
+    assert "stem: at the first conv's resolution (16x16" in report.layers[1].note
+    with pytest.raises(ValueError, match="stem must be one of input, resolution; got 'deep'"):
+        rootify(model, "root-8", example_input=X32, stem="deep")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from deeproots import runtime
 from deeproots.cli import main

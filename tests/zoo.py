@@ -127,3 +127,133 @@ def dilated():
 def one_channel():
     return nn.Sequential(conv(1, 8), conv(8, 16), nn.MaxPool2d(2), conv(16, 16),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-ins for what real architectures do (timm, torchvision), each small and by hand
+
+
+class SamePadConv2d(nn.Conv2d):
+    """TensorFlow's "SAME" padding computed in ``forward`` from the input's size (timm's
+    Conv2dSame): built with padding 0, it pads (k - 1) // 2 and k // 2 itself."""
+
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(cin, cout, k, stride, 0, groups=groups, bias=False)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ph = max((-(-h // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - h, 0)
+        pw = max((-(-w // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - w, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation,
+                                    self.groups)
+
+
+class GainConv2d(nn.Conv2d):
+    """A conv with a learnt output gain per channel (an extra parameter), linear in its
+    weight: regrouping it keeps what it computes."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__(cin, cout, k, padding=k // 2, bias=False)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+class StdGainConv2d(nn.Conv2d):
+    """Weight standardisation with a gain (timm's ScaledStdConv2d, NF-ResNet): each filter
+    standardised over all its inputs. Not linear in its weight: regrouped, it would
+    standardise over other statistics."""
+
+    def __init__(self, cin, cout, k=3):
+        super().__init__(cin, cout, k, padding=k // 2, bias=False)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+
+    def forward(self, x):
+        w = self.weight
+        mean = w.mean((1, 2, 3), keepdim=True)
+        std = w.std((1, 2, 3), keepdim=True) + 1e-5
+        return nn.functional.conv2d(x, self.gain * (w - mean) / std, None, self.stride,
+                                    self.padding, self.dilation, self.groups)
+
+
+class SubclassNet(nn.Module):
+    """A stem, then a SAME-padded conv, a gain conv and a standardised conv at 16x16."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 16, stride=2)
+        self.same = SamePadConv2d(16, 16, 3)
+        self.gained = GainConv2d(16, 32)
+        self.standardised = StdGainConv2d(32, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.standardised(self.gained(self.same(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class SharedConvNet(nn.Module):
+    """One conv called under two attribute names (``again`` is ``block``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv(3, 8)
+        self.block = conv(8, 8)
+        self.again = self.block
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.again(torch.relu(self.block(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class FunctionalNet(nn.Module):
+    """A conv written as ``F.conv2d(x, self.w)``, a transposed conv, and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, 2)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.conv2d(x, self.w, padding=1))
+        return self.fc(self.up(x).mean((2, 3)))
+
+
+class TinyAttention(nn.Module):
+    """Patches, nn.MultiheadAttention (its inference fast path on a CPU), and
+    F.scaled_dot_product_attention."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.fc = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (N, L, dim)
+        t = self.mha(t, t, t, need_weights=False)[0]
+        q, k, v = self.qkv(t).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        t = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.fc(t.mean(1))
+
+
+class DeepStemNet(nn.Module):
+    """A deep stem (ResNet-D): three 3x3 convs at the stem's resolution, then blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(conv(3, 16, stride=2), nn.ReLU(), conv(16, 16), nn.ReLU(),
+                                  conv(16, 32))
+        self.layer1 = conv(32, 32, stride=2)
+        self.layer2 = conv(32, 64, stride=2)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.layer2(torch.relu(self.layer1(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))

@@ -12,7 +12,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .errors import DeeprootsError
 from .checks import check_choice, check_positive, check_whole
@@ -25,7 +24,7 @@ from .registry import build_model, check_model_spec
 from .runtime import allocator, resolve_device
 from .step import TrainStep, make_optimizer, resolve_grouped_conv
 from .text import format_table
-from .timing import Timing, interleaved
+from .timing import UNRELIABLE_SPREAD, Timing, interleaved
 
 __all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models",
            "bench_paper", "format_bench", "LayerTimes", "layer_times", "bench_layers",
@@ -241,6 +240,9 @@ def format_bench(rows: List[BenchRow]) -> str:
     notes += [f"{r.model} ({r.path}): first step, compiling: {r.compile_s:.1f} s"
               for r in rows if r.compile_s is not None]
     notes += list(dict.fromkeys(n for r in rows for n in r.notes))
+    notes += [f"{r.model} ({r.path}): unreliable, the repeats spread {100 * r.spread:.0f}% of "
+              f"their median; run with more --repeats on a quieter machine"
+              for r in rows if r.spread > UNRELIABLE_SPREAD]
     return "\n".join([title, format_table(head, body, align="lllrrrrr" + "r" * len(parts)),
                       f"allocator: {r0.allocator}", *notes])
 

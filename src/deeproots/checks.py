@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .errors import DeeprootsError, GroupsError
 
 __all__ = ["GroupsError", "check_whole", "check_positive", "check_optional_positive",
-           "check_number", "check_choice", "check_device", "check_groups_mapping", "check_seed",
+           "check_number", "check_range", "check_choice", "check_device", "check_groups_mapping", "check_seed",
            "listed"]
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
@@ -50,6 +50,17 @@ def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = 
     if not ok:
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise DeeprootsError(f"{name} must be a finite number {bound}; got {value!r}")
+    return float(value)
+
+
+def check_range(name: str, value: Any, low: float, high: float) -> float:
+    """``value`` if it is a finite number from ``low`` to ``high``: for quantities a result is
+    computed from (a peak rate, a bandwidth), where 1e308 or 1e-320 would give inf or nan."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and low <= value <= high)
+    if not ok:
+        raise DeeprootsError(f"{name} must be a finite number from {low:g} to {high:g}; got "
+                             f"{value!r}")
     return float(value)
 
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
 
 from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
 from .config import (COMPILE_MODES, DATA_HELP, DTYPES, GROUPED_CONV, LAYER_PATHS, MODES,
-                     PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, TrainConfig)
+                     PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS, TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
 
 __all__ = ["main", "build_parser"]
@@ -401,7 +401,8 @@ def cmd_rootify(args) -> int:
         raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
     x = torch.zeros(1, *parse_input_size(args.input_size, model))
     _, report = rootify(model, args.schedule, example_input=x, ignore=args.ignore,
-                        macs=args.macs, params=args.params, regroup=args.regroup)
+                        macs=args.macs, params=args.params, regroup=args.regroup,
+                        stem=args.stem, allow_depthwise=args.allow_depthwise)
     print(report.to_json(indent=2) if args.json else report.table())
     return 0
 
@@ -686,6 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers (or patterns) to leave as they are")
     p.add_argument("--regroup", action="store_true",
                    help="also regroup convs that are already grouped")
+    p.add_argument("--stem", choices=STEMS, default="input",
+                   help="the stem, left dense: the convs that read the input (input, the "
+                        "paper's rule) or every conv at the first conv's resolution "
+                        "(resolution: a deep stem; the levels count from the blocks)")
+    p.add_argument("--allow-depthwise", action="store_true",
+                   help="let the rounding to a divisor of the channels make a conv "
+                        "depthwise (default: the largest count below that)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rootify)
 

@@ -14,7 +14,7 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
            "LAYER_PATHS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
-           "setting_differences", "given_settings"]
+           "setting_differences", "given_settings", "STEMS"]
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
@@ -29,6 +29,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # how grouped convs run in training: auto, PyTorch's own, the Triton kernels, measured dispatch
 GROUPED_CONV = ("auto", "native", "triton", "dispatch")
 MODES = ("inference", "train")
+STEMS = ("input", "resolution")  # rootify's stems: convs reading the input, or its resolution
 ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured
 ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
 DATA_HELP = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"

@@ -30,12 +30,14 @@ from torch import nn
 
 from .errors import DeeprootsError
 from .checks import check_groups_mapping, check_number
+from .config import STEMS
 from .costs import parse_input_size, profile
-from .layers import GroupsError, apply_groups, layer_name
+from .layers import (GroupsError, apply_groups, common_divisors, layer_name, module_paths,
+                     regroup_refusal)
 from .text import format_table
 
 __all__ = ["rootify", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs",
-           "ConvSite", "block_diagonal_weight", "INITS"]
+           "ConvSite", "block_diagonal_weight", "INITS", "STEMS"]
 
 SCHEDULE_FORMS = "root-N, tree-N or col-N (N a whole number >= 1, e.g. root-8)"
 INITS = ("reinit", "block-diagonal")
@@ -176,8 +178,26 @@ class RootifyReport:
         return self.table()
 
 
-def _largest_dividing(wanted: int, cin: int, cout: int) -> int:
-    return next(g for g in range(wanted, 0, -1) if cin % g == 0 and cout % g == 0)
+def _largest_dividing(wanted: int, cin: int, cout: int, allow_depthwise: bool = True) -> int:
+    """The largest count <= ``wanted`` that divides both channel counts; with
+    ``allow_depthwise`` off, never one that makes the conv depthwise (in_channels groups)
+    unless ``wanted`` itself asks for that."""
+    fits = [d for d in common_divisors(cin, cout) if d <= wanted]
+    if not allow_depthwise and fits[-1] == cin and wanted != cin and len(fits) > 1:
+        return fits[-2]
+    return fits[-1]
+
+
+def _adjusted(wanted: int, s: "ConvSite", allow_depthwise: bool) -> Tuple[int, str]:
+    g = _largest_dividing(wanted, s.in_channels, s.out_channels, allow_depthwise)
+    if g == wanted:
+        return g, ""
+    if g != _largest_dividing(wanted, s.in_channels, s.out_channels):
+        return g, (f"the rule's {wanted} does not divide {s.in_channels} -> "
+                   f"{s.out_channels} channels; {g} does and keeps it from becoming "
+                   f"depthwise (allow_depthwise=True to let it)")
+    return g, (f"the rule's {wanted} does not divide {s.in_channels} -> {s.out_channels} "
+               f"channels; {g} does")
 
 
 def _resolution_levels(sites: Sequence[ConvSite]) -> Dict[Tuple[int, int], int]:
@@ -191,6 +211,18 @@ def _resolution_levels(sites: Sequence[ConvSite]) -> Dict[Tuple[int, int], int]:
     return {s.resolution: levels.get(s.resolution, 0) for s in sites}
 
 
+def _stem(sites: Sequence[ConvSite], in_channels: int, stem: str) -> set:
+    """The names of the stem's convs, left dense: those that read the input image
+    (``"input"``), or every conv at the resolution the first conv writes
+    (``"resolution"``: a deep stem, as ResNet-D's three 3x3 convs, is all stem)."""
+    names = {s.name for s in sites if s.in_channels == in_channels and s.calls}
+    if stem == "resolution":
+        reached = [s for s in sites if s.calls]
+        if reached:
+            names |= {s.name for s in reached if s.resolution == reached[0].resolution}
+    return names
+
+
 def _rule(kind: str, n: int, level: int) -> int:
     if kind == "root":
         return max(1, n >> level)
@@ -200,10 +232,12 @@ def _rule(kind: str, n: int, level: int) -> int:
 
 
 def _plan(sites: List[ConvSite], schedule, in_channels: int, ignore: Sequence[str],
-          regroup: bool) -> Dict[str, Tuple[int, str]]:
+          regroup: bool, convs: Mapping[str, nn.Conv2d], stem: str = "input",
+          allow_depthwise: bool = False) -> Dict[str, Tuple[int, str]]:
     """``{layer: (groups after, note)}`` for every conv layer."""
     plan: Dict[str, Tuple[int, str]] = {}
     candidates = []
+    stem_names = _stem(sites, in_channels, stem)
     for s in sites:
         if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in ignore):
             plan[s.name] = (s.groups, "ignored")
@@ -211,31 +245,46 @@ def _plan(sites: List[ConvSite], schedule, in_channels: int, ignore: Sequence[st
             plan[s.name] = (s.groups, "not reached by the example input")
         elif not s.spatial:
             plan[s.name] = (s.groups, "1x1: a root module's 1x1 mixes the groups")
-        elif s.in_channels == in_channels:
-            plan[s.name] = (s.groups, f"stem: reads the {in_channels}-channel input")
+        elif s.name in stem_names:
+            plan[s.name] = (s.groups, f"stem: reads the {in_channels}-channel input"
+                            if s.in_channels == in_channels else
+                            f"stem: at the first conv's resolution ({_res(s)}, stem="
+                            f"'resolution')")
         elif s.groups > 1 and not regroup:
             kind = "depthwise" if s.groups == s.in_channels else f"already in {s.groups} groups"
             plan[s.name] = (s.groups, f"{kind} (regroup=True to change it)")
         else:
             candidates.append(s)
     if isinstance(schedule, Mapping):
-        return _plan_mapping(sites, candidates, schedule, plan)
-    kind, n = parse_schedule(schedule)
-    if not candidates:
-        return plan
-    # every spatial conv after the stem sets the resolution levels, the ones left alone too
-    reached = [s for s in sites if s.calls and s.spatial and s.in_channels != in_channels]
-    levels = _resolution_levels(reached)
-    for s in candidates:
-        wanted = _rule(kind, n, levels[s.resolution])
-        g = _largest_dividing(wanted, s.in_channels, s.out_channels)
-        note = "" if g == wanted else (f"the rule's {wanted} does not divide {s.in_channels} "
-                                       f"-> {s.out_channels} channels; {g} does")
-        plan[s.name] = (g, note)
+        plan = _plan_mapping(sites, candidates, schedule, plan, allow_depthwise)
+    else:
+        kind, n = parse_schedule(schedule)
+        if candidates:
+            widest = max(max(s.in_channels, s.out_channels) for s in candidates)
+            if n > widest:
+                raise DeeprootsError(f"schedule {schedule}: {n} groups is more than the "
+                                     f"channels of any conv it groups (at most {widest}); "
+                                     f"give N from 1 to {widest}")
+            # every spatial conv after the stem sets the resolution levels, left ones too
+            reached = [s for s in sites if s.calls and s.spatial and s.name not in stem_names]
+            levels = _resolution_levels(reached)
+            for s in candidates:
+                plan[s.name] = _adjusted(_rule(kind, n, levels[s.resolution]), s,
+                                         allow_depthwise)
+    for s in candidates:  # a conv subclass that would compute something else is left
+        g, note = plan[s.name]
+        if g != s.groups:
+            reason = regroup_refusal(convs[s.name], g)
+            if reason:
+                plan[s.name] = (s.groups, reason)
     return plan
 
 
-def _plan_mapping(sites, candidates, mapping, plan):
+def _res(s: ConvSite) -> str:
+    return f"{s.resolution[0]}x{s.resolution[1]}" if s.resolution else "-"
+
+
+def _plan_mapping(sites, candidates, mapping, plan, allow_depthwise):
     check_groups_mapping(mapping)
     names = [s.name for s in sites]
     resolutions = sorted({f"{s.resolution[0]}x{s.resolution[1]}" for s in sites if s.resolution})
@@ -255,9 +304,7 @@ def _plan_mapping(sites, candidates, mapping, plan):
         if wanted is None:
             plan[s.name] = (s.groups, "not in the mapping")
             continue
-        g = _largest_dividing(wanted, s.in_channels, s.out_channels)
-        plan[s.name] = (g, "" if g == wanted else f"{wanted} does not divide {s.in_channels} "
-                                                  f"-> {s.out_channels} channels; {g} does")
+        plan[s.name] = _adjusted(wanted, s, allow_depthwise)
     return plan
 
 
@@ -282,7 +329,8 @@ def block_diagonal_weight(weight: torch.Tensor, groups: int, groups_before: int 
 def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = None, *,
             example_input: Optional[torch.Tensor] = None, ignore: Sequence[str] = (),
             macs: Optional[float] = None, params: Optional[float] = None,
-            init: str = "reinit", regroup: bool = False) -> Tuple[nn.Module, RootifyReport]:
+            init: str = "reinit", regroup: bool = False, stem: str = "input",
+            allow_depthwise: bool = False) -> Tuple[nn.Module, RootifyReport]:
     """A root network made from ``model``, and the :class:`RootifyReport` of what changed.
     ``model`` itself is not modified.
 
@@ -298,15 +346,32 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             ``"block-diagonal"`` (keep the diagonal blocks of the trained dense weights, to
             fine-tune).
         regroup: also regroup convs that are already grouped (depthwise ones included).
+        stem: which convs are the stem, left dense: ``"input"`` (those that read the input
+            image, the paper's rule) or ``"resolution"`` (every conv at the resolution the
+            first conv writes: a deep stem such as ResNet-D's is all stem, and the levels
+            count from the first resolution of the network's blocks).
+        allow_depthwise: let the divisor adjustment make a conv depthwise (a 16-channel conv
+            asked for 32 groups gets 16); off, it gets the largest count below its channels.
+            A rule that itself asks for a conv's channel count (ResNet-50 root-64's first
+            stage) is followed either way.
+
+    Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
+    gain, ...) is regrouped in place, and one that would compute something else regrouped
+    (a weight-standardised conv) is left as it was, the reason in the report. A conv the
+    model reaches by several paths stays one module, grouped once.
     """
     if not isinstance(model, nn.Module):
         raise DeeprootsError(f"rootify takes an nn.Module; got {type(model).__name__}")
     if init not in INITS:
         raise DeeprootsError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if stem not in STEMS:
+        raise DeeprootsError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
     if (schedule is None) == (macs is None and params is None) or (macs is not None and
                                                                      params is not None):
         raise DeeprootsError("give a schedule (e.g. 'root-8') or one budget (macs=0.5 or "
                              "params=0.5), not both and not neither")
+    if isinstance(schedule, str):
+        parse_schedule(schedule)
     example_input = _example(model, example_input)
     size = tuple(example_input.shape[1:])
     sites = trace_convs(model, example_input)
@@ -316,14 +381,16 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         raise DeeprootsError(f"ignore {bad[0]!r} matches no conv layer"
                              f"{'; closest: ' + ', '.join(close) if close else ''}")
     if not any(s.spatial for s in sites):
-        raise DeeprootsError(f"{type(model).__name__} has no spatial convolutions (kernel > 1) to "
-                             f"group; rootify groups 3x3, 5x5, ... convs")
+        raise DeeprootsError(f"{type(model).__name__} has no spatial convolutions (kernel > 1) "
+                             f"to group; rootify groups 3x3, 5x5, ... convs")
+    convs = {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    options = dict(convs=convs, stem=stem, allow_depthwise=allow_depthwise)
     before = profile(model, size)
     if schedule is None:
-        schedule = _budget_schedule(sites, before, size[0], ignore, regroup, macs, params)
-    plan = _plan(sites, schedule, size[0], ignore, regroup)
+        schedule = _budget_schedule(sites, before, size[0], ignore, regroup, macs, params,
+                                    options)
+    plan = _plan(sites, schedule, size[0], ignore, regroup, **options)
     new = copy.deepcopy(model)
-    convs = {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     changes = {name: g for name, (g, _) in plan.items() if g != convs[name].groups}
     apply_groups(new, {glob.escape(n): g for n, g in changes.items()}, reinit=init == "reinit")
     if init == "block-diagonal":
@@ -332,10 +399,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             for name, g in changes.items():
                 old = convs[name]
                 grouped[name].weight.copy_(block_diagonal_weight(old.weight, g, old.groups))
-                if old.bias is not None:
-                    grouped[name].bias.copy_(old.bias)
     after = profile(new, size)
-    return new, _report(schedule, size, sites, plan, before, after, init)
+    shared = {layer_name(ps[0]): [layer_name(q) for q in ps[1:]]
+              for ps in module_paths(model).values() if len(ps) > 1}
+    return new, _report(schedule, size, sites, plan, before, after, init, shared)
 
 
 def _example(model: nn.Module, example_input) -> torch.Tensor:
@@ -354,7 +421,8 @@ def _example(model: nn.Module, example_input) -> torch.Tensor:
     return example_input
 
 
-def _budget_schedule(sites, before, in_channels, ignore, regroup, macs, params) -> str:
+def _budget_schedule(sites, before, in_channels, ignore, regroup, macs, params,
+                     options) -> str:
     """The smallest root-N meeting the budget, from exact per-layer costs: a conv's
     multiply-adds and weights scale as 1 / groups."""
     key, budget = ("macs", macs) if macs is not None else ("params", params)
@@ -363,11 +431,12 @@ def _budget_schedule(sites, before, in_channels, ignore, regroup, macs, params) 
     total = getattr(before, key)
     if budget >= 1:
         return "root-1"
-    widest = max(s.out_channels for s in sites)
-    best = (1.0, None)
+    candidates = [s for s in sites if s.calls and s.spatial]
+    widest = max(s.in_channels for s in candidates)
+    best: Optional[Tuple[float, int]] = None
     n = 2
     while n <= widest:
-        plan = _plan(sites, f"root-{n}", in_channels, ignore, regroup)
+        plan = _plan(sites, f"root-{n}", in_channels, ignore, regroup, **options)
         saved = 0.0
         for s in sites:
             g_after, g_before = plan[s.name][0], s.groups
@@ -379,24 +448,41 @@ def _budget_schedule(sites, before, in_channels, ignore, regroup, macs, params) 
         fraction = (total - saved) / total
         if fraction <= budget + 1e-12:
             return f"root-{n}"
-        best = min(best, (fraction, n))
+        if best is None or fraction < best[0]:
+            best = (fraction, n)
         n *= 2
-    reach = f"root-{best[1]} reaches {best[0]:.3f}" if best[1] else "no root-N changes it"
+    if best is None or best[0] >= 1 - 1e-12:
+        notes = [note for g, note in
+                 _plan(sites, "root-2", in_channels, ignore, regroup, **options).values()
+                 if not note.startswith(("1x1", "stem", "not reached"))]
+        if notes and all(n == "ignored" for n in notes):
+            why = "every spatial conv after the stem is ignored"
+        elif any("depthwise" in n or "already in" in n for n in notes) and not regroup:
+            why = ("its spatial convs after the stem are depthwise or already grouped; "
+                   "regroup=True (--regroup) regroups them")
+        else:
+            why = "no spatial conv after the stem can take more groups"
+        raise DeeprootsError(f"no root-N schedule brings {key} to {budget} of the model's: "
+                             f"root-N changes nothing here ({why}); the cheapest reachable is "
+                             f"the model as it is, 1.000")
     raise DeeprootsError(f"no root-N schedule brings {key} to {budget} of the model's; the "
-                         f"smallest fraction is {best[0]:.3f} ({reach}). Accepted: a budget of at "
-                         f"least {best[0]:.3f}, or fewer ignored layers")
+                         f"smallest fraction is {best[0]:.3f} (root-{best[1]}). Accepted: a "
+                         f"budget of at least {best[0]:.3f}"
+                         + (", or fewer ignored layers" if ignore else ""))
 
 
-def _report(schedule, size, sites, plan, before, after, init) -> RootifyReport:
+def _report(schedule, size, sites, plan, before, after, init, shared) -> RootifyReport:
     b = {c.name: c for c in before.layers}
     a = {c.name: c for c in after.layers}
     rows = []
     for s in sites:
         g, note = plan[s.name]
-        res = f"{s.resolution[0]}x{s.resolution[1]}" if s.resolution else "-"
+        if s.name in shared:  # one module under several names: grouped once, everywhere
+            also = f"one module, also reached as {', '.join(shared[s.name])}"
+            note = f"{note}; {also}" if note else also
         cb, ca = b.get(s.name), a.get(s.name)
         rows.append(LayerChange(
-            s.name, res, "x".join(map(str, s.kernel)), s.groups, g,
+            s.name, _res(s), "x".join(map(str, s.kernel)), s.groups, g,
             cb.macs if cb else 0, ca.macs if ca else 0, cb.params if cb else 0,
             ca.params if ca else 0, note))
     name = schedule if isinstance(schedule, str) else "mapping " + json.dumps(dict(schedule))

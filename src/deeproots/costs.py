@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +27,9 @@ from .text import format_table
 
 __all__ = ["profile", "Profile", "LayerCost", "parse_input_size", "format_table"]
 
-_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d)
+_COUNTED = _CONVS + (nn.Linear,)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -53,10 +56,12 @@ class LayerCost:
 class Profile:
     """Costs of a model for one image of ``input_size`` (C, H, W).
 
-    ``macs``: multiply-adds of all counted operators; ``params``: conv and linear weights and
-    biases (the paper's convention); ``conv_weight_params``, ``conv_bias_params``,
-    ``linear_params`` split that; ``bn_params`` and ``other_params`` are the rest of
-    ``total_params``."""
+    ``macs``: multiply-adds of all counted operators (``other_macs``: those outside every
+    row); ``params``: conv and linear weights and biases (the paper's convention), and the
+    parameters of modules whose own ``forward`` computes (``functional_params``, e.g. the
+    weight of an ``F.conv2d(x, self.w)``); ``conv_weight_params``, ``conv_bias_params``,
+    ``linear_params`` split the rest of it; ``bn_params`` and ``other_params`` (a conv's
+    gain, a class token, ...) are the rest of ``total_params``, every parameter once."""
 
     model: str
     input_size: Tuple[int, int, int]
@@ -68,6 +73,7 @@ class Profile:
     conv_weight_params: int = 0
     conv_bias_params: int = 0
     linear_params: int = 0
+    functional_params: int = 0
     bn_params: int = 0
     other_params: int = 0
 
@@ -114,7 +120,9 @@ class Profile:
         lines.append(f"  params         {self.params:>15,}  ({self.params / 1e6:.3f} M)"
                      "  conv + linear weights and biases")
         lines.append(f"    conv weights {self.conv_weight_params:,}, conv biases "
-                     f"{self.conv_bias_params:,}, linear {self.linear_params:,}")
+                     f"{self.conv_bias_params:,}, linear {self.linear_params:,}"
+                     + (f", functional {self.functional_params:,}"
+                        if self.functional_params else ""))
         lines.append(f"  batch norm     {self.bn_params:>15,}  (not in params)")
         if self.other_params:
             lines.append(f"  other          {self.other_params:>15,}  (not in params)")
@@ -161,11 +169,52 @@ def parse_input_size(
 def _kernel(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "fc"
-    return "x".join(map(str, module.kernel_size))
+    if isinstance(module, _CONVS):
+        return "x".join(map(str, module.kernel_size))
+    return "-"
 
 
-def _own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
+# Multiply-adds of the fused attention operators the counter does not know: PyTorch's
+# inference fast paths of nn.MultiheadAttention and nn.TransformerEncoderLayer, and SDPA's
+# CPU kernel. Each returns FLOPs (2 x multiply-adds), from the shapes, as the counter's own
+# rules do, so that a model counts the same on a CPU as on the meta device.
+def _mha_flops(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs):
+    """q, k, v projections, QK^T, the weighted sum of V, and the output projection."""
+    *batch, length, e = query
+    source = key[-2]
+    n = math.prod(batch)
+    return 2 * n * (length * e * e + 2 * source * e * e + 2 * length * source * e
+                    + length * e * e)
+
+
+def _encoder_layer_flops(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
+                         proj_bias, use_gelu, norm_first, eps, norm_weight_1, norm_bias_1,
+                         norm_weight_2, norm_bias_2, ffn_weight_1, *args, out_shape=None,
+                         **kwargs):
+    """Self-attention as :func:`_mha_flops`, then the feed-forward block's two linears."""
+    *batch, length, e = src
+    hidden = ffn_weight_1[0]
+    n = math.prod(batch)
+    return _mha_flops(src, src, src, embed_dim, num_heads) + 2 * n * length * 2 * e * hidden
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+_ATTENTION_RULES = {
+    "_native_multi_head_attention": _mha_flops,
+    "_transformer_encoder_layer_fwd": _encoder_layer_flops,
+    "_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu_flops,
+}
+
+
+def _counter() -> FlopCounterMode:
+    rules = {getattr(torch.ops.aten, name): fn for name, fn in _ATTENTION_RULES.items()
+             if hasattr(torch.ops.aten, name)}
+    return FlopCounterMode(display=False, custom_mapping=rules)
 
 
 def profile(
@@ -183,11 +232,16 @@ def profile(
             paper's Table 6 includes). Runs on a copy, so batch-norm statistics are untouched.
 
     Returns:
-        A :class:`Profile` with per-layer rows and totals. Works on the ``meta`` device too
-        (build the model under ``with torch.device("meta"):`` to count without computing).
+        A :class:`Profile` with per-layer rows and totals. Every multiply-add and every
+        parameter is in a row or in a named remainder: a row per conv (transposed convs
+        too) and linear layer, and per module whose own ``forward`` computes (a
+        ``F.conv2d(x, self.w)``, say); ``total_params`` is every parameter of the model.
+        The same on the meta device and on a CPU (build the model under
+        ``with torch.device("meta"):`` to count without computing): attention's fused
+        fast paths are counted by rules of their own.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"profile() takes an nn.Module; got {type(model).__name__}")
+        raise DeeprootsError(f"profile() takes an nn.Module; got {type(model).__name__}")
     size = parse_input_size(input_size, model)
     name = getattr(model, "name", type(model).__name__)
     param = next(model.parameters(), None)
@@ -204,9 +258,10 @@ def profile(
         if isinstance(module, _COUNTED):
             def hook(mod, args, out, path=path):
                 _, _, calls = shapes.get(path, ((), (), 0))
-                shapes[path] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]), calls + 1)
+                out0 = out[0] if isinstance(out, tuple) else out
+                shapes[path] = (tuple(args[0].shape[1:]), tuple(out0.shape[1:]), calls + 1)
             hooks.append(module.register_forward_hook(hook))
-    counter = FlopCounterMode(display=False)
+    counter = _counter()
     x = torch.zeros((batch, *size), device=device, dtype=dtype)
     try:
         with torch.no_grad(), counter:
@@ -220,38 +275,81 @@ def profile(
         for h in hooks:
             h.remove()
         runner.train(was_training)
+    return _account(runner, counter, shapes, name, size, training, batch)
 
+
+def _own_ops(counts, root: str, path: str, children) -> Dict[str, int]:
+    """FLOPs by operator that ``path``'s own forward computes: its subtree's less its
+    children's."""
+    key = lambda p: root if not p else f"{root}.{p}"  # noqa: E731
+    own = {}
+    for op, n in counts.get(key(path), {}).items():
+        below = sum(counts.get(key(f"{path}.{c}" if path else c), {}).get(op, 0)
+                    for c in children)
+        if n - below > 0:
+            own[str(op).split(".")[-1]] = n - below
+    return own
+
+
+def _account(runner, counter, shapes, name, size, training, batch) -> Profile:
+    """The rows and totals: each counted layer's multiply-adds (its whole subtree), each
+    other module's own (its subtree less its children's, where its ``forward`` computes),
+    and every parameter once, by the module that owns it."""
     counts = counter.get_flop_counts()
     root = type(runner).__name__
+
+    def flops(path: str) -> int:
+        return sum(counts.get(root if not path else f"{root}.{path}", {}).values())
+
     result = Profile(model=name, input_size=size, training=training)
-    for path, module in runner.named_modules():
-        own = _own_params(module)
-        if isinstance(module, _COUNTED):
-            flops = sum(counts.get(f"{root}.{path}", {}).values())
+    seen: set = set()  # parameters counted already (tied weights count once)
+    counted_paths = []
+    modules = dict(runner.named_modules())
+    for path, module in modules.items():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        own_params = sum(p.numel() for p in own)
+        # a module inside a counted layer: its costs are the layer's
+        inside_layer = any(path.startswith(c + ".") if c else path != ""
+                           for c in counted_paths)
+        if isinstance(module, _COUNTED) and not inside_layer:
+            counted_paths.append(path)
             in_shape, out_shape, calls = shapes.get(path, ((), (), 0))
-            result.layers.append(
-                LayerCost(
-                    name=layer_name(path),
-                    type=type(module).__name__,
-                    kernel=_kernel(module),
-                    groups=getattr(module, "groups", 1),
-                    input_shape=in_shape,
-                    output_shape=out_shape,
-                    macs=flops // 2 // batch,
-                    params=own,
-                    calls=calls,
-                )
-            )
+            result.layers.append(LayerCost(
+                name=layer_name(path) or f"({type(module).__name__})", type=type(module).__name__,
+                kernel=_kernel(module), groups=getattr(module, "groups", 1),
+                input_shape=in_shape, output_shape=out_shape, macs=flops(path) // 2 // batch,
+                params=own_params, calls=calls))
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            core = sum(t.numel() for t in (weight, bias) if isinstance(t, nn.Parameter)
+                       and any(t is p for p in own))
             if isinstance(module, nn.Linear):
-                result.linear_params += own
+                result.linear_params += core
             else:
-                result.conv_weight_params += module.weight.numel()
-                result.conv_bias_params += 0 if module.bias is None else module.bias.numel()
+                result.conv_weight_params += weight.numel() if any(
+                    weight is p for p in own) else 0
+                result.conv_bias_params += core - (weight.numel() if any(
+                    weight is p for p in own) else 0)
+            result.other_params += own_params - core  # a conv's gain, say
+            continue
+        if inside_layer:
+            result.other_params += own_params
+            continue
+        own_ops = _own_ops(counts, root, path, [c for c, _ in module.named_children()])
+        if own_ops:  # its own forward computes: F.conv2d(x, self.w), attention, ...
+            result.layers.append(LayerCost(
+                name=layer_name(path) or f"({type(module).__name__})",
+                type=f"{type(module).__name__} ({', '.join(sorted(own_ops))})",
+                kernel=_kernel(module), groups=getattr(module, "groups", 1), input_shape=(),
+                output_shape=(), macs=sum(own_ops.values()) // 2 // batch, params=own_params,
+                calls=1))
+            result.functional_params += own_params
         elif isinstance(module, _NORMS):
-            result.bn_params += own
+            result.bn_params += own_params
         else:
-            result.other_params += own
-    result.params = result.conv_weight_params + result.conv_bias_params + result.linear_params
+            result.other_params += own_params
+    result.params = (result.conv_weight_params + result.conv_bias_params
+                     + result.linear_params + result.functional_params)
     result.macs = counter.get_total_flops() // 2 // batch
     result.other_macs = result.macs - sum(layer.macs for layer in result.layers)
     return result

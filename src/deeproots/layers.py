@@ -7,8 +7,10 @@ schedule names with :func:`apply_groups`, so the same function converts any user
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
+import math
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -16,12 +18,18 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .errors import DeeprootsError, first_line
-from .checks import GroupsError, check_groups_mapping, check_positive
+from .checks import GroupsError, check_groups_mapping
 
 __all__ = [
     "ConvBNAct",
     "GroupsError",
     "apply_groups",
+    "regroup",
+    "regroup_refusal",
+    "expand_groups",
+    "divisors",
+    "common_divisors",
+    "module_paths",
     "convert",
     "grouped_convs",
     "conv_layers",
@@ -74,8 +82,18 @@ def layer_name(path: str) -> str:
 
 
 def conv_layers(model: nn.Module) -> Dict[str, nn.Conv2d]:
-    """All ``nn.Conv2d`` modules of ``model``, keyed by :func:`layer_name`, in model order."""
+    """All ``nn.Conv2d`` modules of ``model`` (subclasses too), keyed by :func:`layer_name`,
+    in model order; a conv the model reaches by several paths once, by its first."""
     return {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def module_paths(model: nn.Module) -> Dict[int, list]:
+    """Every path by which ``model`` reaches each of its modules, by ``id``: a module shared
+    under several attribute names has several."""
+    paths: Dict[int, list] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return paths
 
 
 def grouped_convs(model: nn.Module, example: torch.Tensor) -> list:
@@ -100,8 +118,109 @@ def grouped_convs(model: nn.Module, example: torch.Tensor) -> list:
     return [(layer_name(n), convs[n], shape) for n, shape in shapes.items()]
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n`` in increasing order (in O(sqrt(n)), for any ``n``)."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+def common_divisors(a: int, b: int) -> list[int]:
+    """The whole numbers that divide both ``a`` and ``b``, increasing."""
+    return divisors(math.gcd(a, b))
+
+
+def _regroup_weight(conv: nn.Conv2d, groups: int) -> torch.Tensor:
+    """An uninitialised weight of ``conv`` in ``groups`` groups: [out, in / groups, kh, kw],
+    on the conv's device and in its dtype."""
+    return torch.empty(conv.out_channels, conv.in_channels // groups, *conv.kernel_size,
+                       device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def regroup(conv: nn.Conv2d, groups: int, reinit: bool = True) -> nn.Conv2d:
+    """``conv`` in ``groups`` filter groups, in place: the same object (so a conv that a
+    model reaches by several paths stays one module), of the same class, with its other
+    parameters and buffers; only ``groups`` and the weight's shape change, the weight
+    He-initialised when ``reinit`` (else uninitialised: load or copy weights into it).
+    Returns ``conv``."""
+    conv.groups = groups
+    conv.weight = nn.Parameter(_regroup_weight(conv, groups),
+                               requires_grad=conv.weight.requires_grad)
+    if reinit:
+        he_init(conv)
+    return conv
+
+
+def _filled(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A CPU float32 copy of ``module`` with every parameter and buffer drawn at random
+    (meta modules too): a probe that runs."""
+    probe = copy.deepcopy(module)
+    if any(t.is_meta for t in list(probe.parameters()) + list(probe.buffers())):
+        probe = probe.to_empty(device="cpu")
+    probe = probe.to("cpu", torch.float32)
+    with torch.no_grad():
+        for t in list(probe.parameters()) + list(probe.buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=generator) + 0.5)
+    return probe
+
+
+def regroup_refusal(conv: nn.Conv2d, groups: int) -> Optional[str]:
+    """Why regrouping ``conv`` in place would change what it computes, or None.
+
+    A plain ``nn.Conv2d`` regroups faithfully. A subclass (a conv that pads in ``forward``,
+    standardises its weight, scales by a gain, ...) is checked on a probe: regrouped with
+    weights W, it must compute what it computes with the block-diagonal expansion of W
+    (zeros off the groups' blocks). A weight-standardised conv fails that (its statistics
+    are over the whole filter) and is left as it was, with this reason."""
+    if type(conv) is nn.Conv2d:
+        return None
+    before = conv.groups
+    if groups % before:
+        return (f"{type(conv).__name__} is in {before} groups; regrouping it to {groups} "
+                f"cannot be checked to compute the same kind of layer")
+    generator = torch.Generator().manual_seed(0)
+    dense = _filled(conv, generator)  # the same random parameters in both
+    grouped = regroup(copy.deepcopy(dense), groups, reinit=False)
+    with torch.no_grad():
+        grouped.weight.copy_(torch.randn(grouped.weight.shape, generator=generator))
+        dense.weight.copy_(expand_groups(grouped.weight, groups, before))
+        k = [(s - 1) * d + 1 for s, d in zip(conv.kernel_size, conv.dilation)]
+        x = torch.randn(2, conv.in_channels, max(8, k[0] + 2), max(8, k[1] + 2),
+                        generator=generator)
+        try:
+            want, got = dense(x), grouped(x)
+        except Exception as err:  # noqa: BLE001  (the subclass's own forward)
+            return (f"{type(conv).__name__} fails in {groups} groups "
+                    f"({type(err).__name__}: {first_line(err)})")
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(
+            got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+        return (f"{type(conv).__name__} computes something else in {groups} groups than its "
+                f"block-diagonal dense form (e.g. it standardises or rescales its weight over "
+                f"the whole filter); left as it was")
+    return None
+
+
+def expand_groups(weight: torch.Tensor, groups: int, groups_before: int = 1) -> torch.Tensor:
+    """The weight [out, in / groups_before, kh, kw] of a conv in ``groups_before`` groups
+    that computes what ``weight`` [out, in / groups, kh, kw] computes in ``groups`` groups
+    (``groups`` a multiple of ``groups_before``): zeros outside each output channel's
+    group."""
+    out, per_group = weight.shape[:2]
+    cin = per_group * groups
+    per_before = cin // groups_before
+    full = weight.new_zeros(out, per_before, *weight.shape[2:])
+    for o in range(0, out, out // groups):
+        g = o // (out // groups)
+        offset = g * per_group - (o // (out // groups_before)) * per_before
+        full[o:o + out // groups, offset:offset + per_group] = weight[o:o + out // groups]
+    return full
 
 
 def apply_groups(
@@ -111,12 +230,15 @@ def apply_groups(
 
     Keys are layer names as :func:`conv_layers` lists them, or shell-style patterns over them
     (``"layer3.*.conv2"``); when several keys match a layer the last one wins. Each matched
-    ``nn.Conv2d`` is replaced by one with the same shape and ``groups=g`` (its weight becomes
-    ``[out, in/g, k, k]``), He-initialised when ``reinit``. A value of 1 ungroups a layer.
+    conv is regrouped in place (:func:`regroup`): the same module, of the same class (a
+    subclass keeps its own ``forward`` and parameters), shared wherever the model uses it;
+    its weight becomes ``[out, in/g, k, k]``, He-initialised when ``reinit``. A value of 1
+    ungroups a layer.
 
     Returns the ``{layer name: groups}`` that was applied. Raises :class:`GroupsError` when
-    a key matches no conv layer, a value is not a whole number >= 1, or a layer's input or
-    output channels are not divisible by its groups.
+    a key matches no conv layer, a value is not a whole number >= 1, a layer's input or
+    output channels are not divisible by its groups, or a conv subclass would compute
+    something else regrouped (:func:`regroup_refusal`).
     """
     if not isinstance(model, nn.Module):
         raise GroupsError(f"filter groups go on an nn.Module; got {type(model).__name__} "
@@ -134,12 +256,8 @@ def apply_groups(
                 f"groups key {key!r} matches no conv layer of {type(model).__name__}{hint}. "
                 f"Conv layers are named by module path (see deeproots.conv_layers(model))"
             )
-    applied: Dict[str, int] = {}
-    modules = dict(model.named_modules())
-    for path, module in list(modules.items()):
-        if not isinstance(module, nn.Conv2d):
-            continue
-        name = layer_name(path)
+    plan: Dict[str, int] = {}
+    for name, module in layers.items():
         wanted = None
         for key, value in groups.items():
             if fnmatch.fnmatchcase(name, key):
@@ -148,35 +266,18 @@ def apply_groups(
             continue
         cin, cout = module.in_channels, module.out_channels
         if cin % wanted or cout % wanted:
-            common = [d for d in _divisors(cin) if cout % d == 0]
             raise GroupsError(
                 f"layer {name!r} has {cin} input and {cout} output channels, which "
                 f"{wanted} groups do not divide; groups that divide both: "
-                f"{', '.join(map(str, common))}"
+                f"{', '.join(map(str, common_divisors(cin, cout)))}"
             )
-        grouped = nn.Conv2d(
-            cin,
-            cout,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
-            groups=wanted,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device=module.weight.device,
-            dtype=module.weight.dtype,
-        )
-        if reinit:
-            he_init(grouped)
-        if not path:
-            raise GroupsError(f"{type(model).__name__} is itself a conv layer: apply_groups "
-                              f"regroups the convs inside a model; build the conv with "
-                              f"groups={wanted} instead")
-        parent_path, _, attr = path.rpartition(".")
-        setattr(modules[parent_path] if parent_path else model, attr, grouped)
-        applied[name] = wanted
-    return applied
+        reason = regroup_refusal(module, wanted)
+        if reason:
+            raise GroupsError(f"layer {name!r}: {reason}")
+        plan[name] = wanted
+    for name, wanted in plan.items():  # every layer checked before the first changes
+        regroup(layers[name], wanted, reinit)
+    return plan
 
 
 def convert(model: nn.Module, groups: Mapping[str, int]) -> nn.Module:

@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .checks import check_choice, check_number, check_positive
+from .checks import check_choice, check_positive, check_range
+from .errors import DeeprootsError
 from .config import ROOFLINE_DEVICES, ROOFLINE_DTYPES
 from .costs import parse_input_size, profile
 from .layers import layer_name
@@ -50,6 +51,11 @@ HARDWARE = {
                                                       "float32": 156e12}, 2.039e12),
 }
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# sane overrides of the roofs: a CPU core to far beyond any chip (outside them the bounds
+# are 0, inf or nan), and a batch whose tensors can still be described
+PEAK_TFLOPS = (1e-3, 1e5)
+BANDWIDTH_TBS = (1e-4, 1e3)
+MAX_BATCH = 2**24
 assert tuple(DTYPE_BYTES) == ROOFLINE_DTYPES and (*HARDWARE, "cpu") == ROOFLINE_DEVICES
 
 
@@ -151,15 +157,18 @@ def roofline(model, *, hardware: str | Hardware = "h100", dtype: str = "bfloat16
     :class:`Hardware`); ``peak_tflops`` and ``bandwidth_tbs`` override its roofs."""
     check_choice("dtype", dtype, ROOFLINE_DTYPES)
     check_positive("batch_size", batch_size)
+    if batch_size > MAX_BATCH:
+        raise DeeprootsError(f"batch_size must be a whole number from 1 to {MAX_BATCH:,}; got "
+                             f"{batch_size}")
     if isinstance(hardware, str):
         check_choice("device", hardware, ROOFLINE_DEVICES)
         hw = measure_cpu() if hardware == "cpu" else HARDWARE[hardware]
     else:
         hw = hardware
     peak = hw.peak_flops[dtype] if peak_tflops is None else \
-        check_number("peak_tflops", peak_tflops, strict=True) * 1e12
+        check_range("peak_tflops", peak_tflops, *PEAK_TFLOPS) * 1e12
     bw = hw.bandwidth if bandwidth_tbs is None else \
-        check_number("bandwidth_tbs", bandwidth_tbs, strict=True) * 1e12
+        check_range("bandwidth_tbs", bandwidth_tbs, *BANDWIDTH_TBS) * 1e12
     name = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
     if isinstance(model, nn.Module):  # a copy: the caller's model is not moved
         net = copy.deepcopy(model).to("meta")

@@ -13,7 +13,11 @@ import torch
 
 from .checks import check_positive, check_whole
 
-__all__ = ["Timing", "interleaved"]
+__all__ = ["Timing", "interleaved", "UNRELIABLE_SPREAD"]
+
+WARMUP_S_GPU = 1.0  # the least warm-up, in seconds, whatever the rounds asked for
+WARMUP_S_CPU = 0.5
+UNRELIABLE_SPREAD = 0.5  # (max - min) / median above which a figure is flagged
 
 
 @dataclass
@@ -52,16 +56,18 @@ def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: 
                 cuda: bool | None = None) -> Dict[str, Timing]:
     """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds.
 
-    ``cuda=True`` (the workloads run on the GPU): the warm-up also lasts at least
-    ``warmup_s`` seconds (default 1: clocks ramp up and cuDNN tunes its algorithms), the
-    queue is drained before each timed call, and each call is timed with CUDA events.
-    Otherwise each call is timed by the host clock, the GPU (if any) synchronised around
-    it."""
+    The warm-up also lasts at least ``warmup_s`` seconds, whatever ``warmup`` says: by
+    default 1 with ``cuda=True`` (clocks ramp up, cuDNN tunes its algorithms) and 0.5 on
+    the CPU (oneDNN creates its primitives, the allocator settles; a batch of 2 timed after
+    one warm-up call once read 40x its steady time). ``cuda=True`` (the workloads run on
+    the GPU): the queue is drained before each timed call, and each call is timed with CUDA
+    events. Otherwise each call is timed by the host clock, the GPU (if any) synchronised
+    around it."""
     check_positive("repeats", repeats)
     check_whole("warmup", warmup)
     events = bool(cuda)
     cuda = torch.cuda.is_available()
-    warmup_s = (1.0 if events else 0.0) if warmup_s is None else warmup_s
+    warmup_s = (WARMUP_S_GPU if events else WARMUP_S_CPU) if warmup_s is None else warmup_s
     started = time.perf_counter()
     rounds = 0
     while rounds < warmup or time.perf_counter() - started < warmup_s:
