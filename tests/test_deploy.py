@@ -173,6 +173,15 @@ def test_export_of_a_checkpoint(tmp_path, capsys):
     with torch.no_grad():
         _close(torch.jit.load(str(out))(x), model(x))  # the trained weights, BN folded
     capsys.readouterr()
+    # without --input-size: the size the run was trained at (1x8x8), not NiN's 3x32x32
+    assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",
+                 str(tmp_path / "z.onnx")]) == 0
+    assert "input (1, 8, 8)" in capsys.readouterr().out
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "z.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        _close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), model(x))
     assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",
                  str(tmp_path / "y.onnx"), "--num-classes", "5"]) == 2
     assert "--num-classes cannot change a trained checkpoint's model" in capsys.readouterr().err
