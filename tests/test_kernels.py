@@ -279,7 +279,7 @@ def test_a_layer_with_other_padding_has_only_the_native_lowering():
 def _fake_clock(monkeypatch, clock):
     timed = []
 
-    def fake_timer(call, cuda, name=""):
+    def fake_timer(call, cuda, name="", **kwargs):
         call()  # the real call runs, forward (and backward when training)
         timed.append(name)
         return clock[name]

@@ -15,20 +15,21 @@ from torch import nn
 
 from .errors import DeeprootsError
 from .checks import check_choice, check_positive, check_whole
-from .config import COMPILE_MODES, DTYPES, LAYER_PATHS, MODES, PATHS
+from .config import COMPILE_MODES, DTYPES, LAYER_PATHS, MEMORY_FORMATS, MODES, PATHS
 from .deploy import build_path, check_path, fold_batchnorm, onnx_bytes, openvino_compile
 from .layers import example_logits, layer_name
 from .paper import PAPER_TABLES, paper_timings
 from .costs import parse_input_size, profile
 from .registry import build_model, check_model_spec
 from .runtime import allocator, resolve_device
-from .step import TrainStep, make_optimizer, resolve_grouped_conv
+from .step import TrainStep, choose_layout, make_optimizer, resolve_grouped_conv
 from .text import format_table
 from .timing import UNRELIABLE_SPREAD, Timing, interleaved
 
 __all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models",
            "bench_paper", "format_bench", "LayerTimes", "layer_times", "bench_layers",
-           "format_layer_times", "TORCH_DTYPES"]
+           "format_layer_times", "TORCH_DTYPES", "TrainLayerTimes", "train_layer_times",
+           "format_train_layer_times"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 assert tuple(TORCH_DTYPES) == DTYPES
@@ -38,8 +39,8 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float 
                   **options) -> Callable[[], None]:
     """One training step of ``model`` on a fixed batch, by ``deeproots train``'s own step
     (:class:`deeproots.step.TrainStep`: SGD with momentum and weight decay, bf16 autocast and
-    channels-last on CUDA). ``options``: the step's ``compile`` and ``grouped_conv``. The
-    returned callable has the step as ``.step``."""
+    channels-last on CUDA). ``options``: the step's ``compile``, ``grouped_conv`` and
+    ``layout``. The returned callable has the step as ``.step``."""
     model.train()
     step = TrainStep(model, make_optimizer(model, lr), **options)
 
@@ -92,14 +93,16 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
                  paths: Sequence[str] = ("fold",), modes: Sequence[str] = ("inference",),
                  repeats: int = 10, warmup: int = 3, input_size=None,
                  compile: Optional[str] = None, grouped_conv: str = "native",
-                 detail: bool = False) -> List[BenchRow]:
+                 detail: bool = False,
+                 memory_formats: Sequence[str] = ("auto",)) -> List[BenchRow]:
     """Time models the paper's way (footnote 1: per image, forward pass, large batch).
 
     For each path and mode, the models take turns in one process. ``modes`` may add
     ``"train"``: one step of ``deeproots train``'s recipe (forward, loss, backward, SGD
     update; bf16 autocast and channels-last on CUDA), compiled with ``compile`` and grouped
-    convs run by ``grouped_conv`` as in ``train``; ``detail`` adds the forward, backward
-    and optimizer parts of a step (timm's ``--detail``). Train GFLOP/s count the backward
+    convs run by ``grouped_conv`` as in ``train``, in each of ``memory_formats``
+    (``auto``, ``channels-last``, ``contiguous``: train's ``--memory-format``); ``detail``
+    adds the forward, backward and optimizer parts of a step (timm's ``--detail``). Train GFLOP/s count the backward
     pass as twice the forward. A batch that runs out of GPU memory is halved and tried
     again, as timm's benchmark does; the rows say so in ``notes``."""
     if not names:
@@ -116,6 +119,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
             raise DeeprootsError(f"unknown mode {m!r}; accepted: {', '.join(MODES)}")
     if compile is not None:
         check_choice("compile", compile, COMPILE_MODES)
+    for fmt in memory_formats:
+        check_choice("memory_format", fmt, MEMORY_FORMATS)
     device = str(resolve_device(device, accepted=("cpu", "cuda")))
     if "train" in modes:
         resolve_grouped_conv(grouped_conv, torch.device(device), compile)
@@ -125,7 +130,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     while True:
         try:
             rows = _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup,
-                          input_size, dict(compile=compile, grouped_conv=grouped_conv), detail)
+                          input_size, dict(compile=compile, grouped_conv=grouped_conv), detail,
+                          memory_formats)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise DeeprootsError(f"one image runs out of memory on {device}") from None
@@ -141,7 +147,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
 
 
 def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, input_size,
-           train_options, detail) -> List[BenchRow]:
+           train_options, detail, memory_formats=("auto",)) -> List[BenchRow]:
     torch.manual_seed(0)
     models = {n: build_model(n).eval().to(device) for n in names}
     first = models[names[0]]
@@ -158,7 +164,8 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     cuda = device.startswith("cuda")
     rows = []
     for mode in modes:
-        for path in (paths if mode == "inference" else [None]):
+        for path, fmt in ([(p, None) for p in paths] if mode == "inference"
+                          else [(None, f) for f in memory_formats]):
             if mode == "inference":
                 built = {n: build_path(m, x, path, TORCH_DTYPES[dtype])
                          for n, m in models.items()}
@@ -166,14 +173,16 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                 fallbacks = {n: f.fallbacks for n, f in built.items()}
                 row_dtype = dtype
             else:  # a copy each: the inference models stay as they are
-                work = {n: train_step_fn(copy.deepcopy(m), x, y, **train_options)
-                        for n, m in models.items()}
+                layout = choose_layout(torch.device(device), fmt)
+                work = {n: train_step_fn(copy.deepcopy(m), x, y, layout=layout,
+                                         **train_options) for n, m in models.items()}
                 steps = {n: w.step for n, w in work.items()}
                 fallbacks = {n: s.fallbacks for n, s in steps.items()}
                 first_step = steps[names[0]]
                 path = ("compile:" + first_step.compile_mode if first_step.compile_mode
                         else "eager") + ("" if first_step.grouped_conv == "native"
-                                         else "+" + first_step.grouped_conv)
+                                         else "+" + first_step.grouped_conv) + \
+                    f"/{layout.memory_format}"
                 row_dtype = "bfloat16 autocast" if cuda else "float32"
             timings = interleaved(work, batch_size, repeats, warmup, cuda=cuda)
             # after the run: a kernel path's notes include the choices it measured
@@ -475,6 +484,133 @@ def _openvino_layer_times(model, example, dtype, repeats, warmup):
             samples.setdefault(name, []).append(ms)
     times = {n: statistics.median(s) for n, s in samples.items()}
     return 1000 * statistics.median(totals), times, kinds
+
+
+@dataclass
+class TrainLayerTimes:
+    """Where the time of a training step's forward and backward passes goes, layer by layer:
+    ``layers``: one dict per leaf module in the order the pass reaches it (``layer``,
+    ``kind``, ``category``, ``macs`` of its forward, ``forward_ms`` and ``backward_ms`` per
+    batch, ``backward_share`` of the summed backward); ``summary``: their sums by kind of
+    layer, with the share of the backward time and of the multiply-adds. Each layer is timed
+    on its own, on an input of the shape the pass gives it, in the step's layout."""
+
+    layers: List[dict]
+    summary: Dict[str, dict]
+    model: str = ""
+    memory_format: str = ""
+    batch_size: int = 0
+    threads: int = 0
+    allocator: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _train_category(module: nn.Module, cost) -> str:
+    if isinstance(module, nn.Conv2d) and cost is not None:
+        return _category(cost)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batch norm"
+    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU)):
+        return "activations"
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        return "pooling"
+    return "fully connected" if isinstance(module, nn.Linear) else type(module).__name__
+
+
+def train_layer_times(model: nn.Module, x: torch.Tensor, memory_format: str = "auto", *,
+                      repeats: int = 3, warmup: int = 1) -> TrainLayerTimes:
+    """Forward and backward ms per batch of each leaf module of ``model`` in training (the
+    step's layout, ``memory_format`` as train's), each timed alone on a random input of the
+    shape the training pass of ``x`` gives it (forward, then forward and backward, taking
+    turns: backward = their difference), against its multiply-adds. The model passed in is
+    not changed. ``deeproots bench MODEL --mode train --layers``."""
+    check_positive("repeats", repeats)
+    check_whole("warmup", warmup)
+    layout = choose_layout(x.device, memory_format)
+    net = layout.apply(copy.deepcopy(model).train())
+    costs = {c.name: c for c in profile(net, tuple(x.shape[1:])).layers}
+    leaves = [(n, m) for n, m in net.named_modules()
+              if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
+    shapes: Dict[str, tuple] = {}
+
+    def record(name):
+        def hook(mod, args, out):  # returns None: the output is kept
+            shapes.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in leaves]
+    try:
+        with torch.no_grad():
+            net(layout.input(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    first = next(iter(shapes), None)  # the input image needs no gradient
+    rows = []
+    for name, module in leaves:
+        if name not in shapes:
+            continue
+        mod = copy.deepcopy(module)
+        if hasattr(mod, "inplace"):
+            mod.inplace = False  # the same backward; an in-place op on a leaf cannot record
+        inp = layout.input(torch.randn(shapes[name], device=x.device)).requires_grad_(
+            name != first)
+
+        def forward(mod=mod, inp=inp):
+            with layout.autocast():
+                return mod(inp)
+
+        def both(forward=forward, mod=mod, inp=inp):
+            out = forward()
+            out.backward(torch.ones_like(out))
+            inp.grad = None
+            mod.zero_grad(set_to_none=True)
+
+        timing = interleaved({"forward": forward, "both": both}, images=len(x),
+                             repeats=repeats, warmup=warmup, warmup_s=0.0,
+                             cuda=x.device.type == "cuda")
+        fwd = 1000 * timing["forward"].median_s
+        bwd = max(0.0, 1000 * timing["both"].median_s - fwd)
+        cost = costs.get(layer_name(name))
+        rows.append({"layer": name, "kind": type(module).__name__,
+                     "category": _train_category(module, cost),
+                     "macs": (cost.macs if cost else 0) * len(x), "forward_ms": fwd,
+                     "backward_ms": bwd})
+    backward = sum(r["backward_ms"] for r in rows) or 1e-9
+    macs = sum(r["macs"] for r in rows) or 1
+    summary: Dict[str, dict] = {}
+    for r in rows:
+        r["backward_share"] = r["backward_ms"] / backward
+        s = summary.setdefault(r["category"], {"forward_ms": 0.0, "backward_ms": 0.0,
+                                               "macs": 0})
+        for key in ("forward_ms", "backward_ms", "macs"):
+            s[key] += r[key]
+    for s in summary.values():
+        s["backward_share"], s["macs_share"] = s["backward_ms"] / backward, s["macs"] / macs
+    return TrainLayerTimes(rows, summary, model=getattr(model, "name", type(model).__name__),
+                           memory_format=layout.memory_format, batch_size=len(x),
+                           threads=torch.get_num_threads(), allocator=allocator())
+
+
+def format_train_layer_times(result: TrainLayerTimes) -> str:
+    """A :func:`train_layer_times` result as tables: the layers, then the kinds of layer by
+    their share of the backward pass beside their share of the multiply-adds."""
+    title = (f"{result.model}, training step ({result.memory_format}), batch "
+             f"{result.batch_size}, {result.threads} threads, allocator {result.allocator}")
+    body = [(r["layer"], r["kind"], f"{r['macs'] / 1e6:.1f}" if r["macs"] else "",
+             f"{r['forward_ms']:.2f}", f"{r['backward_ms']:.2f}",
+             f"{100 * r['backward_share']:.1f}%") for r in result.layers]
+    table = format_table(("layer", "kind", "MMACs", "forward ms", "backward ms",
+                          "of backward"), body, align="llrrrr")
+    order = sorted(result.summary.items(), key=lambda kv: -kv[1]["backward_ms"])
+    summary = format_table(
+        ("by kind of layer", "forward ms", "backward ms", "of backward", "of MACs"),
+        [(k, f"{v['forward_ms']:.1f}", f"{v['backward_ms']:.1f}",
+          f"{100 * v['backward_share']:.1f}%", f"{100 * v['macs_share']:.1f}%")
+         for k, v in order], align="lrrrr")
+    return f"{title}\n{table}\n\n{summary}"
 
 
 def format_layer_times(result: LayerTimes, title: Optional[str] = None) -> str:

@@ -161,6 +161,14 @@ def validate_state(state: dict, path: Path | str = "the checkpoint") -> TrainCon
     _check_rng(path, "rng_cpu", state["rng_cpu"], torch.get_rng_state())
     if "rng_cuda" in state and torch.cuda.is_available():
         _check_rng(path, "rng_cuda", state["rng_cuda"], torch.cuda.get_rng_state())
+    if state.get("memory_format", "contiguous") not in ("channels-last", "contiguous"):
+        raise _bad(path, "memory_format", state.get("memory_format"),
+                   "channels-last or contiguous")
+    steps = state.get("steps", [])
+    if not isinstance(steps, list) or not all(
+            isinstance(s, dict) and s.get("kind") == "step" and _whole(s.get("step"))
+            for s in steps):
+        raise _bad(path, "steps", steps, "a list of step records")
     if not isinstance(state.get("dispatch", []), list):
         raise _bad(path, "dispatch", state.get("dispatch"), "a list of measured choices")
     return cfg

@@ -32,7 +32,8 @@ from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
 from .config import (COMPILE_MODES, DATA_HELP, DTYPES, GROUPED_CONV, LAYER_PATHS, MODES,
-                     PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS, TrainConfig)
+                     MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
+                     TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
 
 __all__ = ["main", "build_parser"]
@@ -316,9 +317,10 @@ def cmd_plot_costs(args) -> int:
 
 
 def cmd_plot_results(args) -> int:
-    from .plots import plot_results
+    from .plots import plot_results, plot_run_curves
 
-    print(f"wrote {plot_results(args.summaries, args.out, overwrite=args.overwrite)}")
+    draw = plot_run_curves if args.curves else plot_results
+    print(f"wrote {draw(args.summaries, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -338,16 +340,17 @@ def cmd_bench(args) -> int:
     from .bench import bench_models, format_bench
 
     if "train" not in args.mode and (args.compile or args.detail or
-                                     args.grouped_conv != "native"):
-        raise DeeprootsError("--compile, --grouped-conv and --detail set the training step: add "
-                             "--mode train")
+                                     args.grouped_conv != "native" or
+                                     args.memory_format != ["auto"]):
+        raise DeeprootsError("--compile, --grouped-conv, --memory-format and --detail set the "
+                             "training step: add --mode train")
     if args.mode == ["train"] and args.dtype != "float32":
         raise DeeprootsError(f"--dtype {args.dtype} sets the inference precision; --mode train "
                              f"follows deeproots train's recipe (bf16 autocast on CUDA, float32 "
                              f"on CPU)")
     rows = bench_models(args.models, batch_size=args.batch_size or 128, paths=args.path,
                         modes=args.mode, compile=args.compile, grouped_conv=args.grouped_conv,
-                        detail=args.detail, **common)
+                        detail=args.detail, memory_formats=args.memory_format, **common)
     if args.json:
         _print_json([r.to_dict() for r in rows])
     else:
@@ -376,6 +379,9 @@ def _bench_paper(args, common) -> int:
 def _bench_layers(args, common) -> int:
     from .bench import bench_layers, format_layer_times
 
+    if "train" in args.mode:
+        return _bench_train_layers(args, common)
+
     show = None if args.json else (lambda r: print(format_layer_times(r) + "\n", flush=True))
     results = bench_layers(args.models, paths=args.path, batch_size=args.batch_size or 128,
                            on_result=show, **common)
@@ -386,6 +392,40 @@ def _bench_layers(args, common) -> int:
 
         out = plot_layer_times(results, args.plot, overwrite=args.overwrite)
         print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _bench_train_layers(args, common) -> int:
+    import torch
+
+    from .bench import format_train_layer_times, train_layer_times
+    from .costs import parse_input_size
+    from .registry import build_model, check_model_spec
+    from .runtime import resolve_device
+
+    if args.mode != ["train"] or args.plot or len(args.memory_format) > 1:
+        raise DeeprootsError("--mode train --layers times one training step per layer: give "
+                             "--mode train alone, one --memory-format and no --plot")
+    if not args.models:
+        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
+    for name in args.models:
+        check_model_spec(name)
+    device = resolve_device(args.device, accepted=("cpu", "cuda"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build_model(name).to(device)
+        size = parse_input_size(args.input_size, model)
+        x = torch.randn(args.batch_size or 128, *size, device=device)
+        result = train_layer_times(model, x, args.memory_format[0], repeats=args.repeats,
+                                   warmup=args.warmup)
+        results.append(result)
+        if not args.json:
+            print(format_train_layer_times(result) + "\n", flush=True)
+    if args.json:
+        _print_json([r.to_dict() for r in results])
     return 0
 
 
@@ -604,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(Figures 5, 8, 9)")
     p.add_argument("summaries", nargs="+", help="summary.json files of training runs")
     p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--curves", action="store_true", help="the runs' training curves side by "
+                   "side instead (loss and learning rate against steps, test top-1 at each "
+                   "epoch), from the metrics.jsonl beside each summary.json")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_results)
 
@@ -629,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default native)")
     p.add_argument("--detail", action="store_true", help="train mode: also time the "
                    "forward, backward and optimizer parts of a step")
+    p.add_argument("--memory-format", nargs="+", choices=MEMORY_FORMATS, default=["auto"],
+                   help="train mode: the step's layout, as train --memory-format; several "
+                        "are timed side by side (default auto: channels-last)")
     p.add_argument("--repeats", type=positive["--repeats"], default=10)
     p.add_argument("--warmup", type=_whole("--warmup", 0), default=3)
     p.add_argument("--input-size", type=_input_size, default=None)

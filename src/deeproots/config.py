@@ -14,7 +14,7 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
            "LAYER_PATHS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
-           "setting_differences", "given_settings", "STEMS"]
+           "setting_differences", "given_settings", "STEMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
@@ -29,6 +29,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # how grouped convs run in training: auto, PyTorch's own, the Triton kernels, measured dispatch
 GROUPED_CONV = ("auto", "native", "triton", "dispatch")
 MODES = ("inference", "train")
+# how the training step lays out its tensors (deeproots.step); auto: channels-last
+MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 STEMS = ("input", "resolution")  # rootify's stems: convs reading the input, or its resolution
 ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured
 ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
@@ -91,6 +93,15 @@ class TrainConfig:
         "CUDA), dispatch (the fastest of native, triton, block-diagonal dense and split, "
         "measured per layer on the first step; CUDA), auto (dispatch on CUDA with Triton "
         "installed and no --compile, else native)", choices=GROUPED_CONV)
+    memory_format: str = _opt(
+        "auto", "the step's memory layout: channels-last, contiguous (NCHW), or auto "
+        "(channels-last, the faster on GPUs and CPUs alike; a resumed run keeps its own)",
+        choices=MEMORY_FORMATS)
+    log_every: int = _opt(50, "steps between step records (training loss, learning rate, "
+                          "images/s) in metrics.jsonl, curves.png and TensorBoard; also one "
+                          "at least every 30 s")
+    tensorboard: bool = _opt(False, "also write TensorBoard event files to OUT/tensorboard "
+                             "(pip install tensorboard)")
     checkpoint_every_min: float = _opt(5.0, "minutes between mid-epoch checkpoints (0: "
                                        "only at the end of each epoch)")
     progress: Optional[bool] = _opt(None, "no progress bar", flag="--no-progress", const=False)
@@ -123,6 +134,8 @@ class TrainConfig:
         if self.compile is not None:
             check_choice("compile", self.compile, COMPILE_MODES)
         check_choice("grouped_conv", self.grouped_conv, GROUPED_CONV)
+        check_choice("memory_format", self.memory_format, MEMORY_FORMATS)
+        check_positive("log_every", self.log_every)
         check_seed(self.seed)
         check_whole("workers", self.workers)
         check_device(self.device)

@@ -32,7 +32,9 @@ from torch.fx.experimental.optimization import fuse
 from .errors import DeeprootsError
 from .checks import check_positive
 from .config import PATHS
+from .errors import first_line
 from .layers import example_logits
+from .numerics import disagreement
 from .rundir import check_new_file
 from .runtime import atomic_write, openvino_refusal
 from .timing import interleaved
@@ -78,6 +80,7 @@ class FastModel:
         self._fn, self.path, self.timings, self._check = fn, path, timings or {}, check
         self.fallbacks = list(fallbacks)  # layers a kernel path left to PyTorch, and why
         self.fused = list(fused)  # path fused: the first convs of the blocks fused
+        self.skipped: Dict[str, str] = {}  # optimize_for_inference: paths left out, and why
         self._notes, self._choices = list(notes), choices
 
     @property
@@ -104,14 +107,21 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def available_paths() -> List[str]:
-    """The paths this process can build: onnxruntime and openvino are optional packages, and
-    OpenVINO aborts the process ("double free or corruption") under a preloaded jemalloc,
-    so it is left out there."""
+def available_paths(device: Optional[torch.device] = None) -> List[str]:
+    """The paths this process can build for a model on ``device`` (default: the CPU, and
+    the GPU paths too where there is one): on the CPU eager, fold, script, compile,
+    dispatch, and onnxruntime and openvino where installed (OpenVINO aborts the process
+    under a preloaded jemalloc, so it is left out there); on a CUDA device eager, fold,
+    script, compile, dispatch, and triton, fused and cudagraph (the CPU engines never run a
+    CUDA model)."""
     paths = ["eager", "fold", "script", "compile", "dispatch"]
-    if torch.cuda.is_available():
+    on_cuda = torch.cuda.is_available() and (device is None or
+                                             torch.device(device).type == "cuda")
+    if on_cuda:
         paths += ["triton", "fused"] if _triton_installed() else []
         paths.append("cudagraph")
+    if device is not None and torch.device(device).type == "cuda":
+        return paths
     for name in ("onnxruntime", "openvino"):
         if name == "openvino" and openvino_refusal():
             continue
@@ -245,23 +255,28 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
 
 def _measured_choices(net: nn.Module) -> List[str]:
     """One line per kind of measured choice in ``net`` so far: how many grouped convs the
-    dispatch ran by each lowering, which fused blocks ran apart."""
+    dispatch ran by each lowering, which fused blocks ran apart, and each kernel dropped
+    because it failed or disagreed on its first use."""
     from .kernels.fusion import FusedRootConv
-    from .kernels.modules import DispatchConv2d
+    from .kernels.modules import DispatchConv2d, dispatch_notes
 
     lowering: Dict[str, int] = {}
-    apart = []
+    apart, dropped = [], []
     for name, m in net.named_modules():
         if isinstance(m, DispatchConv2d):
             for how in set(m.chosen.values()):
                 lowering[how] = lowering.get(how, 0) + 1
-        elif isinstance(m, FusedRootConv) and "unfused" in m.chosen.values():
-            apart.append(name.removesuffix("_fused"))
+        elif isinstance(m, FusedRootConv):
+            if m.rejected:
+                dropped.append(f"{name.removesuffix('_fused')}: fused kernel dropped "
+                               f"({m.rejected})")
+            elif "unfused" in m.chosen.values():
+                apart.append(name.removesuffix("_fused"))
     lines = ["dispatch ran grouped convs by " + ", ".join(
         f"{how} ({n})" for how, n in sorted(lowering.items()))] if lowering else []
     if apart:
         lines.append(f"ran apart, faster than fused: {', '.join(apart)}")
-    return lines
+    return lines + dropped + dispatch_notes(net)
 
 
 class CudaGraphed:
@@ -308,17 +323,24 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
                            paths: Sequence[str] | str = "auto", *,
                            dtype: torch.dtype = torch.float32, repeats: int = 5) -> FastModel:
     """The fastest inference form of ``model`` on this machine for batches like
-    ``example_input``. ``paths="auto"`` measures every path this process can build
-    (:func:`available_paths`: fold, script, dispatch, onnxruntime and openvino where
-    installed; on a CUDA GPU also triton, fused and cudagraph) but eager and compile
-    (torch.compile only when named, as it takes minutes to build), side by side, and returns
-    the fastest, with every candidate's ms per image in ``.timings``."""
+    ``example_input``. ``paths="auto"`` measures every path this process can build for the
+    input's device (:func:`available_paths`: on a CPU fold, script, dispatch, onnxruntime
+    and openvino where installed; on a CUDA GPU fold, script, dispatch, triton, fused and
+    cudagraph) but eager and compile (torch.compile only when named, as it takes minutes to
+    build), side by side, and returns the fastest, with every candidate's ms per image in
+    ``.timings``.
+
+    Every path is verified before it is timed: built and run once on ``example_input``, its
+    output compared with the model's own (:func:`deeproots.numerics.disagreement`). A path
+    that fails to build, raises or disagrees is skipped, never fatal: ``.skipped`` (and the
+    notes) say which and why. Only when no path is left is it an error."""
     _check_module(model, "optimize_for_inference")
     if not isinstance(example_input, torch.Tensor):
         raise DeeprootsError(f"example_input must be a batch of images (a tensor); got "
                              f"{type(example_input).__name__}")
     if isinstance(paths, str) and paths == "auto":  # those that run here, in this dtype
-        paths = [p for p in available_paths() if p not in ("eager", "compile")
+        paths = [p for p in available_paths(example_input.device)
+                 if p not in ("eager", "compile")
                  and (p != "onnxruntime" or dtype == torch.float32)]
     elif isinstance(paths, str):
         paths = [paths]
@@ -330,15 +352,36 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     check_positive("repeats", repeats)
     if hasattr(model, "check_input"):
         model.check_input(example_input)
-    built = {p: build_path(model, example_input, p, dtype) for p in paths}
+    reference = copy.deepcopy(model).eval()
+    with torch.inference_mode():
+        want = reference(example_input).float()
+    built: Dict[str, FastModel] = {}
+    skipped: Dict[str, str] = {}
+    for p in paths:
+        try:
+            fast = build_path(model, example_input, p, dtype)
+            reason = disagreement(fast(example_input), want, dtype)
+        except Exception as err:  # noqa: BLE001  (an engine or kernel that cannot run this)
+            reason = f"{type(err).__name__}: {first_line(err, 200)}"
+        if reason is None:
+            built[p] = fast
+        else:
+            skipped[p] = reason
+    if not built:
+        raise DeeprootsError(f"no inference path runs this model: "
+                             f"{'; '.join(f'{p}: {why}' for p, why in skipped.items())}")
+    notes = [f"path {p} skipped: {why}" for p, why in skipped.items()]
     if len(built) == 1:
-        return next(iter(built.values()))
-    timings = interleaved({p: (lambda f=f: f(example_input)) for p, f in built.items()},
-                          images=len(example_input), repeats=repeats)
-    ms = {p: t.ms_per_image for p, t in timings.items()}
-    best = min(ms, key=ms.get)
-    built[best].timings = ms
-    return built[best]
+        fast = next(iter(built.values()))
+    else:
+        timings = interleaved({p: (lambda f=f: f(example_input)) for p, f in built.items()},
+                              images=len(example_input), repeats=repeats)
+        ms = {p: t.ms_per_image for p, t in timings.items()}
+        fast = built[min(ms, key=ms.get)]
+        fast.timings = ms
+    fast.skipped = skipped
+    fast._notes += notes
+    return fast
 
 
 def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,

@@ -19,7 +19,7 @@ from .registry import create_model, is_model, model_entry
 from .rundir import check_new_file
 from .runtime import atomic_write, check_output_file
 
-__all__ = ["plot_training_curves", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
+__all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
            "plot_costs", "plot_layer_times", "plot_results", "summarize_runs",
            "plot_accuracy_vs_cost"]
 
@@ -46,20 +46,92 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_training_curves(history: Sequence[dict], path: Path, title: str) -> Path:
-    """Loss and top-1 accuracy per epoch, train and test (a run's ``curves.png``)."""
+def plot_training_curves(history: Sequence[dict], path: Path, title: str,
+                         steps: Sequence[dict] = ()) -> Path:
+    """A run's ``curves.png``: the training loss and the learning rate against steps (the
+    step records; the epochs' train loss where there are none), and test top-1 (with train
+    top-1) at each epoch's last step."""
     plt = _plt()
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["test_loss"] for h in history], "s-", label="test")
-    ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title=f"{title}: loss")
-    ax2.plot(epochs, [h["train_top1"] for h in history], "o-", label="train top-1")
-    ax2.plot(epochs, [h["test_top1"] for h in history], "s-", label="test top-1")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    at = [h.get("step", h["epoch"]) for h in history]
+    unit = "step" if all("step" in h for h in history) else "epoch"
+    if steps:
+        ax1.plot([s["step"] for s in steps], [s["train_loss"] for s in steps], "-",
+                 label="train (every step record)", lw=1)
+    else:
+        ax1.plot(at, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(at, [h["test_loss"] for h in history], "s", label="test, each epoch")
+    ax1.set(xlabel=unit, ylabel="cross-entropy loss", title=f"{title}: loss")
+    lr_ax = ax1.twinx()
+    lr_points = [s for s in (steps or history) if "lr" in s]
+    lr_ax.plot([s.get("step", s["epoch"]) for s in lr_points], [s["lr"] for s in lr_points],
+               "--", color="gray", lw=0.8, label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    ax2.plot(at, [h["train_top1"] for h in history], "o-", label="train top-1")
+    ax2.plot(at, [h["test_top1"] for h in history], "s-", label="test top-1")
+    ax2.set(xlabel=unit, ylabel="accuracy", title=f"{title}: accuracy at each epoch")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+    lines = ax1.get_legend_handles_labels()
+    more = lr_ax.get_legend_handles_labels()
+    ax1.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_records(metrics: Path) -> List[dict]:
+    """The records of a run's ``metrics.jsonl`` (an unreadable last line, cut by a crash,
+    left out); a one-line error if the file is missing or not a run's records."""
+    metrics = Path(metrics)
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError as err:
+        raise DeeprootsError(f"{metrics}: cannot read the run's records "
+                             f"({err.strerror or err})") from None
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # a line a crash cut short
+            raise DeeprootsError(f"{metrics}: line {i + 1} is not a record") from None
+    return records
+
+
+def plot_run_curves(summaries: Sequence[Path], path: Path, *, overwrite: bool = False) -> Path:
+    """Several runs side by side (``deeproots plot-results --curves``): each run's training
+    loss and learning rate against steps, and its test top-1 at each epoch, read from the
+    ``metrics.jsonl`` beside each ``summary.json``."""
+    path = check_new_file(path, overwrite=overwrite)
+    runs = []
+    for s in summaries:
+        s = Path(s)
+        if not s.is_file():
+            raise DeeprootsError(f"{s} is not a deeproots summary.json (no such file)")
+        records = read_records(s.parent / "metrics.jsonl")
+        try:
+            label = json.loads(s.read_text()).get("model", s.parent.name)
+        except ValueError:
+            raise DeeprootsError(f"{s} is not a deeproots summary.json") from None
+        runs.append((f"{label} ({s.parent.name})", records))
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (label, records) in enumerate(runs):
+        steps = [r for r in records if r.get("kind") == "step"]
+        epochs = [r for r in records if r.get("kind", "epoch") == "epoch"]
+        points = steps or epochs
+        x = [r.get("step", r.get("epoch")) for r in points]
+        axes[0].plot(x, [r["train_loss"] for r in points], "-", lw=1, color=f"C{i}",
+                     label=label)
+        axes[1].plot(x, [r["lr"] for r in points], "-", lw=1, color=f"C{i}", label=label)
+        axes[2].plot([r.get("step", r["epoch"]) for r in epochs],
+                     [r["test_top1"] for r in epochs], "o-", color=f"C{i}", label=label)
+    for ax, what in zip(axes, ("training loss", "learning rate", "test top-1")):
+        ax.set(xlabel="step", ylabel=what, title=what)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -34,7 +34,8 @@ from .runtime import check_output_dir, check_output_file, to_json, write_text
 __all__ = ["RUN_FILES", "STUDY_FILES", "RunFolder", "RunLock", "check_new_file",
            "check_new_folder", "lock_holder"]
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
+             "tensorboard")
 STUDY_FILES = ("manifest.json", "study.md", "study.csv", "study.json", "accuracy.png")
 LOCK = ".lock"
 REPLACED = ".replaced"  # an old run's files, moved aside while a new run replaces it
@@ -194,10 +195,15 @@ class RunFolder:
         shutil.rmtree(aside)
         self.replacing = False
 
-    def write_records(self, history: Sequence[dict]) -> None:
-        """``metrics.jsonl`` and ``metrics.csv``, rewritten from the whole history (so a
-        resumed run's files hold each record once), atomically."""
-        write_text(self.path / "metrics.jsonl", "".join(to_json(h) + "\n" for h in history))
+    def write_records(self, history: Sequence[dict], steps: Sequence[dict] = ()) -> None:
+        """``metrics.jsonl`` (every step and epoch record, in the order of their steps) and
+        ``metrics.csv`` (the epoch records), rewritten from the records a checkpoint holds
+        (so a resumed run's files hold each record once, none from after its checkpoint),
+        atomically."""
+        order = {"step": 0, "epoch": 1}
+        merged = sorted(list(steps) + list(history),
+                        key=lambda r: (r.get("step", 0), order.get(r.get("kind"), 1)))
+        write_text(self.path / "metrics.jsonl", "".join(to_json(r) + "\n" for r in merged))
         buf = io.StringIO()
         if history:  # every key of every record (a run resumed from an older version adds some)
             keys = list(dict.fromkeys(k for h in history for k in h))
@@ -205,6 +211,12 @@ class RunFolder:
             writer.writeheader()
             writer.writerows(history)
         write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def append_record(self, record: dict) -> None:
+        """One record appended to ``metrics.jsonl`` as it happens (the file is rewritten
+        whole at the next checkpoint, so a line cut by a crash does not last)."""
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(to_json(record) + "\n")
 
 
 class _LockedFolder:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .errors import DeeprootsError
 from .checks import check_choice
-from .config import COMPILE_MODES, GROUPED_CONV
+from .config import COMPILE_MODES, GROUPED_CONV, MEMORY_FORMATS
 from .layers import main_logits
 
 __all__ = ["TrainStep", "Layout", "choose_layout", "make_optimizer", "loss_of",
@@ -73,14 +73,23 @@ class Layout:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def choose_layout(device: torch.device) -> Layout:
-    """The training layout for ``device``: on CUDA channels-last (the layout tensor-core
-    convolutions read directly) and bf16 autocast (tensor cores, half the bytes of every
-    activation); on the CPU NCHW in float32."""
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    # bf16 autocast on GPUs: tensor cores, half the bytes of every activation
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def choose_layout(device: torch.device, memory_format: str = "auto") -> Layout:
+    """The training layout for ``device``: bf16 autocast on CUDA (float32 on the CPU), and
+    the memory format ``memory_format`` names; ``"auto"`` is channels-last on every device.
+    On CUDA that is the layout tensor-core convolutions read directly; on the CPU oneDNN's
+    convolutions, its grouped ones above all, run faster in it, forward and backward, for
+    every model measured (``python benchmarks/train_throughput.py``; the figures are in
+    docs/training.md). A rule, not a measurement: two runs of the same command compute the
+    same numbers."""
+    check_choice("memory_format", memory_format, MEMORY_FORMATS)
     device = torch.device(device)
-    if device.type == "cuda":
-        return Layout(device, "channels-last", torch.bfloat16)
-    return Layout(device, "contiguous", None)
+    fmt = "channels-last" if memory_format == "auto" else memory_format
+    return Layout(device, fmt, _autocast_dtype(device))
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,

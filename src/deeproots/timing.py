@@ -53,7 +53,7 @@ class Timing:
 
 def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: int = 5,
                 warmup: int = 2, warmup_s: float | None = None,
-                cuda: bool | None = None) -> Dict[str, Timing]:
+                cuda: bool | None = None, device=None) -> Dict[str, Timing]:
     """Time each workload ``repeats`` times, taking turns, after ``warmup`` untimed rounds.
 
     The warm-up also lasts at least ``warmup_s`` seconds, whatever ``warmup`` says: by
@@ -61,12 +61,16 @@ def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: 
     the CPU (oneDNN creates its primitives, the allocator settles; a batch of 2 timed after
     one warm-up call once read 40x its steady time). ``cuda=True`` (the workloads run on
     the GPU): the queue is drained before each timed call, and each call is timed with CUDA
-    events. Otherwise each call is timed by the host clock, the GPU (if any) synchronised
-    around it."""
+    events on ``device``'s current stream (default: the current GPU; a dispatch on cuda:1
+    times cuda:1's queue, not the current device's). Otherwise each call is timed by the
+    host clock, the GPU (if any) synchronised around it."""
     check_positive("repeats", repeats)
     check_whole("warmup", warmup)
     events = bool(cuda)
     cuda = torch.cuda.is_available()
+    gpu = torch.device(device) if device is not None and torch.device(device).type == "cuda" \
+        else None
+    sync = (lambda: torch.cuda.synchronize(gpu)) if cuda else (lambda: None)
     warmup_s = (WARMUP_S_GPU if events else WARMUP_S_CPU) if warmup_s is None else warmup_s
     started = time.perf_counter()
     rounds = 0
@@ -74,29 +78,28 @@ def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: 
         for fn in workloads.values():
             fn()
         rounds += 1
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
     seconds: Dict[str, List[float]] = {name: [] for name in workloads}
     for _ in range(repeats):
         for name, fn in workloads.items():
-            seconds[name].append(_time_call(fn, cuda, events))
+            seconds[name].append(_time_call(fn, sync, events, gpu))
     return {name: Timing(name, s, images) for name, s in seconds.items()}
 
 
-def _time_call(fn: Callable[[], None], cuda: bool, events: bool) -> float:
+def _time_call(fn: Callable[[], None], sync: Callable[[], None], events: bool,
+               gpu=None) -> float:
     if not events:
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t0
-    torch.cuda.synchronize()  # start on an idle queue
+    sync()  # start on an idle queue
+    stream = torch.cuda.current_stream(gpu)
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
-    start.record()
+    start.record(stream)
     fn()
-    end.record()
+    end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / 1000

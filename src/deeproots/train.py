@@ -112,6 +112,7 @@ class TrainSummary:
     grouped_conv: str = "native"  # how grouped convs ran (native, triton, dispatch)
     memory_format: str = "contiguous"  # the step's layout: channels-last or contiguous
     files: List[str] = field(default_factory=list)  # the run's files, as written
+    kernel_notes: List[str] = field(default_factory=list)  # kernels dropped on first use
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -320,6 +321,11 @@ class _Run:
     wall_before: float = 0.0  # seconds the run ran before this process
     sums: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss, correct,
     # seen, seconds of the epoch so far
+    steps: List[dict] = field(default_factory=list)  # step records (every log_every steps)
+    log_mark: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # the sums
+    # at the last step record of this epoch
+    logged_at: float = field(default_factory=time.perf_counter)  # when it was made
+    board: Any = None  # the TensorBoard writer, with --tensorboard
     compile_recorded: bool = False
     started: float = field(default_factory=time.perf_counter)
 
@@ -389,10 +395,20 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     run.cost = profile(built, (spec.in_channels, spec.image_size, spec.image_size))
     _check_batch(built, run.cost, cfg.batch_size // run.world, device)
     run.model = run.net = built.to(device)
-    run.layout = choose_layout(device)
+    run.layout = _layout(run)
     run.layout.apply(run.model)  # before DDP wraps the model
     run.optimizer = make_optimizer(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
     return run
+
+
+def _layout(run: _Run) -> Layout:
+    """The step's layout: as the config names it (auto: the rule of
+    :func:`deeproots.step.choose_layout`), or the one a resumed run was training in, so that
+    a resumed run computes in the layout it started with."""
+    fmt = run.cfg.memory_format
+    if fmt == "auto" and run.state is not None and run.state.get("memory_format"):
+        fmt = run.state["memory_format"]
+    return choose_layout(run.device, fmt)
 
 
 def _resume(run: _Run) -> None:
@@ -416,8 +432,10 @@ def _resume(run: _Run) -> None:
     run.epoch, run.step = state["epoch"], state["step"]
     run.history, run.best_top1 = list(state["history"]), state["best_top1"]
     run.wall_before = state["wall_s"]
+    run.steps = list(state.get("steps", []))
     if run.step:
         run.sums = list(state.get("epoch_sums", run.sums))
+        run.log_mark = list(state.get("log_mark", run.log_mark))
     torch.set_rng_state(state["rng_cpu"])
     if run.cuda and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -447,6 +465,11 @@ def _start(run: _Run) -> None:
         print(f"grouped conv left to PyTorch: {line}", file=sys.stderr)
     if run.writer:
         run.folder.begin(run.cfg.overwrite)
+        if run.state is not None:  # the records as the checkpoint has them: none after it
+            run.folder.write_records(run.history, run.steps)
+        if run.cfg.tensorboard:
+            run.board = _TensorBoard(run.folder.path / "tensorboard",
+                                     purge_step=run.epoch * len(run.train_loader) + run.step)
 
 
 def _snapshot(run: _Run, epoch: int, step: int) -> dict:
@@ -461,6 +484,7 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
         "config": asdict(run.cfg) | {"out": str(run.folder.path)}, "model_cfg": model_cfg,
         "data": asdict(run.spec), "rng_cpu": torch.get_rng_state(), "changes": run.changes,
         "epoch_sums": list(run.sums), "memory_format": run.layout.memory_format,
+        "steps": run.steps, "log_mark": list(run.log_mark),
         "wall_s": run.wall_before + time.perf_counter() - run.started,
     }
     if run.cuda:
@@ -486,6 +510,9 @@ def _save_last(run: _Run, epoch: int, step: int) -> dict:
     state = _snapshot(run, epoch, step)
     if run.writer:
         run.folder.write_checkpoint(lambda: save_checkpoint(run.folder.last, state))
+        run.folder.write_records(run.history, run.steps)  # the records match the checkpoint
+        if run.board is not None:
+            run.board.write(run.steps + run.history)
     return state
 
 
@@ -511,6 +538,62 @@ def _out_of_memory(run: _Run, x: torch.Tensor, y: torch.Tensor) -> DeeprootsErro
                           f"fit, halving: {fits}. Use --batch-size {fits * run.world}")
 
 
+LOG_EVERY_S = 30.0  # a step record at least this often, however slow the steps
+
+
+def _record_step(run: _Run, epoch: int, global_step: int, lr: float, now: float) -> None:
+    """A step record of the steps since the last one (their mean training loss and top-1,
+    images/s over all processes, the learning rate), kept for the checkpoint, appended to
+    metrics.jsonl and written to TensorBoard."""
+    d_loss, d_correct, d_seen, d_s = (a - b for a, b in zip(run.sums, run.log_mark))
+    record = {"kind": "step", "epoch": epoch + 1, "step": global_step, "lr": lr,
+              "train_loss": d_loss / max(d_seen, 1.0), "train_top1": d_correct / max(d_seen, 1.0),
+              "images_per_s": d_seen * run.world / max(d_s, 1e-9),
+              "wall_s": run.wall_before + now - run.started}
+    run.steps.append(record)
+    run.log_mark = list(run.sums)
+    run.logged_at = now
+    if run.writer and not run.folder.replacing:  # a replaced run's files stay until then
+        run.folder.append_record(record)
+        if run.board is not None:
+            run.board.write([record])
+
+
+class _TensorBoard:
+    """TensorBoard event files in ``folder`` (``--tensorboard``): the step records'
+    training loss, top-1, learning rate and images/s, the epochs' test loss and top-1. A
+    resumed run purges the events after its checkpoint's step, so none repeat; a run that
+    replaces another writes none before its first checkpoint (the old run's stay until then)
+    and then catches up."""
+
+    def __init__(self, folder: Path, purge_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional package
+        except ImportError:
+            raise DeeprootsError("--tensorboard needs the tensorboard package: pip install "
+                                 "tensorboard (or deeproots[tensorboard])") from None
+        self._make = lambda: SummaryWriter(str(folder), purge_step=purge_step or None)
+        self.writer = None
+        # a resumed run's events from its checkpoint's step on were purged: written again
+        self.floor, self.written = purge_step, set()
+
+    def write(self, records) -> None:
+        """The records not written yet, in the order of their steps."""
+        for r in sorted(records, key=lambda r: (r["step"], r["kind"] == "epoch")):
+            if r["step"] < self.floor or (r["kind"], r["step"]) in self.written:
+                continue
+            self.written.add((r["kind"], r["step"]))
+            self.writer = self.writer or self._make()
+            keys = ("train_loss", "train_top1", "lr", "images_per_s") if r["kind"] == "step" \
+                else ("test_loss", "test_top1", "test_top5", "train_loss", "train_top1")
+            for key in keys:
+                self.writer.add_scalar(f"{r['kind']}/{key}", r[key], r["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def _interrupted(run: _Run, signum: int) -> Interrupted:
     return Interrupted(signum, run.folder.last, resume_command(run.cfg, run.folder.path))
 
@@ -524,6 +607,7 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
     first = run.step if epoch == run.epoch else 0
     if first == 0:
         run.sums = [0.0, 0.0, 0.0, 0.0]
+        run.log_mark = [0.0, 0.0, 0.0, 0.0]
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and run.writer)
     bar = _progress(steps, first, f"epoch {epoch + 1}/{cfg.epochs}", show)
     lr = lr_at(cfg, epoch * steps + max(first - 1, 0), steps)
@@ -542,6 +626,8 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
                 raise _out_of_memory(run, x, y) from None
             now = time.perf_counter()
             run.sums[3] = before + now - t0
+            log_due = (global_step + 1) % cfg.log_every == 0 or \
+                now - run.logged_at >= LOG_EVERY_S
             if bar is not None:
                 if now - shown >= 0.5 or step + 1 == steps:  # one sync per refresh
                     _check_finite(run, epoch)
@@ -551,6 +637,9 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
                                     img_s=f"{s[2] * run.world / max(s[3], 1e-9):.0f}")
                     shown = now
                 bar.update(1)
+            if log_due:  # the sums read once (a sync), as for the progress bar
+                _check_finite(run, epoch)
+                _record_step(run, epoch, global_step + 1, lr, now)
             if callbacks:  # the loss as a number: a sync, only for those who ask
                 info = {"epoch": epoch, "step": step, "global_step": global_step,
                         "loss": loss.item(), "lr": lr, "model": run.model}
@@ -585,7 +674,9 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     epoch_s = max(run.sums[3], 1e-9)
     compile_s = run.step_fn.compile_s if not run.compile_recorded else None
     run.compile_recorded = run.compile_recorded or compile_s is not None
-    record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen,
+    record = {"kind": "epoch", "epoch": epoch + 1,
+              "step": (epoch + 1) * len(run.train_loader), "lr": lr,
+              "train_loss": loss_sum / seen,
               "train_top1": correct / seen, "test_loss": metrics.loss,
               "test_top1": metrics.top1, "test_top5": metrics.top5, "epoch_s": epoch_s,
               # throughput without the first step's compilation, which is paid once
@@ -595,11 +686,11 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     best = metrics.top1 > run.best_top1
     run.best_top1 = max(run.best_top1, metrics.top1)
     run.sums = [0.0, 0.0, 0.0, 0.0]
+    run.log_mark = [0.0, 0.0, 0.0, 0.0]
     state = _save_last(run, epoch + 1, 0)
     if run.writer:
         if best:
             save_checkpoint(run.folder.best, state)
-        run.folder.write_records(run.history)
         if compile_s is not None:
             print(f"compiled the training step (torch.compile, mode {run.cfg.compile}) in its "
                   f"first step: {compile_s:.1f} s", flush=True)
@@ -626,14 +717,27 @@ def _finish(run: _Run) -> TrainSummary:
         compile_s=next((h["compile_s"] for h in history if h.get("compile_s") is not None),
                        None),
         compile_error=run.step_fn.compile_error, grouped_conv=run.step_fn.grouped_conv,
-        memory_format=run.layout.memory_format)
+        memory_format=run.layout.memory_format, kernel_notes=_kernel_notes(run))
     if run.writer:
         if history:
-            plot_training_curves(history, run.folder.path / "curves.png", run.cfg.model)
+            plot_training_curves(history, run.folder.path / "curves.png", run.cfg.model,
+                                 steps=run.steps)
+        if run.board is not None:
+            run.board.close()
         summary.files = [name for name in RUN_FILES if name == "summary.json"
                          or (run.folder.path / name).exists()]
         write_json(run.folder.path / "summary.json", summary.to_dict())
     return summary
+
+
+def _kernel_notes(run: _Run) -> List[str]:
+    """What the measured dispatch dropped (a lowering that raised or disagreed with the
+    native conv on its first use), and why."""
+    if run.step_fn is None or run.step_fn.grouped_conv != "dispatch":
+        return []
+    from .kernels.modules import dispatch_notes  # loaded already: the run uses it
+
+    return dispatch_notes(run.model)
 
 
 def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = None, *,

@@ -15,13 +15,15 @@ and stay as they are.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..errors import DeeprootsError
+from ..errors import DeeprootsError, first_line
+from ..numerics import disagreement
 from .modules import _autocast, _time_ms, padding_unsupported
 
 __all__ = ["FusedRootConv", "fuse_root_blocks", "fusable"]
@@ -51,8 +53,9 @@ class FusedRootConv(nn.Module):
     """``conv`` -> ReLU -> ``pointwise`` [-> + residual] [-> ReLU] as one Triton kernel, the
     grouped conv's output never written to memory.
 
-    With ``choose`` (the default) the block times, on the first batch of each shape, dtype
-    and device, the fused kernel against its layers run one after another, and keeps the
+    With ``choose`` (the default) the block verifies, on the first batch of each shape,
+    dtype and device, that the fused kernel runs and agrees with its layers run one after
+    another (else they run apart, ``rejected`` says why), then times the two and keeps the
     faster (``chosen``, ``timings`` in ms): where the 1x1 conv is much wider than a tile,
     the kernel recomputes the grouped conv per tile and fusing can lose. Inference: when a
     gradient is wanted the block runs its layers one after another (correct, not fused)."""
@@ -69,6 +72,8 @@ class FusedRootConv(nn.Module):
         self.residual, self.relu_out, self.choose = residual, relu_out, choose
         self.chosen: Dict[tuple, str] = {}  # "fused" or "unfused", per input key
         self.timings: Dict[tuple, Dict[str, float]] = {}
+        self.rejected: Optional[str] = None  # why the fused kernel was dropped, if it was
+        self.layer = ""
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}, relu_out={self.relu_out}, choose={self.choose}"
@@ -117,10 +122,29 @@ class FusedRootConv(nn.Module):
         key = (str(x.device), str(x.dtype), tuple(x.shape), x.stride(),
                str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "")
         if key not in self.chosen:
-            ms = {name: self.timer(lambda fn=fn: fn(x, residual), x.is_cuda, name=name)
-                  for name, fn in (("fused", self.fused), ("unfused", self.unfused))}
-            self.chosen[key], self.timings[key] = min(ms, key=ms.get), ms
+            self.chosen[key], self.timings[key] = self._choose(x, residual)
         return (self.fused if self.chosen[key] == "fused" else self.unfused)(x, residual)
+
+    def _choose(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        """The fused kernel, verified on this input against the layers run apart (it must
+        run and agree within the dtype's tolerance), then timed against them; the layers
+        apart when it fails either way (``rejected`` says why, in one warning line)."""
+        want = self.unfused(x, residual)
+        try:
+            reason = disagreement(self.fused(x, residual), want, want.dtype)
+        except Exception as err:  # noqa: BLE001  (a compile, ptxas or resource error)
+            reason = f"{type(err).__name__}: {first_line(err, 200)}"
+        if reason is not None:
+            if self.rejected is None:
+                self.rejected = reason
+                warnings.warn(f"deeproots fused block {self.layer or ''}: the fused kernel "
+                              f"dropped ({reason}); its layers run apart",
+                              RuntimeWarning, stacklevel=3)
+            return "unfused", {}
+        ms = {name: self.timer(lambda fn=fn: fn(x, residual), x.is_cuda, name=name,
+                               device=x.device)
+              for name, fn in (("fused", self.fused), ("unfused", self.unfused))}
+        return min(ms, key=ms.get), ms
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -184,8 +208,9 @@ def fuse_root_blocks(gm: fx.GraphModule, choose: bool = True) -> Tuple[List[str]
             relu_out = True
             chain.append(after)
         target = f"{node.target}_fused"
-        gm.add_submodule(target, FusedRootConv(conv, pointwise, residual is not None,
-                                               relu_out, choose))
+        block = FusedRootConv(conv, pointwise, residual is not None, relu_out, choose)
+        block.layer = str(node.target)
+        gm.add_submodule(target, block)
         with gm.graph.inserting_before(chain[-1]):
             new = gm.graph.call_module(target, (node.args[0],) + (
                 (residual,) if residual is not None else ()))

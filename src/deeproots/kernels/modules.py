@@ -17,19 +17,22 @@ The lowerings of a grouped conv:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import DeeprootsError
+from ..errors import DeeprootsError, first_line
 from ..layers import layer_name
+from ..numerics import disagreement, tolerance
 from ..timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
            "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv",
-           "DEFAULT_LOWERINGS"]
+           "DEFAULT_LOWERINGS", "dispatch_notes", "tolerance", "disagreement",
+           "MEASURE_IMAGES"]
 
 LOWERINGS = ("native", "triton", "dense", "split", "inductor")
 DEFAULT_LOWERINGS = ("native", "triton", "dense", "split")
@@ -158,8 +161,10 @@ class TritonConv2d(_SharedConv2d):
         return _triton(self, x, self.weight, self.bias)
 
 
-# (lowering chosen, ms of each candidate) per (device, dtype, autocast, training, shapes, conv)
+# (lowering chosen, ms of each candidate) per (device type, dtype, autocast, training,
+# batch bucket, shapes, conv): the choices of this process
 _CACHE: Dict[tuple, Tuple[str, Dict[str, float]]] = {}
+MEASURE_IMAGES = 32  # candidates are verified and timed on at most this slice of a batch
 
 
 def dispatch_cache() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
@@ -168,47 +173,122 @@ def dispatch_cache() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
     return _CACHE
 
 
-def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int = 10) -> float:
+def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int = 10,
+             device: Optional[torch.device] = None) -> float:
     """Median ms of ``call()`` by the one timer (:func:`deeproots.timing.interleaved`): CUDA
-    events after a synchronised warm-up on a GPU; three warm-up calls and no minimum warm-up
-    time, since the dispatch times every lowering of every new shape."""
+    events on ``device``'s current stream after a synchronised warm-up on a GPU; three
+    warm-up calls and no minimum warm-up time, since the dispatch times every lowering of
+    every new shape."""
     timing = interleaved({"call": call}, images=1, repeats=repeats, warmup=3, warmup_s=0.0,
-                         cuda=cuda)
+                         cuda=cuda, device=device)
     return 1000 * timing["call"].median_s
+
+
+def _bucket(n: int) -> int:
+    """The batch size's bucket in a dispatch key: the next power of two (a last partial
+    batch, an evaluation pass, a halved batch reuse the choice of their bucket)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class DispatchConv2d(_SharedConv2d):
     """``conv`` (its parameters shared) run by the fastest of its lowerings for each input
-    shape, dtype, device and autocast setting, measured on the first call with that key and
-    remembered for the process (:func:`dispatch_cache`). In training (gradients wanted) a
-    lowering is timed forward and backward, on copies of the tensors, so the layer's own
-    gradients are untouched. ``choices`` names the candidates (any of ``LOWERINGS``)."""
+    shape (the batch bucketed), dtype, kind of device and autocast setting, chosen on the
+    first call with that key and remembered for the process (:func:`dispatch_cache`).
+
+    Every lowering but the native one is verified first: run once on the real input (a
+    slice of at most :data:`MEASURE_IMAGES` images), its output, and in training its input,
+    weight and bias gradients, compared with the native lowering's within a tolerance per
+    dtype (:func:`tolerance`). One that raises or disagrees is dropped for that key with one
+    warning line naming the layer, the lowering and the reason (``rejected``,
+    :func:`dispatch_notes`), and the layer goes on with the others. The verified ones are
+    timed (forward and backward in training, on copies of the tensors, so the layer's own
+    gradients are untouched) and the fastest kept. Under torchrun, rank 0 chooses and the
+    other ranks take its choice. ``choices`` names the candidates (any of ``LOWERINGS``)."""
 
     timer = staticmethod(_time_ms)  # replaceable, e.g. by a fake clock in tests
 
-    def __init__(self, conv: nn.Conv2d, choices=DEFAULT_LOWERINGS):
+    def __init__(self, conv: nn.Conv2d, choices=DEFAULT_LOWERINGS, name: str = ""):
         super().__init__(conv)
         bad = [c for c in choices if c not in LOWERINGS]
         if bad or not choices:
             raise DeeprootsError(f"dispatch choices must be among {', '.join(LOWERINGS)}; got "
                                  f"{list(choices)}")
         self.choices = tuple(choices)
+        self.layer = name
         self.chosen: Dict[tuple, str] = {}
+        self.rejected: Dict[str, str] = {}  # lowering -> why it was dropped
 
     def _key(self, x: torch.Tensor, training: bool) -> tuple:
         kind = x.device.type
         cast = str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else ""
-        return (str(x.device), str(x.dtype), cast, training, tuple(x.shape), x.is_contiguous(
-            memory_format=torch.channels_last), tuple(self.weight.shape), self.stride,
-            self.padding, self.dilation, self.groups, self.bias is not None)
+        return (kind, str(x.dtype), cast, training, _bucket(x.shape[0]), tuple(x.shape[1:]),
+                x.is_contiguous(memory_format=torch.channels_last), tuple(self.weight.shape),
+                self.stride, self.padding, self.dilation, self.groups, self.bias is not None)
 
-    def _measure(self, options: Dict[str, Callable], x: torch.Tensor,
-                 training: bool) -> Dict[str, float]:
+    def _twins(self, x: torch.Tensor, training: bool):
         def twin(t):  # a copy that wants a gradient where the original does
             return t.detach().clone().requires_grad_(training and t.requires_grad) \
                 if t is not None else None
 
-        x_, w_, b_ = twin(x), twin(self.weight), twin(self.bias)
+        return twin(x[:MEASURE_IMAGES]), twin(self.weight), twin(self.bias)
+
+    def _run(self, fn, tensors, grad) -> List[Optional[torch.Tensor]]:
+        """The output and, with ``grad``, the gradients of the tensors that want one."""
+        x_, w_, b_ = tensors
+        if grad is None:
+            with torch.no_grad():
+                return [fn(self, x_, w_, b_)]
+        y = fn(self, x_, w_, b_)
+        wanted = [t for t in tensors if t is not None and t.requires_grad]
+        return [y.detach(), *torch.autograd.grad(y, wanted, grad.to(y.dtype))]
+
+    def _verify(self, options: Dict[str, Callable], x: torch.Tensor,
+                training: bool) -> Dict[str, Callable]:
+        """The lowerings that agree with the native one on this input (the native one
+        itself included); the others are rejected, with the reason."""
+        tensors = self._twins(x, training)
+        with torch.no_grad():
+            shape = _native(self, tensors[0], tensors[1], tensors[2]).shape
+        grad = None
+        if training:  # a random upstream gradient, from a generator of its own: the run's
+            # random state is not touched
+            gen = torch.Generator(device=x.device).manual_seed(0)
+            grad = torch.randn(shape, generator=gen, device=x.device)
+        want = self._run(_native, tensors, grad)
+        kept = {"native": _native}
+        for name, fn in options.items():
+            if name == "native":
+                continue
+            try:
+                got = self._run(fn, tensors, grad)
+                reason = next((f"{what}: {why}" for what, g, w in zip(
+                    ("output", "input gradient", "weight gradient", "bias gradient"), got,
+                    want) if (why := disagreement(g, w, x.dtype))), None)
+            except Exception as err:  # noqa: BLE001  (a compile, ptxas, resource error)
+                reason = f"{type(err).__name__}: {first_line(err, 200)}"
+            if reason is None:
+                kept[name] = fn
+            else:
+                self._reject(name, reason)
+        return kept
+
+    def _reject(self, name: str, reason: str) -> None:
+        if name in self.rejected:
+            return
+        self.rejected[name] = reason
+        warnings.warn(f"deeproots dispatch: {self.layer or 'a grouped conv'}: lowering "
+                      f"{name!r} dropped ({reason}); it goes on without it",
+                      RuntimeWarning, stacklevel=3)
+
+    def _measure(self, options: Dict[str, Callable], x: torch.Tensor,
+                 training: bool) -> Dict[str, float]:
+        x_, w_, b_ = self._twins(x, training)
         grad = None
         ms = {}
         for name, fn in options.items():
@@ -225,8 +305,15 @@ class DispatchConv2d(_SharedConv2d):
                     if t is not None:
                         t.grad = None
 
-            ms[name] = self.timer(call, x.is_cuda, name=name)
+            ms[name] = self.timer(call, x.is_cuda, name=name, device=x.device)
         return ms
+
+    def _choose(self, options, x, training) -> Tuple[str, Dict[str, float]]:
+        if len(options) == 1:
+            return next(iter(options)), {next(iter(options)): 0.0}
+        kept = self._verify(options, x, training)
+        ms = self._measure(kept, x, training) if len(kept) > 1 else {"native": 0.0}
+        return min(ms, key=ms.get), ms
 
     @torch.compiler.disable  # the measuring is host code; the compiler leaves it alone
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,11 +321,25 @@ class DispatchConv2d(_SharedConv2d):
         key = self._key(x, training)
         options = {k: fn for k, fn in lowerings(self, x.device).items() if k in self.choices}
         if key not in _CACHE or _CACHE[key][0] not in options:
-            ms = self._measure(options, x, training) if len(options) > 1 else {
-                next(iter(options)): 0.0}
-            _CACHE[key] = (min(ms, key=ms.get), ms)
+            if _distributed():  # rank 0 chooses; every rank computes the same way
+                import torch.distributed as dist
+
+                chosen = [self._choose(options, x, training) if dist.get_rank() == 0 else None,
+                          self.rejected]
+                dist.broadcast_object_list(chosen, src=0)
+                _CACHE[key], self.rejected = chosen[0], dict(chosen[1])
+            else:
+                _CACHE[key] = self._choose(options, x, training)
         self.chosen[key] = _CACHE[key][0]
         return options[_CACHE[key][0]](self, x, self.weight, self.bias)
+
+
+def dispatch_notes(model: nn.Module) -> List[str]:
+    """One line per lowering a dispatch in ``model`` dropped, and why (for a run's
+    ``summary.json`` and the bench's notes)."""
+    return [f"{m.layer or name}: lowering {low!r} dropped ({why})"
+            for name, m in model.named_modules() if isinstance(m, DispatchConv2d)
+            for low, why in m.rejected.items()]
 
 
 def replace_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Module],
@@ -254,6 +355,7 @@ def replace_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Module],
             continue
         try:
             wrapped = make(conv)
+            wrapped.layer = layer_name(path)
         except ValueError as err:
             kept.append(f"{layer_name(path)}: {err}")
             continue
