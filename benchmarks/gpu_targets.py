@@ -49,37 +49,47 @@ def layer_table(name, batch, dtype, device, hw, repeats, inductor):
         if key in seen:
             continue
         seen.add(key)
-        conv = conv.to(device, DTYPES[dtype])
-        x = torch.randn(batch, *shape, device=device, dtype=DTYPES[dtype]).contiguous(
-            memory_format=torch.channels_last)
-        with torch.no_grad():
-            y = conv(x)
-        macs = y.numel() * (conv.in_channels // conv.groups) * conv.kernel_size[0] * \
-            conv.kernel_size[1]
-        moved = (x.numel() + y.numel() + conv.weight.numel()) * size
-        bound = max(2 * macs / peak, moved / bw)
-        ms = {}
-        with torch.no_grad():
-            for k, fn in lowerings(conv, x.device).items():
-                if k not in lows:
-                    continue
-                if k == "inductor":  # the first call compiles and autotunes
-                    start = time.perf_counter()
-                    fn(conv, x, conv.weight, conv.bias)
-                    compile_s.append(time.perf_counter() - start)
-                ms[k] = _time_ms(lambda fn=fn: fn(conv, x, conv.weight, conv.bias), x.is_cuda,
-                                 repeats=repeats)
-        cells = "".join(
-            f" {1e3 * ms[k]:7.0f} {2 * macs / ms[k] / 1e9:4.0f}T{1e3 * bound / ms[k]:4.0%}"
-            if k in ms else f" {'-':>16s}" for k in lows)
-        best = min(ms, key=ms.get)
-        desc = f"{conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x" \
-               f"{conv.kernel_size[1]}/{conv.stride[0]} g{conv.groups} {shape[1]}x{shape[2]}"
-        print(f"{layer:26s} {desc:28s} {1e6 * bound:7.0f}{cells}  {best:6s} "
-              f"{'yes' if ms[best] <= 2e3 * bound else 'NO'}", flush=True)
+        try:
+            _layer_row(layer, conv, shape, batch, dtype, device, peak, bw, size, lows, repeats,
+                       compile_s)
+        except Exception as err:  # noqa: BLE001  (a row says what failed; the rest go on)
+            print(f"{layer:26s} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}",
+                  flush=True)
     if compile_s:
         print(f"inductor max-autotune: {sum(compile_s):.0f} s compiling and tuning "
               f"{len(compile_s)} shapes")
+
+
+def _layer_row(layer, conv, shape, batch, dtype, device, peak, bw, size, lows, repeats,
+               compile_s):
+    conv = conv.to(device, DTYPES[dtype])
+    x = torch.randn(batch, *shape, device=device, dtype=DTYPES[dtype]).contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+    macs = y.numel() * (conv.in_channels // conv.groups) * conv.kernel_size[0] * \
+        conv.kernel_size[1]
+    moved = (x.numel() + y.numel() + conv.weight.numel()) * size
+    bound = max(2 * macs / peak, moved / bw)
+    ms = {}
+    with torch.no_grad():
+        for k, fn in lowerings(conv, x.device).items():
+            if k not in lows:
+                continue
+            if k == "inductor":  # the first call compiles and autotunes
+                start = time.perf_counter()
+                fn(conv, x, conv.weight, conv.bias)
+                compile_s.append(time.perf_counter() - start)
+            ms[k] = _time_ms(lambda fn=fn: fn(conv, x, conv.weight, conv.bias), x.is_cuda,
+                             repeats=repeats)
+    cells = "".join(
+        f" {1e3 * ms[k]:7.0f} {2 * macs / ms[k] / 1e9:4.0f}T{1e3 * bound / ms[k]:4.0%}"
+        if k in ms else f" {'-':>16s}" for k in lows)
+    best = min(ms, key=ms.get)
+    desc = f"{conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x" \
+           f"{conv.kernel_size[1]}/{conv.stride[0]} g{conv.groups} {shape[1]}x{shape[2]}"
+    print(f"{layer:26s} {desc:28s} {1e6 * bound:7.0f}{cells}  {best:6s} "
+          f"{'yes' if ms[best] <= 2e3 * bound else 'NO'}", flush=True)
 
 
 def block_bounds(block, x_shape, batch, dtype, hw):
@@ -106,7 +116,6 @@ def fused_table(name, batch, dtype, device, hw, repeats, bounds_only=False):
     cuDNN 1x1, the fused kernel; us per batch beside the bounds apart and fused."""
     from deeproots.deploy import fold_batchnorm
     from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks
-    from deeproots.kernels.modules import TritonConv2d
 
     model = create_model(name).eval()
     gm = fold_batchnorm(model)
@@ -147,25 +156,37 @@ def fused_table(name, batch, dtype, device, hw, repeats, bounds_only=False):
         if bounds_only:
             print(f"{line}  {bound_u / bound_f:.2f}x", flush=True)
             continue
-        block = block.to(device, DTYPES[dtype])
-        make = lambda shape: torch.randn(batch, *shape[1:], device=device,  # noqa: E731
-                                         dtype=DTYPES[dtype]).contiguous(
-                                             memory_format=torch.channels_last)
-        x = make(shapes[0])
-        r = make(shapes[1]) if block.residual else None
-        ms = {}
-        with torch.no_grad():
-            ms["cuDNN"] = _time_ms(lambda: block.unfused(x, r), x.is_cuda, repeats=repeats)
-            if c.groups > 1:  # the Triton conv takes grouped convs only
-                apart = FusedRootConv(c, p, block.residual, block.relu_out)
-                apart.conv = TritonConv2d(c)
-                ms["triton+1x1"] = _time_ms(lambda: apart.unfused(x, r), x.is_cuda,
-                                            repeats=repeats)
-            ms["fused"] = _time_ms(lambda: block.fused(x, r), x.is_cuda, repeats=repeats)
-        cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}" if k in ms
-                        else f" {'-':>12s}" for k in ("cuDNN", "triton+1x1", "fused"))
-        gain = min(v for k, v in ms.items() if k != "fused") / ms["fused"]
-        print(f"{line}{cells}  {gain:.2f}x", flush=True)
+        try:
+            _fused_row(block, shapes, batch, dtype, device, repeats, line, bound_f)
+        except Exception as err:  # noqa: BLE001  (a row says what failed; the rest go on)
+            print(f"{line}  failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}",
+                  flush=True)
+
+
+def _fused_row(block, shapes, batch, dtype, device, repeats, line, bound_f):
+    from deeproots.kernels.fusion import FusedRootConv
+    from deeproots.kernels.modules import TritonConv2d
+
+    c, p = block.conv, block.pointwise
+    block = block.to(device, DTYPES[dtype])
+    make = lambda shape: torch.randn(batch, *shape[1:], device=device,  # noqa: E731
+                                     dtype=DTYPES[dtype]).contiguous(
+                                         memory_format=torch.channels_last)
+    x = make(shapes[0])
+    r = make(shapes[1]) if block.residual else None
+    ms = {}
+    with torch.no_grad():
+        ms["cuDNN"] = _time_ms(lambda: block.unfused(x, r), x.is_cuda, repeats=repeats)
+        if c.groups > 1:  # the Triton conv takes grouped convs only
+            apart = FusedRootConv(c, p, block.residual, block.relu_out)
+            apart.conv = TritonConv2d(c)
+            ms["triton+1x1"] = _time_ms(lambda: apart.unfused(x, r), x.is_cuda,
+                                        repeats=repeats)
+        ms["fused"] = _time_ms(lambda: block.fused(x, r), x.is_cuda, repeats=repeats)
+    cells = "".join(f" {1e3 * ms[k]:6.0f}{1e3 * bound_f / ms[k]:6.0%}" if k in ms
+                    else f" {'-':>12s}" for k in ("cuDNN", "triton+1x1", "fused"))
+    gain = min(v for k, v in ms.items() if k != "fused") / ms["fused"]
+    print(f"{line}{cells}  {gain:.2f}x", flush=True)
 
 
 def main() -> None:

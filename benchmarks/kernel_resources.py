@@ -25,16 +25,19 @@ from deeproots.kernels import grouped_conv_grad as GG  # noqa: E402
 from deeproots.kernels.resources import configs, kernel_resources, recorded  # noqa: E402
 
 
-def _cl(*shape, dtype=torch.bfloat16):
-    return torch.randn(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+DTYPE = [torch.bfloat16]  # the dtype the layers are launched in (--dtype)
+
+
+def _cl(*shape):
+    return torch.randn(*shape, dtype=DTYPE[0]).contiguous(memory_format=torch.channels_last)
 
 
 def _conv_layer(cin, cout, k, groups, size, batch=4):
     x = _cl(batch, cin, size, size)
-    w = torch.randn(cout, cin // groups, k, k, dtype=torch.bfloat16)
+    w = torch.randn(cout, cin // groups, k, k, dtype=DTYPE[0])
     pad = k // 2
     dy = _cl(batch, cout, size, size)
-    G.grouped_conv2d(x, w, torch.randn(cout, dtype=torch.bfloat16), 1, pad, 1, groups)
+    G.grouped_conv2d(x, w, torch.randn(cout, dtype=DTYPE[0]), 1, pad, 1, groups)
     GG.conv2d_input_grad(dy, w, x.shape, (1, 1), (pad, pad), (1, 1), groups)
     GG.conv2d_weight_grad(x, dy, w.shape, (1, 1), (pad, pad), (1, 1), groups)
 
@@ -42,7 +45,7 @@ def _conv_layer(cin, cout, k, groups, size, batch=4):
 def _root(cin, c2, c3, k, groups, size, residual, batch=4):
     x = _cl(batch, cin, size, size)
     r = _cl(batch, c3, size, size) if residual else None
-    t = lambda *s: torch.randn(*s, dtype=torch.bfloat16)  # noqa: E731
+    t = lambda *s: torch.randn(*s, dtype=DTYPE[0])  # noqa: E731
     R.fused_root_conv(x, t(c2, cin // groups, k, k), t(c2), t(c3, c2, 1, 1), t(c3), 1, k // 2,
                       1, groups, r, True)
 
@@ -55,6 +58,7 @@ LAYERS = {  # the layers whose launches are compiled: (what, how to launch them)
     "root resnet50-root-64 layer1 (direct)": lambda: _root(64, 64, 256, 3, 64, 56, True),
     "root resnet50-root-64 layer3": lambda: _root(256, 256, 1024, 3, 16, 14, True),
     "root resnet50-root-64 layer4": lambda: _root(512, 512, 2048, 3, 8, 7, True),
+    "root resnet50 layer3 (ungrouped)": lambda: _root(256, 256, 1024, 3, 1, 14, True),
 }
 
 
@@ -76,7 +80,8 @@ def jobs(only=None):
         with recorded() as launches:
             launch()
         for name, args, kwargs in launches:
-            out += [(layer, name, args, kwargs, config) for config in configs(name)]
+            out += [(layer, name, args, kwargs, config)
+                    for config in configs(name, args, kwargs)]  # as the launch prunes them
     return out
 
 
@@ -84,10 +89,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="layers whose name contains this text")
     p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args()
+    DTYPE[0] = getattr(torch, args.dtype)
     todo = jobs(args.only)
     print(f"triton {triton.__version__}, target sm_90a (Hopper), {len(todo)} compilations; "
-          f"bf16; registers per thread (255 at most), stack bytes (> 0: registers spilled "
+          f"{args.dtype}; registers per thread (255 at most), stack bytes (> 0: registers spilled "
           f"to local memory), shared memory KB, wgmma instructions, global loads of "
           f"16/8/4/2 bytes", flush=True)
     print(f"{'layer':38s} {'kernel':18s} {'blocks warps stages':24s} {'regs':>4s} "

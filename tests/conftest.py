@@ -30,6 +30,41 @@ def _interpret_without_overflow_checks():
 _interpret_without_overflow_checks()
 
 
+def _record_launches(path):
+    """DEEPROOTS_RECORD_LAUNCHES=FILE: every kernel launch the tests make is appended to FILE
+    (one JSON line: kernel, arguments with tensors as their dtype, constants) and then run as
+    usual; benchmarks/gpu_plan.py counts the kernel variants a GPU would compile from it."""
+    import json
+
+    from deeproots.kernels.resources import KERNELS
+
+    def encode(value):
+        if isinstance(value, torch.Tensor):
+            return {"tensor": str(value.dtype).removeprefix("torch.")}
+        return value
+
+    class Recording:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                with open(path, "a") as f:
+                    f.write(json.dumps([self.name, [encode(a) for a in args],
+                                        {k: encode(v) for k, v in kwargs.items()}]) + "\n")
+                return launch(*args, **kwargs)
+            return run
+
+    for name, module in KERNELS.items():
+        setattr(module, name, Recording(name, getattr(module, name)))
+
+
+if os.environ.get("DEEPROOTS_RECORD_LAUNCHES"):
+    _record_launches(os.environ["DEEPROOTS_RECORD_LAUNCHES"])
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -65,12 +65,14 @@ CASES = {  # cin, c2, c3, kernel, stride, padding, groups, and options
 }
 
 
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_fused_kernel_computes_the_layers_it_replaces(case):
     *shape, options = CASES[case]
     _check(*shape, **options)
 
 
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["gemm-16-per-group-residual-relu", "depthwise-residual-relu"])
 def test_half_precision(case, dtype):
@@ -78,6 +80,7 @@ def test_half_precision(case, dtype):
     _check(*shape, dtype=dtype, **options)
 
 
+@pytest.mark.gpu_quick
 @pytest.mark.parametrize("block", [
     (96, 192, 160, 5, 1, 2, 8),      # nin-root-8: conv2a -> conv2b
     (192, 192, 192, 3, 1, 1, 4),     # nin-root-8: conv3a -> conv3b
@@ -89,6 +92,7 @@ def test_the_root_blocks_of_the_paper_networks(block, monkeypatch):
     _check(*block, size=3, batch=1, residual=block[2] != block[1], relu_out=True)
 
 
+@pytest.mark.gpu_quick
 def test_small_tiles_cover_every_edge(monkeypatch):
     monkeypatch.setattr(R, "INTERPRET_CONFIG", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     monkeypatch.setattr(R, "DIRECT_STEP", 16)
@@ -96,6 +100,7 @@ def test_small_tiles_cover_every_edge(monkeypatch):
     _check(24, 24, 40, 3, 2, 1, 12, size=7, relu_out=True)  # direct, 2 per group
 
 
+@pytest.mark.gpu_quick
 def test_bad_input(monkeypatch):
     t = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     x, w1, w2 = t(1, 16, 4, 4), t(16, 8, 3, 3), t(8, 16, 1, 1)

@@ -206,6 +206,7 @@ def test_auto_on_a_cuda_model_offers_only_the_paths_that_run_there(monkeypatch):
 # The GPU a launch and a timer use
 
 
+@pytest.mark.gpu_quick
 def test_every_launcher_runs_on_its_inputs_device(monkeypatch):
     from deeproots.kernels.grouped_conv_grad import conv2d_input_grad, conv2d_weight_grad
 
@@ -289,6 +290,7 @@ def test_an_image_the_offsets_cannot_address_is_refused_in_one_line():
     assert C.batch_chunks(1023, [many[:1023]]) == [(0, 1023)]
 
 
+@pytest.mark.gpu_quick
 def test_a_batch_too_large_for_the_offsets_runs_in_slices(monkeypatch):
     """ADDRESSABLE made small: every kernel runs the batch in slices, forward, both
     gradients and the fused block, and computes what F.conv2d computes."""
@@ -318,6 +320,7 @@ def test_a_batch_too_large_for_the_offsets_runs_in_slices(monkeypatch):
 # NaN and TF32
 
 
+@pytest.mark.gpu_quick
 def test_nan_stays_nan_in_the_fused_kernel():
     x = torch.randn(1, 16, 4, 4, device=DEVICE)
     x[0, 0, 1, 1] = float("nan")

@@ -19,11 +19,15 @@ import triton.language as tl
 
 from ..errors import DeeprootsError
 
-__all__ = ["INTERPRET", "DTYPES", "ADDRESSABLE", "tuned", "interpret_blocks", "pair",
+__all__ = ["INTERPRET", "DTYPES", "ADDRESSABLE", "tuned", "drop_configs", "config_id",
+           "interpret_blocks", "pair",
            "nhwc", "output_size", "check_conv", "check_addressable", "batch_chunks",
            "on_device", "input_precision", "Pair"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the kernels run on the CPU
+# DEEPROOTS_AUTOTUNE=first: each launch compiles only the first configuration it may try (a
+# correctness run on a GPU, where every configuration would cost a compile; speed runs tune)
+AUTOTUNE_FIRST = os.environ.get("DEEPROOTS_AUTOTUNE") == "first"
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the kernels compute element offsets in 32 bits: a launch addresses at most this many
 # elements of any tensor (launchers split the batch to stay below it)
@@ -32,10 +36,39 @@ ADDRESSABLE = 2**31 - 1
 Pair = Union[int, Tuple[int, int]]
 
 
-def tuned(configs, key):
-    """``triton.autotune`` over ``configs`` keyed by ``key``; under the interpreter none
+def tuned(configs, key, prune=None):
+    """``triton.autotune`` over ``configs`` keyed by ``key``, ``prune(configs, named_args)``
+    choosing the ones a launch may try (:func:`drop_configs`); under the interpreter none
     (one block shape, given by the launcher: correctness, not speed)."""
-    return (lambda fn: fn) if INTERPRET else triton.autotune(configs=configs, key=key)
+    if INTERPRET:
+        return lambda fn: fn
+    if AUTOTUNE_FIRST:
+        inner = prune
+        prune = lambda cs, nargs, **kw: (inner(cs, nargs, **kw) if inner else cs)[:1]  # noqa: E731
+    by = {"early_config_prune": prune} if prune is not None else None
+    return triton.autotune(configs=configs, key=key, prune_configs_by=by)
+
+
+def config_id(config: "triton.Config") -> tuple:
+    """A configuration as (block sizes..., num_warps, num_stages): how the prune rules
+    name one."""
+    return (*config.kwargs.values(), config.num_warps, config.num_stages)
+
+
+def drop_configs(rules, tensor: str = "x_ptr"):
+    """A prune function for :func:`tuned`: ``rules`` are ``(applies(named_args, dtype),
+    [config_id, ...])`` pairs, each dropping those configurations from the launches it
+    applies to; kept, the rest. The rules are data, measured by compiling every
+    configuration for sm_90 (``python benchmarks/kernel_resources.py --dtype float32``):
+    a configuration that spills registers, or asks for more shared memory than a block may
+    have, is dropped where it does."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dtype = getattr(args.get(tensor), "dtype", None)
+        dropped = {cid for applies, ids in rules if applies(args, dtype) for cid in ids}
+        kept = [c for c in configs if config_id(c) not in dropped]
+        return kept or list(configs)
+    return prune
 
 
 def interpret_blocks(maximum: Dict[str, int], **dims: int) -> Dict[str, int]:

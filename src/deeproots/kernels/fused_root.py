@@ -50,12 +50,29 @@ GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
 DIRECT_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 16}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
 ]
+# which configurations a launch may try, measured by compiling each for sm_90 (python
+# benchmarks/kernel_resources.py, --dtype float32 too): in fp32 the first three direct ones
+# spill (216-448 bytes) and so do three GEMM ones on an ungrouped 256-channel group
+# (ResNet-50's layer3 block; one asks for 321 KB of shared memory, the limit is 227); the
+# last two of each list are there for fp32, and spilled nowhere
+_FP32 = lambda args, dtype: dtype == torch.float32  # noqa: E731
+_HALF = lambda args, dtype: dtype != torch.float32  # noqa: E731
+_WIDE = lambda args, dtype: dtype == torch.float32 and args["COUT_G"] > 128  # noqa: E731
+GEMM_PRUNE = C.drop_configs([
+    (_HALF, [(64, 64, 32, 8, 3)]),
+    (_WIDE, [(64, 256, 32, 8, 3), (128, 64, 16, 8, 4), (64, 64, 32, 4, 3)])])
+DIRECT_PRUNE = C.drop_configs([
+    (_HALF, [(64, 128, 16, 8, 1), (64, 64, 16, 8, 2)]),
+    (_FP32, [(64, 128, 16, 4, 1), (64, 256, 16, 8, 1), (128, 128, 16, 8, 2)])])
 # the interpreter's block shape, at most this and shrunk to the problem: correctness, not speed
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}
 # what changes the best block shape: the block's shapes, the pixels (bucketed), the spatial
@@ -121,8 +138,8 @@ def _root_block(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, r_ptr, y_ptr,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_root_block_gemm = C.tuned(GEMM_CONFIGS, KEY)(_root_block)
-_root_block_direct = C.tuned(DIRECT_CONFIGS, KEY)(_root_block)
+_root_block_gemm = C.tuned(GEMM_CONFIGS, KEY, GEMM_PRUNE)(_root_block)
+_root_block_direct = C.tuned(DIRECT_CONFIGS, KEY, DIRECT_PRUNE)(_root_block)
 
 
 def _direct(cin_g: int, cout_g: int) -> bool:

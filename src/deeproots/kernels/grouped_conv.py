@@ -49,6 +49,11 @@ DEPTHWISE_CONFIGS = [
     triton.Config({"BLOCK_P": 32, "BLOCK_C": 128}, num_warps=4),
     triton.Config({"BLOCK_P": 256, "BLOCK_C": 16}, num_warps=8),
 ]
+FP32 = lambda args, dtype: dtype == torch.float32  # noqa: E731
+# configurations that spill registers on sm_90 in fp32 (not in bf16 or fp16), dropped there
+# (python benchmarks/kernel_resources.py --dtype float32: 3208 and 8 bytes of stack)
+GEMM_PRUNE = C.drop_configs([(FP32, [(64, 32, 16, 2, 4)])])
+DEPTHWISE_PRUNE = C.drop_configs([(FP32, [(32, 128, 4, 3)])])
 # the interpreter runs one block shape, at most these and shrunk to the problem
 # (_common.interpret_blocks): correctness, not speed
 INTERPRET_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
@@ -59,7 +64,7 @@ KEY = ["CIN_G", "COUT_G", "KH", "KW", "M_BUCKET", "H", "W", "STRIDE_H", "STRIDE_
        "PAD_W", "DIL_H", "DIL_W", "sxc"]
 
 
-@tuned(GEMM_CONFIGS, key=KEY)
+@tuned(GEMM_CONFIGS, key=KEY, prune=GEMM_PRUNE)
 @triton.jit
 def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
                H, W, OH, OW, M,
@@ -88,7 +93,7 @@ def _conv_gemm(x_ptr, w_ptr, b_ptr, y_ptr,
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@tuned(DEPTHWISE_CONFIGS, key=KEY + ["C_OUT"])
+@tuned(DEPTHWISE_CONFIGS, key=KEY + ["C_OUT"], prune=DEPTHWISE_PRUNE)
 @triton.jit
 def _conv_depthwise(x_ptr, w_ptr, b_ptr, y_ptr,
                     H, W, OH, OW, M, C_OUT,

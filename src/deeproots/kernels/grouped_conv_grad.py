@@ -14,7 +14,9 @@ weight gradient, for the shapes, dtypes and layouts of the forward kernels
   the tap, ci]: per (tile of co x ci, group and tap, slice of the pixels) a GEMM whose
   reduction runs over N x OH x OW. The pixels are split into SPLIT slices, each written to a
   float32 buffer of its own and summed afterwards: enough programs to fill the GPU, and the
-  same sum in the same order on every run (no atomics), so training stays reproducible.
+  same sum in the same order for one configuration (no atomics): the same inputs give the
+  same gradient bit for bit. Across processes the autotuner may pick another configuration
+  by timing, so runs agree to floating-point tolerance, not bit for bit.
 * ``_weight_grad_direct``: the same for depthwise convs, a multiply-add per pixel block
   summed over the block.
 
@@ -57,6 +59,9 @@ WEIGHT_DIRECT_CONFIGS = [
     triton.Config({"BLOCK_P": 128, "BLOCK_C": 32}, num_warps=4),
     triton.Config({"BLOCK_P": 32, "BLOCK_C": 128}, num_warps=4),
 ]
+# configurations that spill registers on sm_90 in fp32 (not in bf16 or fp16), dropped there
+INPUT_DIRECT_PRUNE = C.drop_configs([(lambda args, dtype: dtype == torch.float32,
+                                      [(128, 32, 4, 3)])], tensor="dy_ptr")
 # one block shape each under the interpreter, at most these and shrunk to the problem
 # (_common.interpret_blocks): correctness, not speed
 INTERPRET_INPUT_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
@@ -127,7 +132,7 @@ def _input_grad_gemm(dy_ptr, w_ptr, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@tuned(INPUT_DIRECT_CONFIGS, key=KEY + ["C_IN"])
+@tuned(INPUT_DIRECT_CONFIGS, key=KEY + ["C_IN"], prune=INPUT_DIRECT_PRUNE)
 @triton.jit
 def _input_grad_direct(dy_ptr, w_ptr, dx_ptr,
                        H, W, OH, OW, M, C_IN,

@@ -19,7 +19,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -32,7 +32,8 @@ from . import fused_root as R
 from . import grouped_conv as G
 from . import grouped_conv_grad as GG
 
-__all__ = ["KERNELS", "Resources", "recorded", "configs", "kernel_resources"]
+__all__ = ["KERNELS", "Resources", "recorded", "configs", "kernel_resources", "specialization",
+           "variants"]
 
 KERNELS = {  # each autotuned kernel, by its name in its module
     "_conv_gemm": G, "_conv_depthwise": G, "_input_grad_gemm": GG, "_input_grad_direct": GG,
@@ -85,13 +86,44 @@ def recorded():
         C.INTERPRET, C.check_conv = flags
 
 
-def configs(name: str) -> List[triton.Config]:
-    """The autotune configurations listed for kernel ``name``."""
+def specialization(name: str, args: tuple, kwargs: dict) -> tuple:
+    """What makes a launch a kernel variant of its own on a GPU: its compile-time constants
+    (the interpreter's block sizes and bf16 upcast left out: the autotuner sets those
+    there) and Triton's run-time specialisation of its arguments (dtypes, integers equal to
+    1, multiples of 16, 16-byte-aligned pointers)."""
+    consts = tuple(sorted((k, v) for k, v in kwargs.items()
+                          if not k.startswith("BLOCK_") and k != "UPCAST"))
+    return (name, consts, tuple(_spec(a) for a in args))
+
+
+def variants(launches, first: bool = False) -> Dict[str, int]:
+    """How many kernel variants the launches compile on a GPU, per kernel: each distinct
+    :func:`specialization` once with every configuration its prune rules let it try (the
+    autotuner compiles them all on the first launch), or with ``first`` (the
+    ``DEEPROOTS_AUTOTUNE=first`` of a correctness run) one."""
+    seen, count = set(), {}
+    for name, args, kwargs in launches:
+        key = specialization(name, args, kwargs)
+        if key in seen:
+            continue
+        seen.add(key)
+        count[name] = count.get(name, 0) + (1 if first else len(configs(name, args, kwargs)))
+    return count
+
+
+def configs(name: str, args: tuple = (), kwargs: Optional[dict] = None
+            ) -> List[triton.Config]:
+    """The autotune configurations listed for kernel ``name``; with a launch's ``args`` and
+    ``kwargs`` (as :func:`recorded` keeps them), those its prune rules let that launch try."""
     kernel = getattr(KERNELS[name], name)
     if not hasattr(kernel, "configs"):
         raise DeeprootsError(f"kernel {name} is not autotuned here (TRITON_INTERPRET=1 is set: "
                              f"unset it before importing deeproots.kernels)")
-    return list(kernel.configs)
+    listed = list(kernel.configs)
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None or not args:
+        return listed
+    return prune(listed, dict(zip(kernel.arg_names, args)), **(kwargs or {}))
 
 
 def _spec(value):
