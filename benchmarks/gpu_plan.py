@@ -2,7 +2,10 @@
 from the real launchers' arguments: every distinct specialisation of a kernel (its
 compile-time constants and Triton's argument specialisation) times the configurations its
 prune rules let the autotuner try. A step whose count is large spends its limit compiling,
-not timing: benchmarks/gpu_session.sh sizes its steps by these counts.
+not timing: benchmarks/gpu_session.sh sizes its steps by these counts. The model steps are
+recorded at batch 16 (the counts do not depend on the batch: the batch-dependent integers
+the launchers pass, pixel counts and their buckets, are multiples of 16 at batch 16 as at
+256, and Triton specialises them alike).
 
     python benchmarks/gpu_plan.py            # no GPU needed (about a minute)
 """
@@ -71,14 +74,14 @@ def _net(name, path, batch, train=False):
 STEPS = {  # the session's steps: run, what it runs, the launches it makes
     "1 tests": ("pytest -m gpu_quick, DEEPROOTS_AUTOTUNE=first", _tests),
     "1 bench": ("nin-root-8 dispatch + fused, batch 256",
-                lambda: _net("nin-root-8", "dispatch", 256) + _net("nin-root-8", "fused", 256)),
-    "1 train": ("nin-root-8, 50 steps, batch 128", lambda: _net("nin-root-8", "", 128, True)),
+                lambda: _net("nin-root-8", "dispatch", 16) + _net("nin-root-8", "fused", 16)),
+    "1 train": ("nin-root-8, 50 steps, batch 128", lambda: _net("nin-root-8", "", 16, True)),
     "2 targets": ("per-layer and fused tables, 3 root models, batch 256",
-                  lambda: sum((_net(m, p, 256) for m in ("nin-root-8", "resnet50-root-64",
+                  lambda: sum((_net(m, p, 16) for m in ("nin-root-8", "resnet50-root-64",
                                                          "googlenet-root-16")
                                for p in ("dispatch", "fused")), [])),
     "2 training": ("gpu_training.py eager+dispatch, 3 models, batch 128",
-                   lambda: sum((_net(m, "", 128, True) for m in ("nin-root-8",
+                   lambda: sum((_net(m, "", 16, True) for m in ("nin-root-8",
                                                                  "resnet50-root-64")), [])),
 }
 

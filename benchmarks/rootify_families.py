@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 from deeproots import profile, rootify
 from deeproots.conversion import trace_convs

@@ -70,6 +70,12 @@ def test_a_runs_own_files_are_never_an_output(tmp_path):
                                              r"replace it"):
         check_new_file(mine)
     assert check_new_file(mine, overwrite=True) == mine
+    # a file that other commands write too does not make its folder a run's
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for name in ("converted.pt", "curves.png", "summary.json"):
+        (alone / name).write_bytes(b"mine")
+        assert check_new_file(alone / name, overwrite=True) == alone / name
 
 
 def test_an_interrupted_replacement_is_undone_or_finished(tmp_path):

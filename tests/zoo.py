@@ -257,3 +257,25 @@ class DeepStemNet(nn.Module):
     def forward(self, x):
         x = self.layer2(torch.relu(self.layer1(torch.relu(self.stem(x)))))
         return self.fc(x.mean((2, 3)))
+
+
+class BottleneckResNet(nn.Module):
+    """A small bottleneck ResNet (deeproots' own ResNet-50 blocks: 1x1 -> 3x3 -> 1x1 +
+    identity, ReLU) for 28x28 images: a 3x3 stem, two stages of two blocks, a classifier."""
+
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        from deeproots.models.resnet import Bottleneck
+
+        self.stem = nn.Sequential(conv(in_channels, 64), nn.BatchNorm2d(64), nn.ReLU())
+        self.layer1 = nn.Sequential(Bottleneck(64, 32), Bottleneck(128, 32))
+        self.layer2 = nn.Sequential(Bottleneck(128, 64, stride=2), Bottleneck(256, 64))
+        self.fc = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def bottleneck_resnet(num_classes=10, in_channels=1):
+    return BottleneckResNet(num_classes, in_channels)

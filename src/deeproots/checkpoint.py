@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import math
 import os
 from dataclasses import asdict, fields
@@ -22,13 +23,13 @@ from torch import nn
 from .config import (RESUMABLE_SETTINGS, TrainConfig, config_defaults, given_settings,
                      setting_differences)
 from .errors import CheckpointError, DeeprootsError, first_line
-from .layers import apply_groups
+from .layers import apply_groups, conv_layers
 from .registry import build_model, is_model, is_user_model, resolve_model_spec
-from .runtime import atomic_write
+from .runtime import atomic_write, to_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "validate_state",
            "model_from_checkpoint", "config_from_checkpoint", "resume_config",
-           "changes_of", "NEEDED"]
+           "changes_of", "save_model", "NEEDED"]
 
 NEEDED = ("model", "model_cfg", "config", "epoch", "step")  # what makes a deeproots checkpoint
 
@@ -37,6 +38,21 @@ def save_checkpoint(path: Path | str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over the old one. A crash or a full disk leaves the old file."""
     atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_model(path: Union[str, Path], model: nn.Module, source: dict, **extra) -> None:
+    """``model`` (converted from the checkpoint ``source`` holds) written as a deeproots
+    checkpoint: its weights, the source's model name and arguments with the groups of
+    ``model``'s convs, the source's run config and data; ``extra`` fields beside them.
+    ``deeproots eval``, ``export`` and ``train --init`` take it."""
+    cfg = source["model_cfg"]
+    save_checkpoint(path, {
+        "model": model.state_dict(),
+        "model_cfg": {"name": cfg["name"], "kwargs": cfg.get("kwargs", {}), "groups": {
+            n: c.groups for n, c in conv_layers(model).items() if c.groups > 1}},
+        "config": source["config"], "epoch": 0, "step": 0, "data": source.get("data", {}),
+        # plain values only (a report's numpy floats would not load with weights_only)
+        **json.loads(to_json(extra))})
 
 
 def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
@@ -268,4 +284,5 @@ def changes_of(cfg: TrainConfig, state: dict) -> List[dict]:
     one named in ``cfg.change``; :func:`resume_config` refused the rest)."""
     return [{"setting": name, "from": old, "to": new, "epoch": state["epoch"],
              "step": state["step"]}
-            for name, old, new in setting_differences(state["config"], asdict(cfg))]
+            for name, old, new in setting_differences(
+                {**config_defaults(TrainConfig), **state["config"]}, asdict(cfg))]

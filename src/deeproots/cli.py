@@ -39,6 +39,7 @@ from .paper import PAPER_TABLES, TIMED_TABLES
 __all__ = ["main", "build_parser"]
 
 ALLOCATORS = ("auto", "jemalloc", "system")
+FINETUNE_EPOCHS, FINETUNE_LR = 1, 0.01  # train --init's defaults: a fraction of a training
 OVERWRITE_HELP = "replace the file if it exists (a run's own files are never replaced)"
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -233,9 +234,12 @@ def _train_config(args) -> TrainConfig:
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
-        if "model" not in given:
-            raise DeeprootsError("name a model to train (deeproots list shows them), or "
-                                 "continue a run with --resume --out DIR")
+        if "model" not in given and not given.get("init"):
+            raise DeeprootsError("name a model to train (deeproots list shows them), start "
+                                 "from a checkpoint with --init FILE.pt, or continue a run "
+                                 "with --resume --out DIR")
+        if given.get("init"):  # a fine-tune: a short schedule at a small rate, unless told
+            given = {"epochs": FINETUNE_EPOCHS, "lr": FINETUNE_LR, **given}
         return TrainConfig(**given)
     out = given.get("out") or str(default_out(TrainConfig(**given)))
     if not os.path.exists(os.path.join(out, "last.pt")):  # train() says what is missing
@@ -434,16 +438,48 @@ def cmd_rootify(args) -> int:
 
     from .conversion import rootify
     from .costs import parse_input_size
-    from .registry import build_model
+    from .registry import build_model, is_user_model
 
+    options = dict(ignore=args.ignore, macs=args.macs, params=args.params,
+                   regroup=args.regroup, stem=args.stem, allow_depthwise=args.allow_depthwise)
+    source_is_checkpoint = not is_user_model(args.model) and os.path.isfile(args.model)
+    if source_is_checkpoint:
+        return _rootify_checkpoint(args, options)
+    for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
+                        ("--calibration-images", args.calibration_images)):
+        if value is not None:
+            raise DeeprootsError(f"{flag} calibrates a trained model: give a checkpoint "
+                                 f"(RUN/best.pt) as the model; got {args.model!r}")
     model = build_model(args.model)
     if args.input_size is None and getattr(model, "default_input_size", None) is None:
         raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
     x = torch.zeros(1, *parse_input_size(args.input_size, model))
-    _, report = rootify(model, args.schedule, example_input=x, ignore=args.ignore,
-                        macs=args.macs, params=args.params, regroup=args.regroup,
-                        stem=args.stem, allow_depthwise=args.allow_depthwise)
+    _, report = rootify(model, args.schedule, example_input=x, **options)
     print(report.to_json(indent=2) if args.json else report.table())
+    return 0
+
+
+def _rootify_checkpoint(args, options) -> int:
+    """``deeproots rootify CHECKPOINT ...``: the trained model converted with calibration,
+    evaluated before and after (deeproots.finetune.convert_checkpoint)."""
+    from .finetune import CALIBRATION_IMAGES, convert_checkpoint
+
+    if args.input_size is not None:
+        raise DeeprootsError("--input-size: a checkpoint is converted at the size it was "
+                             "trained at; leave it out")
+    images = args.calibration_images or CALIBRATION_IMAGES
+    _, report, summary = convert_checkpoint(
+        args.model, args.schedule, data=args.data, data_dir=args.data_dir,
+        calibration_images_n=images, out=args.out, overwrite=args.overwrite,
+        model=args.from_model, download=not args.no_download, **options)
+    if args.json:
+        _print_json(summary.to_dict())
+        return 0
+    print(report.table())
+    print(f"test top-1 {summary.top1_before:.4f} trained, {summary.top1_after:.4f} converted "
+          f"(no gradient step; {summary.conversion_s:.1f} s to convert)")
+    if summary.out:
+        print(f"wrote {summary.out} (deeproots train --init {summary.out} to fine-tune it)")
     return 0
 
 
@@ -720,8 +756,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rootify", help="make any CNN a root network: groups per layer and "
                        "costs before and after")
-    p.add_argument("model", help="model name or FILE.py:FUNCTION (a function of yours that "
-                                 "returns the model)")
+    p.add_argument("model", help="model name, FILE.py:FUNCTION (a function of yours that "
+                                 "returns the model), or a checkpoint of a trained model "
+                                 "(RUN/best.pt): converted with calibration, keeping its "
+                                 "accuracy")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--schedule", help="root-N, tree-N or col-N, e.g. root-8")
     how.add_argument("--macs", type=_number, help="budget: the smallest root-N with at most "
@@ -740,6 +778,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-depthwise", action="store_true",
                    help="let the rounding to a divisor of the channels make a conv "
                         "depthwise (default: the largest count below that)")
+    p.add_argument("--data", help="with a checkpoint: calibration images from this data's "
+                   "training split, evaluation on its test split (default: the one it was "
+                   "trained on)")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--calibration-images", type=_whole("--calibration-images"),
+                   help="with a checkpoint: how many training images to calibrate on "
+                        "(default 1500)")
+    p.add_argument("--out", help="with a checkpoint: write the converted model here (a "
+                   "checkpoint for eval, export and train --init)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--model", dest="from_model", metavar="FILE.py:FUNCTION",
+                   help="for a checkpoint of a model of your own: the function that builds it")
+    p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rootify)
 

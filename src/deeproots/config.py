@@ -53,6 +53,21 @@ class TrainConfig:
                       "function of yours that returns the model", positional=True)
     rootify: Optional[str] = _opt(None, "first make the model a root network with this "
                                   "schedule (root-N, tree-N, col-N; see deeproots rootify)")
+    init: Optional[str] = _opt(None, "start from the model and weights of this checkpoint, "
+                               "e.g. a converted one (deeproots rootify RUN/best.pt --out "
+                               "FILE.pt); the model name is then the checkpoint's. On the command line a fine-tune's "
+                               "defaults are 1 epoch at lr 0.01", metavar="FILE")
+    distill: Optional[str] = _opt(None, "a trained checkpoint to distil from: the loss adds "
+                                  "the KL divergence to its softened logits", metavar="TEACHER")
+    distill_temperature: float = _opt(4.0, "with --distill: the softmax temperature")
+    distill_weight: float = _opt(0.5, "with --distill: the KL term's weight, from 0 to 1 (the "
+                                 "cross-entropy gets the rest)")
+    learn_groups: Optional[str] = _opt(None, "train the model to be groupable to this schedule "
+                                       "(root-N, ...): a group-lasso penalty on the weights "
+                                       "outside each layer's blocks, the assignment "
+                                       "re-estimated each epoch; converted at the end",
+                                       metavar="SCHEDULE")
+    group_lasso: float = _opt(1e-3, "with --learn-groups: the penalty's weight")
     data: str = _opt("fashion-mnist", DATA_HELP)
     data_dir: Optional[str] = _opt(None, "where the dataset files are (default: "
                                    "$DEEPROOTS_DATA, then standard places)")
@@ -124,6 +139,18 @@ class TrainConfig:
         check_number("step_gamma", self.step_gamma, strict=True)
         check_number("aux_weight", self.aux_weight)
         check_number("checkpoint_every_min", self.checkpoint_every_min)
+        check_number("distill_temperature", self.distill_temperature, strict=True)
+        check_number("distill_weight", self.distill_weight)
+        if self.distill_weight > 1:
+            raise DeeprootsError(f"distill_weight must be from 0 to 1; got "
+                                 f"{self.distill_weight!r}")
+        check_number("group_lasso", self.group_lasso)
+        if self.init and self.rootify:
+            raise DeeprootsError("give init (a converted model) or rootify (a schedule to "
+                                 "convert with), not both")
+        if self.learn_groups and (self.init or self.rootify):
+            raise DeeprootsError("learn_groups trains a dense model to be groupable: give it "
+                                 "without init or rootify")
         for name in self.change:
             if name not in RESUMABLE_SETTINGS:
                 raise DeeprootsError(f"change takes settings of the run "
@@ -143,9 +170,11 @@ class TrainConfig:
 
 
 # the settings that define a run: a resumed run keeps the checkpoint's unless --change names them
-RESUMABLE_SETTINGS = ("model", "rootify", "data", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                      "schedule", "warmup_epochs", "step_milestones", "step_gamma", "aux_weight",
-                      "seed", "image_size", "limit_train_batches")
+RESUMABLE_SETTINGS = ("model", "rootify", "init", "distill", "distill_temperature",
+                      "distill_weight", "learn_groups", "group_lasso", "data", "epochs",
+                      "batch_size", "lr", "momentum", "weight_decay", "schedule",
+                      "warmup_epochs", "step_milestones", "step_gamma", "aux_weight", "seed",
+                      "image_size", "limit_train_batches")
 
 
 def _comparable(value: Any) -> Any:

@@ -23,17 +23,18 @@ import glob
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .errors import DeeprootsError
 from .checks import check_groups_mapping, check_number
+from .calibration import CalibrationReport, calibrate, calibration_batches
 from .config import STEMS
 from .costs import parse_input_size, profile
-from .layers import (GroupsError, apply_groups, common_divisors, layer_name, module_paths,
-                     regroup_refusal)
+from .layers import (GroupsError, apply_groups, block_diagonal_weight, common_divisors,
+                     layer_name, module_paths, regroup_refusal)
 from .text import format_table
 
 __all__ = ["rootify", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs",
@@ -136,6 +137,7 @@ class RootifyReport:
     params_before: int = 0
     params_after: int = 0
     init: str = "reinit"
+    calibration: Optional[CalibrationReport] = None  # a calibrated conversion's report
 
     @property
     def macs_fraction(self) -> float:
@@ -172,7 +174,8 @@ class RootifyReport:
             f"multiply-adds {self.macs_before:,} -> {self.macs_after:,} "
             f"({100 * self.macs_fraction:.1f}%)",
             f"params        {self.params_before:,} -> {self.params_after:,} "
-            f"({100 * self.params_fraction:.1f}%)"])
+            f"({100 * self.params_fraction:.1f}%)"]
+            + ([self.calibration.table()] if self.calibration is not None else []))
 
     def __str__(self) -> str:
         return self.table()
@@ -308,29 +311,13 @@ def _plan_mapping(sites, candidates, mapping, plan, allow_depthwise):
     return plan
 
 
-def block_diagonal_weight(weight: torch.Tensor, groups: int, groups_before: int = 1
-                          ) -> torch.Tensor:
-    """The diagonal blocks of a conv weight [out, in / groups_before, k, k] as the weight of
-    the same conv in ``groups`` groups [out, in / groups, k, k]: output channel o keeps its
-    weights on the input channels of its own group."""
-    out, per_group_before = weight.shape[:2]
-    cin = per_group_before * groups_before
-    per_group = cin // groups
-    rows = []
-    for o in range(out):
-        g = o // (out // groups)
-        start = g * per_group  # input channel where o's new group begins
-        g_before = o // (out // groups_before)
-        offset = start - g_before * per_group_before  # inside o's old group
-        rows.append(weight[o, offset:offset + per_group])
-    return torch.stack(rows)
-
-
 def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = None, *,
             example_input: Optional[torch.Tensor] = None, ignore: Sequence[str] = (),
             macs: Optional[float] = None, params: Optional[float] = None,
             init: str = "reinit", regroup: bool = False, stem: str = "input",
-            allow_depthwise: bool = False) -> Tuple[nn.Module, RootifyReport]:
+            allow_depthwise: bool = False, calibration=None,
+            on_stage: Optional[Callable[[str, nn.Module], None]] = None
+            ) -> Tuple[nn.Module, RootifyReport]:
     """A root network made from ``model``, and the :class:`RootifyReport` of what changed.
     ``model`` itself is not modified.
 
@@ -354,6 +341,14 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             asked for 32 groups gets 16); off, it gets the largest count below its channels.
             A rule that itself asks for a conv's channel count (ResNet-50 root-64's first
             stage) is followed either way.
+        calibration: for a trained model, calibration images (a tensor (N, C, H, W) or
+            batches of them, from the training split): the conversion then keeps the
+            model's accuracy with no gradient step (:mod:`deeproots.calibration`: channels
+            assigned to groups and the permutations folded into the neighbouring layers,
+            batch norm re-estimated, each root module's 1x1 conv refit by least squares);
+            ``init`` is then ``"calibrated"``, and ``report.calibration`` says per layer how
+            much weight and output energy each cut kept. ``on_stage(name, model)`` is called
+            with each stage's model, to evaluate it.
 
     Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
     gain, ...) is regrouped in place, and one that would compute something else regrouped
@@ -364,6 +359,9 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         raise DeeprootsError(f"rootify takes an nn.Module; got {type(model).__name__}")
     if init not in INITS:
         raise DeeprootsError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if calibration is not None and init != "reinit":
+        raise DeeprootsError(f"calibration converts the trained weights itself; give init or "
+                             f"calibration, not both (init={init!r})")
     if stem not in STEMS:
         raise DeeprootsError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
     if (schedule is None) == (macs is None and params is None) or (macs is not None and
@@ -390,9 +388,20 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         schedule = _budget_schedule(sites, before, size[0], ignore, regroup, macs, params,
                                     options)
     plan = _plan(sites, schedule, size[0], ignore, regroup, **options)
-    new = copy.deepcopy(model)
     changes = {name: g for name, (g, _) in plan.items() if g != convs[name].groups}
-    apply_groups(new, {glob.escape(n): g for n, g in changes.items()}, reinit=init == "reinit")
+    calibrated = None
+    if calibration is not None:
+        if not changes:
+            raise DeeprootsError(f"schedule {schedule} groups no conv of "
+                                 f"{type(model).__name__} here (every layer's note says why); "
+                                 f"give a larger N, or regroup=True")
+        new, calibrated = calibrate(model, changes, calibration_batches(calibration),
+                                    stages=on_stage)
+        init = "calibrated"
+    else:
+        new = copy.deepcopy(model)
+        apply_groups(new, {glob.escape(n): g for n, g in changes.items()},
+                     reinit=init == "reinit")
     if init == "block-diagonal":
         grouped = {layer_name(p): m for p, m in new.named_modules() if isinstance(m, nn.Conv2d)}
         with torch.no_grad():
@@ -402,7 +411,9 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     after = profile(new, size)
     shared = {layer_name(ps[0]): [layer_name(q) for q in ps[1:]]
               for ps in module_paths(model).values() if len(ps) > 1}
-    return new, _report(schedule, size, sites, plan, before, after, init, shared)
+    report = _report(schedule, size, sites, plan, before, after, init, shared)
+    report.calibration = calibrated
+    return new, report
 
 
 def _example(model: nn.Module, example_input) -> torch.Tensor:

@@ -54,6 +54,7 @@ __all__ = [
     "build_loaders",
     "fashion_mnist_dirs",
     "dataset_names",
+    "calibration_images",
 ]
 
 
@@ -581,6 +582,30 @@ def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cp
     return (TensorLoader(*train, train=True, limit_batches=limit_train_batches, **common),
             TensorLoader(*test, train=False, limit_batches=limit_eval_batches, **common),
             spec)
+
+
+def calibration_images(data: str, images: int, *, data_dir=None, download_ok: bool = True,
+                       image_size: int = 224, seed: int = 0):
+    """``images`` images of the training split of ``data``, as a model takes them
+    (normalised, not augmented; for image folders, the first batches of the training
+    loader), a random sample fixed by ``seed``; and the :class:`DataSpec`. What a calibrated
+    conversion (``rootify(..., calibration=...)``) fits on."""
+    train, _, spec = build_loaders(data, data_dir=data_dir, batch_size=min(images, 256),
+                                   image_size=image_size, download_ok=download_ok, workers=0)
+    if isinstance(train, TensorLoader):
+        if images > train.num_samples:
+            raise DataError(f"{images} calibration images asked for; the {spec.name} "
+                            f"training split has {train.num_samples}")
+        pick = torch.randperm(train.num_samples, generator=torch.Generator().manual_seed(
+            seed))[:images]
+        return spec.normalize(train.images[pick].to("cpu")), spec
+    out, seen = [], 0
+    for x, _ in train.batches():
+        out.append(x)
+        seen += len(x)
+        if seen >= images:
+            break
+    return torch.cat(out)[:images], spec
 
 
 class FolderLoader:

@@ -27,6 +27,7 @@ __all__ = [
     "regroup",
     "regroup_refusal",
     "expand_groups",
+    "block_diagonal_weight",
     "divisors",
     "common_divisors",
     "module_paths",
@@ -221,6 +222,24 @@ def expand_groups(weight: torch.Tensor, groups: int, groups_before: int = 1) -> 
         offset = g * per_group - (o // (out // groups_before)) * per_before
         full[o:o + out // groups, offset:offset + per_group] = weight[o:o + out // groups]
     return full
+
+
+def block_diagonal_weight(weight: torch.Tensor, groups: int, groups_before: int = 1
+                          ) -> torch.Tensor:
+    """The diagonal blocks of a conv weight [out, in / groups_before, k, k] as the weight of
+    the same conv in ``groups`` groups [out, in / groups, k, k]: output channel o keeps its
+    weights on the input channels of its own group."""
+    out, per_group_before = weight.shape[:2]
+    cin = per_group_before * groups_before
+    per_group = cin // groups
+    rows = []
+    for o in range(out):
+        g = o // (out // groups)
+        start = g * per_group  # input channel where o's new group begins
+        g_before = o // (out // groups_before)
+        offset = start - g_before * per_group_before  # inside o's old group
+        rows.append(weight[o, offset:offset + per_group])
+    return torch.stack(rows)
 
 
 def apply_groups(

@@ -31,11 +31,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .errors import RunFolderError
 from .runtime import check_output_dir, check_output_file, to_json, write_text
 
-__all__ = ["RUN_FILES", "STUDY_FILES", "RunFolder", "RunLock", "check_new_file",
+__all__ = ["RUN_FILES", "RUN_MARKERS", "STUDY_FILES", "RunFolder", "RunLock", "check_new_file",
            "check_new_folder", "lock_holder"]
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
-             "tensorboard")
+             "tensorboard", "converted.pt")
+# what only a run writes: a folder holding one of them (or its lock) is a run's. A file that
+# other commands write too (converted.pt by ``rootify --out``, curves.png by ``plot-results``)
+# does not make a folder a run's
+RUN_MARKERS = ("last.pt", "best.pt", "metrics.jsonl")
 STUDY_FILES = ("manifest.json", "study.md", "study.csv", "study.json", "accuracy.png")
 LOCK = ".lock"
 REPLACED = ".replaced"  # an old run's files, moved aside while a new run replaces it
@@ -239,8 +243,8 @@ class _LockedFolder:
 def _owner(path: Path) -> Optional[str]:
     """What ``path`` belongs to when it is a run's or a study's own file, else None."""
     folder = path.parent
-    if path.name in RUN_FILES + (LOCK, REPLACED) and (
-            RunFolder(folder).holds_run() or (folder / LOCK).exists()):
+    if path.name in RUN_FILES + (LOCK, REPLACED) and any(
+            (folder / name).exists() for name in RUN_MARKERS + (LOCK,)):
         return f"the run in {folder}"
     if path.name in STUDY_FILES and (folder / "manifest.json").exists():
         return f"the study in {folder}"

@@ -31,10 +31,11 @@ from torch.nn import functional as F
 from .errors import DeeprootsError
 from .checks import check_choice
 from .config import COMPILE_MODES, GROUPED_CONV, MEMORY_FORMATS
-from .layers import main_logits
+from .calibration import assign_groups
+from .layers import conv_layers, main_logits
 
 __all__ = ["TrainStep", "Layout", "choose_layout", "make_optimizer", "loss_of",
-           "resolve_grouped_conv"]
+           "resolve_grouped_conv", "distillation_loss", "Distillation", "GroupLasso"]
 
 
 class Layout:
@@ -114,6 +115,77 @@ def loss_of(out, y: torch.Tensor, aux_weight: float) -> Tuple[torch.Tensor, torc
     return logits, loss
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float = 4.0) -> torch.Tensor:
+    """Hinton et al.'s distillation term: the KL divergence from the teacher's softened
+    class probabilities to the student's, at ``temperature``, times temperature squared (so
+    its gradients keep their scale as the temperature changes)."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student.float() / t, 1), F.softmax(teacher.float() / t, 1),
+                    reduction="batchmean") * t * t
+
+
+class Distillation:
+    """The loss of a student trained with a teacher: ``(1 - weight) x`` the usual loss plus
+    ``weight x`` :func:`distillation_loss` on the teacher's logits for the same batch (the
+    teacher in eval mode, no gradients)."""
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, weight: float = 0.5):
+        self.teacher, self.temperature, self.weight = teacher.eval(), temperature, weight
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, x: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor
+                 ) -> torch.Tensor:
+        with torch.no_grad():
+            target = main_logits(self.teacher(x))
+        return (1 - self.weight) * loss + self.weight * distillation_loss(
+            logits, target, self.temperature)
+
+
+class GroupLasso:
+    """CondenseNet's idea for any CNN: a group-lasso penalty, ``weight x`` the sum over the
+    grouped-to-be convs of the L2 norms of each (filter, input channel) kernel outside its
+    block of an assignment of filters and input channels to groups
+    (:func:`deeproots.calibration.assign_groups`, on the weights' energy); :meth:`reassign`
+    re-estimates the assignment from the weights as they are. Driving those kernels to zero
+    makes the model groupable: a calibrated conversion then keeps almost all its weight."""
+
+    def __init__(self, model: nn.Module, groups: Dict[str, int], weight: float = 1e-3):
+        self.convs = {n: conv_layers(model)[n] for n in groups}
+        self.groups, self.weight = dict(groups), weight
+        self.masks: Dict[str, torch.Tensor] = {}
+        self.reassign()
+
+    @torch.no_grad()
+    def reassign(self) -> Dict[str, float]:
+        """New blocks from the weights as they are; returns each layer's fraction of its
+        weight energy inside them."""
+        kept = {}
+        for name, conv in self.convs.items():
+            score = conv.weight.detach().double().pow(2).sum((2, 3)).cpu().numpy()
+            rows, cols, kept[name] = assign_groups(score, self.groups[name], starts=1)
+            inside = torch.from_numpy(rows[:, None] == cols[None, :])
+            self.masks[name] = (~inside).to(conv.weight.device, conv.weight.dtype)
+        return kept
+
+    def __call__(self) -> torch.Tensor:
+        total = 0.0
+        for name, conv in self.convs.items():
+            norms = conv.weight.float().pow(2).sum((2, 3)).add(1e-12).sqrt()
+            total = total + (norms * self.masks[name]).sum()
+        return self.weight * total
+
+    @torch.no_grad()
+    def kept(self) -> Dict[str, float]:
+        """Each layer's fraction of its weight energy inside its blocks, as assigned."""
+        out = {}
+        for name, conv in self.convs.items():
+            energy = conv.weight.detach().float().pow(2).sum((2, 3))
+            out[name] = 1.0 - float((energy * self.masks[name]).sum() / energy.sum())
+        return out
+
+
 def resolve_grouped_conv(how: str, device: torch.device, compile: Optional[str] = None) -> str:
     """``auto``: the measured dispatch on CUDA when Triton is installed, else PyTorch's own;
     native under ``compile`` (the compiler then sees whole graphs and picks its own
@@ -145,8 +217,11 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  net: Optional[nn.Module] = None, aux_weight: float = 0.3,
                  compile: Optional[str] = None, grouped_conv: str = "native",
-                 layout: Optional[Layout] = None):
+                 layout: Optional[Layout] = None,
+                 distillation: Optional[Distillation] = None,
+                 penalty: Optional[GroupLasso] = None):
         self.model, self.optimizer = model, optimizer
+        self.distillation, self.penalty = distillation, penalty
         self.net = net if net is not None else model  # what runs forward (a DDP wrapper)
         self.aux_weight = aux_weight
         self.device = next(model.parameters()).device
@@ -180,6 +255,10 @@ class TrainStep:
     def _eager_forward(self, x: torch.Tensor, y: torch.Tensor):
         with self.autocast():
             logits, loss = loss_of(self.net(x), y, self.aux_weight)
+            if self.distillation is not None:
+                loss = self.distillation(x, logits, loss)
+        if self.penalty is not None and self.net.training:
+            loss = loss + self.penalty()
         correct = (logits.argmax(1) == y).sum()
         return loss, correct
 

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from . import __version__
 from .checkpoint import (CheckpointError, changes_of, config_from_checkpoint, load_checkpoint,
-                         model_from_checkpoint, resume_config, save_checkpoint)
+                         model_from_checkpoint, resume_config, save_checkpoint, save_model)
 from .config import TrainConfig, lr_at
 from .conversion import rootify
 from .costs import profile
@@ -48,7 +48,8 @@ from .registry import (build_model, check_model_spec, is_user_model, model_slug,
                        model_source_digest, resolve_model_spec)
 from .rundir import RUN_FILES, RunFolder
 from .runtime import allocator, resolve_device, write_json
-from .step import Layout, TrainStep, choose_layout, make_optimizer, resolve_grouped_conv
+from .step import (Distillation, GroupLasso, Layout, TrainStep, choose_layout, make_optimizer,
+                   resolve_grouped_conv)
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_checkpoint", "save_checkpoint",
            "model_from_checkpoint", "config_from_checkpoint", "load_for_eval",
@@ -113,6 +114,7 @@ class TrainSummary:
     memory_format: str = "contiguous"  # the step's layout: channels-last or contiguous
     files: List[str] = field(default_factory=list)  # the run's files, as written
     kernel_notes: List[str] = field(default_factory=list)  # kernels dropped on first use
+    learned_groups: Optional[dict] = None  # --learn-groups: weight kept, top-1 converted
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -313,6 +315,8 @@ class _Run:
     optimizer: Optional[torch.optim.Optimizer] = None
     layout: Optional[Layout] = None  # memory format and autocast, the step's
     step_fn: Optional[TrainStep] = None
+    distillation: Optional[Distillation] = None  # --distill: the teacher
+    penalty: Optional[GroupLasso] = None  # --learn-groups: the group-lasso penalty
     # the position: epochs finished, steps into the next one, the history of finished epochs
     epoch: int = 0
     step: int = 0
@@ -338,7 +342,12 @@ def _build(cfg: TrainConfig, spec: DataSpec, model: Optional[nn.Module]) -> nn.M
     """The model to train: built by name or ``FILE.py:FUNCTION`` (or a copy of ``model``),
     made a root network when ``cfg.rootify`` says so, checked against the data."""
     size = (spec.in_channels, spec.image_size, spec.image_size)
-    if model is not None:
+    if cfg.init:  # a converted (or any trained) model: its architecture and weights
+        state = load_checkpoint(cfg.init)
+        model = model_from_checkpoint(state, cfg.init, model if model is not None else (
+            cfg.model if is_user_model(cfg.model) else None))
+        model.name = cfg.model
+    elif model is not None:
         model = copy.deepcopy(model)
         model.name = cfg.model
         model.deeproots_cfg = {"name": cfg.model, "kwargs": {}}
@@ -363,6 +372,16 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     then the folder, the checkpoint a resumed run continues, the data, the model and the
     memory."""
     cfg.check()
+    for what, path in (("init", cfg.init), ("distill", cfg.distill)):
+        if path and not Path(path).is_file():
+            raise CheckpointError(f"{what} {path}: no such checkpoint file")
+    if not cfg.resume:  # recorded absolute: the run resumes from any folder
+        paths = {k: os.path.abspath(getattr(cfg, k)) for k in ("init", "distill")
+                 if getattr(cfg, k)}
+        if cfg.init and model is None and not is_user_model(cfg.model):
+            # the model is the checkpoint's: its name, rebuilt with its groups
+            paths["model"] = load_checkpoint(cfg.init)["model_cfg"]["name"]
+        cfg = TrainConfig(**{**asdict(cfg), **paths})
     if model is None:
         check_model_spec(cfg.model)
     device = resolve_device(cfg.device)
@@ -398,7 +417,36 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     run.layout = _layout(run)
     run.layout.apply(run.model)  # before DDP wraps the model
     run.optimizer = make_optimizer(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    if cfg.distill:
+        run.distillation = _teacher(run, spec)
+    if cfg.learn_groups:
+        example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+        _, plan = rootify(built.cpu(), cfg.learn_groups, example_input=example)
+        built.to(device)
+        if not plan.groups:
+            raise DeeprootsError(f"learn_groups {cfg.learn_groups} groups no conv of "
+                                 f"{cfg.model}; give a larger N")
+        run.penalty = GroupLasso(run.model, plan.groups, cfg.group_lasso)
     return run
+
+
+def _teacher(run: _Run, spec: DataSpec) -> Distillation:
+    """The teacher of ``--distill``: its model rebuilt from its checkpoint (a registered
+    model; one of your own by the same FILE.py:FUNCTION as the student), in the step's layout,
+    its classes checked against the data's."""
+    state = load_checkpoint(run.cfg.distill, map_location=run.device)
+    name = state["model_cfg"]["name"]
+    teacher = model_from_checkpoint(state, run.cfg.distill, run.cfg.model if is_user_model(
+        name) and is_user_model(run.cfg.model) else None).to(run.device).eval()
+    classes = example_logits(teacher, torch.zeros(
+        1, spec.in_channels, spec.image_size, spec.image_size, device=run.device),
+        name).shape[1]
+    if classes != spec.num_classes:
+        raise DeeprootsError(f"--distill {run.cfg.distill}: the teacher has {classes} classes "
+                             f"but {spec.name} has {spec.num_classes}; distil from a model "
+                             f"trained on the same classes")
+    run.layout.apply(teacher)
+    return Distillation(teacher, run.cfg.distill_temperature, run.cfg.distill_weight)
 
 
 def _layout(run: _Run) -> Layout:
@@ -436,6 +484,10 @@ def _resume(run: _Run) -> None:
     if run.step:
         run.sums = list(state.get("epoch_sums", run.sums))
         run.log_mark = list(state.get("log_mark", run.log_mark))
+    if run.penalty is not None and isinstance(state.get("group_masks"), dict):
+        for name, mask in state["group_masks"].items():
+            if name in run.penalty.masks and mask.shape == run.penalty.masks[name].shape:
+                run.penalty.masks[name] = mask.to(run.penalty.masks[name])
     torch.set_rng_state(state["rng_cpu"])
     if run.cuda and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -460,7 +512,8 @@ def _start(run: _Run) -> None:
         dispatch_cache().update(run.state["dispatch"])
     run.step_fn = TrainStep(run.model, run.optimizer, net=run.net,
                             aux_weight=run.cfg.aux_weight, compile=run.cfg.compile,
-                            grouped_conv=run.cfg.grouped_conv, layout=run.layout)
+                            grouped_conv=run.cfg.grouped_conv, layout=run.layout,
+                            distillation=run.distillation, penalty=run.penalty)
     for line in run.step_fn.fallbacks:
         print(f"grouped conv left to PyTorch: {line}", file=sys.stderr)
     if run.writer:
@@ -489,6 +542,8 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     }
     if run.cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
+    if run.penalty is not None:  # the blocks of this epoch, so a resume penalises the same
+        state["group_masks"] = {n: m.bool().cpu() for n, m in run.penalty.masks.items()}
     if run.step_fn is not None and run.step_fn.grouped_conv == "dispatch":
         from .kernels.modules import dispatch_cache  # loaded already: the run uses it
 
@@ -608,6 +663,8 @@ def _train_epoch(run: _Run, epoch: int, stop: _StopRequest, callbacks) -> float:
     if first == 0:
         run.sums = [0.0, 0.0, 0.0, 0.0]
         run.log_mark = [0.0, 0.0, 0.0, 0.0]
+        if run.penalty is not None and epoch > 0:  # blocks re-estimated from the weights
+            run.penalty.reassign()
     show = cfg.progress if cfg.progress is not None else (sys.stderr.isatty() and run.writer)
     bar = _progress(steps, first, f"epoch {epoch + 1}/{cfg.epochs}", show)
     lr = lr_at(cfg, epoch * steps + max(first - 1, 0), steps)
@@ -718,6 +775,8 @@ def _finish(run: _Run) -> TrainSummary:
                        None),
         compile_error=run.step_fn.compile_error, grouped_conv=run.step_fn.grouped_conv,
         memory_format=run.layout.memory_format, kernel_notes=_kernel_notes(run))
+    if run.penalty is not None:
+        summary.learned_groups = _convert_learned(run, summary)
     if run.writer:
         if history:
             plot_training_curves(history, run.folder.path / "curves.png", run.cfg.model,
@@ -728,6 +787,34 @@ def _finish(run: _Run) -> TrainSummary:
                          or (run.folder.path / name).exists()]
         write_json(run.folder.path / "summary.json", summary.to_dict())
     return summary
+
+
+LEARNED = "converted.pt"  # --learn-groups: the model converted at the end of the run
+
+
+def _convert_learned(run: _Run, summary: TrainSummary) -> dict:
+    """The end of a --learn-groups run: the trained model converted to its schedule with
+    calibration (a sample of its training images), evaluated, and (rank 0) written as
+    ``converted.pt`` beside the run's files."""
+    kept = run.penalty.kept()
+    loader = run.train_loader
+    images = getattr(loader, "images", None)
+    if images is not None:  # the in-memory datasets: a fixed sample, normalised
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:2000]
+        calib = run.spec.normalize(images[pick.to(images.device)]).to(run.device)
+    else:
+        calib = torch.cat([x for _, (x, _) in zip(range(8), loader.batches())]).to(run.device)
+    new, report = rootify(run.model.eval(), run.cfg.learn_groups, example_input=calib[:1],
+                          calibration=calib)
+    after = evaluate(new, run.test_loader, run.device, run.layout).top1
+    out = {"schedule": run.cfg.learn_groups, "weight_kept": kept, "top1_before": summary.top1,
+           "top1_after": after, "macs_fraction": report.macs_fraction,
+           "converted": str(run.folder.path / LEARNED)}
+    if run.writer:
+        save_model(run.folder.path / LEARNED, new, {
+            "model_cfg": run.model.deeproots_cfg, "config": asdict(run.cfg),
+            "data": asdict(run.spec)}, converted={**out, "report": report.to_dict()})
+    return out
 
 
 def _kernel_notes(run: _Run) -> List[str]:

@@ -1,0 +1,212 @@
+"""A trained CNN converted into a root network with calibration: the assignment, the
+permutations folded into the neighbours, the least-squares refit, batch norm re-estimated;
+checked against hand-made cases and a numpy solve; then the command line, distillation and
+learning to be groupable, on small files."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import deeproots
+from deeproots.calibration import (assign_groups, calibrate, fold_permutations,
+                                   refit_pointwise, root_sites)
+from deeproots.cli import main
+from deeproots.step import GroupLasso, distillation_loss
+from deeproots.train import load_checkpoint, train
+from helpers import train_cfg, trained_like, write_fashion_mnist
+
+
+def test_permutations_folded_into_the_neighbours_leave_the_model_unchanged():
+    """NiN's conv2a and conv3a: their input permutations go into conv1c / conv2c (and the
+    batch norms between), their output permutations into conv2b / conv3b; the dense model
+    computes what it computed (before any block is cut)."""
+    model = trained_like("nin", in_channels=1)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+    sites = root_sites(model, ["conv2a", "conv3a"])
+    assert (sites["conv2a"].producer, sites["conv2a"].consumer) == ("conv1c", "conv2b")
+    assert sites["conv2a"].before == ["conv1c.bn", "conv1c.act", "pool1"]
+    g = torch.Generator().manual_seed(0)
+    fold_permutations(model, sites["conv2a"], torch.randperm(96, generator=g),
+                      torch.randperm(192, generator=g))
+    fold_permutations(model, sites["conv3a"], torch.randperm(192, generator=g),
+                      torch.randperm(192, generator=g))
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_a_residual_add_fixes_the_order_it_reads():
+    """A basic block's first conv reads the residual stream (also used by the add) and its
+    second writes into the add: those sides keep their order, and the report says why."""
+    import zoo
+
+    sites = root_sites(zoo.ResNet18ish(), ["layer1.0.conv1", "layer1.0.conv2"])
+    first, second = sites["layer1.0.conv1"], sites["layer1.0.conv2"]
+    assert first.producer is None and "residual add" in first.fixed_in
+    assert first.consumer == "layer1.0.conv2"  # through bn1 and the ReLU
+    assert second.consumer is None and "go to add" in second.fixed_out
+    bottleneck = root_sites(deeproots.create_model("resnet50").eval(), ["layer1.0.conv2"])
+    assert bottleneck["layer1.0.conv2"].producer == "layer1.0.conv1"
+    assert bottleneck["layer1.0.conv2"].consumer == "layer1.0.conv3"
+
+
+def test_a_conv_block_diagonal_under_a_permutation_is_converted_with_zero_error():
+    torch.manual_seed(0)
+    g, cin, cout = 4, 8, 16
+    block = torch.zeros(cout, cin, 3, 3)
+    for k in range(g):
+        block[k * 4:(k + 1) * 4, k * 2:(k + 1) * 2] = torch.randn(4, 2, 3, 3)
+    rows, cols = torch.randperm(cout), torch.randperm(cin)
+    model = nn.Sequential(nn.Conv2d(3, cin, 1), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(cout, 5, 1))
+    with torch.no_grad():
+        model[2].weight.copy_(block[rows][:, cols])
+        model[2].bias.zero_()
+    x = torch.randn(64, 3, 6, 6)
+    new, report = calibrate(model.eval(), {"2": g}, [x], refit="root", ridge=0.0)
+    layer = report.layers[0]
+    assert layer.weight_kept == pytest.approx(1.0) and layer.output_kept == pytest.approx(1.0)
+    assert layer.weight_kept_plain < 0.5 and layer.permuted_in and layer.permuted_out
+    assert new[2].groups == g
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x), atol=1e-4)
+
+
+def test_the_assignment_keeps_the_most_weight_and_respects_a_fixed_side():
+    rng = np.random.default_rng(0)
+    score = rng.random((8, 8))
+    rows, cols, kept = assign_groups(score, 2)
+    assert sorted(np.bincount(rows)) == [4, 4] and sorted(np.bincount(cols)) == [4, 4]
+    plain = score[:4, :4].sum() + score[4:, 4:].sum()
+    assert kept * score.sum() >= plain - 1e-9
+    rows, cols, _ = assign_groups(score, 2, fix_cols=True)
+    assert list(cols) == [0] * 4 + [1] * 4  # the inputs keep their order
+
+
+def test_the_least_squares_refit_equals_a_numpy_solve():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    new = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
+    refit_pointwise(dense, new, "2", batches, ridge=0.0)
+    with torch.no_grad():
+        xs = np.concatenate([F.relu(new[0](b)).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+                             for b in batches])
+        ys = np.concatenate([dense(b).permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+                             for b in batches])
+    a = np.concatenate([xs, np.ones((len(xs), 1))], 1)
+    solution, *_ = np.linalg.lstsq(a, ys, rcond=None)
+    assert np.allclose(new[2].weight.detach().numpy().reshape(4, 6), solution[:6].T, atol=1e-4)
+    assert np.allclose(new[2].bias.detach().numpy(), solution[6], atol=1e-4)
+
+
+def test_distillation_loss_by_hand():
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p = torch.softmax(t / 2, 1)
+    q = torch.log_softmax(s / 2, 1)
+    assert distillation_loss(s, t, 2.0).item() == pytest.approx(
+        4 * float((p * (p.log() - q)).sum()), rel=1e-6)
+
+
+def test_the_group_lasso_penalises_only_the_weights_outside_the_blocks():
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1) + 0.1)
+    model = nn.Sequential(conv)
+    lasso = GroupLasso(model, {"0": 2}, weight=1.0)
+    mask = lasso.masks["0"]
+    assert int(mask.sum()) == 8  # half of the 16 kernels lie outside 2 blocks of 2 x 2
+    norms = conv.weight.detach().abs().view(4, 4)
+    assert lasso().item() == pytest.approx(float((norms * mask).sum()), rel=1e-5)
+    assert 0.5 < lasso.kept()["0"] < 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    write_fashion_mnist(root / "data", n_train=64, n_test=32, size=8)
+    train(train_cfg(root / "data", root / "dense", model="nin", epochs=2))
+    return root
+
+
+def test_rootify_a_checkpoint_then_fine_tune_it_with_distillation(trained, capsys):
+    data, ckpt = str(trained / "data"), str(trained / "dense" / "best.pt")
+    out = trained / "converted.pt"
+    assert main(["rootify", ckpt, "--schedule", "root-8", "--data", "fashion-mnist",
+                 "--data-dir", data, "--calibration-images", "48", "--out", str(out),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["top1_before"] <= 1 and 0 <= result["top1_after"] <= 1
+    assert list(result["stages"]) == ["block-diagonal", "+ permutation", "+ batch norm",
+                                      "+ 1x1 refit"]
+    state = load_checkpoint(out)
+    assert state["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}  # nin-root-8's
+    assert main(["eval", str(out), "--data-dir", data, "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(result["top1_after"])
+    run = trained / "finetune"
+    assert main(["train", "--init", str(out), "--distill", ckpt, "--data", "fashion-mnist",
+                 "--data-dir", data, "--batch-size", "16", "--out", str(run), "--device",
+                 "cpu", "--no-progress", "--allocator", "system"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["init"] == str(out) and summary["config"]["distill"] == ckpt
+    assert summary["config"]["epochs"] == 1 and summary["config"]["lr"] == 0.01  # a fine-tune
+    assert 0 <= summary["top1"] <= 1
+    weights = load_checkpoint(run / "last.pt")
+    assert weights["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}
+    # the same cost as the registered root variant
+    model = deeproots.create_model("nin-root-8", in_channels=1)
+    assert summary["macs"] == deeproots.profile(model, (1, 8, 8)).macs
+
+
+def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
+    run = trained / "learned"
+    summary = train(train_cfg(trained / "data", run, model="nin", epochs=2,
+                              learn_groups="root-8", group_lasso=1e-2))
+    learned = summary.learned_groups
+    assert set(learned["weight_kept"]) == {"conv2a", "conv3a"}
+    assert learned["top1_after"] is not None and (run / "converted.pt").exists()
+    assert load_checkpoint(run / "converted.pt")["model_cfg"]["groups"] == {"conv2a": 8,
+                                                                          "conv3a": 4}
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["rootify", "{dense}", "--schedule", "root-1", "--data-dir", "{data}",
+      "--calibration-images", "32"],
+     "schedule root-1 groups no conv of NiN"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data", "cifar10", "--data-dir",
+      "{data}", "--calibration-images", "32", "--no-download"], "cifar-10"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data-dir", "{data}",
+      "--calibration-images", "100000"], "100000 calibration images asked for"),
+    (["rootify", "nin", "--schedule", "root-8", "--out", "{tmp}/x.pt"],
+     "--out calibrates a trained model: give a checkpoint"),
+    (["train", "--init", "{tmp}/none.pt", "--data-dir", "{data}", "--out", "{tmp}/r"],
+     "init {tmp}/none.pt: no such checkpoint file"),
+    (["train", "nin-root-8", "--distill", "{other}", "--data-dir", "{data}", "--out",
+      "{tmp}/r2", "--batch-size", "16", "--device", "cpu"],
+     "the teacher has 5 classes but fashion-mnist has 10"),
+    (["train", "nin", "--learn-groups", "root-8", "--rootify", "root-8"],
+     "learn_groups trains a dense model to be groupable"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
+    other = trained / "other.pt"
+    if not other.exists():  # a teacher of other classes
+        state = load_checkpoint(trained / "dense" / "best.pt")
+        model = deeproots.create_model("nin", in_channels=1, num_classes=5)
+        state["model"] = model.state_dict()
+        state["model_cfg"] = {"name": "nin", "kwargs": {"in_channels": 1, "num_classes": 5}}
+        torch.save(state, other)
+    values = {"dense": trained / "dense" / "best.pt", "data": trained / "data",
+              "tmp": tmp_path, "other": other}
+    argv = [a.format(**values) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as stop:
+        rc = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert phrase.format(**values) in err[0], err[0]
+    assert not list(tmp_path.iterdir())
