@@ -22,7 +22,7 @@ import torch
 from deeproots.checkpoint import load_checkpoint, model_from_checkpoint, save_model
 from deeproots.config import TrainConfig
 from deeproots.conversion import rootify
-from deeproots.finetune import convert_checkpoint
+from deeproots.finetune import CALIBRATION_IMAGES, convert_checkpoint
 from deeproots.train import train
 
 ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "zoo.py")
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/calibrated")
     p.add_argument("--schedule", default="root-8")
     p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
     args = p.parse_args()
     dense_name, root_name, _, limit = FAMILIES[args.family]
     out = Path(args.out)

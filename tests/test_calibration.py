@@ -104,6 +104,37 @@ def test_the_least_squares_refit_equals_a_numpy_solve():
     assert np.allclose(new[2].bias.detach().numpy(), solution[6], atol=1e-4)
 
 
+def test_a_conv_without_bias_is_refit_without_one():
+    """Never a parameter the model lacks (it must load into its own class): before a batch
+    norm the constant is fit and dropped (the re-estimated batch norm removes it: the
+    slopes are those of the fit with a constant); elsewhere the fit has no constant."""
+    torch.manual_seed(0)
+    batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
+
+    def nets(norm):
+        tail = [nn.BatchNorm2d(4)] if norm else []
+        return [nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1, bias=False),
+                              *tail).eval() for _ in range(2)]
+
+    def solve(new, dense, constant):
+        with torch.no_grad():
+            xs = np.concatenate([F.relu(new[0](b)).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+                                 for b in batches])
+            ys = np.concatenate([dense[2](F.relu(dense[0](b))).permute(0, 2, 3, 1)
+                                 .reshape(-1, 4).numpy() for b in batches])
+        a = np.concatenate([xs, np.ones((len(xs), 1))], 1) if constant else xs
+        return np.linalg.lstsq(a, ys, rcond=None)[0][:6].T
+
+    for norm in (True, False):
+        dense, new = nets(norm)
+        refit_pointwise(dense, new, "2", batches, ridge=0.0)
+        assert new[2].bias is None
+        assert not new.training and (not norm or new[3].running_mean.abs().max() == 0)
+        got = new[2].weight.detach().numpy().reshape(4, 6)
+        assert np.allclose(got, solve(new, dense, constant=norm), atol=1e-4)
+        assert not np.allclose(got, solve(new, dense, constant=not norm), atol=1e-3)
+
+
 def test_distillation_loss_by_hand():
     s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     p = torch.softmax(t / 2, 1)

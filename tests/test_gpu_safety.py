@@ -345,3 +345,62 @@ def test_with_tf32_off_the_fp32_kernels_multiply_in_full_fp32(monkeypatch):
     with recorded() as launches:  # half precision multiplies as it is
         K.grouped_conv2d(x.bfloat16(), w.bfloat16(), None, 1, 1, 1, 4)
     assert launches[0][2]["PRECISION"] == "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Under DDP and in the GPU session's plan
+
+
+def test_under_ddp_rank_0_chooses_and_every_rank_takes_its_choice(fakes, monkeypatch):
+    import torch.distributed as dist
+
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    x = torch.randn(2, 8, 5, 5)
+    monkeypatch.setattr(M, "_distributed", lambda: True)
+    sent = []
+
+    def as_rank_0(objects, src):
+        assert src == 0
+        sent.append(list(objects))
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "broadcast_object_list", as_rank_0)
+    first = M.DispatchConv2d(conv, choices=("native", "plus-one"), name="mine")
+    with pytest.warns(RuntimeWarning, match="'plus-one' dropped"), torch.no_grad():
+        first(x)
+    (choice, rejected), = sent  # rank 0 measured, verified and sent both
+    assert choice[0] == "native" and set(rejected) == {"plus-one"}
+
+    M.dispatch_cache().clear()  # another rank: measures nothing, takes rank 0's message
+
+    def as_rank_1(objects, src):
+        assert objects[0] is None
+        objects[:] = [("plus-one", {"plus-one": 1.0}), {"raises": "RuntimeError: sent"}]
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "broadcast_object_list", as_rank_1)
+    monkeypatch.setattr(M.DispatchConv2d, "_choose", lambda *a: pytest.fail("rank 1 measured"))
+    other = M.DispatchConv2d(conv, choices=("native", "plus-one"), name="mine")
+    with torch.no_grad():
+        out = other(x)
+    assert list(other.chosen.values()) == ["plus-one"]
+    assert other.rejected == {"raises": "RuntimeError: sent"}
+    assert torch.equal(out, conv(x) + 1)  # computes as rank 0 chose
+
+
+def test_the_gpu_plan_counts_each_kernel_variant_once_with_its_configurations(monkeypatch):
+    """benchmarks/gpu_plan.py's count, by hand: a launch compiles anew when a compile-time
+    constant or Triton's specialisation of an argument (an integer equal to 1, a multiple of
+    16, a dtype) differs; block sizes are the autotuner's, not a variant."""
+    from deeproots.kernels import resources as RS
+
+    monkeypatch.setattr(RS, "configs", lambda name, a, k: [None] * (3 if name == "a" else 5))
+    x = torch.zeros(64)
+    launches = [("a", (x, 32), {"C": 4, "BLOCK_M": 64}),
+                ("a", (x, 48), {"C": 4, "BLOCK_M": 32}),  # the same variant: 48 = 3 x 16
+                ("a", (x, 33), {"C": 4}),                 # 33: another specialisation
+                ("a", (x, 1), {"C": 4}),                  # 1: another
+                ("a", (x, 32), {"C": 8}),                 # another constant
+                ("b", (x.bfloat16(), 32), {}), ("b", (x, 32), {})]  # two dtypes
+    assert RS.variants(launches) == {"a": 4 * 3, "b": 2 * 5}
+    assert RS.variants(launches, first=True) == {"a": 4, "b": 2}

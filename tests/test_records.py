@@ -114,3 +114,17 @@ def test_bench_times_both_layouts_side_by_side():
                         warmup=0, input_size=(3, 8, 8),
                         memory_formats=["contiguous", "channels-last"])
     assert [r.path for r in rows] == ["eager/contiguous"] * 2 + ["eager/channels-last"] * 2
+
+
+def test_tensorboard_without_the_package_is_one_line_and_writes_nothing(data_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    out = tmp_path / "run"
+    rc = main(["train", "nin", "--data-dir", str(data_dir), "--out", str(out), "--epochs",
+               "1", "--batch-size", "16", "--device", "cpu", "--tensorboard", "--no-progress",
+               "--allocator", "system"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--tensorboard needs the tensorboard package" in err[0]
+    assert not out.exists()

@@ -102,9 +102,9 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     update; bf16 autocast and channels-last on CUDA), compiled with ``compile`` and grouped
     convs run by ``grouped_conv`` as in ``train``, in each of ``memory_formats``
     (``auto``, ``channels-last``, ``contiguous``: train's ``--memory-format``); ``detail``
-    adds the forward, backward and optimizer parts of a step (timm's ``--detail``). Train GFLOP/s count the backward
-    pass as twice the forward. A batch that runs out of GPU memory is halved and tried
-    again, as timm's benchmark does; the rows say so in ``notes``."""
+    adds the forward, backward and optimizer parts of a step (timm's ``--detail``). Train
+    GFLOP/s count the backward pass as twice the forward. A batch that runs out of GPU memory
+    is halved and tried again, as timm's benchmark does; the rows say so in ``notes``."""
     if not names:
         raise DeeprootsError("name at least one model to time (deeproots list shows them)")
     for name in names:

@@ -4,7 +4,7 @@ permutations folded into the neighbouring layers), and the 1x1 conv after each o
 refit so that the root module computes what the dense layers computed, on a few thousand
 calibration images.
 
-    new, report = deeproots.rootify(trained, "root-8", calibration=images)  # as the model takes them
+    new, report = deeproots.rootify(trained, "root-8", calibration=images)  # model's inputs
     print(report.calibration_table())
 
 The steps, each measured by the benchmark (``benchmarks/calibrated_rootify.py``):
@@ -459,6 +459,36 @@ def _run_until(model: nn.Module, x: torch.Tensor, layer: nn.Module, output: bool
     return got[0]
 
 
+def _feeds_batchnorm(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the output of ``layer`` goes straight into a batch norm when ``model`` runs
+    ``x`` (the pass stops at that batch norm): a constant the layer adds is then one that
+    re-estimating the batch norm's mean removes."""
+    out, fed = [], []
+
+    def keep(mod, args, result):
+        out.append(result)
+
+    def norm(mod, args):
+        fed.append(bool(out) and args[0] is out[-1])
+        raise _Reached
+
+    handles = [layer.register_forward_hook(keep)] + [
+        m.register_forward_pre_hook(norm) for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was = model.training
+    model.eval()  # no running statistics change
+    try:
+        with torch.no_grad():
+            _forward(model, x)
+    except _Reached:
+        pass
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return bool(out) and bool(fed) and fed[-1]
+
+
 @torch.no_grad()
 def reestimate_batchnorm(model: nn.Module, batches, until: Optional[nn.Module] = None,
                          keep=()) -> int:
@@ -499,10 +529,17 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
     same layer of ``dense`` gives (its output channels taken in ``target_order`` where
     ``new``'s are permuted): ridge least squares over every pixel (``ridge`` times the mean of
     the inputs' second moments on the diagonal). Returns the fraction of the target's energy
-    the fit leaves unexplained."""
+    the fit leaves unexplained.
+
+    A conv with a bias gets the fit's constant term in it. A conv without one keeps none
+    (the model must still load into its own class): when its output goes straight into a
+    batch norm, the constant is fit and dropped, as the batch norm re-estimated after the
+    fit removes it exactly; otherwise the fit has no constant term."""
     target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
         raise DeeprootsError(f"{layer}: only an ungrouped 1x1 conv of stride 1 is refit")
+    batches = list(batches)
+    intercept = conv.bias is not None or _feeds_batchnorm(new, conv, batches[0])
     d = conv.in_channels
     xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(d + 1, conv.out_channels, dtype=torch.float64)
@@ -526,12 +563,14 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
         new.train(was[0]), dense.train(was[1])
     reg = ridge * float(xtx.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
     reg[d, d] = 0.0  # the bias is not shrunk
-    solution = torch.linalg.solve(xtx + reg, xty)  # (d + 1, out)
+    if not intercept:  # no constant term: the ones column left out
+        xtx, xty, reg = xtx[:d, :d], xty[:d], reg[:d, :d]
+    solution = torch.linalg.solve(xtx + reg, xty)  # (d [+ 1], out)
     conv.weight.copy_(solution[:d].T.reshape_as(conv.weight).to(conv.weight.dtype))
-    if conv.bias is None:
-        conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
-                                             device=conv.weight.device))
-    conv.bias.copy_(solution[d].to(conv.bias.dtype))
+    if conv.bias is not None:
+        conv.bias.copy_(solution[d].to(conv.bias.dtype))
+    # what the fit leaves unexplained; a constant dropped before a batch norm counts as
+    # explained, as the batch norm removes it
     residual = yty - 2 * (solution * xty).sum() + (solution * (xtx @ solution)).sum()
     return float(residual / max(float(yty), 1e-30))
 
@@ -677,6 +716,13 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
     import time
 
     started = time.perf_counter()
+    if stages is not None:  # the caller's evaluations are not the conversion's time
+        measure, evaluating = stages, [0.0]
+
+        def stages(name, model):
+            t0 = time.perf_counter()
+            measure(name, model)
+            evaluating[0] += time.perf_counter() - t0
     # channels-last: the calibration passes run twice as fast on a CPU (oneDNN)
     dense = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     new = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
@@ -771,7 +817,7 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
         reestimate_batchnorm(new, batches, keep=keep)  # those after the last refit
     if stages is not None:
         stages(STAGES[3], copy.deepcopy(new))
-    report.seconds = time.perf_counter() - started
+    report.seconds = time.perf_counter() - started - (evaluating[0] if stages else 0.0)
     return new, report
 
 

@@ -9,8 +9,8 @@ from typing import Any, Mapping, Optional, Sequence
 from .errors import DeeprootsError, GroupsError
 
 __all__ = ["GroupsError", "check_whole", "check_positive", "check_optional_positive",
-           "check_number", "check_range", "check_choice", "check_device", "check_groups_mapping", "check_seed",
-           "listed"]
+           "check_number", "check_range", "check_choice", "check_device", "check_groups_mapping",
+           "check_seed", "listed"]
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 

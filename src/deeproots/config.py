@@ -55,8 +55,9 @@ class TrainConfig:
                                   "schedule (root-N, tree-N, col-N; see deeproots rootify)")
     init: Optional[str] = _opt(None, "start from the model and weights of this checkpoint, "
                                "e.g. a converted one (deeproots rootify RUN/best.pt --out "
-                               "FILE.pt); the model name is then the checkpoint's. On the command line a fine-tune's "
-                               "defaults are 1 epoch at lr 0.01", metavar="FILE")
+                               "FILE.pt); the model name is then the checkpoint's. On the "
+                               "command line a fine-tune's defaults are 1 epoch at lr 0.01",
+                               metavar="FILE")
     distill: Optional[str] = _opt(None, "a trained checkpoint to distil from: the loss adds "
                                   "the KL divergence to its softened logits", metavar="TEACHER")
     distill_temperature: float = _opt(4.0, "with --distill: the softmax temperature")

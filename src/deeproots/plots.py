@@ -19,7 +19,8 @@ from .registry import create_model, is_model, model_entry
 from .rundir import check_new_file
 from .runtime import atomic_write, check_output_file
 
-__all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair", "plot_matrix_grid", "plot_filters",
+__all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair",
+           "plot_matrix_grid", "plot_filters",
            "plot_costs", "plot_layer_times", "plot_results", "summarize_runs",
            "plot_accuracy_vs_cost"]
 

@@ -372,6 +372,8 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     then the folder, the checkpoint a resumed run continues, the data, the model and the
     memory."""
     cfg.check()
+    if cfg.tensorboard:
+        _TensorBoard.check_installed()
     for what, path in (("init", cfg.init), ("distill", cfg.distill)):
         if path and not Path(path).is_file():
             raise CheckpointError(f"{what} {path}: no such checkpoint file")
@@ -621,12 +623,18 @@ class _TensorBoard:
     replaces another writes none before its first checkpoint (the old run's stay until then)
     and then catches up."""
 
-    def __init__(self, folder: Path, purge_step: int):
+    @staticmethod
+    def check_installed() -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter  # optional package
+            import tensorboard  # noqa: F401  (optional package)
         except ImportError:
             raise DeeprootsError("--tensorboard needs the tensorboard package: pip install "
                                  "tensorboard (or deeproots[tensorboard])") from None
+
+    def __init__(self, folder: Path, purge_step: int):
+        self.check_installed()
+        from torch.utils.tensorboard import SummaryWriter
+
         self._make = lambda: SummaryWriter(str(folder), purge_step=purge_step or None)
         self.writer = None
         # a resumed run's events from its checkpoint's step on were purged: written again
