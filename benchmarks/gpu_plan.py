@@ -80,7 +80,7 @@ STEPS = {  # the session's steps: run, what it runs, the launches it makes
                   lambda: sum((_net(m, p, 16) for m in ("nin-root-8", "resnet50-root-64",
                                                          "googlenet-root-16")
                                for p in ("dispatch", "fused")), [])),
-    "2 training": ("gpu_training.py eager+dispatch, 3 models, batch 128",
+    "2 training": ("gpu_training.py eager+dispatch, 2 root models, batch 128",
                    lambda: sum((_net(m, "", 16, True) for m in ("nin-root-8",
                                                                  "resnet50-root-64")), [])),
 }

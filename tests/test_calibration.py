@@ -241,3 +241,18 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, arg
     assert rc == 2 and len(err) == 1, err
     assert phrase.format(**values) in err[0], err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_a_finetune_goes_to_a_folder_of_its_own():
+    """Without --out, a run from --init (or --learn-groups) never lands in the folder of the
+    run it came from (runs/nin-fashion-mnist-seed0)."""
+    from pathlib import Path
+
+    from deeproots.config import TrainConfig
+    from deeproots.train import default_out
+
+    assert default_out(TrainConfig(model="nin")) == Path("runs/nin-fashion-mnist-seed0")
+    assert default_out(TrainConfig(init="/x/nin root8.pt")) == Path(
+        "runs/nin-root8-finetune-fashion-mnist-seed0")
+    assert default_out(TrainConfig(model="nin", learn_groups="root-8", seed=2)) == Path(
+        "runs/nin-groupable-root-8-fashion-mnist-seed2")

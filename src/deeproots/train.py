@@ -234,9 +234,21 @@ class _StopRequest:
 
 def default_out(cfg: TrainConfig) -> Path:
     """``runs/MODEL-DATA-seedN``: where a run goes without ``out`` (``FILE-FUNCTION`` for a
-    model of your own)."""
+    model of your own; ``INIT-finetune-...`` for a run that starts from the checkpoint
+    ``INIT.pt``, ``MODEL-groupable-SCHEDULE-...`` for one that learns groups), so that a
+    fine-tune never lands in the folder of the run it came from."""
     data = cfg.data.split(":")[0]
-    return Path("runs") / f"{model_slug(cfg.model)}-{data}-seed{cfg.seed}"
+    if cfg.init:
+        name = f"{_slug(Path(cfg.init).stem)}-finetune"
+    elif cfg.learn_groups:
+        name = f"{model_slug(cfg.model)}-groupable-{cfg.learn_groups}"
+    else:
+        name = model_slug(cfg.model)
+    return Path("runs") / f"{name}-{data}-seed{cfg.seed}"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text) or "run"
 
 
 def resume_command(cfg: TrainConfig, out: Path | str) -> str:
