@@ -12,7 +12,8 @@
 # Run 1 (limits add up to 270 s): the gpu_quick test subset (every kernel and code path,
 # small shapes, the first configuration only: DEEPROOTS_AUTOTUNE=first), the bench of nin
 # and nin-root-8 in the kernel paths, 50 training steps with the default grouped-conv setting.
-# Run 2 (limits add up to 280 s): benchmarks/gpu_targets.py and benchmarks/gpu_training.py.
+# Run 2 (limits add up to 280 s): benchmarks/gpu_targets.py for nin-root-8 and
+# resnet50-root-64, and benchmarks/gpu_training.py with the first configuration of each kernel.
 set -u
 cd "$(dirname "$0")/.."
 RUN=${1:-1}
@@ -45,16 +46,18 @@ if [ "$RUN" = 1 ]; then
     step machine 20 bash -c "nvidia-smi -L; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
     # every kernel and code path against F.conv2d on the GPU itself (CI runs every shape
     # under the interpreter); one configuration per variant
-    DEEPROOTS_AUTOTUNE=first step tests 120 "$PY" -m pytest -m gpu_quick -q -n 8 \
+    DEEPROOTS_AUTOTUNE=first step tests 90 "$PY" -m pytest -m gpu_quick -q -n 8 \
         -p no:cacheprovider --junitxml "$OUT/tests.xml"
-    step bench 70 "$PY" -m deeproots bench nin nin-root-8 --device cuda --dtype bfloat16 \
+    step bench 85 "$PY" -m deeproots bench nin nin-root-8 --device cuda --dtype bfloat16 \
         --batch-size 256 --path fold dispatch fused cudagraph --repeats 10
-    step train 60 "$PY" -m deeproots train nin-root-8 --data fashion-mnist \
+    step train 75 "$PY" -m deeproots train nin-root-8 --data fashion-mnist \
         --data-dir data/fashion-mnist --device cuda --epochs 1 --limit-train-batches 50 \
         --limit-eval-batches 5 --out "$OUT/train" --no-progress --log-every 10
 else
-    step targets 200 "$PY" benchmarks/gpu_targets.py --paths fold dispatch fused cudagraph \
-        --table-paths fold
-    step training 80 "$PY" benchmarks/gpu_training.py --steps eager eager+dispatch \
-        --skip-layers
+    # googlenet-root-16 left out: its 17 per-group widths alone are 34 more kernel variants
+    step targets 190 "$PY" benchmarks/gpu_targets.py --paths fold dispatch fused cudagraph \
+        --models nin-root-8 resnet50-root-64 --table-paths fold
+    # the first configuration of each Triton kernel against cuDNN (61 variants otherwise)
+    DEEPROOTS_AUTOTUNE=first step training 90 "$PY" benchmarks/gpu_training.py \
+        --steps eager eager+dispatch --skip-layers
 fi

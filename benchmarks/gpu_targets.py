@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--quick", action="store_true",
                    help="NiN only (its pair and Table 8), few repeats: a smoke test")
+    p.add_argument("--models", nargs="+", choices=[root for _, root, _ in PAIRS],
+                   help="the root models whose pairs to time (default: all three)")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--table-paths", nargs="*", default=["dispatch", "fused"],
                    help="paths to time every variant of Tables 4, 6 and 8 in (none: skip)")
@@ -230,6 +232,8 @@ def main() -> None:
     except ImportError:
         args.paths = [x for x in args.paths if x not in ("triton", "fused")]
     pairs = PAIRS[2:] if args.quick else PAIRS
+    if args.models:
+        pairs = [pair for pair in pairs if pair[1] in args.models]
     repeats = 3 if args.quick else args.repeats
     verdicts = []
     for orig, root, target in pairs:
