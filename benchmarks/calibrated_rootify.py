@@ -64,6 +64,10 @@ def main() -> None:
         ckpt, args.schedule, out=converted, overwrite=True,
         calibration_images_n=args.calibration_images,
         model=dense_name if dense_name.endswith(":bottleneck_resnet") else None)
+    _, _, only_1x1 = convert_checkpoint(  # what the grouped convs' own refit buys
+        ckpt, args.schedule, calibration_images_n=args.calibration_images, stages=False,
+        refit_grouped=False,
+        model=dense_name if dense_name.endswith(":bottleneck_resnet") else None)
     state = load_checkpoint(ckpt)
     trained = model_from_checkpoint(state, ckpt, dense_name if ":" in dense_name else None)
     plain, _ = rootify(trained.eval(), args.schedule, init="block-diagonal",
@@ -82,6 +86,7 @@ def main() -> None:
             ("block-diagonal alone, no training", summary.stages["block-diagonal"], 0)]
     rows += [(f"calibrated {k}, no training", v, 0) for k, v in summary.stages.items()
              if k != "block-diagonal"]
+    rows.insert(-1, ("calibrated + refit of the 1x1 convs only", only_1x1.top1_after, 0))
     rows += [(f"calibrated + distilled, {short} steps", fine["top1"], short),
              (f"block-diagonal + distilled, {short} steps", plain_fine["top1"], short),
              (f"{root_name or args.schedule} from scratch, {short} steps", scratch["top1"],

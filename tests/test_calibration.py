@@ -2,6 +2,7 @@
 permutations folded into the neighbours, the least-squares refit, batch norm re-estimated;
 checked against hand-made cases and a numpy solve; then the command line, distillation and
 learning to be groupable, on small files."""
+import copy
 import json
 
 import numpy as np
@@ -12,7 +13,8 @@ from torch.nn import functional as F
 
 import deeproots
 from deeproots.calibration import (assign_groups, calibrate, fold_permutations,
-                                   refit_pointwise, root_sites)
+                                   refit_grouped, refit_pointwise, root_sites)
+from deeproots.layers import block_diagonal_weight, regroup
 from deeproots.cli import main
 from deeproots.step import GroupLasso, distillation_loss
 from deeproots.train import load_checkpoint, train
@@ -104,6 +106,44 @@ def test_the_least_squares_refit_equals_a_numpy_solve():
     assert np.allclose(new[2].bias.detach().numpy(), solution[6], atol=1e-4)
 
 
+def test_the_grouped_refit_equals_a_numpy_solve_per_group():
+    """Each group's filters fit, from the group's own input channels (im2col by hand with
+    numpy: a 3x3 window, stride 2, padding 1), to the dense conv's outputs of those filters,
+    with a constant term; the off-diagonal part the cut dropped is what they take over."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, 2, 1)).eval()
+    new = copy.deepcopy(dense)
+    regroup(new[2], 2, reinit=False)  # the cut: its diagonal blocks
+    with torch.no_grad():
+        new[2].weight.copy_(block_diagonal_weight(dense[2].weight.detach(), 2))
+    batches = [torch.randn(3, 2, 5, 5) for _ in range(2)]
+    with torch.no_grad():
+        before = sum(float((new(b) - dense(b)).pow(2).sum()) for b in batches)
+    unexplained = refit_grouped(dense, new, "2", batches, ridge=0.0)
+    with torch.no_grad():
+        x = np.concatenate([F.relu(dense[0](b)).numpy() for b in batches])
+        y = np.concatenate([dense(b).numpy() for b in batches])
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for g in range(2):
+        rows, targets = [], []
+        for n in range(len(x)):
+            for i in range(3):
+                for j in range(3):
+                    patch = xp[n, 2 * g:2 * g + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+                    rows.append(np.append(patch.reshape(-1), 1.0))
+                    targets.append(y[n, 3 * g:3 * g + 3, i, j])
+        solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
+        got = new[2].weight.detach().numpy()[3 * g:3 * g + 3].reshape(3, -1)
+        assert np.allclose(got, solution[:-1].T, atol=1e-4)
+        assert np.allclose(new[2].bias.detach().numpy()[3 * g:3 * g + 3], solution[-1],
+                           atol=1e-4)
+    with torch.no_grad():
+        after = sum(float((new(b) - dense(b)).pow(2).sum()) for b in batches)
+        bias = dense[2].bias.view(1, -1, 1, 1)
+        energy = sum(float((dense(b) - bias).pow(2).sum()) for b in batches)
+    assert after < before and unexplained == pytest.approx(after / energy, rel=1e-3)
+
+
 def test_a_conv_without_bias_is_refit_without_one():
     """Never a parameter the model lacks (it must load into its own class): before a batch
     norm the constant is fit and dropped (the re-estimated batch norm removes it: the
@@ -173,7 +213,7 @@ def test_rootify_a_checkpoint_then_fine_tune_it_with_distillation(trained, capsy
     result = json.loads(capsys.readouterr().out)
     assert 0 <= result["top1_before"] <= 1 and 0 <= result["top1_after"] <= 1
     assert list(result["stages"]) == ["block-diagonal", "+ permutation", "+ batch norm",
-                                      "+ 1x1 refit"]
+                                      "+ refit"]
     state = load_checkpoint(out)
     assert state["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}  # nin-root-8's
     assert main(["eval", str(out), "--data-dir", data, "--device", "cpu", "--json"]) == 0

@@ -22,9 +22,14 @@ The steps, each measured by the benchmark (``benchmarks/calibrated_rootify.py``)
    and the assignment is optimised over the other; the report says so.
 2. **The cut.** Each grouped conv keeps its diagonal blocks.
 3. **Batch norm re-estimated** on the calibration images.
-4. **Reconstruction.** The 1x1 conv right after each grouped conv is refit in closed form
-   (ridge least squares over the calibration pixels) so that its output matches the dense
-   model's, root module after root module, each on the converted model before it.
+4. **Reconstruction.** In the order the forward pass reaches them, each on the converted
+   model before it (its batch norms re-estimated up to it): each grouped conv is refit
+   within its groups (:func:`refit_grouped`: each group's filters, from the group's own
+   input channels, fit to the dense filters' outputs, taking over what they can of the
+   off-diagonal blocks' part), and each ungrouped 1x1 conv from the first grouped conv on
+   (:func:`refit_pointwise`; ``refit="root"``: only the one right after each grouped conv),
+   both in closed form (ridge least squares over the calibration pixels), so that their
+   outputs match the dense model's.
 """
 from __future__ import annotations
 
@@ -42,10 +47,11 @@ from .layers import block_diagonal_weight, conv_layers, layer_name, regroup
 from .text import format_table
 
 __all__ = ["assign_groups", "fold_permutations", "RootSite", "root_sites", "calibrate",
-           "CalibrationReport", "LayerCalibration", "refit_pointwise", "reestimate_batchnorm",
+           "CalibrationReport", "LayerCalibration", "refit_pointwise", "refit_grouped",
+           "reestimate_batchnorm",
            "calibration_batches", "STAGES"]
 
-STAGES = ("block-diagonal", "+ permutation", "+ batch norm", "+ 1x1 refit")
+STAGES = ("block-diagonal", "+ permutation", "+ batch norm", "+ refit")
 # modules that act on each channel alone: a permutation of the channels passes through them
 _PER_CHANNEL = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU,
                 nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d,
@@ -575,6 +581,78 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
     return float(residual / max(float(yty), 1e-30))
 
 
+@torch.no_grad()
+def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
+                  ridge: float = 1e-4, target_order: Optional[torch.Tensor] = None
+                  ) -> Optional[float]:
+    """The grouped conv ``layer`` of ``new`` refit in closed form, group by group, so that on
+    the calibration batches its output matches what the dense conv of the same name in
+    ``dense`` gives (output channels in ``target_order`` where ``new``'s are permuted): each
+    group's filters are the ridge least-squares fit of the dense filters' outputs from the
+    group's own input channels, which takes over as much as those channels can of what the
+    off-diagonal blocks contributed. A constant term as :func:`refit_pointwise` has it.
+    Returns the energy the fit leaves unexplained as a fraction of the dense filters' output
+    energy without their bias (the measure of the cut's ``output_kept``), or None for a conv
+    it does not refit (one that pads other than with zeros in its own forward)."""
+    target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
+            conv.padding, str):
+        return None
+    batches = list(batches)
+    intercept = conv.bias is not None or _feeds_batchnorm(new, conv, batches[0])
+    g = conv.groups
+    cin, cout = conv.in_channels // g, conv.out_channels // g
+    d = cin * conv.kernel_size[0] * conv.kernel_size[1]
+    xtx = torch.zeros(g, d + 1, d + 1, dtype=torch.float64)
+    xty = torch.zeros(g, d + 1, cout, dtype=torch.float64)
+    yty = torch.zeros((), dtype=torch.float64)
+    yty_c = torch.zeros((), dtype=torch.float64)
+    was = new.training, dense.training
+    new.eval(), dense.eval()
+    try:
+        for x in batches:
+            xs = _run_until(new, x, conv, output=False).float()
+            y = _run_until(dense, x, target_conv, output=True).float()
+            if target_order is not None:
+                y = y[:, target_order]
+            if target_conv.bias is not None:  # the energy the cut's "output kept" counts
+                b = target_conv.bias.detach().view(1, -1, 1, 1)
+                centred = y - (b if target_order is None else b[:, target_order])
+            else:
+                centred = y
+            yty_c += centred.double().pow(2).sum()
+            for k in range(g):
+                cols = F.unfold(xs[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
+                                conv.dilation, conv.padding, conv.stride)  # (N, d, L)
+                a = cols.transpose(1, 2).reshape(-1, d)
+                a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+                b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
+                xtx[k] += (a.T @ a).double()
+                xty[k] += (a.T @ b).double()
+            yty += y.double().pow(2).sum()
+    finally:
+        new.train(was[0]), dense.train(was[1])
+    residual = torch.zeros((), dtype=torch.float64)
+    weight = conv.weight.detach().clone()
+    bias = torch.zeros(conv.out_channels, dtype=torch.float64)
+    for k in range(g):
+        m, v = xtx[k], xty[k]
+        reg = ridge * float(m.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
+        reg[d, d] = 0.0
+        if not intercept:
+            m, v, reg = m[:d, :d], v[:d], reg[:d, :d]
+        solution = torch.linalg.solve(m + reg, v)
+        weight[k * cout:(k + 1) * cout] = solution[:d].T.reshape(cout, cin, *conv.kernel_size)
+        if intercept:
+            bias[k * cout:(k + 1) * cout] = solution[d]
+        residual += (- 2 * (solution * v).sum() + (solution * (m @ solution)).sum())
+    with torch.no_grad():
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+    return float((yty + residual) / max(float(yty_c), 1e-30))
+
+
 # ---------------------------------------------------------------------------------------------
 # The conversion
 
@@ -597,6 +675,7 @@ class LayerCalibration:
     fixed: str = ""
     refit: str = ""
     refit_unexplained: Optional[float] = None
+    grouped_unexplained: Optional[float] = None  # the grouped conv's own refit
 
 
 @dataclass
@@ -615,18 +694,20 @@ class CalibrationReport:
         return asdict(self)
 
     def table(self) -> str:
-        head = ("layer", "groups", "weight kept", "assigned", "output kept", "permuted",
-                "1x1 refit", "unexplained")
+        head = ("layer", "groups", "weight kept", "assigned", "output kept", "refit kept",
+                "permuted", "1x1 refit", "unexplained")
         rows = [(c.layer, str(c.groups), f"{100 * c.weight_kept_plain:.1f}%",
                  f"{100 * c.weight_kept:.1f}%",
                  f"{100 * c.output_kept:.1f}%" if c.output_kept is not None else "",
+                 f"{100 * (1 - c.grouped_unexplained):.1f}%"
+                 if c.grouped_unexplained is not None else "",
                  "/".join(s for s, ok in (("in", c.permuted_in), ("out", c.permuted_out)) if ok)
                  or "-", c.refit or "-",
                  f"{100 * c.refit_unexplained:.2f}%" if c.refit_unexplained is not None else "")
                 for c in self.layers]
         lines = [f"calibrated on {self.images} images; {self.batchnorms} batch norms "
                  f"re-estimated; {self.seconds:.1f} s",
-                 format_table(head, rows, align="lrrrrlll")]
+                 format_table(head, rows, align="lrrrrrlll")]
         fixed = [f"{c.layer}: {c.fixed}" for c in self.layers if c.fixed]
         if fixed:
             lines += ["channel orders kept:"] + [f"  {f}" for f in fixed]
@@ -708,11 +789,14 @@ def _refit_targets(model, order, sites, refit, x) -> List[str]:
 
 
 def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None,
-              ridge: float = 1e-4, refit: str = "all") -> Tuple[nn.Module, CalibrationReport]:
+              ridge: float = 1e-4, refit: str = "all", grouped: bool = True
+              ) -> Tuple[nn.Module, CalibrationReport]:
     """``model`` (trained, dense in the layers ``changes`` names) converted to those groups
     with the steps of this module, on the calibration ``batches``; ``model`` itself is not
     changed. ``stages``, if given, is called with each stage's name and model (a copy of the
-    conversion so far, to evaluate). Returns the converted model and its report."""
+    conversion so far, to evaluate). ``refit``: ``"all"`` (every ungrouped 1x1 conv from the
+    first grouped conv on) or ``"root"`` (the one right after each grouped conv);
+    ``grouped``: refit the grouped convs too. Returns the converted model and its report."""
     import time
 
     started = time.perf_counter()
@@ -805,9 +889,17 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
         consumer = sites[row.layer].consumer
         if consumer not in targets:
             row.refit = "no 1x1 conv reads it: not refit"
+    if grouped:  # the grouped convs refit too, each where the forward pass reaches it
+        reached = _reached_convs(new, batches[0])
+        targets = sorted(set(targets) | {n for n in order if n in reached}, key=reached.index)
+    rows = {row.layer: row for row in report.layers}
     for name in targets:
         layer = conv_layers(new)[name]
         reestimate_batchnorm(new, batches, until=layer, keep=keep)
+        if name in rows:  # a grouped conv, refit within its groups
+            rows[name].grouped_unexplained = refit_grouped(dense, new, name, batches, ridge,
+                                                           out_orders.get(name))
+            continue
         unexplained = refit_pointwise(dense, new, name, batches, ridge, out_orders.get(name))
         report.refits[name] = unexplained
         for row in report.layers:

@@ -784,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--calibration-images", type=_whole("--calibration-images"),
                    help="with a checkpoint: how many training images to calibrate on "
-                        "(default 1500)")
+                        "(default 1000)")
     p.add_argument("--out", help="with a checkpoint: write the converted model here (a "
                    "checkpoint for eval, export and train --init)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

@@ -316,8 +316,8 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             macs: Optional[float] = None, params: Optional[float] = None,
             init: str = "reinit", regroup: bool = False, stem: str = "input",
             allow_depthwise: bool = False, calibration=None,
-            on_stage: Optional[Callable[[str, nn.Module], None]] = None
-            ) -> Tuple[nn.Module, RootifyReport]:
+            on_stage: Optional[Callable[[str, nn.Module], None]] = None,
+            refit_grouped: bool = True) -> Tuple[nn.Module, RootifyReport]:
     """A root network made from ``model``, and the :class:`RootifyReport` of what changed.
     ``model`` itself is not modified.
 
@@ -345,10 +345,11 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             batches of them, from the training split): the conversion then keeps the
             model's accuracy with no gradient step (:mod:`deeproots.calibration`: channels
             assigned to groups and the permutations folded into the neighbouring layers,
-            batch norm re-estimated, each root module's 1x1 conv refit by least squares);
-            ``init`` is then ``"calibrated"``, and ``report.calibration`` says per layer how
-            much weight and output energy each cut kept. ``on_stage(name, model)`` is called
-            with each stage's model, to evaluate it.
+            batch norm re-estimated, the grouped convs within their groups and the 1x1
+            convs after them refit by least squares); ``init`` is then ``"calibrated"``, and
+            ``report.calibration`` says per layer how much weight and output energy each cut
+            kept. ``on_stage(name, model)`` is called with each stage's model, to evaluate
+            it; ``refit_grouped=False`` refits only the 1x1 convs.
 
     Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
     gain, ...) is regrouped in place, and one that would compute something else regrouped
@@ -396,7 +397,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
                                  f"{type(model).__name__} here (every layer's note says why); "
                                  f"give a larger N, or regroup=True")
         new, calibrated = calibrate(model, changes, calibration_batches(calibration),
-                                    stages=on_stage)
+                                    stages=on_stage, grouped=refit_grouped)
         init = "calibrated"
     else:
         new = copy.deepcopy(model)
