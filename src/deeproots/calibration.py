@@ -34,6 +34,7 @@ The steps, each measured by the benchmark (``benchmarks/calibrated_rootify.py``)
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -527,6 +528,43 @@ def reestimate_batchnorm(model: nn.Module, batches, until: Optional[nn.Module] =
     return sum(int(m.num_batches_tracked) > 0 for m in norms)
 
 
+def _pairs(dense: nn.Module, new: nn.Module, layer: str, batches,
+           target_order: Optional[torch.Tensor]):
+    """For each calibration batch: the input of conv ``layer`` in ``new`` and the output of
+    the conv of the same name in ``dense`` (its channels in ``target_order`` where ``new``'s
+    are permuted), both models in eval mode (their modes restored after)."""
+    target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
+    was = new.training, dense.training
+    new.eval(), dense.eval()
+    try:
+        for x in batches:
+            got = _run_until(new, x, conv, output=False)
+            y = _run_until(dense, x, target_conv, output=True)
+            yield got, (y if target_order is None else y[:, target_order])
+    finally:
+        new.train(was[0]), dense.train(was[1])
+
+
+def _with_ones(a: torch.Tensor) -> torch.Tensor:
+    """The rows of ``a`` with a last column of ones: the fit's constant term."""
+    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+
+
+def _ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, intercept: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares from normal equations whose last row and column are the constant
+    term's (``ridge`` times the mean of the inputs' second moments on the diagonal; the
+    constant not shrunk, or left out without ``intercept``). Returns the solution and the
+    target energy it explains."""
+    d = xtx.shape[0] - 1
+    reg = ridge * float(xtx.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
+    reg[d, d] = 0.0  # the constant is not shrunk
+    if not intercept:  # no constant term: the ones column left out
+        xtx, xty, reg = xtx[:d, :d], xty[:d], reg[:d, :d]
+    solution = torch.linalg.solve(xtx + reg, xty)  # (d [+ 1], out)
+    return solution, 2 * (solution * xty).sum() - (solution * (xtx @ solution)).sum()
+
+
 @torch.no_grad()
 def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
                     ridge: float = 1e-4, target_order: Optional[torch.Tensor] = None) -> float:
@@ -541,7 +579,7 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
     (the model must still load into its own class): when its output goes straight into a
     batch norm, the constant is fit and dropped, as the batch norm re-estimated after the
     fit removes it exactly; otherwise the fit has no constant term."""
-    target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
+    conv = conv_layers(new)[layer]
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
         raise DeeprootsError(f"{layer}: only an ungrouped 1x1 conv of stride 1 is refit")
     batches = list(batches)
@@ -550,35 +588,20 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
     xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(d + 1, conv.out_channels, dtype=torch.float64)
     yty = torch.zeros((), dtype=torch.float64)
-    got: Dict[str, torch.Tensor] = {}
-    was = new.training, dense.training
-    new.eval(), dense.eval()
-    try:
-        for x in batches:
-            got["x"] = _run_until(new, x, conv, output=False)
-            got["y"] = _run_until(dense, x, target_conv, output=True)
-            # a batch's products in float32 (a GEMM), summed over the batches in float64
-            xs = got["x"].permute(0, 2, 3, 1).reshape(-1, d).float()
-            y = got["y"] if target_order is None else got["y"][:, target_order]
-            ys = y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).float()
-            xs = torch.cat([xs, torch.ones(len(xs), 1, dtype=xs.dtype)], 1)
-            xtx += (xs.T @ xs).double()
-            xty += (xs.T @ ys).double()
-            yty += ys.double().pow(2).sum()
-    finally:
-        new.train(was[0]), dense.train(was[1])
-    reg = ridge * float(xtx.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
-    reg[d, d] = 0.0  # the bias is not shrunk
-    if not intercept:  # no constant term: the ones column left out
-        xtx, xty, reg = xtx[:d, :d], xty[:d], reg[:d, :d]
-    solution = torch.linalg.solve(xtx + reg, xty)  # (d [+ 1], out)
+    for x, y in _pairs(dense, new, layer, batches, target_order):
+        # a batch's products in float32 (a GEMM), summed over the batches in float64
+        xs = _with_ones(x.permute(0, 2, 3, 1).reshape(-1, d).float())
+        ys = y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).float()
+        xtx += (xs.T @ xs).double()
+        xty += (xs.T @ ys).double()
+        yty += ys.double().pow(2).sum()
+    solution, explained = _ridge_solve(xtx, xty, ridge, intercept)
     conv.weight.copy_(solution[:d].T.reshape_as(conv.weight).to(conv.weight.dtype))
     if conv.bias is not None:
         conv.bias.copy_(solution[d].to(conv.bias.dtype))
     # what the fit leaves unexplained; a constant dropped before a batch norm counts as
     # explained, as the batch norm removes it
-    residual = yty - 2 * (solution * xty).sum() + (solution * (xtx @ solution)).sum()
-    return float(residual / max(float(yty), 1e-30))
+    return float((yty - explained) / max(float(yty), 1e-30))
 
 
 @torch.no_grad()
@@ -607,50 +630,35 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
     xty = torch.zeros(g, d + 1, cout, dtype=torch.float64)
     yty = torch.zeros((), dtype=torch.float64)
     yty_c = torch.zeros((), dtype=torch.float64)
-    was = new.training, dense.training
-    new.eval(), dense.eval()
-    try:
-        for x in batches:
-            xs = _run_until(new, x, conv, output=False).float()
-            y = _run_until(dense, x, target_conv, output=True).float()
-            if target_order is not None:
-                y = y[:, target_order]
-            if target_conv.bias is not None:  # the energy the cut's "output kept" counts
-                b = target_conv.bias.detach().view(1, -1, 1, 1)
-                centred = y - (b if target_order is None else b[:, target_order])
-            else:
-                centred = y
-            yty_c += centred.double().pow(2).sum()
-            for k in range(g):
-                cols = F.unfold(xs[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
-                                conv.dilation, conv.padding, conv.stride)  # (N, d, L)
-                a = cols.transpose(1, 2).reshape(-1, d)
-                a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-                b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
-                xtx[k] += (a.T @ a).double()
-                xty[k] += (a.T @ b).double()
-            yty += y.double().pow(2).sum()
-    finally:
-        new.train(was[0]), dense.train(was[1])
-    residual = torch.zeros((), dtype=torch.float64)
+    for xs, y in _pairs(dense, new, layer, batches, target_order):
+        xs, y = xs.float(), y.float()
+        if target_conv.bias is not None:  # the energy the cut's "output kept" counts
+            b = target_conv.bias.detach().view(1, -1, 1, 1)
+            centred = y - (b if target_order is None else b[:, target_order])
+        else:
+            centred = y
+        yty_c += centred.double().pow(2).sum()
+        for k in range(g):
+            cols = F.unfold(xs[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
+                            conv.dilation, conv.padding, conv.stride)  # (N, d, L)
+            a = _with_ones(cols.transpose(1, 2).reshape(-1, d))
+            b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
+            xtx[k] += (a.T @ a).double()
+            xty[k] += (a.T @ b).double()
+        yty += y.double().pow(2).sum()
+    explained = torch.zeros((), dtype=torch.float64)
     weight = conv.weight.detach().clone()
     bias = torch.zeros(conv.out_channels, dtype=torch.float64)
     for k in range(g):
-        m, v = xtx[k], xty[k]
-        reg = ridge * float(m.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
-        reg[d, d] = 0.0
-        if not intercept:
-            m, v, reg = m[:d, :d], v[:d], reg[:d, :d]
-        solution = torch.linalg.solve(m + reg, v)
+        solution, part = _ridge_solve(xtx[k], xty[k], ridge, intercept)
+        explained += part
         weight[k * cout:(k + 1) * cout] = solution[:d].T.reshape(cout, cin, *conv.kernel_size)
         if intercept:
             bias[k * cout:(k + 1) * cout] = solution[d]
-        residual += (- 2 * (solution * v).sum() + (solution * (m @ solution)).sum())
-    with torch.no_grad():
-        conv.weight.copy_(weight.to(conv.weight.dtype))
-        if conv.bias is not None:
-            conv.bias.copy_(bias.to(conv.bias.dtype))
-    return float((yty + residual) / max(float(yty_c), 1e-30))
+    conv.weight.copy_(weight.to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+    return float((yty - explained) / max(float(yty_c), 1e-30))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,8 +805,6 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
     conversion so far, to evaluate). ``refit``: ``"all"`` (every ungrouped 1x1 conv from the
     first grouped conv on) or ``"root"`` (the one right after each grouped conv);
     ``grouped``: refit the grouped convs too. Returns the converted model and its report."""
-    import time
-
     started = time.perf_counter()
     if stages is not None:  # the caller's evaluations are not the conversion's time
         measure, evaluating = stages, [0.0]

@@ -55,6 +55,7 @@ __all__ = [
     "fashion_mnist_dirs",
     "dataset_names",
     "calibration_images",
+    "sample_images",
 ]
 
 
@@ -592,20 +593,28 @@ def calibration_images(data: str, images: int, *, data_dir=None, download_ok: bo
     conversion (``rootify(..., calibration=...)``) fits on."""
     train, _, spec = build_loaders(data, data_dir=data_dir, batch_size=min(images, 256),
                                    image_size=image_size, download_ok=download_ok, workers=0)
+    return sample_images(train, spec, images, seed), spec
+
+
+def sample_images(train, spec: "DataSpec", images: int, seed: int = 0) -> torch.Tensor:
+    """``images`` images of the training loader ``train`` as a model takes them (normalised,
+    not augmented), on the CPU: a random sample fixed by ``seed`` of an in-memory split, the
+    first batches of an image folder. More than the split holds is a one-line
+    :class:`DataError`."""
+    if images > train.num_samples:
+        raise DataError(f"{images} calibration images asked for; the {spec.name} "
+                        f"training split has {train.num_samples}")
     if isinstance(train, TensorLoader):
-        if images > train.num_samples:
-            raise DataError(f"{images} calibration images asked for; the {spec.name} "
-                            f"training split has {train.num_samples}")
         pick = torch.randperm(train.num_samples, generator=torch.Generator().manual_seed(
             seed))[:images]
-        return spec.normalize(train.images[pick].to("cpu")), spec
+        return spec.normalize(train.images[pick.to(train.images.device)].to("cpu"))
     out, seen = [], 0
     for x, _ in train.batches():
         out.append(x)
         seen += len(x)
         if seen >= images:
             break
-    return torch.cat(out)[:images], spec
+    return torch.cat(out)[:images].to("cpu")
 
 
 class FolderLoader:

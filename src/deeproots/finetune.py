@@ -16,9 +16,10 @@ from typing import Dict, Optional, Union
 
 from torch import nn
 
+from .calibration import STAGES
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_model
 from .conversion import RootifyReport, rootify
-from .data import build_loaders, calibration_images
+from .data import build_loaders, sample_images
 from .errors import DeeprootsError
 from .layers import example_logits
 from .rundir import check_new_file
@@ -69,13 +70,10 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule: str, *,
     trained = model_from_checkpoint(state, checkpoint, model).eval()
     config = state["config"]
     data = data or config.get("data")
-    images, spec = calibration_images(data, calibration_images_n,
-                                      data_dir=data_dir or config.get("data_dir"),
-                                      download_ok=download,
-                                      image_size=config.get("image_size", 224))
-    _, test, _ = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
-                               batch_size=256, image_size=config.get("image_size", 224),
-                               download_ok=download, workers=0)
+    train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
+                                      batch_size=256, image_size=config.get("image_size", 224),
+                                      download_ok=download, workers=0)
+    images = sample_images(train, spec, calibration_images_n)  # the data read once
     logits = example_logits(trained, images[:1], state["model_cfg"]["name"])
     if logits.shape[1] != spec.num_classes:
         raise DeeprootsError(f"{checkpoint} has {logits.shape[1]} classes but {data} has "
@@ -93,7 +91,7 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule: str, *,
     new, report = rootify(trained, schedule, example_input=images[:1], calibration=images,
                           on_stage=stage if stages else None, **rootify_options)
     seconds = time.perf_counter() - started - evaluating[0]  # the conversion's own time
-    after = measured.get("+ refit") if stages else evaluate(new.eval(), test).top1
+    after = measured.get(STAGES[-1]) if stages else evaluate(new.eval(), test).top1
     report.calibration.stages = dict(measured)
     summary = ConvertedCheckpoint(str(checkpoint), report.schedule, data, before, after,
                                   measured, seconds, report=report.to_dict())

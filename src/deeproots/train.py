@@ -40,7 +40,7 @@ from .checkpoint import (CheckpointError, changes_of, config_from_checkpoint, lo
 from .config import TrainConfig, lr_at
 from .conversion import rootify
 from .costs import profile
-from .data import DataSpec, build_loaders
+from .data import DataSpec, build_loaders, sample_images
 from .errors import DeeprootsError
 from .layers import conv_layers, example_logits, main_logits
 from .plots import plot_training_curves
@@ -810,6 +810,7 @@ def _finish(run: _Run) -> TrainSummary:
 
 
 LEARNED = "converted.pt"  # --learn-groups: the model converted at the end of the run
+LEARNED_CALIBRATION = 2000  # its calibration images, at most (the training split's)
 
 
 def _convert_learned(run: _Run, summary: TrainSummary) -> dict:
@@ -818,12 +819,8 @@ def _convert_learned(run: _Run, summary: TrainSummary) -> dict:
     ``converted.pt`` beside the run's files."""
     kept = run.penalty.kept()
     loader = run.train_loader
-    images = getattr(loader, "images", None)
-    if images is not None:  # the in-memory datasets: a fixed sample, normalised
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:2000]
-        calib = run.spec.normalize(images[pick.to(images.device)]).to(run.device)
-    else:
-        calib = torch.cat([x for _, (x, _) in zip(range(8), loader.batches())]).to(run.device)
+    calib = sample_images(loader, run.spec, min(LEARNED_CALIBRATION, loader.num_samples)
+                          ).to(run.device)
     new, report = rootify(run.model.eval(), run.cfg.learn_groups, example_input=calib[:1],
                           calibration=calib)
     after = evaluate(new, run.test_loader, run.device, run.layout).top1
