@@ -261,6 +261,14 @@ def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
      "the teacher has 5 classes but fashion-mnist has 10"),
     (["train", "nin", "--learn-groups", "root-8", "--rootify", "root-8"],
      "learn_groups trains a dense model to be groupable"),
+    (["train", "nin-root-8", "--distill-weight", "1.5", "--out", "{tmp}/r3"],
+     "distill_weight must be from 0 to 1; got 1.5"),
+    (["train", "nin-root-8", "--distill-temperature", "0", "--out", "{tmp}/r4"],
+     "distill_temperature must be a finite number > 0; got 0.0"),
+    (["train", "nin", "--group-lasso", "-1", "--out", "{tmp}/r5"],
+     "group_lasso must be a finite number >= 0; got -1.0"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--calibration-images", "0"],
+     "--calibration-images must be a whole number >= 1; got 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
     other = trained / "other.pt"
