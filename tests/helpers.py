@@ -95,3 +95,23 @@ def train_cfg(data_dir, out, **kw):
                 progress=False, download=False)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def write_image_folder(root: Path, classes=2, per_class=4, size=8, splits=("train", "val"),
+                       seed=0):
+    """``root/<split>/class<c>/<i>.png``: small RGB images of random pixels (PNG, lossless, so
+    a test can compare what a loader read with the file). Returns the images written, by
+    path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split in splits:
+        for c in range(classes):
+            for i in range(per_class):
+                path = root / split / f"class{c}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(path)
+                written[path] = pixels
+    return written

@@ -18,7 +18,7 @@ from deeproots.layers import block_diagonal_weight, regroup
 from deeproots.cli import main
 from deeproots.step import GroupLasso, distillation_loss
 from deeproots.train import load_checkpoint, train
-from helpers import train_cfg, trained_like, write_fashion_mnist
+from helpers import train_cfg, trained_like, write_fashion_mnist, write_image_folder
 
 
 def test_permutations_folded_into_the_neighbours_leave_the_model_unchanged():
@@ -262,13 +262,41 @@ def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
     (["train", "nin", "--learn-groups", "root-8", "--rootify", "root-8"],
      "learn_groups trains a dense model to be groupable"),
     (["train", "nin-root-8", "--distill-weight", "1.5", "--out", "{tmp}/r3"],
-     "distill_weight must be from 0 to 1; got 1.5"),
+     "distill_weight must be a finite number from 0 to 1; got 1.5"),
     (["train", "nin-root-8", "--distill-temperature", "0", "--out", "{tmp}/r4"],
-     "distill_temperature must be a finite number > 0; got 0.0"),
+     "distill_temperature must be a finite number from 0.1 to 100; got 0.0"),
     (["train", "nin", "--group-lasso", "-1", "--out", "{tmp}/r5"],
-     "group_lasso must be a finite number >= 0; got -1.0"),
+     "group_lasso must be a finite number from 0 to 1; got -1.0"),
     (["rootify", "{dense}", "--schedule", "root-8", "--calibration-images", "0"],
      "--calibration-images must be a whole number >= 1; got 0"),
+    # what a hostile user found: tracebacks, late refusals, unclear or silent answers
+    (["rootify", "{nan}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "conv1a.conv.weight holds NaN; a model whose weights are not finite"),
+    (["rootify", "{inf}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "holds infinity"),
+    (["rootify", "{negvar}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "batch norm conv1a.bn has a negative running variance (-1)"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data", "imagefolder:{imgs}"],
+     "was trained on 1-channel images (fashion-mnist); imagefolder:"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--out", "{tmp}/nosuchdir/sub/F.pt"],
+     "--out {tmp}/nosuchdir/sub/F.pt: the folder {tmp}/nosuchdir/sub does not exist"),
+    (["rootify", "{tmp}/bst.pt", "--schedule", "root-8", "--out", "{tmp}/x.pt"],
+     "checkpoint {tmp}/bst.pt: no such file"),
+    (["train", "nin", "--group-lasso", "1e30", "--out", "{tmp}/r6"],
+     "group_lasso must be a finite number from 0 to 1; got 1e+30"),
+    (["train", "nin", "--distill-temperature", "1e-300", "--distill", "{dense}", "--out",
+      "{tmp}/r7"], "distill_temperature must be a finite number from 0.1 to 100; got 1e-300"),
+    (["train", "nin", "--group-lasso", "0.01", "--out", "{tmp}/r8"],
+     "group_lasso = 0.01 sets the --learn-groups part of training, but learn_groups is not "
+     "given"),
+    (["train", "nin", "--distill-weight", "0.9", "--out", "{tmp}/r9"],
+     "distill_weight = 0.9 sets the --distill part of training"),
+    (["train", "nin", "--distill-temperature", "2", "--out", "{tmp}/r10"],
+     "distill_temperature = 2.0 sets the --distill part of training"),
+    (["train", "nin-root-8", "--learn-groups", "root-16", "--data-dir", "{data}", "--out",
+      "{tmp}/r11", "--device", "cpu", "--batch-size", "16"],
+     "its spatial convs are grouped already (conv2a, conv3a): --learn-groups trains a dense "
+     "model, so give the dense one (e.g. nin)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
     other = trained / "other.pt"
@@ -279,7 +307,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, arg
         state["model_cfg"] = {"name": "nin", "kwargs": {"in_channels": 1, "num_classes": 5}}
         torch.save(state, other)
     values = {"dense": trained / "dense" / "best.pt", "data": trained / "data",
-              "tmp": tmp_path, "other": other}
+              "tmp": tmp_path, "other": other, **_broken(trained)}
     argv = [a.format(**values) for a in argv]
     try:
         rc = main(argv)
@@ -289,6 +317,21 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, arg
     assert rc == 2 and len(err) == 1, err
     assert phrase.format(**values) in err[0], err[0]
     assert not list(tmp_path.iterdir())
+
+
+def _broken(trained):
+    """Checkpoints no conversion can start from (made once), and a small image folder."""
+    files = {k: trained / f"{k}.pt" for k in ("nan", "inf", "negvar")}
+    if not files["nan"].exists():
+        for kind, path in files.items():
+            state = load_checkpoint(trained / "dense" / "best.pt")
+            if kind == "negvar":
+                state["model"]["conv1a.bn.running_var"][0] = -1.0
+            else:
+                state["model"]["conv1a.conv.weight"][0, 0, 0, 0] = float(kind)
+            torch.save(state, path)
+        write_image_folder(trained / "imgs", classes=4, per_class=5, size=8)
+    return {**files, "imgs": trained / "imgs"}
 
 
 def test_a_finetune_goes_to_a_folder_of_its_own():

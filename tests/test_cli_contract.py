@@ -25,9 +25,20 @@ def world(tmp_path_factory):
     (root / "file").write_text("a file, not a folder")
     (root / "summary.json").write_text("{not json")
     (root / "folder").mkdir()
+    (root / "fresh").mkdir()  # an empty folder: where a command may write a new file
     (root / "mine.py").write_text(MINE)
     (root / "exits.py").write_text("import sys\nsys.exit(7)\n")
     (root / "existing.onnx").write_bytes(b"a user's file")
+    for name, records in (("list_records", "[1, 2]\n"), ("bare_records", '{"kind": "step"}\n'),
+                          ("no_records", "")):
+        (root / name).mkdir()
+        (root / name / "summary.json").write_bytes((run / "summary.json").read_bytes())
+        (root / name / "metrics.jsonl").write_text(records)
+    (root / "list_summary").mkdir()
+    (root / "list_summary" / "summary.json").write_text("[1]")
+    (root / "list_summary" / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes())
+    (root / "tb_file").mkdir()
+    (root / "tb_file" / "tensorboard").write_text("a file where the event files would go")
     for name, manifest in (("empty_study", "{}"), ("list_study", "[1, 2]"),
                            ("other_study", '{"name": "another tool", "version": 3}')):
         (root / name).mkdir()
@@ -39,6 +50,9 @@ def world(tmp_path_factory):
             "empty": str(root / "empty.pt"), "corrupt": str(root / "corrupt.pt"),
             "file": str(root / "file"), "under_file": str(root / "file" / "x"),
             "folder": str(root / "folder"), "missing": str(root / "missing"),
+            "fresh": str(root / "fresh"), "tb_file": str(root / "tb_file"),
+            **{k: str(root / k / "summary.json") for k in ("list_records", "bare_records",
+                                                          "no_records", "list_summary")},
             "bad_summary": str(root / "summary.json"), "mine": str(root / "mine.py")}
 
 
@@ -65,6 +79,20 @@ class _Dict(torch.nn.Module):
 class _Two(_Dict):
     def forward(self, x, mask):
         return self.conv(x * mask).mean((2, 3))
+
+
+class _Exits(torch.nn.Module):
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, num_classes, 3)
+
+    def forward(self, x):
+        import sys
+        sys.exit(7)
+
+
+def exits_in_forward(in_channels=3, num_classes=10):
+    return _Exits(in_channels, num_classes)
 
 
 def depthwise_only():
@@ -143,12 +171,12 @@ CASES = [
      "eps must be a finite number >= 0; got nan"),
     ("analyze", ["{ckpt}", "--out", "{missing}/an", "--blocks", "0"], "--blocks must be a whole"),
     ("analyze", ["{corrupt}", "--out", "{missing}/an"], "is corrupt"),
-    ("plot-costs", ["nin", "nin-rot-8", "--out", "{missing}/c.png"], "unknown model 'nin-rot-8'"),
+    ("plot-costs", ["nin", "nin-rot-8", "--out", "{fresh}/c.png"], "unknown model 'nin-rot-8'"),
     ("plot-costs", ["nin", "nin-root-8", "--out", "{folder}"], "is a folder; give a file name"),
     ("plot-costs", ["nin", "nin-root-8", "--out", "{under_file}"], "lies under the file"),
-    ("plot-costs", ["nin", "nin-root-8", "--input-size", "2", "--out", "{missing}/c.png"], "at least 4"),
-    ("plot-results", ["{missing}/summary.json", "--out", "{missing}/r.png"], "is not a deeproots summary.json"),
-    ("plot-results", ["{bad_summary}", "--out", "{missing}/r.png"], "is not a deeproots summary.json"),
+    ("plot-costs", ["nin", "nin-root-8", "--input-size", "2", "--out", "{fresh}/c.png"], "at least 4"),
+    ("plot-results", ["{missing}/summary.json", "--out", "{fresh}/r.png"], "is not a deeproots summary.json"),
+    ("plot-results", ["{bad_summary}", "--out", "{fresh}/r.png"], "is not a deeproots summary.json"),
     ("plot-results", ["{run}/summary.json", "--out", "{folder}"], "is a folder; give a file name"),
     ("bench", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
     ("bench", [], "name at least one model to time"),
@@ -171,7 +199,7 @@ CASES = [
     ("train", ["nin", "--memory-format", "nhwc"], "invalid choice: 'nhwc'"),
     ("train", ["nin", "--log-every", "0", "--out", "{missing}/a"],
      "log_every must be a whole number >= 1; got 0"),
-    ("plot-results", ["{bad_summary}", "--curves", "--out", "{missing}/c.png"],
+    ("plot-results", ["{bad_summary}", "--curves", "--out", "{fresh}/c.png"],
      "cannot read the run's records"),
     ("bench", ["nin", "--mode", "train", "--dtype", "bfloat16"],
      "--mode train follows deeproots train's recipe"),
@@ -216,20 +244,20 @@ CASES = [
     ("rootify", ["{mine}:smal", "--schedule", "root-2", "--input-size", "3,8,8"], "has no function 'smal'; closest: small"),
     ("rootify", ["{mine}:not_a_model", "--schedule", "root-2"], "returned int, not an nn.Module"),
     ("rootify", ["{mine}:small", "--schedule", "root-2"], "has no default input size; give --input-size C,H,W"),
-    ("export", ["nin-rot-8", "--format", "onnx", "--out", "{missing}/m.onnx"], "unknown model"),
-    ("export", ["nin", "--format", "tflite", "--out", "{missing}/m"], "invalid choice: 'tflite'"),
+    ("export", ["nin-rot-8", "--format", "onnx", "--out", "{fresh}/m.onnx"], "unknown model"),
+    ("export", ["nin", "--format", "tflite", "--out", "{fresh}/m"], "invalid choice: 'tflite'"),
     ("export", ["nin", "--format", "onnx", "--out", "{folder}"], "is a folder; give a file name"),
-    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--input-size", "2"],
+    ("export", ["nin", "--format", "onnx", "--out", "{fresh}/m.onnx", "--input-size", "2"],
      "at least 4"),
-    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--input-size", "1,32,32"],
+    ("export", ["nin", "--format", "onnx", "--out", "{fresh}/m.onnx", "--input-size", "1,32,32"],
      "built for 3-channel input; got 1"),
-    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m.onnx", "--num-classes", "0"],
+    ("export", ["nin", "--format", "onnx", "--out", "{fresh}/m.onnx", "--num-classes", "0"],
      "--num-classes must be a whole number >= 1"),
-    ("export", ["x", "--checkpoint", "{corrupt}", "--format", "onnx", "--out", "{missing}/m"],
+    ("export", ["x", "--checkpoint", "{corrupt}", "--format", "onnx", "--out", "{fresh}/m"],
      "is corrupt"),
-    ("export", ["x", "--checkpoint", "{ckpt}", "--format", "onnx", "--out", "{missing}/m",
+    ("export", ["x", "--checkpoint", "{ckpt}", "--format", "onnx", "--out", "{fresh}/m",
                 "--groups", "conv2a=2"], "--groups cannot change a trained checkpoint's model"),
-    ("export", ["nin", "--format", "onnx", "--out", "{missing}/m", "--batch-size", "0"],
+    ("export", ["nin", "--format", "onnx", "--out", "{fresh}/m", "--batch-size", "0"],
      "--batch-size must be a whole number >= 1"),
     # outputs: nothing is replaced without being asked, a run's own files never
     ("export", ["nin", "--format", "torchscript", "--out", "{ckpt}"],
@@ -260,13 +288,50 @@ CASES = [
     ("bench", ["{mine}:takes_two", "--input-size", "3,8,8", "--batch-size", "2"],
      "missing 1 required positional argument: 'mask'"),
     ("export", ["{mine}:returns_dict", "--input-size", "3,8,8", "--format", "onnx", "--out",
-                "{missing}/d.onnx"], "returns a dict"),
+                "{fresh}/d.onnx"], "returns a dict"),
     ("export", ["{mine}:takes_two", "--input-size", "3,8,8", "--format", "onnx", "--out",
-                "{missing}/d.onnx"], "cannot run a batch"),
+                "{fresh}/d.onnx"], "cannot run a batch"),
     ("profile", ["{exits}:f", "--input-size", "3,8,8"], "called sys.exit(7)"),
     ("train", ["{exits}:f", "--data-dir", "{data}", "--out", "{missing}/a", "--batch-size",
                "16"],
      "called sys.exit(7)"),
+    # what a hostile user found: a model whose forward exits, records a run never wrote,
+    # an output refused only after the work, options added since the table was written
+    ("profile", ["{mine}:exits_in_forward", "--input-size", "3,8,8"],
+     "the model's own code called sys.exit(7) while deeproots ran it"),
+    ("export", ["{mine}:exits_in_forward", "--input-size", "3,8,8", "--format", "pt2",
+                "--out", "{fresh}/e.pt2"], "called sys.exit(7)"),
+    ("plot-results", ["{list_records}", "--curves", "--out", "{fresh}/c.png"],
+     "metrics.jsonl: line 1 is a JSON list; a run writes step and epoch records"),
+    ("plot-results", ["{bare_records}", "--curves", "--out", "{fresh}/c.png"],
+     "line 1 is a 'step' record without step, train_loss, lr"),
+    ("plot-results", ["{no_records}", "--curves", "--out", "{fresh}/c.png"],
+     "metrics.jsonl holds no records yet"),
+    ("plot-results", ["{list_summary}", "--curves", "--out", "{fresh}/c.png"],
+     "summary.json is not a deeproots summary.json (a JSON list, not an object)"),
+    ("plot-results", ["{list_summary}", "--out", "{fresh}/c.png"],
+     "is not a deeproots summary.json (a JSON list"),
+    ("train", ["nin-root-4", "--tensorboard", "--data-dir", "{data}", "--out", "{tb_file}",
+               "--batch-size", "16", "--overwrite"], "tensorboard is a file; give a folder"),
+    ("export", ["nin", "--format", "onnx", "--out", "{missing}/sub/m.onnx"],
+     "the folder {missing}/sub does not exist; make it first"),
+    ("export", ["nin", "--format", "aoti", "--out", "{fresh}/m.so"],
+     "--format aoti writes a package that torch loads by a name ending in .pt2"),
+    ("bench", ["nin", "--path", "aoti", "--dtype", "bfloat16", "--batch-size", "2"],
+     "path 'aoti' runs float32 only"),
+    ("train", ["--init", "{missing}/i.pt", "--out", "{missing}/a"],
+     "init {missing}/i.pt: no such checkpoint file"),
+    ("train", ["nin", "--distill", "{missing}/t.pt", "--out", "{missing}/a"],
+     "distill {missing}/t.pt: no such checkpoint file"),
+    ("train", ["nin", "--learn-groups", "root8", "--data-dir", "{data}", "--out", "{missing}/a",
+               "--batch-size", "16"], "schedule must be root-N, tree-N or col-N"),
+    ("train", ["nin", "--distill-weight", "0.9", "--out", "{missing}/a"],
+     "sets the --distill part of training, but distill is not given"),
+    ("train", ["--resume"], "--resume continues the run in --out: give --out DIR"),
+    ("rootify", ["{ckpt}", "--schedule", "root-8", "--data", "mnist"], "unknown data 'mnist'"),
+    ("rootify", ["{ckpt}", "--schedule", "root-8", "--model", "{missing}/m.py:f"],
+     "no file"),
+    ("rootify", ["{missing}/bst.pt", "--schedule", "root-8"], "bst.pt: no such file"),
     # names, choices and devices are refused before any data is looked for
     ("train", ["nin", "--device", "cuda:x", "--out", "{missing}/a", "--data-dir", "{missing}"],
      "device must be auto, cpu or cuda"),
@@ -298,6 +363,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capsys, command, argv,
     assert "Traceback" not in err
     assert _snapshot(world["run"]) == before
     assert not os.path.exists(os.path.join(world["missing"], "a", "last.pt"))
+    assert os.listdir(world["fresh"]) == []  # a refused command leaves no file, whole or part
 
 
 def test_json_into_a_closed_pipe_ends_quietly():

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from deeproots import data as D
-from helpers import write_cifar_folder, write_cifar_tarball, write_fashion_mnist, write_idx
+from helpers import (write_cifar_folder, write_cifar_tarball, write_fashion_mnist, write_idx,
+                     write_image_folder)
 
 
 def test_cifar_folder_layout_is_channel_planes_row_major(tmp_path):
@@ -198,6 +199,27 @@ def test_image_folder(tmp_path):
     xb, yb = next(iter(loaders[0].batches()))
     assert xb.shape == (2, 3, 24, 24) and xb.dtype == torch.float32
     assert loaders[2].num_classes == 2
+
+
+def test_calibration_images_of_a_small_folder_are_its_files_unaugmented(tmp_path):
+    """20 images and the training loader's batch of 256 (which drops its last partial
+    batch): the sample is every image asked for, read as for evaluation (the file's pixels
+    normalised, no random crop or flip), the same for the same seed."""
+    written = write_image_folder(tmp_path, classes=4, per_class=5, size=8)
+    train, _, spec = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=256, workers=0,
+                                     image_size=8)
+    assert len(train) == 0  # no whole batch of 256: what broke the first version
+    x = D.sample_images(train, spec)  # default: all 20, as the split holds fewer than 1000
+    assert x.shape == (20, 3, 8, 8) and torch.equal(x, D.sample_images(train, spec))
+    plain = D.ImageFolderDataset(tmp_path / "train", 8, train=False)  # how eval reads them
+    files = {tuple(spec.normalize(plain[i][0][None])[0].flatten().tolist())
+             for i in range(len(plain))}
+    assert {tuple(img.flatten().tolist()) for img in x} == files
+    assert len(written) == 40  # 20 of them are the validation split's
+    assert D.sample_images(train, spec, 7).shape[0] == 7
+    with pytest.raises(D.DataError, match="21 calibration images asked for; the "
+                                          "imagefolder:.* training split has 20"):
+        D.sample_images(train, spec, 21)
 
 
 def test_image_folder_errors(tmp_path):

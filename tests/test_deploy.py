@@ -10,8 +10,9 @@ import deeproots
 from deeproots.bench import bench_models
 from deeproots.cli import main
 from helpers import trained_like
+from deeproots import deploy as deploy_module
 from deeproots.deploy import (available_paths, build_path, export, fold_batchnorm,
-                              optimize_for_inference)
+                              load_exported, optimize_for_inference)
 
 
 def _close(out, ref, tol=1e-4):
@@ -72,22 +73,72 @@ def test_optimize_for_inference_picks_the_fastest_measured():
         _close(fast(x), model(x))
 
 
-def test_export_onnx_and_torchscript(tmp_path, capsys):
-    ort = pytest.importorskip("onnxruntime")
+# each format against the eager model: (tolerance, what the file's reader is)
+EXPORT_TOLERANCE = {"pt2": 1e-5, "onnx": 1e-4, "torchscript": 1e-5, "aoti": 1e-4}
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "torchscript"])
+def test_every_export_format_computes_what_the_eager_model_does(tmp_path, capsys, fmt):
+    """Exported from a batch of one, run on a batch of five: the batch size is dynamic in
+    every format, and each file (read back by its own runtime: torch.export.load, ONNX
+    Runtime, torch.jit.load) agrees with the eager model within its tolerance."""
+    pytest.importorskip("onnxruntime")
     model = trained_like("nin-root-8")
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    export(model, x[:1], tmp_path / "m.onnx", "onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    _close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), ref)  # dynamic batch
-    export(model, x, tmp_path / "m.pt", "torchscript")
-    _close(torch.jit.load(str(tmp_path / "m.pt"))(x), ref)
-    assert main(["export", "nin", "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 0
-    assert (tmp_path / "n.onnx").stat().st_size > 3_000_000  # 967k float32 weights
+    notes = export(model, x[:1], tmp_path / f"m.{fmt}", fmt)
+    got = load_exported(tmp_path / f"m.{fmt}", fmt)(x)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= EXPORT_TOLERANCE[fmt] * max(1.0, ref.abs().max())
+    assert ("deprecated" in " ".join(notes)) == (fmt == "torchscript")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic
+
+
+def test_the_onnx_exporter_is_the_recommended_one_and_the_legacy_one_a_fallback(
+        tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from deeproots import deploy
+
+    model = trained_like("nin-root-8")
+    assert deploy.onnx_exporter() == "dynamo"
+    dynamo = onnx.load_from_string(deploy.onnx_bytes(deploy.fold_batchnorm(model),
+                                                     torch.randn(1, 3, 32, 32)))
+    assert dynamo.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named batch
+    # without onnxscript: the legacy exporter, said in one line
+    monkeypatch.setattr(deploy, "_installed", lambda name: name != "onnxscript")
+    assert main(["export", "nin", "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: onnx: the legacy (TorchScript-based) exporter, as onnxscript is not "
+                   "installed; pip install onnxscript for the one PyTorch recommends"]
+    assert (tmp_path / "n.onnx").stat().st_size > 3_000_000  # 967k float32 weights
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
-        export(model, x, tmp_path / "m.tfl", "tflite")
+        export(model, torch.randn(1, 3, 32, 32), tmp_path / "m.tfl", "tflite")
+
+
+@pytest.mark.skipif(deploy_module.aoti_refusal() is not None, reason="no C++ compiler")
+def test_an_aoti_package_runs_and_benches_beside_fold(tmp_path, capsys):
+    """AOTInductor: the exported package (compiled C++) agrees with eager on another batch
+    size, and `bench --path aoti` times it beside fold."""
+    model = _tiny().eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    export(model, x[:1], tmp_path / "m.pt2", "aoti")
+    got = load_exported(tmp_path / "m.pt2", "aoti")(x)
+    assert (got - ref).abs().max().item() <= EXPORT_TOLERANCE["aoti"] * max(1.0, ref.abs().max())
+    fast = build_path(model, x, "aoti")
+    _close(fast(x), ref)
+    assert "aoti" in available_paths()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
 def test_bench_rows():
@@ -171,7 +222,7 @@ def test_export_of_a_checkpoint(tmp_path, capsys):
     model = model_from_checkpoint(load_checkpoint(ckpt)).eval()
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
-        _close(torch.jit.load(str(out))(x), model(x))  # the trained weights, BN folded
+        _close(load_exported(out, "torchscript")(x), model(x))  # the trained weights, folded
     capsys.readouterr()
     # without --input-size: the size the run was trained at (1x8x8), not NiN's 3x32x32
     assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",

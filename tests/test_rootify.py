@@ -290,3 +290,41 @@ def test_levels_can_count_from_the_blocks_after_a_deep_stem():
     assert "stem: at the first conv's resolution (16x16" in report.layers[1].note
     with pytest.raises(ValueError, match="stem must be one of input, resolution; got 'deep'"):
         rootify(model, "root-8", example_input=X32, stem="deep")
+
+
+class _NeverRun(nn.Module):
+    """A model whose forward pass must not be reached (a model that takes minutes, or hangs,
+    to run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3)
+        self.body = nn.Conv2d(16, 32, 3)
+
+    def forward(self, x):
+        raise AssertionError("the forward pass ran")
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("root-99999999999999",), {}, r"99999999999999 groups is more than the channels of any "
+                                   r"conv it groups \(at most 32\)"),
+    (("root8",), {}, "schedule must be root-N, tree-N or col-N"),
+    ((), {"macs": float("nan")}, "macs must be a finite number > 0; got nan"),
+    (("root-2",), {"ignore": ["bdy"]}, "ignore 'bdy' matches no conv layer; closest: body"),
+    (("root-2",), {"ignore": "body"}, "ignore takes a list of layer names or patterns"),
+    (({"body": 0},), {}, "groups for 'body' must be a whole number >= 1; got 0"),
+])
+def test_arguments_are_checked_before_the_model_runs(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rootify(_NeverRun(), *args, example_input=torch.zeros(1, 3, 8, 8), **kwargs)
+
+
+def test_a_schedule_that_groups_nothing_says_why_and_what_would():
+    root8 = deeproots.create_model("nin-root-8")
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"groups no conv of NiN here: its spatial convs after "
+                                         r"the stem are grouped already; regroup=True"):
+        rootify(root8, "root-8", example_input=x[:1], calibration=x)
+    with pytest.raises(ValueError, match=r"it gives each conv it reaches the groups it has "
+                                         r"already \(conv2a: 8\); give another N"):
+        rootify(root8, "root-8", example_input=x[:1], calibration=x, regroup=True)

@@ -193,3 +193,125 @@ def test_every_error_of_deeproots_is_one_family():
 
     for kind in (CheckpointError, DataError, GroupsError, RunFolderError):
         assert issubclass(kind, DeeprootsError) and issubclass(kind, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a hostile user found: a run finished by another process while this one started, an
+# interrupted --overwrite judged before it was undone, a kill between last.pt and best.pt
+
+
+def test_a_run_finished_while_this_one_was_starting_is_never_replaced(data_dir, tmp_path,
+                                                                      monkeypatch):
+    """Two `train --out race` a few seconds apart, the first finishing while the second
+    builds its model: the folder is judged again once the lock is held."""
+    import deeproots.train as T
+
+    first = tmp_path / "first"
+    train(train_cfg(data_dir, first, epochs=1))
+    out = tmp_path / "race"
+    real_build = T._build
+
+    def slow_build(run, spec, model):  # the other run finishes here, meanwhile
+        out.mkdir(exist_ok=True)
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "summary.json"):
+            (out / name).write_bytes((first / name).read_bytes())
+        return real_build(run, spec, model)
+
+    monkeypatch.setattr(T, "_build", slow_build)
+    with pytest.raises(RunFolderError, match=r"race already holds a run .* \(it changed while "
+                                             r"this run was starting; nothing was written"):
+        train(train_cfg(data_dir, out, epochs=1, seed=3))
+    assert _files(out) == {n: (first / n).read_bytes()
+                           for n in ("best.pt", "last.pt", "metrics.jsonl", "summary.json")}
+    assert not (out / ".lock").exists()
+
+
+def test_an_interrupted_overwrite_is_undone_before_a_new_run_is_judged(data_dir, tmp_path,
+                                                                       capsys):
+    """`train --overwrite` killed after moving the old run aside, before its first
+    checkpoint; then a run *without* --overwrite is refused (the old run is back), and
+    --resume continues the old run."""
+    out = tmp_path / "ow"
+    train(train_cfg(data_dir, out, epochs=1))
+    old = _files(out)
+    aside = out / ".replaced"
+    aside.mkdir()
+    for name in old:
+        os.replace(out / name, aside / name)
+    (out / ".lock").write_text("999999999\n")  # the killed process's lock: stale
+    args = ["train", "nin-root-4", "--data-dir", str(data_dir), "--epochs", "1",
+            "--batch-size", "16", "--out", str(out), "--device", "cpu", "--no-download",
+            "--no-progress", "--allocator", "system"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "restored the run that an interrupted --overwrite was replacing" in err
+    assert "already holds a run" in err and _files(out) == old and not aside.exists()
+    aside.mkdir()
+    for name in old:  # interrupted again; this time --resume comes first
+        os.replace(out / name, aside / name)
+    assert main(["train", "--resume", "--out", str(out), "--change", "epochs", "--epochs",
+                 "2", "--no-progress", "--allocator", "system"]) == 0
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 2 and state["history"][0] == json.loads(
+        old["metrics.jsonl"].decode().splitlines()[-1])
+
+
+class _Killed(BaseException):
+    """kill -9, as far as the code under test can tell."""
+
+
+def test_a_kill_between_best_and_last_leaves_a_resumable_run_with_its_best(data_dir, tmp_path,
+                                                                          monkeypatch):
+    import deeproots.train as T
+
+    out = tmp_path / "run"
+    real = T.save_checkpoint
+    calls = []
+
+    def killed_at_the_second_epochs_last(path, state):
+        calls.append(os.path.basename(path))
+        if os.path.basename(path) == "last.pt" and state["epoch"] == 2 and state["step"] == 0:
+            raise _Killed
+        return real(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", killed_at_the_second_epochs_last)
+    with pytest.raises(_Killed):
+        train(train_cfg(data_dir, out, epochs=3, lr=0.05))
+    monkeypatch.undo()
+    # best.pt, if this epoch was the best, came first; last.pt is still epoch 1's
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    summary = train(train_cfg(data_dir, out, epochs=3, lr=0.05, resume=True))
+    tops = [h["test_top1"] for h in load_checkpoint(out / "last.pt")["history"]]
+    best = load_checkpoint(out / "best.pt")
+    assert summary.best_top1 == max(tops) == best["history"][-1]["test_top1"]
+    assert best["epoch"] == 1 + tops.index(max(tops))
+
+
+def test_a_resumed_run_writes_the_best_pt_an_older_run_lost(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(train_cfg(data_dir, out, epochs=1))
+    (out / "best.pt").unlink()  # killed between last.pt and best.pt by an older deeproots
+    train(train_cfg(data_dir, out, epochs=2, resume=True, change=["epochs"]))
+    assert "best.pt: written again from" in capsys.readouterr().err
+    history = load_checkpoint(out / "last.pt")["history"]
+    best = load_checkpoint(out / "best.pt")
+    assert best["best_top1"] == max(h["test_top1"] for h in history)
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """kill -9 while rootify or export writes: the next write to that folder removes the
+    hidden temporary file the dead process left; one of a live process stays."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = tmp_path / ".deeproots-999999999-0123abcd.tmp"  # no such process
+        older = tmp_path / ".999999998-89abcdef.tmp"  # the name the version before used
+        live = tmp_path / f".deeproots-{sleeper.pid}-00000000.tmp"
+        mine = tmp_path / "keep.tmp"
+        for f in (dead, older, live, mine):
+            f.write_bytes(b"x" * 1000)
+        runtime.atomic_write(tmp_path / "out.bin", lambda f: f.write(b"1"))
+        assert not dead.exists() and not older.exists()
+        assert live.exists() and mine.exists() and (tmp_path / "out.bin").read_bytes() == b"1"
+    finally:
+        sleeper.kill()
+        sleeper.wait()

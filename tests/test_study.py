@@ -53,9 +53,10 @@ def _fake_study(out, runs, epochs=2):
             folder = out / "runs" / f"{model}-seed{seed}"
             folder.mkdir(parents=True)
             (folder / "summary.json").write_text(json.dumps({
-                "model": model, "top1": acc, "top5": 0.99, "macs": macs[model],
-                "params": macs[model] // 100, "train_images_per_s": 100.0 + seed,
-                "epochs": epochs}))
+                "model": model, "data": "cifar10", "top1": acc, "top5": 0.99,
+                "macs": macs[model], "params": macs[model] // 100,
+                "train_images_per_s": 100.0 + seed, "epochs": epochs,
+                "config": {"model": model, "seed": seed, "data": "cifar10"}}))
 
 
 def test_the_report_from_summaries_alone(tmp_path):
@@ -90,7 +91,45 @@ def test_a_corrupt_summary_is_reported_never_averaged_in(tmp_path, capsys):
     rows = {v.model: v for v in report.variants}
     assert rows["nin-root-8"].n == 1 and report.corrupt == ["nin-root-8-seed1"]
     assert main(["study", "--report", str(out)]) == 0
-    assert "not finished: nin-root-8-seed1" in capsys.readouterr().out
+    assert "summary unreadable, run again by the study: nin-root-8-seed1" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("drop", ["top5", "macs", "train_images_per_s", "config", "model"])
+def test_a_summary_lacking_a_field_is_reported_as_unreadable(tmp_path, capsys, drop):
+    out = tmp_path / "s"
+    _fake_study(out, {"nin": [0.90, 0.92], "nin-root-8": [0.88, 0.89]})
+    path = out / "runs" / "nin-root-8-seed1" / "summary.json"
+    summary = json.loads(path.read_text())
+    del summary[drop]
+    path.write_text(json.dumps(summary))
+    assert main(["study", "--report", str(out)]) == 0
+    assert "summary unreadable, run again by the study: nin-root-8-seed1" in \
+        capsys.readouterr().out
+
+
+def test_another_run_in_a_studys_folder_is_named_never_averaged_in(tmp_path, capsys):
+    """A nin-root-16 run trained into the study's runs/nin-root-8-seed1."""
+    out = tmp_path / "s"
+    _fake_study(out, {"nin": [0.90, 0.92], "nin-root-8": [0.88, 0.89]})
+    path = out / "runs" / "nin-root-8-seed1" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["model"] = summary["config"]["model"] = "nin-root-16"
+    summary["top1"] = 0.125
+    path.write_text(json.dumps(summary))
+    report = study_report(out)
+    rows = {v.model: v for v in report.variants}
+    assert rows["nin-root-8"].n == 1 and rows["nin-root-8"].top1_mean == pytest.approx(0.88)
+    assert report.foreign == ["nin-root-8-seed1 holds a run of nin-root-16 with seed 1 on "
+                              "cifar10, not this study's nin-root-8 seed 1 on cifar10"]
+    assert main(["study", "--report", str(out)]) == 0
+    assert "not this study's run, left out: nin-root-8-seed1 holds a run of nin-root-16" in \
+        capsys.readouterr().out
+    assert "Not this study's runs, left out" in (out / "study.md").read_text()
+    summary["model"], summary["config"]["seed"] = "nin-root-8", 0  # right model, wrong seed
+    path.write_text(json.dumps(summary))
+    assert study_report(out).foreign[0].startswith("nin-root-8-seed1 holds a run of "
+                                                   "nin-root-8 with seed 0")
 
 
 @pytest.fixture(scope="module")

@@ -459,7 +459,7 @@ def _openvino_scope_to_module(node_name: str) -> str:
 def _openvino_layer_times(model, example, dtype, repeats, warmup):
     # the model as built (not folded): OpenVINO folds batch norm and ReLU into the convs
     # itself, and the exported node names keep the module paths
-    compiled = openvino_compile(onnx_bytes(model, example), dtype, PERF_COUNT=True)
+    compiled = openvino_compile(onnx_bytes(model, example, "legacy"), dtype, PERF_COUNT=True)
     request = compiled.create_infer_request()
     data = example.detach().cpu().numpy()
     samples: Dict[str, List[float]] = {}

@@ -338,6 +338,10 @@ def calibration_batches(data, batch_size: int = 256) -> List[torch.Tensor]:
         if data.dim() != 4:
             raise DeeprootsError(f"calibration images must be a batch (N, C, H, W); got shape "
                                  f"{tuple(data.shape)}")
+        if not len(data):
+            raise DeeprootsError("the calibration data is empty")
+        if not torch.isfinite(data).all():
+            raise DeeprootsError("the calibration images hold NaN or infinity")
         return [data[i:i + batch_size].float() for i in range(0, len(data), batch_size)]
     out = []
     for item in (data.batches() if hasattr(data, "batches") else data):
@@ -805,6 +809,7 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
     conversion so far, to evaluate). ``refit``: ``"all"`` (every ungrouped 1x1 conv from the
     first grouped conv on) or ``"root"`` (the one right after each grouped conv);
     ``grouped``: refit the grouped convs too. Returns the converted model and its report."""
+    check_trained(model)
     started = time.perf_counter()
     if stages is not None:  # the caller's evaluations are not the conversion's time
         measure, evaluating = stages, [0.0]
@@ -917,6 +922,24 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *, stages=None
         stages(STAGES[3], copy.deepcopy(new))
     report.seconds = time.perf_counter() - started - (evaluating[0] if stages else 0.0)
     return new, report
+
+
+def check_trained(model: nn.Module, what: str = "the model") -> None:
+    """A one-line :class:`DeeprootsError` for a model no conversion can start from: a
+    weight or buffer that holds NaN or infinity (a run that diverged), a batch norm whose
+    running variance is negative (an edited or broken file)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = "NaN" if torch.isnan(t).any() else "infinity"
+            raise DeeprootsError(f"{what}: {name} holds {bad}; a model whose weights are not "
+                                 f"finite (a run that diverged) cannot be converted: take an "
+                                 f"earlier checkpoint (best.pt)")
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None \
+                and (m.running_var < 0).any():
+            raise DeeprootsError(f"{what}: batch norm {name} has a negative running variance "
+                                 f"({float(m.running_var.min()):.3g}); a variance is >= 0, so "
+                                 f"the file was edited or broken")
 
 
 def _block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:

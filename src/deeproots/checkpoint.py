@@ -185,23 +185,28 @@ def validate_state(state: dict, path: Path | str = "the checkpoint") -> TrainCon
             isinstance(s, dict) and s.get("kind") == "step" and _whole(s.get("step"))
             for s in steps):
         raise _bad(path, "steps", steps, "a list of step records")
+    if not isinstance(state.get("distill_sha256", ""), str):
+        raise _bad(path, "distill_sha256", state.get("distill_sha256"), "a SHA-256 in hex")
     if not isinstance(state.get("dispatch", []), list):
         raise _bad(path, "dispatch", state.get("dispatch"), "a list of measured choices")
     return cfg
 
 
 def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint",
-                          model: Union[None, str, nn.Module] = None) -> nn.Module:
+                          model: Union[None, str, nn.Module] = None,
+                          how: Optional[str] = None) -> nn.Module:
     """Rebuild the model a checkpoint was trained with and load its weights. A registered
     model is rebuilt by name; a model of the user's own (``FILE.py:FUNCTION``, or one passed
     to :func:`deeproots.train.train`) only from ``model`` (that spec, or the module), since
-    deeproots never runs code named inside a file. CheckpointError if the weights do not
-    fit."""
+    deeproots never runs code named inside a file: the name a checkpoint holds is never run.
+    ``how``: what the refusal advises (the command's own way to name the model; default
+    ``--model FILE.py:FUNCTION``). CheckpointError if the weights do not fit."""
     cfg = state["model_cfg"]
     name = cfg["name"]
     if model is None and not is_model(name):
-        how = (f"pass --model {name} (model='{name}')" if is_user_model(name) else
-               "pass the model it was trained as (model=...)")
+        if how is None:
+            how = (f"pass --model {name} (model='{name}')" if is_user_model(name) else
+                   "pass the model it was trained as (model=...)")
         raise CheckpointError(f"{path} holds a model of your own, {name}; deeproots never runs "
                               f"code named in a checkpoint: {how} to rebuild it")
     try:
@@ -257,6 +262,12 @@ def resume_config(out: Path | str, given: Union[None, TrainConfig, Mapping[str, 
         state = load_checkpoint(out / "last.pt")
     saved = asdict(validate_state(state, out / "last.pt"))
     given = _normalised({k: v for k, v in given.items() if k not in ("resume", "out")})
+    if "memory_format" in given:  # compared as the layouts they name ("auto": the run's own)
+        run_layout = state.get("memory_format") or _layout_of(saved["memory_format"])
+        wanted = run_layout if given["memory_format"] == "auto" else given["memory_format"]
+        saved["memory_format"] = run_layout
+        if wanted == run_layout:
+            given.pop("memory_format")
     if is_user_model(saved["model"]) and "model" not in given:
         raise CheckpointError(
             f"this run's model is built by {saved['model']}; deeproots never runs code named "
@@ -279,10 +290,22 @@ def resume_config(out: Path | str, given: Union[None, TrainConfig, Mapping[str, 
     return TrainConfig(**{k: merged[k] for k in defaults}).check()
 
 
+def _layout_of(memory_format: str) -> str:
+    """The layout a ``memory_format`` setting names (``auto``: channels-last, the rule of
+    :func:`deeproots.step.choose_layout` on every device)."""
+    return "channels-last" if memory_format == "auto" else memory_format
+
+
 def changes_of(cfg: TrainConfig, state: dict) -> List[dict]:
     """The settings ``cfg`` changes against the checkpoint's run, as history records (each
-    one named in ``cfg.change``; :func:`resume_config` refused the rest)."""
+    one named in ``cfg.change``; :func:`resume_config` refused the rest). The memory format
+    is compared as the layout each names."""
+    saved = {**config_defaults(TrainConfig), **state["config"]}
+    now = asdict(cfg)
+    run_layout = state.get("memory_format") or _layout_of(saved["memory_format"])
+    saved["memory_format"] = run_layout
+    now["memory_format"] = run_layout if now["memory_format"] == "auto" else \
+        now["memory_format"]
     return [{"setting": name, "from": old, "to": new, "epoch": state["epoch"],
              "step": state["step"]}
-            for name, old, new in setting_differences(
-                {**config_defaults(TrainConfig), **state["config"]}, asdict(cfg))]
+            for name, old, new in setting_differences(saved, now)]

@@ -12,7 +12,7 @@
     deeproots study FAMILY --seeds 3           the accuracy study: variants x seeds vs orig
     deeproots roofline MODEL... --device h100  the fastest each layer can run, and why
     deeproots rootify MODEL --schedule root-8  make any CNN a root network (before/after)
-    deeproots export MODEL --format onnx|torchscript --out FILE
+    deeproots export MODEL --format pt2|aoti|onnx|torchscript --out FILE
 
 MODEL is a registered name or FILE.py:FUNCTION, a function of yours that returns the model.
 
@@ -31,7 +31,8 @@ from typing import Dict, List, Optional
 from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
-from .config import (COMPILE_MODES, DATA_HELP, DTYPES, GROUPED_CONV, LAYER_PATHS, MODES,
+from .config import (COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS, GROUPED_CONV,
+                     LAYER_PATHS, MODES,
                      MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
@@ -41,7 +42,6 @@ __all__ = ["main", "build_parser"]
 ALLOCATORS = ("auto", "jemalloc", "system")
 FINETUNE_EPOCHS, FINETUNE_LR = 1, 0.01  # train --init's defaults: a fraction of a training
 OVERWRITE_HELP = "replace the file if it exists (a run's own files are never replaced)"
-EXPORT_FORMATS = ("onnx", "torchscript")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -230,18 +230,19 @@ def _train_config(args) -> TrainConfig:
     settings the run was started with (:func:`deeproots.checkpoint.resume_config`, the one
     rule the library uses too)."""
     from .checkpoint import resume_config
+    from .rundir import RunFolder
     from .train import default_out
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
-        if "model" not in given and not given.get("init"):
-            raise DeeprootsError("name a model to train (deeproots list shows them), start "
-                                 "from a checkpoint with --init FILE.pt, or continue a run "
-                                 "with --resume --out DIR")
         if given.get("init"):  # a fine-tune: a short schedule at a small rate, unless told
             given = {"epochs": FINETUNE_EPOCHS, "lr": FINETUNE_LR, **given}
         return TrainConfig(**given)
+    if not given.get("out") and not given.get("model"):
+        raise DeeprootsError("--resume continues the run in --out: give --out DIR (or the "
+                             "model name, for its default folder runs/MODEL-DATA-seedN)")
     out = given.get("out") or str(default_out(TrainConfig(**given)))
+    RunFolder(out).recover_pending()  # an interrupted --overwrite, finished or undone
     if not os.path.exists(os.path.join(out, "last.pt")):  # train() says what is missing
         return TrainConfig(**{**given, "out": out})
     TrainConfig(**given).check()  # the flags' own ranges first, before the checkpoint
@@ -445,6 +446,9 @@ def cmd_rootify(args) -> int:
     source_is_checkpoint = not is_user_model(args.model) and os.path.isfile(args.model)
     if source_is_checkpoint:
         return _rootify_checkpoint(args, options)
+    if _looks_like_a_file(args.model):  # a typo in a checkpoint's path, not a model name
+        raise DeeprootsError(f"checkpoint {args.model}: no such file (rootify takes a model "
+                             f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
     for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
                         ("--calibration-images", args.calibration_images)):
         if value is not None:
@@ -459,15 +463,26 @@ def cmd_rootify(args) -> int:
     return 0
 
 
+def _looks_like_a_file(text: str) -> bool:
+    """Whether ``text`` names a file rather than a model: a path with a folder in it, or a
+    checkpoint's suffix (``base/bst.pt``), and no registered model of that name."""
+    from .registry import is_model, is_user_model
+
+    if is_user_model(text) or is_model(text):
+        return False
+    return os.sep in text or text.endswith((".pt", ".pth", ".ckpt", ".bin", ".tar",
+                                             ".safetensors"))
+
+
 def _rootify_checkpoint(args, options) -> int:
     """``deeproots rootify CHECKPOINT ...``: the trained model converted with calibration,
     evaluated before and after (deeproots.finetune.convert_checkpoint)."""
-    from .finetune import CALIBRATION_IMAGES, convert_checkpoint
+    from .finetune import convert_checkpoint
 
     if args.input_size is not None:
         raise DeeprootsError("--input-size: a checkpoint is converted at the size it was "
                              "trained at; leave it out")
-    images = args.calibration_images or CALIBRATION_IMAGES
+    images = args.calibration_images  # None: the default, or the whole split if smaller
     _, report, summary = convert_checkpoint(
         args.model, args.schedule, data=args.data, data_dir=args.data_dir,
         calibration_images_n=images, out=args.out, overwrite=args.overwrite,
@@ -507,8 +522,12 @@ def cmd_study(args) -> int:
                   file=sys.stderr)
             return 128 + stop.signum
     print(report.table())
-    if report.missing or report.corrupt:
-        print(f"not finished: {', '.join(report.missing + report.corrupt)}")
+    if report.missing:
+        print(f"not finished: {', '.join(report.missing)}")
+    if report.corrupt:
+        print(f"summary unreadable, run again by the study: {', '.join(report.corrupt)}")
+    for line in report.foreign:
+        print(f"not this study's run, left out: {line}")
     if report.held:
         print(f"trained by another process, skipped here: {', '.join(report.held)}")
     print(f"wrote {report.out}/: study.md, study.csv, study.json, accuracy.png")
@@ -567,6 +586,10 @@ def cmd_export(args) -> int:
     from .deploy import export
     from .rundir import check_new_file
 
+    if not args.checkpoint:
+        from .registry import check_model_spec
+
+        check_model_spec(args.model)  # a typo in the name first, as every command does
     check_new_file(args.out, overwrite=args.overwrite)
     if args.checkpoint:
         ignored = [f for f, v in (("--num-classes", args.num_classes),
@@ -589,9 +612,12 @@ def cmd_export(args) -> int:
     else:
         model = _build(args)
     size = parse_input_size(args.input_size, model)
-    export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format,
-           overwrite=args.overwrite)
-    print(f"wrote {args.out} ({args.format}, batch norm folded, input {size})")
+    notes = export(model.eval(), torch.randn(args.batch_size, *size), args.out, args.format,
+                   overwrite=args.overwrite)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out} ({args.format}, batch norm folded, input {size}, batch size "
+          f"dynamic)")
     return 0
 
 
@@ -697,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive["--threads"], help="CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--path", nargs="+", default=["fold"], choices=PATHS,
-                   help="inference engines to time (default fold: BN folded, channels-last)")
+                   help="inference engines to time (default fold: BN folded, channels-last; "
+                        "script: TorchScript, deprecated by PyTorch; aoti: an AOTInductor "
+                        "package, the C++ of export --format aoti)")
     p.add_argument("--mode", nargs="+", default=["inference"], choices=MODES,
                    help="train: one step of deeproots train's recipe (bf16 autocast on CUDA)")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
@@ -794,11 +822,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rootify)
 
-    p = sub.add_parser("export", help="write a model as ONNX or TorchScript")
+    p = sub.add_parser("export", help="write a model for deployment: torch.export (.pt2), "
+                       "an AOTInductor package, ONNX, or TorchScript (deprecated)")
     p.add_argument("model", help="model name or FILE.py:FUNCTION (with --checkpoint: any "
                                  "name for a registered model)")
     p.add_argument("--checkpoint", help="export the trained weights of this checkpoint")
-    p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="pt2: torch.export's ExportedProgram (torch.export.load); aoti: an "
+                        "AOTInductor package, C++ that runs without Python (needs a C++ "
+                        "compiler; torch._inductor.aoti_load_package); onnx: the dynamo "
+                        "exporter where onnxscript is installed, else the legacy one; "
+                        "torchscript: deprecated by PyTorch 2.13, kept while PyTorch keeps it")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--batch-size", type=positive["--batch-size"], default=1)
@@ -837,6 +871,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as stop:  # a command returns its status: this came from a user's code
+        print(f"deeproots {args.command}: error: the model's own code called "
+              f"sys.exit({stop.code!r}) while deeproots ran it; a model must return its "
+              f"outputs (guard a script's exit with if __name__ == '__main__':)",
+              file=sys.stderr)
+        return 2
     except Exception:  # a defect in deeproots: keep the traceback, ask for a report
         import traceback
 

@@ -10,19 +10,23 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .errors import DeeprootsError
 from .checks import (check_choice, check_device, check_number, check_optional_positive,
-                     check_positive, check_seed, check_whole)
+                     check_positive, check_range, check_seed, check_whole)
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
-           "LAYER_PATHS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
+           "LAYER_PATHS", "EXPORT_FORMATS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
            "setting_differences", "given_settings", "STEMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
 # inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
-# TorchScript, torch.compile, ONNX Runtime, OpenVINO; on CUDA: grouped convs in Triton, by
+# TorchScript (deprecated by PyTorch), torch.compile, an AOTInductor package (torch.export +
+# C++), ONNX Runtime, OpenVINO; on CUDA: grouped convs in Triton, by
 # measured dispatch, conv -> ReLU -> 1x1 blocks fused into one kernel, a CUDA graph replayed
-PATHS = ("eager", "fold", "script", "compile", "onnxruntime", "openvino", "triton", "dispatch",
-         "fused", "cudagraph")
+PATHS = ("eager", "fold", "script", "compile", "aoti", "onnxruntime", "openvino", "triton",
+         "dispatch", "fused", "cudagraph")
 LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
+# deployment formats (deeproots.deploy.export): torch.export's .pt2, an AOTInductor package,
+# ONNX, TorchScript (deprecated by PyTorch 2.13)
+EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
 DTYPES = ("float32", "bfloat16")
 # torch.compile modes for the training step (deeproots.step); reduce-overhead = CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -36,6 +40,10 @@ ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this C
 ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
 DATA_HELP = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"
 WARMUP_FRACTION = 0.05  # default warm-up: 5% of the run, at most one epoch
+# distillation temperatures accepted: Hinton et al. use 1-20; below 0.1 the softened
+# logits overflow, above 100 the soft targets are uniform to float32's precision
+DISTILL_TEMPERATURES = (0.1, 100.0)
+GROUP_LASSO_MAX = 1.0  # the penalty's weight: 1e-4 to 1e-2 in use; 1 already swamps the loss
 
 
 def _opt(default: Any, help: str, **meta) -> Any:
@@ -49,8 +57,10 @@ def _opt(default: Any, help: str, **meta) -> Any:
 class TrainConfig:
     """Everything a training run depends on; saved in every checkpoint and summary."""
 
-    model: str = _opt("nin-root-8", "model name (deeproots list) or FILE.py:FUNCTION, a "
-                      "function of yours that returns the model", positional=True)
+    model: Optional[str] = _opt(None, "model name (deeproots list) or FILE.py:FUNCTION, a "
+                                "function of yours that returns the model (with --init: "
+                                "the checkpoint's, unless it is a model of your own)",
+                                positional=True)
     rootify: Optional[str] = _opt(None, "first make the model a root network with this "
                                   "schedule (root-N, tree-N, col-N; see deeproots rootify)")
     init: Optional[str] = _opt(None, "start from the model and weights of this checkpoint, "
@@ -124,7 +134,8 @@ class TrainConfig:
     download: bool = _opt(True, "never download data", flag="--no-download", const=False)
 
     def check(self) -> "TrainConfig":
-        """ValueError for settings that cannot work, naming the value and what is accepted."""
+        """ValueError for settings that cannot work, naming the value and what is accepted,
+        or that would be ignored (a setting of an option not given)."""
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         check_positive("image_size", self.image_size)
@@ -140,12 +151,16 @@ class TrainConfig:
         check_number("step_gamma", self.step_gamma, strict=True)
         check_number("aux_weight", self.aux_weight)
         check_number("checkpoint_every_min", self.checkpoint_every_min)
-        check_number("distill_temperature", self.distill_temperature, strict=True)
-        check_number("distill_weight", self.distill_weight)
-        if self.distill_weight > 1:
-            raise DeeprootsError(f"distill_weight must be from 0 to 1; got "
-                                 f"{self.distill_weight!r}")
-        check_number("group_lasso", self.group_lasso)
+        check_range("distill_temperature", self.distill_temperature, *DISTILL_TEMPERATURES)
+        check_range("distill_weight", self.distill_weight, 0.0, 1.0)
+        check_range("group_lasso", self.group_lasso, 0.0, GROUP_LASSO_MAX)
+        for name, needs in (("distill_temperature", "distill"), ("distill_weight", "distill"),
+                            ("group_lasso", "learn_groups")):
+            if getattr(self, name) != _DEFAULTS[name] and not getattr(self, needs):
+                raise DeeprootsError(f"{name} = {getattr(self, name)!r} sets the --"
+                                     f"{needs.replace('_', '-')} part of training, but "
+                                     f"{needs} is not given; give --{needs.replace('_', '-')} "
+                                     f"too, or leave {name} out")
         if self.init and self.rootify:
             raise DeeprootsError("give init (a converted model) or rootify (a schedule to "
                                  "convert with), not both")
@@ -167,15 +182,24 @@ class TrainConfig:
         check_seed(self.seed)
         check_whole("workers", self.workers)
         check_device(self.device)
+        if self.model is None and not self.init and not self.resume:
+            raise DeeprootsError("name a model to train (deeproots list shows them), start "
+                                 "from a checkpoint with --init FILE.pt, or continue a run "
+                                 "with --resume --out DIR")
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise DeeprootsError(f"model must be a model name or FILE.py:FUNCTION; got "
+                                 f"{self.model!r}")
         return self
 
+
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 # the settings that define a run: a resumed run keeps the checkpoint's unless --change names them
 RESUMABLE_SETTINGS = ("model", "rootify", "init", "distill", "distill_temperature",
                       "distill_weight", "learn_groups", "group_lasso", "data", "epochs",
                       "batch_size", "lr", "momentum", "weight_decay", "schedule",
                       "warmup_epochs", "step_milestones", "step_gamma", "aux_weight", "seed",
-                      "image_size", "limit_train_batches")
+                      "image_size", "limit_train_batches", "memory_format")
 
 
 def _comparable(value: Any) -> Any:

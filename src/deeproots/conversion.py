@@ -369,16 +369,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
                                                                      params is not None):
         raise DeeprootsError("give a schedule (e.g. 'root-8') or one budget (macs=0.5 or "
                              "params=0.5), not both and not neither")
-    if isinstance(schedule, str):
-        parse_schedule(schedule)
+    _check_arguments(model, schedule, ignore, macs, params)  # before any forward pass
     example_input = _example(model, example_input)
     size = tuple(example_input.shape[1:])
     sites = trace_convs(model, example_input)
-    bad = [p for p in ignore if not any(fnmatch.fnmatchcase(s.name, p) for s in sites)]
-    if bad:
-        close = difflib.get_close_matches(bad[0], [s.name for s in sites], n=4, cutoff=0.4)
-        raise DeeprootsError(f"ignore {bad[0]!r} matches no conv layer"
-                             f"{'; closest: ' + ', '.join(close) if close else ''}")
     if not any(s.spatial for s in sites):
         raise DeeprootsError(f"{type(model).__name__} has no spatial convolutions (kernel > 1) "
                              f"to group; rootify groups 3x3, 5x5, ... convs")
@@ -394,8 +388,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     if calibration is not None:
         if not changes:
             raise DeeprootsError(f"schedule {schedule} groups no conv of "
-                                 f"{type(model).__name__} here (every layer's note says why); "
-                                 f"give a larger N, or regroup=True")
+                                 f"{type(model).__name__} here: {_why_nothing(sites, plan)}")
         new, calibrated = calibrate(model, changes, calibration_batches(calibration),
                                     stages=on_stage, grouped=refit_grouped)
         init = "calibrated"
@@ -415,6 +408,56 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     report = _report(schedule, size, sites, plan, before, after, init, shared)
     report.calibration = calibrated
     return new, report
+
+
+def _check_arguments(model: nn.Module, schedule, ignore: Sequence[str],
+                     macs: Optional[float], params: Optional[float]) -> None:
+    """What can be checked without running the model, checked first (a model whose forward
+    pass takes seconds, or hangs, never runs for an argument refused anyway): the schedule's
+    form and its N against the widest conv, the budget, the ``ignore`` patterns against the
+    conv layers' names."""
+    names = [layer_name(p) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if isinstance(schedule, str):
+        _, n = parse_schedule(schedule)
+        widest = max((max(m.in_channels, m.out_channels) for m in model.modules()
+                      if isinstance(m, nn.Conv2d)), default=0)
+        if widest and n > widest:
+            raise DeeprootsError(f"schedule {schedule}: {n} groups is more than the channels "
+                                 f"of any conv it groups (at most {widest}); give N from 1 to "
+                                 f"{widest}")
+    elif isinstance(schedule, Mapping):
+        check_groups_mapping(schedule)
+    elif schedule is not None:
+        raise DeeprootsError(f"schedule must be {SCHEDULE_FORMS}, or a mapping of layer names "
+                             f"or resolutions to groups; got {type(schedule).__name__}")
+    for key, budget in (("macs", macs), ("params", params)):
+        if budget is not None:
+            check_number(key, budget, strict=True)
+    if isinstance(ignore, str):
+        raise DeeprootsError(f"ignore takes a list of layer names or patterns; got the string "
+                             f"{ignore!r} (write [{ignore!r}])")
+    bad = [p for p in ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if bad:
+        close = difflib.get_close_matches(bad[0], names, n=4, cutoff=0.4)
+        raise DeeprootsError(f"ignore {bad[0]!r} matches no conv layer"
+                             f"{'; closest: ' + ', '.join(close) if close else ''}")
+
+
+def _why_nothing(sites: Sequence[ConvSite], plan: Dict[str, Tuple[int, str]]) -> str:
+    """Why a plan changes no conv, in a few words, and what would change one."""
+    spatial = [s for s in sites if s.calls and s.spatial]
+    note = {s.name: plan[s.name][1] for s in spatial}
+    same = [s for s in spatial if not note[s.name] or note[s.name].startswith("the rule's")]
+    if same:
+        s = same[0]
+        return (f"it gives each conv it reaches the groups it has already ({s.name}: "
+                f"{s.groups}); give another N")
+    if any("regroup=True" in n for n in note.values()):
+        return ("its spatial convs after the stem are grouped already; regroup=True "
+                "(--regroup) regroups them")
+    if all(n.startswith(("stem", "ignored")) for n in note.values()):
+        return "every spatial conv is the stem or ignored; ignore fewer layers"
+    return next(iter(note.values()), "it reaches no spatial conv")
 
 
 def _example(model: nn.Module, example_input) -> torch.Tensor:

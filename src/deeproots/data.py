@@ -585,36 +585,41 @@ def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cp
             spec)
 
 
-def calibration_images(data: str, images: int, *, data_dir=None, download_ok: bool = True,
+CALIBRATION_IMAGES = 1000  # a calibrated conversion's default sample of the training split:
+# NiN on Fashion-MNIST converts in under a minute on 2 cores (benchmarks/calibrated_rootify.py
+# --calibration-images N); 1500, tried by hand, gave the same top-1
+
+
+def calibration_images(data: str, images: Optional[int] = None, *, data_dir=None, download_ok: bool = True,
                        image_size: int = 224, seed: int = 0):
     """``images`` images of the training split of ``data``, as a model takes them
     (normalised, not augmented; for image folders, the first batches of the training
     loader), a random sample fixed by ``seed``; and the :class:`DataSpec`. What a calibrated
     conversion (``rootify(..., calibration=...)``) fits on."""
-    train, _, spec = build_loaders(data, data_dir=data_dir, batch_size=min(images, 256),
+    train, _, spec = build_loaders(data, data_dir=data_dir, batch_size=256,
                                    image_size=image_size, download_ok=download_ok, workers=0)
     return sample_images(train, spec, images, seed), spec
 
 
-def sample_images(train, spec: "DataSpec", images: int, seed: int = 0) -> torch.Tensor:
+def sample_images(train, spec: "DataSpec", images: Optional[int] = None, seed: int = 0
+                  ) -> torch.Tensor:
     """``images`` images of the training loader ``train`` as a model takes them (normalised,
-    not augmented), on the CPU: a random sample fixed by ``seed`` of an in-memory split, the
-    first batches of an image folder. More than the split holds is a one-line
-    :class:`DataError`."""
-    if images > train.num_samples:
+    not augmented: an image folder's centre crops), on the CPU, a random sample fixed by
+    ``seed``; ``None``: :data:`CALIBRATION_IMAGES`, or the whole split where it holds fewer.
+    More than the split holds, when asked for, is a one-line :class:`DataError`."""
+    available = train.num_samples
+    if images is None:
+        images = min(CALIBRATION_IMAGES, available)
+    if images > available:
         raise DataError(f"{images} calibration images asked for; the {spec.name} "
-                        f"training split has {train.num_samples}")
+                        f"training split has {available}")
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:images]
     if isinstance(train, TensorLoader):
-        pick = torch.randperm(train.num_samples, generator=torch.Generator().manual_seed(
-            seed))[:images]
         return spec.normalize(train.images[pick.to(train.images.device)].to("cpu"))
-    out, seen = [], 0
-    for x, _ in train.batches():
-        out.append(x)
-        seen += len(x)
-        if seen >= images:
-            break
-    return torch.cat(out)[:images].to("cpu")
+    # an image folder: the same files read as for evaluation (no random crop or flip)
+    plain = ImageFolderDataset(train.dataset.root, train.dataset.size, train=False,
+                               classes=train.dataset.classes)
+    return spec.normalize(torch.stack([plain[int(i)][0] for i in pick]))
 
 
 class FolderLoader:

@@ -27,11 +27,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.fx.experimental.optimization import fuse
+from torch import fx
 
 from .errors import DeeprootsError
 from .checks import check_positive
-from .config import PATHS
+from .config import EXPORT_FORMATS, PATHS
 from .errors import first_line
 from .layers import example_logits
 from .numerics import disagreement
@@ -41,9 +41,14 @@ from .timing import interleaved
 
 __all__ = ["PATHS", "EXPORT_FORMATS", "fold_batchnorm", "check_path", "build_path",
            "optimize_for_inference", "FastModel", "CudaGraphed", "export", "available_paths",
-           "onnx_bytes", "openvino_compile"]
+           "onnx_bytes", "openvino_compile", "exported_program", "load_exported",
+           "onnx_exporter", "aoti_refusal", "cxx_compiler"]
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+# deployment formats: torch.export's ExportedProgram (.pt2), an AOTInductor package (.pt2,
+# runs without Python), ONNX (the dynamo exporter where onnxscript is installed), TorchScript
+# (deprecated by PyTorch 2.13; kept while PyTorch keeps it)
+ONNX_EXPORTERS = ("auto", "dynamo", "legacy")
+MAX_BATCH = 65536  # the exported graphs' batch dimension is dynamic, from 1 to this
 
 
 def _check_module(model, what: str) -> None:
@@ -55,15 +60,48 @@ def _check_module(model, what: str) -> None:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with every conv -> batch-norm pair folded into the conv's
-    weights and bias (torch.fx's conv-bn fusion). Pre-activation BN, which comes before its
-    conv, stays as it is."""
+    """A copy of ``model`` (eval mode, an ``fx.GraphModule``) with every conv -> batch-norm
+    pair folded into the conv's weights and bias (torch's ``fuse_conv_bn_eval`` on each pair
+    a torch.fx trace finds: a conv whose output only that batch norm reads, called once).
+    Pre-activation BN, which comes before its conv, stays as it is."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
     model = copy.deepcopy(model).eval()
     try:
-        return fuse(model, inplace=True)
+        gm = fx.symbolic_trace(model)
     except Exception as err:  # a model FX cannot trace keeps its batch norm
         raise DeeprootsError(f"cannot fold batch norm of {type(model).__name__}: FX could not "
-                             f"trace it ({type(err).__name__}: {err})") from err
+                             f"trace it ({type(err).__name__}: {first_line(err)})") from err
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        conv = node.args[0] if norm is not None and node.args else None
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module"):
+            continue
+        wanted = next((c for n, c in _FOLDABLE.items() if isinstance(norm, n)), None)
+        if wanted is None or not isinstance(modules[conv.target], wanted):
+            continue
+        if len(conv.users) != 1 or calls[conv.target] != 1 or not norm.track_running_stats:
+            continue
+        fused = fuse_conv_bn_eval(modules[conv.target], norm)
+        parent, _, attr = conv.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+        modules[conv.target] = fused
+        node.replace_all_uses_with(conv)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()  # the folded batch norms
+    return gm
+
+
+# which batch norm folds into which conv (a conv subclass, e.g. one that pads in its forward,
+# counts as the conv it extends)
+_FOLDABLE = {nn.BatchNorm1d: nn.Conv1d, nn.BatchNorm2d: nn.Conv2d, nn.BatchNorm3d: nn.Conv3d}
 
 
 class FastModel:
@@ -98,13 +136,95 @@ class FastModel:
         return f"FastModel(path={self.path!r})"
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` as an ONNX graph (batch size dynamic), named by its module paths."""
-    buf = io.BytesIO()
-    torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"},
-                                                             "logits": {0: "batch"}})
-    return buf.getvalue()
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def _traceable_example(example: torch.Tensor) -> torch.Tensor:
+    """``example`` with at least 2 images: torch.export specialises a dimension it sees as 1,
+    so a batch of one would fix the graph's batch size."""
+    return example if len(example) > 1 else example.expand(2, *example.shape[1:]).contiguous()
+
+
+def onnx_exporter(wanted: str = "auto") -> str:
+    """The ONNX exporter to use: ``dynamo`` (torch.export-based, the one PyTorch recommends;
+    it needs the onnxscript package) or ``legacy`` (TorchScript-based, deprecated); ``auto``
+    is dynamo where onnxscript is installed."""
+    if wanted not in ONNX_EXPORTERS:
+        raise DeeprootsError(f"onnx exporter must be one of {', '.join(ONNX_EXPORTERS)}; got "
+                             f"{wanted!r}")
+    if wanted != "auto":
+        if wanted == "dynamo" and not _installed("onnxscript"):
+            raise DeeprootsError("the dynamo ONNX exporter needs the onnxscript package: pip "
+                                 "install onnxscript (or deeproots[deploy])")
+        return wanted
+    return "dynamo" if _installed("onnxscript") else "legacy"
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") -> bytes:
+    """``model`` as an ONNX graph, input ``input`` and output ``logits`` (batch size
+    dynamic), by :func:`onnx_exporter`'s choice. ``legacy`` names the nodes by their module
+    paths, which per-layer OpenVINO timing reads."""
+    import logging
+    import warnings
+
+    if onnx_exporter(exporter) == "legacy":
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={
+                                  "input": {0: "batch"}, "logits": {0: "batch"}})
+        return buf.getvalue()
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its notes on torchvision's operators, not ours
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (_traceable_example(example),), dynamo=True,
+                                        verbose=False, input_names=["input"],
+                                        output_names=["logits"], optimize=True,
+                                        dynamic_shapes=({0: _batch_dim()},))
+    finally:
+        quiet.setLevel(level)
+    return program.model_proto.SerializeToString()
+
+
+def exported_program(model: nn.Module, example: torch.Tensor):
+    """``model`` (eval mode) captured by ``torch.export`` with a dynamic batch size: the
+    graph every current PyTorch deployment starts from (``.pt2``, AOTInductor)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.export.export(model.eval(), (_traceable_example(example),),
+                                   dynamic_shapes=({0: _batch_dim()},))
+
+
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler AOTInductor would build with ($CXX, else c++, g++ or clang++ on the
+    PATH), or None."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def aoti_refusal() -> Optional[str]:
+    """Why an AOTInductor package cannot be built here, or None."""
+    if cxx_compiler() is None:
+        return ("AOTInductor compiles C++: no compiler found ($CXX, c++, g++ or clang++ on "
+                "the PATH); install one (apt-get install g++) or use --format pt2")
+    return None
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def available_paths(device: Optional[torch.device] = None) -> List[str]:
@@ -115,6 +235,8 @@ def available_paths(device: Optional[torch.device] = None) -> List[str]:
     script, compile, dispatch, and triton, fused and cudagraph (the CPU engines never run a
     CUDA model)."""
     paths = ["eager", "fold", "script", "compile", "dispatch"]
+    if aoti_refusal() is None and (device is None or torch.device(device).type == "cpu"):
+        paths.append("aoti")
     on_cuda = torch.cuda.is_available() and (device is None or
                                              torch.device(device).type == "cuda")
     if on_cuda:
@@ -146,8 +268,10 @@ def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
                              f"CUDA GPU")
     if dtype not in (torch.float32, torch.bfloat16):
         raise DeeprootsError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
-    if dtype != torch.float32 and path == "onnxruntime":
+    if dtype != torch.float32 and path in ("onnxruntime", "aoti"):
         raise DeeprootsError(f"path {path!r} runs float32 only; got dtype {dtype}")
+    if path == "aoti" and aoti_refusal():
+        raise DeeprootsError(f"path 'aoti': {aoti_refusal()}")
 
 
 def _triton_installed() -> bool:
@@ -188,8 +312,11 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
         if path == "fold":
             return FastModel(_no_grad(lambda x: folded(cl(x)).float()), path, check=check)
-        if path == "script":
-            with torch.no_grad():
+        if path == "script":  # TorchScript: deprecated by PyTorch, kept while it is there
+            import warnings
+
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
                 traced = torch.jit.trace(folded, cl(example), check_trace=False)
                 # freeze alone: torch.jit.optimize_for_inference changes NiN's outputs by up
                 # to 0.2 (its oneDNN rewrite of the ceil-mode pooling), measured in tests
@@ -206,6 +333,8 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
                 return compiled(cl(x)).float()
 
         return FastModel(_no_grad(run_compiled), path, check=check)
+    if path == "aoti":
+        return FastModel(_aoti_runner(folded, example), path, check=check)
     blob = onnx_bytes(folded, example)
     if path == "onnxruntime":
         import onnxruntime as ort  # optional package
@@ -219,6 +348,19 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
     compiled_ov = openvino_compile(blob, dtype)
     return FastModel(lambda x: torch.from_numpy(
         compiled_ov(x.detach().cpu().numpy())[0].copy()), path, check=check)
+
+
+def _aoti_runner(folded: nn.Module, example: torch.Tensor):
+    """``folded`` compiled ahead of time by AOTInductor (its package in a temporary file,
+    loaded, then removed): the C++ that ``deeproots export --format aoti`` writes, timed
+    from Python."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deeproots-aoti-") as folder:
+        package = os.path.join(folder, "model.pt2")
+        _aoti_package(exported_program(folded, example), package)
+        runner = torch._inductor.aoti_load_package(package)
+    return _no_grad(lambda x: runner(x.float()))
 
 
 def _kernel_path(folded, example, path, dtype, check) -> FastModel:
@@ -326,7 +468,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     ``example_input``. ``paths="auto"`` measures every path this process can build for the
     input's device (:func:`available_paths`: on a CPU fold, script, dispatch, onnxruntime
     and openvino where installed; on a CUDA GPU fold, script, dispatch, triton, fused and
-    cudagraph) but eager and compile (torch.compile only when named, as it takes minutes to
+    cudagraph) but eager, compile and aoti (torch.compile and AOTInductor only when named, as
+    they take a minute or more to
     build), side by side, and returns the fastest, with every candidate's ms per image in
     ``.timings``.
 
@@ -340,7 +483,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
                              f"{type(example_input).__name__}")
     if isinstance(paths, str) and paths == "auto":  # those that run here, in this dtype
         paths = [p for p in available_paths(example_input.device)
-                 if p not in ("eager", "compile")
+                 if p not in ("eager", "compile", "aoti")
                  and (p != "onnxruntime" or dtype == torch.float32)]
     elif isinstance(paths, str):
         paths = [paths]
@@ -385,24 +528,93 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
 
 
 def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,
-           overwrite: bool = False) -> None:
-    """Write ``model`` (batch norm folded, eval mode) as ONNX (batch size dynamic) or a
-    frozen TorchScript file, atomically. The model's input check runs on ``example_input``
-    first, so a wrong size is one clear error. An existing ``out`` is replaced only with
-    ``overwrite``, and a run's own file (``last.pt``, ...) never."""
+           overwrite: bool = False, onnx_exporter_name: str = "auto") -> List[str]:
+    """Write ``model`` (batch norm folded, eval mode; batch size dynamic) to ``out``,
+    atomically, in ``fmt``: ``pt2`` (a ``torch.export`` ExportedProgram, for
+    ``torch.export.load``), ``aoti`` (an AOTInductor package, compiled C++ that runs without
+    Python: ``torch._inductor.aoti_load_package``), ``onnx`` (the dynamo exporter where
+    onnxscript is installed, else the legacy one) or ``torchscript`` (deprecated). The
+    model's input check runs on ``example_input`` first, so a wrong size is one clear error.
+    An existing ``out`` is replaced only with ``overwrite``, and a run's own file
+    (``last.pt``, ...) never. Returns notes for the user (the ONNX exporter fallen back to,
+    TorchScript's deprecation)."""
     check_new_file(out, overwrite=overwrite)
     _check_module(model, "export")
     if fmt not in EXPORT_FORMATS:
         raise DeeprootsError(f"unknown export format {fmt!r}; accepted: "
                              f"{', '.join(EXPORT_FORMATS)}")
+    if fmt == "aoti" and aoti_refusal():
+        raise DeeprootsError(aoti_refusal())
+    if fmt == "aoti" and not str(out).endswith(".pt2"):
+        raise DeeprootsError(f"--format aoti writes a package that torch loads by a name "
+                             f"ending in .pt2; got {out} (give --out NAME.pt2)")
+    exporter = onnx_exporter(onnx_exporter_name) if fmt == "onnx" else None
     if hasattr(model, "check_input"):
         model.check_input(example_input)
     example_logits(model, example_input)  # one line for a model that cannot be exported
     folded = fold_batchnorm(model)
-    if fmt == "onnx":
-        data = onnx_bytes(folded, example_input)
+    notes = []
+    if fmt == "pt2":
+        program = exported_program(folded, example_input)
+        atomic_write(out, lambda f: torch.export.save(program, f))
+    elif fmt == "aoti":
+        program = exported_program(folded, example_input)
+        atomic_write(out, lambda tmp: _aoti_package(program, tmp), by_path=True)
+    elif fmt == "onnx":
+        if exporter == "legacy":
+            notes.append("onnx: the legacy (TorchScript-based) exporter, as onnxscript is not "
+                         "installed; pip install onnxscript for the one PyTorch recommends")
+        data = onnx_bytes(folded, example_input, exporter)
         atomic_write(out, lambda f: f.write(data))
     else:
-        with torch.no_grad():
+        import warnings
+
+        notes.append("torchscript is deprecated by PyTorch (2.13); pt2 (torch.export) and "
+                     "aoti are what it recommends")
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
             frozen = torch.jit.freeze(torch.jit.trace(folded, example_input, check_trace=False))
-        atomic_write(out, lambda f: torch.jit.save(frozen, f))
+            atomic_write(out, lambda f: torch.jit.save(frozen, f))
+    return notes
+
+
+def _aoti_package(program, path: str) -> None:
+    """``program`` compiled by AOTInductor into the package ``path`` (its build files in a
+    temporary folder of their own, removed after)."""
+    import tempfile
+    import warnings
+
+    from torch._inductor import aoti_compile_and_package  # heavy: only for this format
+
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="deeproots-aoti-") as build, \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        package = os.path.join(build, "model.pt2")  # AOTInductor's name must end in .pt2
+        aoti_compile_and_package(program, package_path=package)
+        shutil.move(package, path)
+
+
+def load_exported(path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable running an exported file of ``fmt`` on a CPU batch (for checks and
+    timing; ``pt2`` and ``torchscript`` load through torch's own loaders, ``onnx`` through
+    ONNX Runtime, ``aoti`` through AOTInductor's runner). Load only files you wrote: a
+    TorchScript or AOTInductor file is code."""
+    if fmt == "pt2":
+        module = torch.export.load(str(path)).module()
+        return _no_grad(lambda x: module(x))
+    if fmt == "aoti":
+        runner = torch._inductor.aoti_load_package(str(path))
+        return _no_grad(lambda x: runner(x))
+    if fmt == "onnx":
+        import onnxruntime as ort  # optional package
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.load(str(path))
+    return _no_grad(lambda x: scripted(x))

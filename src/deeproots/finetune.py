@@ -16,21 +16,16 @@ from typing import Dict, Optional, Union
 
 from torch import nn
 
-from .calibration import STAGES
+from .calibration import STAGES, check_trained
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_model
 from .conversion import RootifyReport, rootify
-from .data import build_loaders, sample_images
+from .data import CALIBRATION_IMAGES, build_loaders, sample_images
 from .errors import DeeprootsError
 from .layers import example_logits
 from .rundir import check_new_file
 from .train import evaluate
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "CALIBRATION_IMAGES"]
-
-CALIBRATION_IMAGES = 1000  # of the training split: NiN on Fashion-MNIST converts in under a
-# minute on 2 cores (benchmarks/calibrated_rootify.py --calibration-images N); 1500, tried by
-# hand, gave the same top-1
-
 
 @dataclass
 class ConvertedCheckpoint:
@@ -55,7 +50,7 @@ class ConvertedCheckpoint:
 
 def convert_checkpoint(checkpoint: Union[str, Path], schedule: str, *,
                        data: Optional[str] = None, data_dir=None,
-                       calibration_images_n: int = CALIBRATION_IMAGES,
+                       calibration_images_n: Optional[int] = None,
                        out: Union[None, str, Path] = None, overwrite: bool = False,
                        model: Union[None, str, nn.Module] = None, stages: bool = True,
                        download: bool = True, **rootify_options
@@ -69,11 +64,18 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule: str, *,
         check_new_file(out, overwrite=overwrite)  # before minutes of work
     state = load_checkpoint(checkpoint)
     trained = model_from_checkpoint(state, checkpoint, model).eval()
+    check_trained(trained, str(checkpoint))  # before the data is read
     config = state["config"]
     data = data or config.get("data")
     train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
                                       batch_size=256, image_size=config.get("image_size", 224),
                                       download_ok=download, workers=0)
+    trained_on = state.get("data") if isinstance(state.get("data"), dict) else {}
+    if trained_on.get("in_channels") not in (None, spec.in_channels):
+        raise DeeprootsError(f"{checkpoint} was trained on {trained_on['in_channels']}-channel "
+                             f"images ({trained_on.get('name', 'its data')}); {data} has "
+                             f"{spec.in_channels}-channel ones: calibrate on images like those "
+                             f"it was trained on")
     images = sample_images(train, spec, calibration_images_n)  # the data read once
     logits = example_logits(trained, images[:1], state["model_cfg"]["name"])
     if logits.shape[1] != spec.num_classes:

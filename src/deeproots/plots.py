@@ -5,7 +5,6 @@ from :mod:`~deeproots.costs`, :mod:`~deeproots.analysis`, :mod:`~deeproots.bench
 :mod:`~deeproots.train`."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -16,7 +15,7 @@ import torch
 from .errors import DeeprootsError
 from .costs import profile
 from .registry import create_model, is_model, model_entry
-from .rundir import check_new_file
+from .rundir import check_new_file, read_records, read_summary
 from .runtime import atomic_write, check_output_file
 
 __all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair",
@@ -81,26 +80,6 @@ def plot_training_curves(history: Sequence[dict], path: Path, title: str,
     return _save(fig, path)
 
 
-def read_records(metrics: Path) -> List[dict]:
-    """The records of a run's ``metrics.jsonl`` (an unreadable last line, cut by a crash,
-    left out); a one-line error if the file is missing or not a run's records."""
-    metrics = Path(metrics)
-    try:
-        lines = metrics.read_text().splitlines()
-    except OSError as err:
-        raise DeeprootsError(f"{metrics}: cannot read the run's records "
-                             f"({err.strerror or err})") from None
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i == len(lines) - 1:
-                break  # a line a crash cut short
-            raise DeeprootsError(f"{metrics}: line {i + 1} is not a record") from None
-    return records
-
-
 def plot_run_curves(summaries: Sequence[Path], path: Path, *, overwrite: bool = False) -> Path:
     """Several runs side by side (``deeproots plot-results --curves``): each run's training
     loss and learning rate against steps, and its test top-1 at each epoch, read from the
@@ -112,10 +91,7 @@ def plot_run_curves(summaries: Sequence[Path], path: Path, *, overwrite: bool = 
         if not s.is_file():
             raise DeeprootsError(f"{s} is not a deeproots summary.json (no such file)")
         records = read_records(s.parent / "metrics.jsonl")
-        try:
-            label = json.loads(s.read_text()).get("model", s.parent.name)
-        except ValueError:
-            raise DeeprootsError(f"{s} is not a deeproots summary.json") from None
+        label = read_summary(s, ("model",))["model"]
         runs.append((f"{label} ({s.parent.name})", records))
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -273,15 +249,8 @@ def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
     runs (0 for a single run), and the model's ``topology``."""
     runs: Dict[str, List[dict]] = {}
     for s in summaries:
-        try:
-            data = json.loads(Path(s).read_text())
-            data["top1"], data["macs"], data["params"] = (
-                float(data["top1"]), int(data["macs"]), int(data["params"]))
-            if not math.isfinite(data["top1"]):
-                raise DeeprootsError(f"top1 is {data['top1']}")
-            runs.setdefault(data["model"], []).append(data)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DeeprootsError(f"{s} is not a deeproots summary.json ({err})") from err
+        data = read_summary(s, ("model", "top1", "macs", "params"))
+        runs.setdefault(data["model"], []).append(data)
     out = {}
     for model, items in sorted(runs.items()):
         acc = np.array([r["top1"] for r in items], dtype=float)

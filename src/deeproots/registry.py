@@ -208,16 +208,24 @@ def resolve_model_spec(spec: str) -> str:
     return f"{os.path.abspath(path)}:{function}"
 
 
+def file_digest(path: str) -> Optional[str]:
+    """The SHA-256 of a file (None if it cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def model_source_digest(spec: str) -> Optional[str]:
     """The SHA-256 of the file a ``FILE.py:FUNCTION`` model is built by (None for a
     registered name or a file that cannot be read): a resumed run warns when it changed."""
     if not is_user_model(spec):
         return None
-    try:
-        with open(spec.rpartition(":")[0], "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
+    return file_digest(spec.rpartition(":")[0])
 
 
 def model_slug(spec: str) -> str:

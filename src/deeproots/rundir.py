@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .errors import RunFolderError
-from .runtime import check_output_dir, check_output_file, to_json, write_text
+from .runtime import check_output_dir, check_output_file, pid_alive, to_json, write_text
 
 __all__ = ["RUN_FILES", "RUN_MARKERS", "STUDY_FILES", "RunFolder", "RunLock", "check_new_file",
-           "check_new_folder", "lock_holder"]
+           "check_new_folder", "lock_holder", "read_summary", "read_records"]
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
              "tensorboard", "converted.pt")
@@ -55,20 +57,10 @@ def _read_pid(path: Path) -> Optional[int]:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
 def lock_holder(folder: Path | str) -> Optional[int]:
     """The PID of another live process that holds ``folder``'s lock, or None."""
     pid = _read_pid(Path(folder) / LOCK)
-    return pid if pid is not None and pid != os.getpid() and _alive(pid) else None
+    return pid if pid is not None and pid != os.getpid() and pid_alive(pid) else None
 
 
 class RunLock:
@@ -145,13 +137,15 @@ class RunFolder:
 
     def check(self, resume: bool, overwrite: bool) -> None:
         """Refuse a folder that cannot be written, or that holds a run neither ``resume``
-        nor ``overwrite`` names (a one-line :class:`RunFolderError`). Writes nothing."""
+        nor ``overwrite`` names (a one-line :class:`RunFolderError`). Writes nothing; call
+        :meth:`recover_pending` first, so that a run an interrupted ``--overwrite`` moved
+        aside counts as the run it is."""
         check_output_dir(self.path)
         if resume:
             if overwrite:
                 raise RunFolderError("--resume continues the run in --out and --overwrite "
                                      "replaces it; give one of them")
-            if not self.last.exists() and not (self.path / REPLACED / "last.pt").exists():
+            if not self.last.exists():
                 raise RunFolderError(f"--resume: no checkpoint at {self.last}; start the run "
                                      f"without --resume, or pass the --out of the run to "
                                      f"resume")
@@ -160,6 +154,39 @@ class RunFolder:
         if held and not overwrite:
             raise RunFolderError(f"--out {self.path} already holds a run ({', '.join(held)}); "
                                  f"add --resume to continue it or --overwrite to replace it")
+
+    def recover_pending(self) -> Optional[str]:
+        """Before a run is set up: finish or undo a replacement a crash interrupted
+        (:meth:`recover`), holding the lock for that moment, so that the folder holds one
+        whole run before anything is judged or read. Nothing is created where there is
+        nothing to recover. Returns what was done, or None."""
+        if not (self.path / REPLACED).is_dir():
+            return None
+        with RunLock(self.path):
+            return self.recover()
+
+    def confirm(self, resume: bool, overwrite: bool, seen: Optional[tuple] = None) -> None:
+        """With the lock held, just before a run writes: :meth:`check` again (another
+        process may have finished a run here while this one was starting) and, for a
+        resumed run, that ``last.pt`` is still the checkpoint it loaded (``seen``, from
+        :meth:`stamp`)."""
+        try:
+            self.check(resume, overwrite)
+        except RunFolderError as err:
+            raise RunFolderError(f"{err} (it changed while this run was starting; nothing "
+                                 f"was written)") from None
+        if resume and seen is not None and self.stamp() != seen:
+            raise RunFolderError(f"{self.last} changed while this run was starting (another "
+                                 f"process wrote it); nothing was written: resume again")
+
+    def stamp(self) -> Optional[tuple]:
+        """``last.pt``'s size and modification time (None if absent): what a resumed run
+        checks again before it writes."""
+        try:
+            st = self.last.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
 
     def recover(self) -> Optional[str]:
         """Finish or undo a replacement that a crash interrupted (call with the lock held):
@@ -171,6 +198,10 @@ class RunFolder:
         if self.last.exists():
             shutil.rmtree(aside)
             return "removed the files of the run this one replaced"
+        for name in RUN_FILES:  # what the new run wrote before its first last.pt (best.pt)
+            new = self.path / name
+            if new.is_file() and not (aside / name).exists():
+                new.unlink()
         for item in aside.iterdir():
             os.replace(item, self.path / item.name)
         aside.rmdir()
@@ -181,18 +212,27 @@ class RunFolder:
         :meth:`write_checkpoint` first writes ``last.pt``."""
         self.replacing = overwrite and self.holds_run()
 
-    def write_checkpoint(self, write_last: Callable[[], None]) -> None:
-        """Write ``last.pt`` by ``write_last()``; on the first call of a replacing run, the
-        old run's files are moved aside first and removed after (see :meth:`recover`)."""
-        if not self.replacing:
+    def write_checkpoint(self, write_last: Callable[[], None],
+                         write_best: Optional[Callable[[], None]] = None) -> None:
+        """Write ``best.pt`` by ``write_best()`` (when the epoch is the best so far), then
+        ``last.pt`` by ``write_last()``: a crash between the two leaves the old ``last.pt``,
+        whose resume repeats the epoch and writes both again (never a ``last.pt`` whose best
+        epoch has no ``best.pt``). On the first call of a replacing run, the old run's files
+        are moved aside first and removed after (see :meth:`recover`)."""
+        def write() -> None:
+            if write_best is not None:
+                write_best()
             write_last()
+
+        if not self.replacing:
+            write()
             return
         aside = self.path / REPLACED
         aside.mkdir(exist_ok=True)
         for name in self.files():
             os.replace(self.path / name, aside / name)
         try:
-            write_last()
+            write()
         except BaseException:  # a full disk, say: the old run goes back where it was
             self.recover()
             raise
@@ -277,3 +317,93 @@ def check_new_folder(path: Path | str, names: Sequence[str], what: str = "--out"
         raise RunFolderError(f"{what} {path} already holds {', '.join(held)}; add --overwrite "
                              f"to replace them, or give another folder")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run's files back: summary.json and metrics.jsonl, checked to be what a run wrote
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# what every summary.json a finished run writes holds, and the check of each
+SUMMARY_FIELDS = {
+    "model": lambda v: isinstance(v, str) and bool(v), "data": lambda v: isinstance(v, str),
+    "top1": lambda v: _number(v) and 0 <= v <= 1, "top5": lambda v: _number(v) and 0 <= v <= 1,
+    "macs": _count, "params": _count, "epochs": _count,
+    "train_images_per_s": lambda v: _number(v) and v >= 0,
+    "config": lambda v: isinstance(v, dict)}
+# the fields of each kind of record in metrics.jsonl that a figure reads
+RECORD_FIELDS = {"step": ("step", "train_loss", "lr"),
+                 "epoch": ("epoch", "train_loss", "lr", "test_top1")}
+
+
+def read_summary(path: Path | str, fields: Sequence[str] = tuple(SUMMARY_FIELDS)) -> dict:
+    """A finished run's ``summary.json``, checked to hold what a run writes of ``fields``
+    (default all: model, data, top-1 and top-5 in [0, 1], multiply-adds, params, epochs,
+    images/s, config); a one-line :class:`RunFolderError` naming the first field missing or
+    wrong otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise RunFolderError(f"{path} is not a deeproots summary.json "
+                             f"({err.strerror or err})") from None
+    except ValueError as err:
+        raise RunFolderError(f"{path} is not a deeproots summary.json (not JSON: {err})"
+                             ) from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path} is not a deeproots summary.json (a JSON "
+                             f"{type(data).__name__}, not an object)")
+    for name in fields:
+        ok = SUMMARY_FIELDS[name]
+        if name not in data:
+            raise RunFolderError(f"{path} is not a deeproots summary.json (field {name!r} "
+                                 f"missing)")
+        if not ok(data[name]):
+            shown = repr(data[name])
+            raise RunFolderError(f"{path} is not a deeproots summary.json (field {name!r} is "
+                                 f"{shown[:40]})")
+    return data
+
+
+def read_records(metrics: Path | str) -> List[dict]:
+    """The records of a run's ``metrics.jsonl`` (an unreadable last line, cut by a crash,
+    left out), each checked to hold the fields of its kind (:data:`RECORD_FIELDS`); a
+    one-line :class:`RunFolderError` if the file is missing, holds no record, or holds
+    something a run does not write."""
+    metrics = Path(metrics)
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError as err:
+        raise RunFolderError(f"{metrics}: cannot read the run's records "
+                             f"({err.strerror or err})") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # a line a crash cut short
+            raise RunFolderError(f"{metrics}: line {i + 1} is not a record") from None
+        kind = record.get("kind", "epoch") if isinstance(record, dict) else None
+        needed = RECORD_FIELDS.get(kind)
+        if needed is None or not all(_number(record.get(k)) for k in needed):
+            if not isinstance(record, dict):
+                what = f"a JSON {type(record).__name__}"
+            else:
+                lacking = [k for k in needed or ("kind",) if not _number(record.get(k))]
+                what = f"a {kind!r} record without {', '.join(lacking)}"
+            raise RunFolderError(f"{metrics}: line {i + 1} is {what}; a run writes step "
+                                 f"and epoch records")
+        records.append(record)
+    if not records:
+        raise RunFolderError(f"{metrics} holds no records yet (the run writes one every "
+                             f"--log-every steps and at each epoch's end)")
+    return records

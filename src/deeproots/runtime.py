@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -112,19 +113,29 @@ def _disk_error(err: BaseException) -> Optional[OSError]:
     return None
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: Path | str, write: Callable[[Any], None], by_path: bool = False
+                 ) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``: a crash leaves the old file or the new one.
-    If ``write`` raises, the temporary file is removed and ``path`` is untouched. A full disk,
-    a missing folder or one that cannot be written is a one-line OSError naming ``path``
-    (the temporary file's name is short, so any valid ``path`` has a valid one)."""
+    flushed to disk, then renamed over ``path``: a crash leaves the old file or the new one
+    (and a temporary file a killed process left is removed by the next write to that
+    folder). ``by_path``: ``write`` takes the temporary file's path instead (for writers
+    that open files themselves). If ``write`` raises, the temporary file is removed and
+    ``path`` is untouched. A full disk, a missing folder or one that cannot be written is a
+    one-line OSError naming ``path`` (the temporary file's name is short, so any valid
+    ``path`` has a valid one)."""
     path = Path(path)
-    tmp = path.with_name(f".{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    remove_stale_temporaries(path.parent)
+    tmp = path.with_name(f".deeproots-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        if by_path:
+            write(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as err:  # noqa: BLE001  (torch wraps the file's OSError in others)
         cause = _disk_error(err)
@@ -143,6 +154,41 @@ def atomic_write(path: Path | str, write: Callable[[BinaryIO], None]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# a temporary file of atomic_write: this version's name, and the one before it
+_TEMPORARY = re.compile(r"^\.(?:deeproots-)?(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path | str) -> List[str]:
+    """Remove the temporary files that :func:`atomic_write` left in ``folder`` when its
+    process was killed (kill -9, a power cut) before it could rename or remove them: those
+    whose process is gone. Returns their names."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                pass
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(path: Path | str, text: str) -> Path:
@@ -200,6 +246,10 @@ def check_output_file(path: Path | str, what: str = "--out") -> Path:
     probe = _nearest_existing(path.parent)
     if probe.exists() and not probe.is_dir():
         raise DeeprootsError(f"{what} {path} lies under the file {probe}; give a path in a folder")
+    if probe != path.parent:  # refused now, not after the work whose result it would hold
+        raise DeeprootsError(f"{what} {path}: the folder {path.parent} does not exist; make it "
+                             f"first (mkdir -p {path.parent}) or give a path in a folder that "
+                             f"exists")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise DeeprootsError(f"{what} {path}: {probe} is not writable; give a path you can "
                              f"write to")

@@ -32,7 +32,7 @@ from .plots import plot_accuracy_vs_cost
 from .registry import is_model, list_models, model_entry, model_name
 from .runtime import check_output_dir, write_json, write_text
 from .text import format_table
-from .rundir import RunFolder, lock_holder
+from .rundir import RunFolder, lock_holder, read_summary
 from .train import train
 
 __all__ = ["run_study", "study_report", "StudyReport", "VariantStats", "welch",
@@ -132,6 +132,7 @@ class StudyReport:
     variants: List[VariantStats] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # runs not finished
     corrupt: List[str] = field(default_factory=list)  # summaries that could not be read
+    foreign: List[str] = field(default_factory=list)  # folders holding another run
     held: List[str] = field(default_factory=list)  # runs another process was training
     wall_s: float = 0.0
     out: str = ""  # the study's folder, where the report files are
@@ -174,6 +175,9 @@ class StudyReport:
         lines += ["| " + " | ".join(r) + " |" for r in self.rows()]
         if self.missing:
             lines += ["", f"Not finished: {', '.join(self.missing)}."]
+        if self.foreign:
+            lines += ["", "Not this study's runs, left out (move them away to run the "
+                          "study's own): " + "; ".join(self.foreign) + "."]
         if self.corrupt:
             lines += ["", f"Unreadable summaries (re-run, not averaged in): "
                           f"{', '.join(self.corrupt)}."]
@@ -190,19 +194,29 @@ class StudyReport:
         return buf.getvalue()
 
 
-def _read_summary(path: Path, epochs: int) -> Optional[dict]:
-    """A finished run's summary, None if the run has not finished; ValueError if corrupt."""
+class _Foreign(DeeprootsError):
+    """A run folder of the study that holds another run (another model, seed or data)."""
+
+
+def _read_summary(path: Path, epochs: int, model: Optional[str] = None,
+                  seed: Optional[int] = None, data: Optional[str] = None) -> Optional[dict]:
+    """A finished run's summary, None if the run has not finished; a DeeprootsError if it
+    cannot be read (:func:`deeproots.rundir.read_summary`), :class:`_Foreign` if it is the
+    run of another model, seed or data than the study's folder name says (never averaged
+    in as this one)."""
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text())
-        top1, top5 = float(data["top1"]), float(data["top5"])
-        int(data["macs"]), int(data["params"]), float(data["train_images_per_s"])
-        if not (math.isfinite(top1) and math.isfinite(top5)):
-            raise DeeprootsError(f"top1 {top1}, top5 {top5}")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DeeprootsError(f"{path} is not a readable summary ({type(err).__name__}: {err})")
-    return data if data.get("epochs") == epochs else None
+    summary = read_summary(path)
+    if model is not None:
+        config = summary["config"]
+        held = (summary["model"], config.get("seed"), summary.get("data"))
+        wanted = (model, seed, data)
+        if any(w is not None and h != w for h, w in zip(held[:2], wanted[:2])) or (
+                data is not None and config.get("data", data) != data):
+            raise _Foreign(f"{path.parent.name} holds a run of {held[0]} with seed "
+                           f"{held[1]} on {config.get('data')}, not this study's {model} "
+                           f"seed {seed} on {data}")
+    return summary if summary.get("epochs") == epochs else None
 
 
 def _pareto(stats: List[VariantStats]) -> None:
@@ -233,7 +247,10 @@ def study_report(out: Path | str) -> StudyReport:
         for seed in manifest["seeds"]:
             folder = out / "runs" / f"{model}-seed{seed}"
             try:
-                summary = _read_summary(folder / "summary.json", epochs)
+                summary = _read_summary(folder / "summary.json", epochs, model, seed, data)
+            except _Foreign as err:
+                report.foreign.append(str(err))
+                continue
             except ValueError:
                 report.corrupt.append(folder.name)
                 continue
@@ -347,7 +364,7 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
     manifest = _claim(out, family, data, epochs, models, list(range(seeds)), settings)
     # seed-major: a study cut short still has every variant, with fewer seeds
     todo = [(m, s) for s in range(seeds) for m in models]
-    done = sum(_finished(out, m, s, epochs) for m, s in todo)
+    done = sum(_finished(out, m, s, epochs, data) for m, s in todo)
     show = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if show:
@@ -358,7 +375,7 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
     held: List[str] = []
     try:
         for model, seed in todo:
-            if _finished(out, model, seed, epochs):
+            if _finished(out, model, seed, epochs, data):
                 continue
             if bar is not None:
                 bar.set_postfix_str(f"{model} seed {seed}")
@@ -415,10 +432,15 @@ def _claim(out: Path, family, data, epochs, models, seeds, settings) -> dict:
     return manifest
 
 
-def _finished(out: Path, model: str, seed: int, epochs: int) -> bool:
+def _finished(out: Path, model: str, seed: int, epochs: int, data: Optional[str] = None
+              ) -> bool:
+    """Whether the study's run of ``model`` and ``seed`` has finished (a folder holding
+    another run counts as done here: it is never trained over, and the report names it)."""
     try:
         return _read_summary(out / "runs" / f"{model}-seed{seed}" / "summary.json",
-                             epochs) is not None
+                             epochs, model, seed, data) is not None
+    except _Foreign:
+        return True
     except ValueError:
         return False
 

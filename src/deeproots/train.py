@@ -44,10 +44,11 @@ from .data import DataSpec, build_loaders, sample_images
 from .errors import DeeprootsError
 from .layers import conv_layers, example_logits, main_logits
 from .plots import plot_training_curves
-from .registry import (build_model, check_model_spec, is_user_model, model_slug,
+from .registry import (build_model, check_model_spec, file_digest, is_model, is_user_model,
+                       model_entry, model_slug,
                        model_source_digest, resolve_model_spec)
 from .rundir import RUN_FILES, RunFolder
-from .runtime import allocator, resolve_device, write_json
+from .runtime import allocator, check_output_dir, resolve_device, write_json
 from .step import (Distillation, GroupLasso, Layout, TrainStep, choose_layout, make_optimizer,
                    resolve_grouped_conv)
 
@@ -317,6 +318,8 @@ class _Run:
     world: int = 1
     writer: bool = True  # rank 0 writes the run's files
     state: Optional[dict] = None  # the checkpoint a resumed run continues
+    seen: Optional[tuple] = None  # its last.pt as loaded (size, mtime), checked again
+    init_state: Optional[dict] = None  # a fine-tune's --init checkpoint, loaded once
     changes: List[dict] = field(default_factory=list)
     spec: Optional[DataSpec] = None
     train_loader: Any = None
@@ -350,69 +353,114 @@ class _Run:
         return self.device.type == "cuda"
 
 
-def _build(cfg: TrainConfig, spec: DataSpec, model: Optional[nn.Module]) -> nn.Module:
-    """The model to train: built by name or ``FILE.py:FUNCTION`` (or a copy of ``model``),
-    made a root network when ``cfg.rootify`` says so, checked against the data."""
+def _build(run: _Run, spec: DataSpec, model: Optional[nn.Module]) -> nn.Module:
+    """The model to train: a resumed run's from its own checkpoint (its architecture and
+    groups; the weights are loaded by :func:`_resume`), a fine-tune's from its ``init``
+    checkpoint, else built by name or ``FILE.py:FUNCTION`` (or a copy of ``model``) and made
+    a root network when ``cfg.rootify`` says so; checked against the data. A name a
+    checkpoint holds is never run as code: a model of your own is rebuilt only from the
+    ``FILE.py:FUNCTION`` (or module) the caller gave."""
+    cfg = run.cfg
     size = (spec.in_channels, spec.image_size, spec.image_size)
-    if cfg.init:  # a converted (or any trained) model: its architecture and weights
-        state = load_checkpoint(cfg.init)
-        model = model_from_checkpoint(state, cfg.init, model if model is not None else (
-            cfg.model if is_user_model(cfg.model) else None))
-        model.name = cfg.model
+    own = model if model is not None else (cfg.model if is_user_model(cfg.model) else None)
+    how = f"name it: deeproots train FILE.py:FUNCTION --init {cfg.init or 'FILE'}"
+    if run.state is not None:  # resumed: no init or rootify needed again
+        built = model_from_checkpoint(run.state, run.folder.last, own, how=how)
+        built.name, built.deeproots_cfg = cfg.model, _builder_cfg(run.state["model_cfg"])
+    elif cfg.init:  # a converted (or any trained) model: its architecture and weights
+        built = model_from_checkpoint(run.init_state, cfg.init, own, how=how)
+        built.name = cfg.model
     elif model is not None:
-        model = copy.deepcopy(model)
-        model.name = cfg.model
-        model.deeproots_cfg = {"name": cfg.model, "kwargs": {}}
+        built = copy.deepcopy(model)
+        built.name = cfg.model
+        built.deeproots_cfg = {"name": cfg.model, "kwargs": {}}
     else:
-        model = build_model(cfg.model, num_classes=spec.num_classes,
+        built = build_model(cfg.model, num_classes=spec.num_classes,
                             in_channels=spec.in_channels)
-    if cfg.rootify:
-        name, built_cfg = model.name, model.deeproots_cfg
-        model, _ = rootify(model, cfg.rootify, example_input=torch.zeros(1, *size))
-        model.name, model.deeproots_cfg = name, built_cfg
-    out = example_logits(copy.deepcopy(model), torch.zeros(1, *size), cfg.model)
+    if cfg.rootify and run.state is None:
+        name, built_cfg = built.name, built.deeproots_cfg
+        built, _ = rootify(built, cfg.rootify, example_input=torch.zeros(1, *size))
+        built.name, built.deeproots_cfg = name, built_cfg
+    out = example_logits(copy.deepcopy(built), torch.zeros(1, *size), cfg.model)
     if out.shape[1] != spec.num_classes:
         raise DeeprootsError(f"{cfg.model} gives outputs of shape {tuple(out.shape)} for one "
                              f"{'x'.join(map(str, size))} image; {spec.name} needs "
                              f"(1, {spec.num_classes}): one score per class")
-    return model
+    return built
+
+
+def _builder_cfg(model_cfg: dict) -> dict:
+    """What rebuilds a checkpoint's model: its name and arguments (its groups are the
+    checkpoint's own record)."""
+    return {k: v for k, v in model_cfg.items() if k not in ("groups", "source_sha256")}
+
+
+def _init_model(cfg: TrainConfig, state: dict, model: Optional[nn.Module]) -> str:
+    """The model a fine-tune from ``cfg.init`` trains: the checkpoint's registered model (a
+    name given too must be that one), or a model of your own, which the caller must name
+    (``FILE.py:FUNCTION`` or the module), as deeproots never runs code a checkpoint names."""
+    held = state["model_cfg"]["name"]
+    if model is not None or (cfg.model is not None and is_user_model(cfg.model)):
+        return cfg.model or held
+    if not is_model(held):
+        what = f"a model of your own, built by {held}" if is_user_model(held) else \
+            f"a model deeproots does not know ({held!r})"
+        raise CheckpointError(f"--init {cfg.init} holds {what}; deeproots never runs code "
+                              f"named in a checkpoint: name the model yourself, deeproots "
+                              f"train FILE.py:FUNCTION --init {cfg.init}")
+    if cfg.model is not None and model_entry(cfg.model).name != model_entry(held).name:
+        raise DeeprootsError(f"--init {cfg.init} holds a trained {held}, not {cfg.model}: a "
+                             f"fine-tune trains the checkpoint's model; leave the model name "
+                             f"out (or name {held})")
+    return held
 
 
 def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     """Validate everything before writing anything: the settings, the model's name, the
     device and the grouped-conv choice first (no data is looked for before they pass),
-    then the folder, the checkpoint a resumed run continues, the data, the model and the
-    memory."""
+    then the folder (an interrupted replacement finished or undone first), the checkpoint
+    a resumed run continues, the data, the model and the memory."""
     cfg.check()
     if cfg.tensorboard:
         _TensorBoard.check_installed()
-    for what, path in (("init", cfg.init), ("distill", cfg.distill)):
+    needed = (("distill", cfg.distill),) if cfg.resume else (("init", cfg.init),
+                                                             ("distill", cfg.distill))
+    for what, path in needed:
         if path and not Path(path).is_file():
-            raise CheckpointError(f"{what} {path}: no such checkpoint file")
+            hint = (f"; restore it, or continue with another teacher: --change distill "
+                    f"--distill FILE" if cfg.resume else "")
+            raise CheckpointError(f"{what} {path}: no such checkpoint file{hint}")
+    init_state = None
     if not cfg.resume:  # recorded absolute: the run resumes from any folder
         paths = {k: os.path.abspath(getattr(cfg, k)) for k in ("init", "distill")
                  if getattr(cfg, k)}
-        if cfg.init and model is None and not is_user_model(cfg.model):
-            # the model is the checkpoint's: its name, rebuilt with its groups
-            paths["model"] = load_checkpoint(cfg.init)["model_cfg"]["name"]
+        if cfg.init:
+            init_state = load_checkpoint(cfg.init)
+            paths["model"] = _init_model(cfg, init_state, model)
         cfg = TrainConfig(**{**asdict(cfg), **paths})
-    if model is None:
+    if model is None and cfg.model is not None:
         check_model_spec(cfg.model)
     device = resolve_device(cfg.device)
     resolve_grouped_conv(cfg.grouped_conv, device, cfg.compile)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     run = _Run(cfg=cfg, device=device, folder=RunFolder(out),
-               world=int(os.environ.get("WORLD_SIZE", "1")))
+               world=int(os.environ.get("WORLD_SIZE", "1")), init_state=init_state)
     if cfg.resume or int(os.environ.get("RANK", "0")) == 0:
         # under torchrun rank 0 alone judges the folder: it may already be writing
         # there while another rank is still starting
+        done = run.folder.recover_pending()
+        if done:
+            print(f"{out}: {done}", file=sys.stderr)
         run.folder.check(cfg.resume, cfg.overwrite)
     if cfg.resume:
+        run.seen = run.folder.stamp()
         run.state = load_checkpoint(run.folder.last, map_location=device)
         run.cfg = cfg = resume_config(out, cfg, run.state)
         run.changes = list(run.state.get("changes", [])) + changes_of(cfg, run.state)
     elif model is None:  # recorded resolved: the run resumes from any folder
         run.cfg = cfg = TrainConfig(**{**asdict(cfg), "model": resolve_model_spec(cfg.model)})
+    if cfg.tensorboard:
+        check_output_dir(out / "tensorboard", "--tensorboard folder")
     run.rank, run.world = _dist_setup(device)
     torch.manual_seed(cfg.seed)
     run.train_loader, run.test_loader, run.spec = build_loaders(
@@ -424,7 +472,7 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
         raise DeeprootsError(f"batch size {cfg.batch_size} is larger than the training set "
                              f"({run.train_loader.num_samples})")
     spec = run.spec
-    built = _build(cfg, spec, model)
+    built = _build(run, spec, model)
     run.cost = profile(built, (spec.in_channels, spec.image_size, spec.image_size))
     _check_batch(built, run.cost, cfg.batch_size // run.world, device)
     run.model = run.net = built.to(device)
@@ -434,14 +482,25 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None) -> _Run:
     if cfg.distill:
         run.distillation = _teacher(run, spec)
     if cfg.learn_groups:
-        example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-        _, plan = rootify(built.cpu(), cfg.learn_groups, example_input=example)
-        built.to(device)
-        if not plan.groups:
-            raise DeeprootsError(f"learn_groups {cfg.learn_groups} groups no conv of "
-                                 f"{cfg.model}; give a larger N")
-        run.penalty = GroupLasso(run.model, plan.groups, cfg.group_lasso)
+        run.penalty = _group_lasso(run, built, spec)
     return run
+
+
+def _group_lasso(run: _Run, built: nn.Module, spec: DataSpec) -> GroupLasso:
+    """The --learn-groups penalty on the convs the schedule would group."""
+    cfg = run.cfg
+    example = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+    _, plan = rootify(built.cpu(), cfg.learn_groups, example_input=example)
+    built.to(run.device)
+    if not plan.groups:
+        grouped = [c.layer for c in plan.layers if c.groups_before > 1]
+        why = (f"its spatial convs are grouped already ({', '.join(grouped[:3])}): "
+               f"--learn-groups trains a dense model, so give the dense one (e.g. "
+               f"{model_entry(cfg.model).family if is_model(cfg.model) else 'its dense form'})"
+               if grouped else "it has no spatial conv after the stem to group")
+        raise DeeprootsError(f"learn_groups {cfg.learn_groups} groups no conv of {cfg.model}: "
+                             f"{why}")
+    return GroupLasso(run.model, plan.groups, cfg.group_lasso)
 
 
 def _teacher(run: _Run, spec: DataSpec) -> Distillation:
@@ -460,7 +519,9 @@ def _teacher(run: _Run, spec: DataSpec) -> Distillation:
                              f"but {spec.name} has {spec.num_classes}; distil from a model "
                              f"trained on the same classes")
     run.layout.apply(teacher)
-    return Distillation(teacher, run.cfg.distill_temperature, run.cfg.distill_weight)
+    out = Distillation(teacher, run.cfg.distill_temperature, run.cfg.distill_weight)
+    out.digest = file_digest(run.cfg.distill)  # a resumed run checks it is the same teacher
+    return out
 
 
 def _layout(run: _Run) -> Layout:
@@ -486,6 +547,10 @@ def _resume(run: _Run) -> None:
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{run.folder.last}: its weights do not fit {run.model.name} "
                               f"({str(err).strip().splitlines()[0][:300]})") from err
+    _check_optimizer_state(run)
+    if run.writer:
+        _repair_best(run)
+    _check_teacher(run)
     digest = state["model_cfg"].get("source_sha256")
     if digest and digest != model_source_digest(run.cfg.model):
         print(f"warning: {run.cfg.model.rpartition(':')[0]} changed since this run started "
@@ -505,6 +570,57 @@ def _resume(run: _Run) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if run.cuda and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"])
+
+
+def _check_optimizer_state(run: _Run) -> None:
+    """Every buffer the optimizer state holds (SGD's momentum) shaped as its parameter: an
+    edited checkpoint is one line here, not an error inside the first step."""
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in run.optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"{run.folder.last}: field 'optimizer' holds a {key} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}; the "
+                        f"checkpoint was edited or is not one this deeproots wrote")
+
+
+def _repair_best(run: _Run) -> None:
+    """A run stopped between its best epoch's last.pt and best.pt (a deeproots that wrote
+    them in that order): that epoch is the checkpoint resumed, so best.pt is written from
+    it again."""
+    state, best = run.state, run.folder.best
+    history = state["history"]
+    if state["step"] or not history or history[-1]["test_top1"] != state["best_top1"]:
+        return
+    if best.exists():
+        try:
+            if load_checkpoint(best).get("epoch") == state["epoch"]:
+                return
+        except CheckpointError:
+            pass
+    save_checkpoint(best, state)
+    print(f"{best}: written again from {run.folder.last} (its epoch {state['epoch']} is the "
+          f"best; the run had stopped before writing it)", file=sys.stderr)
+
+
+def _check_teacher(run: _Run) -> None:
+    """A resumed run distils from the teacher it started with: its file's SHA-256 as the
+    checkpoint recorded it, unless ``--change distill`` allows another (recorded)."""
+    if not run.cfg.distill:
+        return
+    recorded = run.state.get("distill_sha256")
+    now = file_digest(run.cfg.distill)
+    if recorded is None or recorded == now:
+        return
+    if "distill" not in run.cfg.change:
+        raise CheckpointError(f"--distill {run.cfg.distill} changed since this run started (its "
+                              f"SHA-256 differs from the one recorded): the resumed run would "
+                              f"learn from another teacher. Restore the file, or allow it with "
+                              f"--change distill (recorded in the run's history)")
+    run.changes.append({"setting": "distill", "from": f"sha256:{recorded}",
+                        "to": f"sha256:{now}", "epoch": run.state["epoch"],
+                        "step": run.state["step"]})
 
 
 def _start(run: _Run) -> None:
@@ -545,6 +661,10 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
     digest = model_source_digest(run.cfg.model)
     if digest:
         model_cfg["source_sha256"] = digest
+    if run.cfg.distill and run.distillation is not None:
+        state_teacher = {"distill_sha256": run.distillation.digest}
+    else:
+        state_teacher = {}
     state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "epoch": epoch, "step": step, "history": run.history, "best_top1": run.best_top1,
@@ -552,7 +672,7 @@ def _snapshot(run: _Run, epoch: int, step: int) -> dict:
         "data": asdict(run.spec), "rng_cpu": torch.get_rng_state(), "changes": run.changes,
         "epoch_sums": list(run.sums), "memory_format": run.layout.memory_format,
         "steps": run.steps, "log_mark": list(run.log_mark),
-        "wall_s": run.wall_before + time.perf_counter() - run.started,
+        "wall_s": run.wall_before + time.perf_counter() - run.started, **state_teacher,
     }
     if run.cuda:
         state["rng_cuda"] = torch.cuda.get_rng_state()
@@ -569,8 +689,9 @@ def _last_good(run: _Run) -> str:
     return str(run.folder.last) if run.folder.last.exists() else "none written yet"
 
 
-def _save_last(run: _Run, epoch: int, step: int) -> dict:
-    """Checkpoint to last.pt, after checking that every weight is finite."""
+def _save_last(run: _Run, epoch: int, step: int, best: bool = False) -> dict:
+    """Checkpoint to last.pt (and first to best.pt when ``best``: see
+    :meth:`RunFolder.write_checkpoint`), after checking that every weight is finite."""
     for name, value in run.model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingDiverged(f"weight {name} is not finite at epoch {epoch + 1}, step "
@@ -578,7 +699,9 @@ def _save_last(run: _Run, epoch: int, step: int) -> dict:
                                    f"{_last_good(run)}. Try a lower --lr (now {run.cfg.lr})")
     state = _snapshot(run, epoch, step)
     if run.writer:
-        run.folder.write_checkpoint(lambda: save_checkpoint(run.folder.last, state))
+        run.folder.write_checkpoint(
+            lambda: save_checkpoint(run.folder.last, state),
+            (lambda: save_checkpoint(run.folder.best, state)) if best else None)
         run.folder.write_records(run.history, run.steps)  # the records match the checkpoint
         if run.board is not None:
             run.board.write(run.steps + run.history)
@@ -764,10 +887,8 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     run.best_top1 = max(run.best_top1, metrics.top1)
     run.sums = [0.0, 0.0, 0.0, 0.0]
     run.log_mark = [0.0, 0.0, 0.0, 0.0]
-    state = _save_last(run, epoch + 1, 0)
+    _save_last(run, epoch + 1, 0, best=best)
     if run.writer:
-        if best:
-            save_checkpoint(run.folder.best, state)
         if compile_s is not None:
             print(f"compiled the training step (torch.compile, mode {run.cfg.compile}) in its "
                   f"first step: {compile_s:.1f} s", flush=True)
@@ -810,7 +931,6 @@ def _finish(run: _Run) -> TrainSummary:
 
 
 LEARNED = "converted.pt"  # --learn-groups: the model converted at the end of the run
-LEARNED_CALIBRATION = 2000  # its calibration images, at most (the training split's)
 
 
 def _convert_learned(run: _Run, summary: TrainSummary) -> dict:
@@ -819,8 +939,7 @@ def _convert_learned(run: _Run, summary: TrainSummary) -> dict:
     ``converted.pt`` beside the run's files."""
     kept = run.penalty.kept()
     loader = run.train_loader
-    calib = sample_images(loader, run.spec, min(LEARNED_CALIBRATION, loader.num_samples)
-                          ).to(run.device)
+    calib = sample_images(loader, run.spec).to(run.device)  # the one default sample
     new, report = rootify(run.model.eval(), run.cfg.learn_groups, example_input=calib[:1],
                           calibration=calib)
     after = evaluate(new, run.test_loader, run.device, run.layout).top1
@@ -869,6 +988,8 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
         _resume(run)
     lock = run.folder.lock() if run.rank == 0 else _NoLock(run.folder)
     with lock:
+        if run.rank == 0:  # judged again now that no other process can write here
+            run.folder.confirm(run.cfg.resume, run.cfg.overwrite, run.seen)
         _start(run)
         with _StopRequest() as stop:
             for epoch in range(run.epoch, run.cfg.epochs):
