@@ -5,7 +5,9 @@ prune rules let the autotuner try. A step whose count is large spends its limit 
 not timing: benchmarks/gpu_session.sh sizes its steps by these counts. The model steps are
 recorded at batch 16 (the counts do not depend on the batch: the batch-dependent integers
 the launchers pass, pixel counts and their buckets, are multiples of 16 at batch 16 as at
-256, and Triton specialises them alike).
+256, and Triton specialises them alike). Both models of each pair are counted: the orig
+network's ungrouped conv -> ReLU -> 1x1 blocks are fused too, and are the heaviest to
+compile. Each step's time limit follows from its count (:func:`limit_of`).
 
     python benchmarks/gpu_plan.py            # no GPU needed (about a minute)
 """
@@ -71,34 +73,89 @@ def _net(name, path, batch, train=False):
     return launches
 
 
-STEPS = {  # the session's steps: run, what it runs, the launches it makes
-    "1 tests": ("pytest -m gpu_quick, DEEPROOTS_AUTOTUNE=first", _tests),
-    "1 bench": ("nin-root-8 dispatch + fused, batch 256",
-                lambda: _net("nin-root-8", "dispatch", 16) + _net("nin-root-8", "fused", 16)),
-    "1 train": ("nin-root-8, 50 steps, batch 128", lambda: _net("nin-root-8", "", 16, True)),
-    "2 targets": ("per-layer and fused tables, nin-root-8 and resnet50-root-64, batch 256",
-                  lambda: sum((_net(m, p, 16) for m in ("nin-root-8", "resnet50-root-64")
-                               for p in ("dispatch", "fused")), [])),
-    "2 training": ("gpu_training.py eager+dispatch, 2 root models, batch 128, "
-                   "DEEPROOTS_AUTOTUNE=first",
-                   lambda: sum((_net(m, "", 16, True) for m in ("nin-root-8",
-                                                                 "resnet50-root-64")), [])),
+def _check(name, batch=16):
+    """The launches of benchmarks/gpu_check.py for ``name``: each grouped conv forward and
+    backward, and each conv -> ReLU -> 1x1 block fused, in bf16 and fp32."""
+    from deeproots.kernels.grouped_conv import GroupedConv2dFunction
+    from deeproots.layers import grouped_convs
+
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x0 = torch.zeros(1, *model.default_input_size)
+    gm = fold_batchnorm(model)
+    fuse_root_blocks(gm, choose=False)
+    launches = []
+    for dtype in (torch.bfloat16, torch.float32):
+        with recorded() as got:
+            for _, conv, shape in grouped_convs(model, x0):
+                x = torch.randn(batch, *shape, dtype=dtype).contiguous(
+                    memory_format=torch.channels_last).requires_grad_()
+                w = conv.weight.detach().to(dtype).requires_grad_()
+                y = GroupedConv2dFunction.apply(x, w, None, conv.stride, conv.padding,
+                                                conv.dilation, conv.groups)
+                y.float().sum().backward()
+            with torch.no_grad():
+                gm.to(dtype)(x0.expand(batch, -1, -1, -1).to(dtype).contiguous(
+                    memory_format=torch.channels_last))
+            gm.float()
+        launches += got
+    return launches
+
+
+PAIR = ("nin", "nin-root-8")  # the pair the session trains and benches
+STEPS = {  # the session's steps: what each runs, and the launches it makes
+    "tests": ("pytest -m gpu_quick, DEEPROOTS_AUTOTUNE=first", _tests, True),
+    "check": ("gpu_check.py: nin-root-8 and resnet50-root-64 against cuDNN, bf16 and fp32, "
+              "DEEPROOTS_AUTOTUNE=first",
+              lambda: _check("nin-root-8") + _check("resnet50-root-64"), True),
+    "train": ("deeproots train nin and nin-root-8, --grouped-conv dispatch (native: none)",
+              lambda: sum((_net(m, "", 16, True) for m in PAIR), []), False),
+    "bench dispatch": ("bench nin nin-root-8 --path dispatch, bf16",
+                       lambda: sum((_net(m, "dispatch", 16) for m in PAIR), []), False),
+    "bench fused": ("bench nin nin-root-8 --path fused, bf16 (both models' blocks)",
+                    lambda: sum((_net(m, "fused", 16) for m in PAIR), []), False),
+    "bench cudagraph": ("bench nin nin-root-8 --path cudagraph (the dispatch path, captured)",
+                        lambda: sum((_net(m, "dispatch", 16) for m in PAIR), []), False),
+    "targets": ("gpu_targets.py --tables-only --models resnet50-root-64: per-layer and fused "
+                "tables", lambda: _net("resnet50-root-64", "dispatch", 16)
+                + _net("resnet50-root-64", "fused", 16), False),
 }
+# Seconds a step is given: a base (the process, the models, the timing itself) and a share
+# per kernel variant it compiles. The per-variant figure is this plan's assumption until the
+# first GPU session measures it (its summary prints each step's seconds beside its count).
+BASE_S = {"tests": 25, "check": 15, "train": 80, "bench dispatch": 15, "bench fused": 15,
+          "bench cudagraph": 15, "targets": 15}
+SECONDS_PER_VARIANT = 1.25
+MACHINE_S = 10  # nvidia-smi and the versions
+SESSION_S = 480  # one call: 8 minutes of the 10 a call may take
+
+
+def limit_of(step: str, variants: int) -> int:
+    """The step's time limit in seconds, from its kernel-variant count."""
+    return int(BASE_S[step] + SECONDS_PER_VARIANT * variants)
 
 
 def main():
-    rows, total = [], 0
-    for step, (what, launches) in STEPS.items():
-        count = variants(launches(), first="first" in what)
+    rows, total_s = [], 0
+    for step, (what, launches, first) in STEPS.items():
+        count = variants(launches(), first=first)
         n = sum(count.values())
-        total += n
-        rows.append((step, what, str(n), ", ".join(f"{k.lstrip('_')} {v}"
-                                                   for k, v in sorted(count.items()))))
+        limit = limit_of(step, n)
+        total_s += limit
+        rows.append((step, what, str(n), f"{limit} s", ", ".join(
+            f"{k.lstrip('_')} {v}" for k, v in sorted(count.items()))))
         print(rows[-1], file=sys.stderr, flush=True)
     print("Triton kernel variants each step of benchmarks/gpu_session.sh compiles (each "
-          "specialisation x the configurations it may try)")
-    print(format_table(("step", "runs", "variants", "by kernel"), rows, align="llrl"))
-    print(f"{total} in all")
+          "specialisation x the configurations it may try) and the limit that follows "
+          f"(a base + {SECONDS_PER_VARIANT:g} s a variant)")
+    print(format_table(("step", "runs", "variants", "limit", "by kernel"), rows,
+                       align="llrrl"))
+    total_s += MACHINE_S
+    print(f"{total_s} s of limits in all with the machine step's {MACHINE_S} s; the "
+          f"session's call: {SESSION_S} s" + ("" if total_s <= SESSION_S else
+                                              " (over: trim the steps)"))
+    print("limits for benchmarks/gpu_session.sh: " + " ".join(
+        f"{r[0].replace(' ', '_')}={r[3][:-2]}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -202,6 +202,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", choices=[root for _, root, _ in PAIRS],
                    help="the root models whose pairs to time (default: all three)")
     p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--tables-only", action="store_true",
+                   help="only the per-layer and fused tables of --models' root networks, "
+                        "each row printed as it is measured (no whole-model timing)")
     p.add_argument("--table-paths", nargs="*", default=["dispatch", "fused"],
                    help="paths to time every variant of Tables 4, 6 and 8 in (none: skip)")
     p.add_argument("--bounds-only", action="store_true",
@@ -241,7 +244,7 @@ def main() -> None:
                                                batch_size=args.batch_size)
                                       for m in (orig, root))}
         ideal = bound[orig].fused_s / bound[root].fused_s
-        for path in args.paths:
+        for path in ([] if args.tables_only else args.paths):
             try:
                 rows = bench_models([orig, root], batch_size=args.batch_size,
                                     device=args.device, dtype=args.dtype, paths=[path],
@@ -260,7 +263,7 @@ def main() -> None:
             if args.device == "cuda":
                 fused_table(root, args.batch_size, args.dtype, torch.device(args.device), hw,
                             repeats)
-    table_paths = [x for x in args.table_paths if x in args.paths]
+    table_paths = [] if args.tables_only else [x for x in args.table_paths if x in args.paths]
     for table in (["nin"] if args.quick else TABLES):
         for path in table_paths:
             try:

@@ -44,3 +44,46 @@ def test_the_family_table_of_the_stand_ins():
     deep = rows["deep-stem (resnet-d-ish)"]
     assert float(deep[4]) > float(deep[3])  # stem='resolution' keeps the stem dense
     assert zoo.DeepStemNet  # the stand-in the row is built from
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python3: says what it was asked to run; "bench ... fused" hangs
+echo "ran: $*"
+case "$*" in *"--path fused"*) sleep 30;; esac
+exit 0
+"""
+
+
+def test_the_gpu_session_is_one_call_that_always_leaves_its_archive(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in for python (the steps' own programs are
+    tested elsewhere): it exits 0, leaves at most 8 files in $OUT (the device tool returns
+    8), one archive holding every step's log, and a summary line per step; a step that
+    hangs is stopped at its limit and the steps before and after it keep their logs."""
+    import os
+    import subprocess
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "QUICK": "1", "L_BENCH": "3",
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["session.tar.gz", "summary.txt"] and len(files) <= 8
+    with tarfile.open(out / "session.tar.gz") as tar:
+        logs = {Path(n).name for n in tar.getnames() if n.endswith(".txt")}
+    steps = ["machine", "tests", "check", "train-nin-native", "train-nin-triton",
+             "train-nin-root-8-native", "train-nin-root-8-triton", "bench-fold",
+             "bench-dispatch", "bench-fused", "targets"]
+    assert logs == {f"{s}.txt" for s in steps}
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:-1]] == steps
+    fused = next(line for line in summary if line.startswith("bench-fused"))
+    assert "exit 124" in fused and "(limit 3 s)" in fused  # stopped at its limit
+    assert "exit 0" in next(line for line in summary if line.startswith("targets"))
+    assert summary[-1].startswith("session: ")

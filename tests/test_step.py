@@ -6,6 +6,8 @@ import signal
 
 import pytest
 import torch
+
+import deeproots
 from torch import nn
 
 from deeproots.step import TrainStep, make_optimizer, loss_of, resolve_grouped_conv
@@ -87,6 +89,48 @@ def test_grouped_conv_choices_say_what_runs_where(monkeypatch):
         resolve_grouped_conv("triton", cpu)
     with pytest.raises(ValueError, match="grouped_conv must be one of"):
         resolve_grouped_conv("cudnn", cpu)
+
+
+def test_auto_on_cuda_is_the_native_path_until_a_gpu_run_verifies_the_kernels(monkeypatch):
+    """A CUDA model built with the defaults has no Triton lowering in it: `auto` resolves
+    to native on CUDA (the device check faked: no GPU here), and optimize_for_inference's
+    `auto` offers no Triton path; one line, TRITON_VERIFIED_ON_GPU, switches both."""
+    import deeproots.step as S
+    from deeproots import deploy
+    from deeproots.kernels.modules import DispatchConv2d, TritonConv2d
+
+    cuda = torch.device("cuda")
+    assert resolve_grouped_conv("auto", cuda) == "native"
+    model = deeproots.create_model("nin-root-8")
+    step = TrainStep(model, make_optimizer(model, 0.1), grouped_conv="auto")  # on the CPU
+    monkeypatch.setattr(step, "device", cuda)
+    assert step.grouped_conv == "native" and not any(
+        isinstance(m, (TritonConv2d, DispatchConv2d)) for m in model.modules())
+    offered = []
+    monkeypatch.setattr(deploy, "available_paths", lambda device=None: [
+        "eager", "fold", "script", "compile", "dispatch", "triton", "fused", "cudagraph"])
+    monkeypatch.setattr(deploy, "check_path", lambda p, dtype=None: offered.append(p))
+    monkeypatch.setattr(deploy, "build_path", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("not built here")))
+    with pytest.raises(ValueError, match="no inference path runs this model"):
+        deploy.optimize_for_inference(model, torch.randn(1, 3, 32, 32))
+    assert offered == ["fold", "script"]
+    # the switch, once a GPU run has shown them correct and faster
+    monkeypatch.setattr(S, "TRITON_VERIFIED_ON_GPU", True)
+    monkeypatch.setattr(deploy, "TRITON_VERIFIED_ON_GPU", True)
+    assert resolve_grouped_conv("auto", cuda) == ("dispatch" if _triton() else "native")
+    offered.clear()
+    with pytest.raises(ValueError):
+        deploy.optimize_for_inference(model, torch.randn(1, 3, 32, 32))
+    assert offered == ["fold", "script", "dispatch", "triton", "fused", "cudagraph"]
+
+
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_a_compiler_failure_falls_back_to_eager_with_one_warning(data_dir, tmp_path,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -94,7 +94,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
                  repeats: int = 10, warmup: int = 3, input_size=None,
                  compile: Optional[str] = None, grouped_conv: str = "native",
                  detail: bool = False,
-                 memory_formats: Sequence[str] = ("auto",)) -> List[BenchRow]:
+                 memory_formats: Sequence[str] = ("auto",),
+                 on_rows: Optional[Callable[[List[BenchRow]], None]] = None) -> List[BenchRow]:
     """Time models the paper's way (footnote 1: per image, forward pass, large batch).
 
     For each path and mode, the models take turns in one process. ``modes`` may add
@@ -104,7 +105,9 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     (``auto``, ``channels-last``, ``contiguous``: train's ``--memory-format``); ``detail``
     adds the forward, backward and optimizer parts of a step (timm's ``--detail``). Train
     GFLOP/s count the backward pass as twice the forward. A batch that runs out of GPU memory
-    is halved and tried again, as timm's benchmark does; the rows say so in ``notes``."""
+    is halved and tried again, as timm's benchmark does; the rows say so in ``notes``.
+    ``on_rows`` is called with the rows of each path and mode as soon as they are measured
+    (a long bench shows what it has, and a run stopped part-way keeps it)."""
     if not names:
         raise DeeprootsError("name at least one model to time (deeproots list shows them)")
     for name in names:
@@ -131,7 +134,7 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
         try:
             rows = _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup,
                           input_size, dict(compile=compile, grouped_conv=grouped_conv), detail,
-                          memory_formats)
+                          memory_formats, on_rows, notes)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise DeeprootsError(f"one image runs out of memory on {device}") from None
@@ -147,7 +150,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
 
 
 def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, input_size,
-           train_options, detail, memory_formats=("auto",)) -> List[BenchRow]:
+           train_options, detail, memory_formats=("auto",), on_rows=None,
+           notes_so_far=()) -> List[BenchRow]:
     torch.manual_seed(0)
     models = {n: build_model(n).eval().to(device) for n in names}
     first = models[names[0]]
@@ -202,6 +206,9 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                     notes=[f"{n} ({path}): {note}" for note in notes[n]],
                     phases_ms=phases.get(n, {}),
                     compile_s=steps[n].compile_s if mode == "train" else None))
+            if on_rows is not None:
+                group = rows[-len(names):]
+                on_rows([replace(r, notes=list(notes_so_far) + r.notes) for r in group])
     return rows
 
 

@@ -32,7 +32,7 @@ from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
 from .config import (COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS, GROUPED_CONV,
-                     LAYER_PATHS, MODES,
+                     LAYER_PATHS, MODES, UNVERIFIED,
                      MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
 from .paper import PAPER_TABLES, TIMED_TABLES
@@ -353,13 +353,14 @@ def cmd_bench(args) -> int:
         raise DeeprootsError(f"--dtype {args.dtype} sets the inference precision; --mode train "
                              f"follows deeproots train's recipe (bf16 autocast on CUDA, float32 "
                              f"on CPU)")
+    # each path's rows printed as soon as they are measured: a long bench shows what it has
+    show = None if args.json else (lambda rows: print(format_bench(rows) + "\n", flush=True))
     rows = bench_models(args.models, batch_size=args.batch_size or 128, paths=args.path,
                         modes=args.mode, compile=args.compile, grouped_conv=args.grouped_conv,
-                        detail=args.detail, memory_formats=args.memory_format, **common)
+                        detail=args.detail, memory_formats=args.memory_format, on_rows=show,
+                        **common)
     if args.json:
         _print_json([r.to_dict() for r in rows])
-    else:
-        print(format_bench(rows))
     return 0
 
 
@@ -725,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", nargs="+", default=["fold"], choices=PATHS,
                    help="inference engines to time (default fold: BN folded, channels-last; "
                         "script: TorchScript, deprecated by PyTorch; aoti: an AOTInductor "
-                        "package, the C++ of export --format aoti)")
+                        "package, the C++ of export --format aoti; triton, dispatch, fused, "
+                        f"cudagraph: deeproots' Triton kernels on CUDA, {UNVERIFIED})")
     p.add_argument("--mode", nargs="+", default=["inference"], choices=MODES,
                    help="train: one step of deeproots train's recipe (bf16 autocast on CUDA)")
     p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
@@ -733,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--compile (default; reduce-overhead: CUDA graphs; max-autotune)")
     p.add_argument("--grouped-conv", choices=GROUPED_CONV, default="native",
                    help="train mode: how grouped convs run, as train --grouped-conv "
-                        "(default native)")
+                        f"(default native; triton and dispatch: {UNVERIFIED})")
     p.add_argument("--detail", action="store_true", help="train mode: also time the "
                    "forward, backward and optimizer parts of a step")
     p.add_argument("--memory-format", nargs="+", choices=MEMORY_FORMATS, default=["auto"],

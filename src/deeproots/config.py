@@ -13,7 +13,8 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
                      check_positive, check_range, check_seed, check_whole)
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
-           "LAYER_PATHS", "EXPORT_FORMATS", "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
+           "LAYER_PATHS", "EXPORT_FORMATS", "TRITON_VERIFIED_ON_GPU", "TRITON_PATHS", "UNVERIFIED",
+           "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
            "setting_differences", "given_settings", "STEMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
@@ -32,6 +33,14 @@ DTYPES = ("float32", "bfloat16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # how grouped convs run in training: auto, PyTorch's own, the Triton kernels, measured dispatch
 GROUPED_CONV = ("auto", "native", "triton", "dispatch")
+# Whether a GPU run has shown deeproots' Triton lowerings correct and faster. Until one has,
+# `auto` on CUDA is the native path (cuDNN, channels-last, bf16 autocast) and the Triton
+# kernels, the dispatch and the fused and CUDA-graph paths built on them are one flag away,
+# labelled as not yet verified on hardware. No GPU has run them yet (docs/speed.md, "GPU");
+# the run that measures them flips this line, with its figures beside it.
+TRITON_VERIFIED_ON_GPU = False
+UNVERIFIED = "not yet verified on GPU hardware"  # the label in --help and docs/speed.md
+TRITON_PATHS = ("triton", "dispatch", "fused", "cudagraph")  # inference paths on the kernels
 MODES = ("inference", "train")
 # how the training step lays out its tensors (deeproots.step); auto: channels-last
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
@@ -115,10 +124,12 @@ class TrainConfig:
         "reported, and a failure falls back to eager with a warning", choices=COMPILE_MODES,
         nargs="?", const="default", metavar="MODE")
     grouped_conv: str = _opt(
-        "auto", "how grouped convs run: native (PyTorch), triton (deeproots' kernels, "
-        "CUDA), dispatch (the fastest of native, triton, block-diagonal dense and split, "
-        "measured per layer on the first step; CUDA), auto (dispatch on CUDA with Triton "
-        "installed and no --compile, else native)", choices=GROUPED_CONV)
+        "auto", "how grouped convs run: native (PyTorch: cuDNN, oneDNN), triton (deeproots' "
+        f"kernels, CUDA; {UNVERIFIED}), dispatch (the fastest of native, triton, "
+        "block-diagonal dense and split, measured per layer on the first step; CUDA; "
+        f"{UNVERIFIED}), auto (native" + (", dispatch on CUDA with Triton installed and no "
+                                          "--compile" if TRITON_VERIFIED_ON_GPU else "") +
+        ")", choices=GROUPED_CONV)
     memory_format: str = _opt(
         "auto", "the step's memory layout: channels-last, contiguous (NCHW), or auto "
         "(channels-last, the faster on GPUs and CPUs alike; a resumed run keeps its own)",

@@ -31,7 +31,7 @@ from torch import fx
 
 from .errors import DeeprootsError
 from .checks import check_positive
-from .config import EXPORT_FORMATS, PATHS
+from .config import EXPORT_FORMATS, PATHS, TRITON_PATHS, TRITON_VERIFIED_ON_GPU
 from .errors import first_line
 from .layers import example_logits
 from .numerics import disagreement
@@ -467,8 +467,9 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     """The fastest inference form of ``model`` on this machine for batches like
     ``example_input``. ``paths="auto"`` measures every path this process can build for the
     input's device (:func:`available_paths`: on a CPU fold, script, dispatch, onnxruntime
-    and openvino where installed; on a CUDA GPU fold, script, dispatch, triton, fused and
-    cudagraph) but eager, compile and aoti (torch.compile and AOTInductor only when named, as
+    and openvino where installed; on a CUDA GPU fold and script, and the Triton paths
+    triton, dispatch, fused and cudagraph once a GPU run has verified them,
+    :data:`~deeproots.config.TRITON_VERIFIED_ON_GPU`) but eager, compile and aoti (torch.compile and AOTInductor only when named, as
     they take a minute or more to
     build), side by side, and returns the fastest, with every candidate's ms per image in
     ``.timings``.
@@ -484,6 +485,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
     if isinstance(paths, str) and paths == "auto":  # those that run here, in this dtype
         paths = [p for p in available_paths(example_input.device)
                  if p not in ("eager", "compile", "aoti")
+                 and (TRITON_VERIFIED_ON_GPU or p not in TRITON_PATHS)
                  and (p != "onnxruntime" or dtype == torch.float32)]
     elif isinstance(paths, str):
         paths = [paths]

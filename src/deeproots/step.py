@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .errors import DeeprootsError
 from .checks import check_choice
-from .config import COMPILE_MODES, GROUPED_CONV, MEMORY_FORMATS
+from .config import COMPILE_MODES, GROUPED_CONV, MEMORY_FORMATS, TRITON_VERIFIED_ON_GPU
 from .calibration import assign_groups
 from .layers import conv_layers, main_logits
 
@@ -187,9 +187,11 @@ class GroupLasso:
 
 
 def resolve_grouped_conv(how: str, device: torch.device, compile: Optional[str] = None) -> str:
-    """``auto``: the measured dispatch on CUDA when Triton is installed, else PyTorch's own;
-    native under ``compile`` (the compiler then sees whole graphs and picks its own
-    kernels). ``triton`` runs on the CPU only under ``TRITON_INTERPRET=1`` (for tests)."""
+    """``auto``: PyTorch's own (cuDNN, oneDNN) until a GPU run has shown the Triton
+    lowerings correct and faster (:data:`deeproots.config.TRITON_VERIFIED_ON_GPU`); then
+    the measured dispatch on CUDA when Triton is installed. Native under ``compile`` (the
+    compiler then sees whole graphs and picks its own kernels). ``triton`` runs on the CPU
+    only under ``TRITON_INTERPRET=1`` (for tests)."""
     check_choice("grouped_conv", how, GROUPED_CONV)
     if how != "auto":
         interpreted = how == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
@@ -197,7 +199,7 @@ def resolve_grouped_conv(how: str, device: torch.device, compile: Optional[str] 
             raise DeeprootsError(f"grouped_conv {how!r} runs on CUDA GPUs; got device {device} "
                                  f"(accepted there: native or auto)")
         return how
-    if device.type != "cuda" or compile:
+    if device.type != "cuda" or compile or not TRITON_VERIFIED_ON_GPU:
         return "native"
     try:
         import triton  # noqa: F401  (the GPU extra)
@@ -305,7 +307,7 @@ class TrainStep:
     def phases(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> Dict[str, float]:
         """Seconds of the forward (with the loss), backward and optimizer parts of one step,
         each timed alone (CUDA events on a GPU)."""
-        marks = [_Mark(self.cuda) for _ in range(4)]
+        marks = [_Mark(self.device) for _ in range(4)]
         self._step(x, y, lr, marks)
         names = ("forward", "backward", "optimizer")
         return {name: marks[i].seconds_to(marks[i + 1]) for i, name in enumerate(names)}
@@ -379,16 +381,18 @@ class TrainStep:
 
 
 class _Mark:
-    """A point in time on the GPU's queue (a CUDA event) or the host's clock."""
+    """A point in time on ``device``'s queue (a CUDA event on that GPU's current stream,
+    whichever GPU is current) or the host's clock."""
 
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-        self.event = torch.cuda.Event(enable_timing=True) if cuda else None
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.event = torch.cuda.Event(enable_timing=True) if self.cuda else None
         self.t = 0.0
 
     def record(self) -> None:
         if self.cuda:
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(self.device))
         else:
             self.t = time.perf_counter()
 

@@ -637,9 +637,9 @@ def _start(run: _Run) -> None:
             run.model = nn.SyncBatchNorm.convert_sync_batchnorm(run.model)
         run.net = DDP(run.model, device_ids=[run.device.index] if run.cuda else None)
     if run.state is not None and run.state.get("dispatch"):
-        from .kernels.modules import dispatch_cache  # Triton layer: a GPU run's choices
+        from .kernels.modules import restore_choices  # Triton layer: a GPU run's choices
 
-        dispatch_cache().update(run.state["dispatch"])
+        restore_choices(run.state["dispatch"])  # each verified again before its first use
     run.step_fn = TrainStep(run.model, run.optimizer, net=run.net,
                             aux_weight=run.cfg.aux_weight, compile=run.cfg.compile,
                             grouped_conv=run.cfg.grouped_conv, layout=run.layout,

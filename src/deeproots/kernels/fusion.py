@@ -93,6 +93,17 @@ class FusedRootConv(nn.Module):
         y = y + residual if residual is not None else y
         return F.relu(y) if self.relu_out else y
 
+    def native(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+        """The block's layers one after another in PyTorch's own convolutions (cuDNN),
+        whatever module runs the conv in this path: the reference the fused kernel is
+        verified against, never another Triton kernel (which shares its tile helpers)."""
+        c, p = self.conv, self.pointwise
+        h = F.relu(nn.Conv2d._conv_forward(c, x, c.weight, c.bias))
+        y = nn.Conv2d._conv_forward(p, h, p.weight, p.bias)
+        y = y + residual if residual is not None else y
+        return F.relu(y) if self.relu_out else y
+
     def fused(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block in the fused kernel (forward only)."""
         from .fused_root import fused_root_conv  # Triton: only when run
@@ -126,10 +137,12 @@ class FusedRootConv(nn.Module):
         return (self.fused if self.chosen[key] == "fused" else self.unfused)(x, residual)
 
     def _choose(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
-        """The fused kernel, verified on this input against the layers run apart (it must
-        run and agree within the dtype's tolerance), then timed against them; the layers
-        apart when it fails either way (``rejected`` says why, in one warning line)."""
-        want = self.unfused(x, residual)
+        """The fused kernel, verified on this input against the layers in PyTorch's own
+        convolutions (:meth:`native`: it must run and agree within the tolerance of the
+        output's dtype), then timed against the layers apart as this path runs them; the
+        layers apart when it fails either way (``rejected`` says why, in one warning
+        line)."""
+        want = self.native(x, residual)
         try:
             reason = disagreement(self.fused(x, residual), want, want.dtype)
         except Exception as err:  # noqa: BLE001  (a compile, ptxas or resource error)

@@ -17,6 +17,7 @@ The lowerings of a grouped conv:
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -32,7 +33,7 @@ from ..timing import interleaved
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
            "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv",
            "DEFAULT_LOWERINGS", "dispatch_notes", "tolerance", "disagreement",
-           "MEASURE_IMAGES"]
+           "MEASURE_IMAGES", "restore_choices"]
 
 LOWERINGS = ("native", "triton", "dense", "split", "inductor")
 DEFAULT_LOWERINGS = ("native", "triton", "dense", "split")
@@ -164,13 +165,24 @@ class TritonConv2d(_SharedConv2d):
 # (lowering chosen, ms of each candidate) per (device type, dtype, autocast, training,
 # batch bucket, shapes, conv): the choices of this process
 _CACHE: Dict[tuple, Tuple[str, Dict[str, float]]] = {}
+_RESTORED: set = set()  # keys whose choice a checkpoint brought, not yet verified here
+_FULL_CHECKED: set = set()  # keys whose choice was checked on a batch larger than the slice
 MEASURE_IMAGES = 32  # candidates are verified and timed on at most this slice of a batch
 
 
 def dispatch_cache() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
     """The choices made so far in this process (a checkpoint keeps them, so that a resumed
-    run computes with the lowerings it started with)."""
+    run computes with the lowerings it started with: :func:`restore_choices`)."""
     return _CACHE
+
+
+def restore_choices(items) -> None:
+    """A checkpoint's dispatch choices, ``(key, (lowering, timings))`` pairs, taken as this
+    process's; each is verified on its first use, as a new choice is, before it runs."""
+    for key, value in items:
+        key = tuple(tuple(k) if isinstance(k, list) else k for k in key)
+        _CACHE[key] = tuple(value) if isinstance(value, list) else value
+        _RESTORED.add(key)
 
 
 def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int = 10,
@@ -179,8 +191,12 @@ def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int 
     events on ``device``'s current stream after a synchronised warm-up on a GPU; three
     warm-up calls and no minimum warm-up time, since the dispatch times every lowering of
     every new shape."""
-    timing = interleaved({"call": call}, images=1, repeats=repeats, warmup=3, warmup_s=0.0,
-                         cuda=cuda, device=device)
+    warmup = 3
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted: a timing means nothing;
+        # one call, to choose (the dispatch's CPU lowerings are timed alike here)
+        repeats, warmup = 1, 0
+    timing = interleaved({"call": call}, images=1, repeats=repeats, warmup=warmup,
+                         warmup_s=0.0, cuda=cuda, device=device)
     return 1000 * timing["call"].median_s
 
 
@@ -261,6 +277,9 @@ class DispatchConv2d(_SharedConv2d):
             gen = torch.Generator(device=x.device).manual_seed(0)
             grad = torch.randn(shape, generator=gen, device=x.device)
         want = self._run(_native, tensors, grad)
+        # the tolerance of the dtype the conv computes in (its output's: bf16 under autocast
+        # though the input is fp32), for the output and the gradients alike
+        dtype = want[0].dtype
         kept = {"native": _native}
         for name, fn in options.items():
             if name == "native":
@@ -269,7 +288,7 @@ class DispatchConv2d(_SharedConv2d):
                 got = self._run(fn, tensors, grad)
                 reason = next((f"{what}: {why}" for what, g, w in zip(
                     ("output", "input gradient", "weight gradient", "bias gradient"), got,
-                    want) if (why := disagreement(g, w, x.dtype))), None)
+                    want) if (why := disagreement(g, w, dtype))), None)
             except Exception as err:  # noqa: BLE001  (a compile, ptxas, resource error)
                 reason = f"{type(err).__name__}: {first_line(err, 200)}"
             if reason is None:
@@ -321,17 +340,74 @@ class DispatchConv2d(_SharedConv2d):
         key = self._key(x, training)
         options = {k: fn for k, fn in lowerings(self, x.device).items() if k in self.choices}
         if key not in _CACHE or _CACHE[key][0] not in options:
-            if _distributed():  # rank 0 chooses; every rank computes the same way
-                import torch.distributed as dist
+            _CACHE[key] = self._decide(key, lambda: self._choose(options, x, training))
+            _RESTORED.discard(key)
+        elif key in _RESTORED:  # a choice a checkpoint brought: verified before its first use
+            chosen = _CACHE[key][0]
+            _CACHE[key] = self._decide(key, lambda: self._recheck(options, chosen, x,
+                                                                   training))
+            _RESTORED.discard(key)
+        chosen = _CACHE[key][0]
+        self.chosen[key] = chosen
+        if chosen != "native" and key not in _FULL_CHECKED and len(x) > MEASURE_IMAGES:
+            chosen = self._check_full(key, options, chosen, x)
+        return options[chosen](self, x, self.weight, self.bias)
 
-                chosen = [self._choose(options, x, training) if dist.get_rank() == 0 else None,
-                          self.rejected]
-                dist.broadcast_object_list(chosen, src=0)
-                _CACHE[key], self.rejected = chosen[0], dict(chosen[1])
-            else:
-                _CACHE[key] = self._choose(options, x, training)
-        self.chosen[key] = _CACHE[key][0]
-        return options[_CACHE[key][0]](self, x, self.weight, self.bias)
+    def _decide(self, key: tuple, decide: Callable[[], Tuple[str, Dict[str, float]]]):
+        """``decide()`` here, or under torchrun rank 0's, broadcast to every rank, once the
+        ranks agree they are at the same key (a rank at another key would wait on another
+        broadcast for ever): ranks that disagree run natively, and every rank remembers
+        every rank's key as native, so that their caches stay alike."""
+        if not _distributed():
+            return decide()
+        import torch.distributed as dist
+
+        keys: List[Optional[tuple]] = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, key)
+        if any(k != key for k in keys):
+            for k in keys:
+                _CACHE.setdefault(k, ("native", {"native": 0.0}))
+            self._reject("dispatch", "the processes of a torchrun met different shapes at this "
+                                     "layer; it runs natively")
+            return _CACHE[key] if _CACHE[key][0] == "native" else ("native", {"native": 0.0})
+        chosen = [decide() if dist.get_rank() == 0 else None, self.rejected]
+        dist.broadcast_object_list(chosen, src=0)
+        self.rejected = dict(chosen[1])
+        return chosen[0]
+
+    def _recheck(self, options, chosen: str, x: torch.Tensor, training: bool):
+        """A restored choice, verified on this input as a new one is (else native)."""
+        if chosen == "native" or chosen not in options:
+            return "native", {"native": 0.0}
+        kept = self._verify({"native": _native, chosen: options[chosen]}, x, training)
+        return (chosen, _CACHE[self._key(x, training)][1]) if chosen in kept else \
+            ("native", {"native": 0.0})
+
+    def _check_full(self, key: tuple, options, chosen: str, x: torch.Tensor) -> str:
+        """The first batch larger than the measured slice (another autotune bucket of the
+        Triton kernels): the chosen lowering's output checked against the native one on it,
+        once per key; native from then on if they disagree (under torchrun, if they disagree
+        on any rank)."""
+        with torch.no_grad():
+            try:
+                got = options[chosen](self, x, self.weight, self.bias)
+                want = _native(self, x, self.weight, self.bias)
+                reason = disagreement(got, want, want.dtype)
+            except Exception as err:  # noqa: BLE001  (a compile or resource error)
+                reason = f"{type(err).__name__}: {first_line(err, 200)}"
+        if _distributed():  # one verdict for every rank
+            import torch.distributed as dist
+
+            reasons: List[Optional[str]] = [None] * dist.get_world_size()
+            dist.all_gather_object(reasons, reason)
+            reason = next((r for r in reasons if r), None)
+        _FULL_CHECKED.add(key)
+        if reason is None:
+            return chosen
+        self._reject(chosen, f"on a full batch of {len(x)}: {reason}")
+        _CACHE[key] = ("native", {"native": 0.0})
+        self.chosen[key] = "native"
+        return "native"
 
 
 def dispatch_notes(model: nn.Module) -> List[str]:
