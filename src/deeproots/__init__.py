@@ -12,29 +12,34 @@ command line's ``--help`` do not pay for importing torch.
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "create_model": "registry", "list_models": "registry", "is_model": "registry",
-    "register_model": "registry", "register_variants": "registry", "model_name": "registry",
-    "profile": "costs", "Profile": "costs",
-    "convert": "layers", "apply_groups": "layers", "conv_layers": "layers",
-    "optimize_for_inference": "deploy", "export": "deploy",
-    "TrainConfig": "config", "rootify": "conversion", "build_model": "registry",
-    "TrainStep": "step",
+    "create_model": "models.registry", "list_models": "models.registry",
+    "is_model": "models.registry", "build_model": "models.registry",
+    "register_model": "models.registration", "register_variants": "models.registration",
+    "model_name": "models.registration",
+    "profile": "inspection.costs", "Profile": "inspection.costs",
+    "convert": "models.layers", "apply_groups": "models.layers", "conv_layers": "models.layers",
+    "optimize_for_inference": "speed.deploy", "export": "speed.export",
+    "TrainConfig": "config", "rootify": "convert.rule",
+    "TrainStep": "training.step",
 }
-_MODULES = ("analysis", "bench", "checks", "config", "conversion", "data", "deploy", "layers",
-            "models",
-            "costs", "paper", "plots", "registry", "reproduce", "runtime", "schedules",
-            "step", "study", "roofline", "text", "timing", "train")
+# the packages, by concern (docs/architecture.md), and the modules every part shares
+_MODULES = ("models", "convert", "training", "speed", "inspection", "reproduction", "kernels",
+            "checks", "config", "errors", "layout", "numerics", "plots", "runtime", "text")
+# deeproots 0.1's module names: they forward to the new places, with a DeprecationWarning
+_MOVED = ("analysis", "bench", "calibration", "checkpoint", "conversion", "costs", "data",
+          "deploy", "finetune", "layers", "paper", "registry", "reproduce", "roofline",
+          "rundir", "schedules", "step", "study", "timing", "train")
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name in _MODULES:
+    elif name in _MODULES or name in _MOVED:
         value = import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'deeproots' has no attribute {name!r}")
@@ -43,4 +48,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted([*globals(), *_EXPORTS, *_MODULES])
+    return sorted([*globals(), *_EXPORTS, *_MODULES])  # the moved names left out

@@ -35,7 +35,7 @@ from .config import (COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS, GROUPED_C
                      LAYER_PATHS, MODES, UNVERIFIED,
                      MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
-from .paper import PAPER_TABLES, TIMED_TABLES
+from .reproduction.tables import PAPER_TABLES, TIMED_TABLES
 
 __all__ = ["main", "build_parser"]
 
@@ -109,8 +109,8 @@ def _groups(items: Optional[List[str]]) -> Optional[Dict[str, int]]:
 def _build(args):
     """The model named by ``args.model`` (a registered name or FILE.py:FUNCTION), with the
     command's --num-classes, --in-channels and --groups."""
-    from .layers import apply_groups
-    from .registry import build_model, is_user_model
+    from .models.layers import apply_groups
+    from .models.registry import build_model, is_user_model
 
     kwargs = {k: getattr(args, k) for k in ("num_classes", "in_channels")
               if getattr(args, k, None) is not None}
@@ -175,7 +175,7 @@ def _print_json(value) -> None:
 
 
 def cmd_list(args) -> int:
-    from .registry import list_models
+    from .models.registry import list_models
 
     names = list_models(args.pattern)
     if not names:
@@ -185,9 +185,9 @@ def cmd_list(args) -> int:
         return 0
     import torch
 
-    from .costs import profile
-    from .paper import table_of
-    from .registry import create_model, model_entry
+    from .inspection.costs import profile
+    from .reproduction.tables import table_of
+    from .models.registry import create_model, model_entry
     from .text import format_table
 
     rows = []
@@ -205,7 +205,7 @@ def cmd_list(args) -> int:
 def cmd_profile(args) -> int:
     import torch
 
-    from .costs import profile
+    from .inspection.costs import profile
 
     with torch.device("meta"):
         model = _build(args)
@@ -215,7 +215,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_table(args) -> int:
-    from .reproduce import compare, format_comparison
+    from .reproduction.compare import compare, format_comparison
 
     names = [args.table] if args.table else list(PAPER_TABLES)
     if args.json:
@@ -227,11 +227,11 @@ def cmd_table(args) -> int:
 
 def _train_config(args) -> TrainConfig:
     """The run's config: the flags given over the defaults, or with --resume over the
-    settings the run was started with (:func:`deeproots.checkpoint.resume_config`, the one
+    settings the run was started with (:func:`deeproots.training.checkpoint.resume_config`, the one
     rule the library uses too)."""
-    from .checkpoint import resume_config
-    from .rundir import RunFolder
-    from .train import default_out
+    from .training.checkpoint import resume_config
+    from .training.folder import RunFolder
+    from .training.loop import default_out
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume"):
@@ -250,7 +250,7 @@ def _train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    from .train import Interrupted, TrainingDiverged, train
+    from .training.loop import Interrupted, TrainingDiverged, train
 
     cfg = _train_config(args).check()
     try:
@@ -271,7 +271,7 @@ def cmd_train(args) -> int:
 
 
 def _load_for_eval(args, limit_eval_batches=None):
-    from .train import load_for_eval
+    from .training.loop import load_for_eval
 
     return load_for_eval(args.checkpoint, data=args.data, data_dir=args.data_dir,
                          batch_size=args.batch_size, device=args.device, workers=args.workers,
@@ -280,7 +280,7 @@ def _load_for_eval(args, limit_eval_batches=None):
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate
+    from .training.loop import evaluate
 
     model, test_loader, spec, state, device = _load_for_eval(args, args.limit_eval_batches)
     result = evaluate(model, test_loader, device)
@@ -294,8 +294,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analysis import REPORT_FILES, analyze, format_score
-    from .rundir import check_new_folder
+    from .inspection.covariance import REPORT_FILES, analyze, format_score
+    from .training.folder import check_new_folder
 
     # before the checkpoint and the data are loaded
     check_new_folder(args.out, REPORT_FILES, overwrite=args.overwrite)
@@ -330,7 +330,7 @@ def cmd_plot_results(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .rundir import check_new_file
+    from .training.folder import check_new_file
 
     if args.plot:
         if not args.layers:
@@ -342,7 +342,7 @@ def cmd_bench(args) -> int:
         return _bench_paper(args, common)
     if args.layers:
         return _bench_layers(args, common)
-    from .bench import bench_models, format_bench
+    from .speed.bench import bench_models, format_bench
 
     if "train" not in args.mode and (args.compile or args.detail or
                                      args.grouped_conv != "native" or
@@ -365,8 +365,8 @@ def cmd_bench(args) -> int:
 
 
 def _bench_paper(args, common) -> int:
-    from .bench import bench_paper
-    from .paper import format_timings
+    from .speed.bench import bench_paper
+    from .reproduction.tables import format_timings
 
     if args.models:
         raise DeeprootsError(f"--paper {args.paper} times that table's models; name no models "
@@ -383,7 +383,7 @@ def _bench_paper(args, common) -> int:
 
 
 def _bench_layers(args, common) -> int:
-    from .bench import bench_layers, format_layer_times
+    from .speed.bench import bench_layers, format_layer_times
 
     if "train" in args.mode:
         return _bench_train_layers(args, common)
@@ -404,9 +404,9 @@ def _bench_layers(args, common) -> int:
 def _bench_train_layers(args, common) -> int:
     import torch
 
-    from .bench import format_train_layer_times, train_layer_times
-    from .costs import parse_input_size
-    from .registry import build_model, check_model_spec
+    from .speed.bench import format_train_layer_times, train_layer_times
+    from .inspection.costs import parse_input_size
+    from .models.registry import build_model, check_model_spec
     from .runtime import resolve_device
 
     if args.mode != ["train"] or args.plot or len(args.memory_format) > 1:
@@ -438,9 +438,9 @@ def _bench_train_layers(args, common) -> int:
 def cmd_rootify(args) -> int:
     import torch
 
-    from .conversion import rootify
-    from .costs import parse_input_size
-    from .registry import build_model, is_user_model
+    from .convert.rule import rootify
+    from .inspection.costs import parse_input_size
+    from .models.registry import build_model, is_user_model
 
     options = dict(ignore=args.ignore, macs=args.macs, params=args.params,
                    regroup=args.regroup, stem=args.stem, allow_depthwise=args.allow_depthwise)
@@ -467,7 +467,7 @@ def cmd_rootify(args) -> int:
 def _looks_like_a_file(text: str) -> bool:
     """Whether ``text`` names a file rather than a model: a path with a folder in it, or a
     checkpoint's suffix (``base/bst.pt``), and no registered model of that name."""
-    from .registry import is_model, is_user_model
+    from .models.registry import is_model, is_user_model
 
     if is_user_model(text) or is_model(text):
         return False
@@ -477,8 +477,8 @@ def _looks_like_a_file(text: str) -> bool:
 
 def _rootify_checkpoint(args, options) -> int:
     """``deeproots rootify CHECKPOINT ...``: the trained model converted with calibration,
-    evaluated before and after (deeproots.finetune.convert_checkpoint)."""
-    from .finetune import convert_checkpoint
+    evaluated before and after (deeproots.convert.checkpoint.convert_checkpoint)."""
+    from .convert.checkpoint import convert_checkpoint
 
     if args.input_size is not None:
         raise DeeprootsError("--input-size: a checkpoint is converted at the size it was "
@@ -500,7 +500,7 @@ def _rootify_checkpoint(args, options) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import STUDY_SETTINGS, run_study, study_report
+    from .training.study import STUDY_SETTINGS, run_study, study_report
 
     if args.report:
         if args.family:
@@ -512,7 +512,7 @@ def cmd_study(args) -> int:
             raise DeeprootsError("name a model family to study (e.g. nin), or --report DIR")
         given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if hasattr(args, f.name) and f.name not in STUDY_SETTINGS}
-        from .train import Interrupted
+        from .training.loop import Interrupted
 
         try:
             report = run_study(args.family, seeds=args.seeds, variants=args.variants,
@@ -536,7 +536,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_roofline(args) -> int:
-    from .roofline import HARDWARE, format_roofline, measure_cpu, roofline
+    from .speed.roofline import HARDWARE, format_roofline, measure_cpu, roofline
 
     hardware = measure_cpu() if args.device == "cpu" else HARDWARE[args.device]
     results = [roofline(m, hardware=hardware, dtype=args.dtype, batch_size=args.batch_size,
@@ -563,9 +563,9 @@ def _measure_roofline(args, results) -> None:
     """Each layer's measured time (eager, per-layer hooks) beside its bound."""
     import torch
 
-    from .bench import layer_times
-    from .costs import parse_input_size
-    from .registry import build_model
+    from .speed.bench import layer_times
+    from .inspection.costs import parse_input_size
+    from .models.registry import build_model
     from .runtime import resolve_device
 
     device = resolve_device("cuda" if args.device != "cpu" else "cpu")
@@ -583,12 +583,12 @@ def _measure_roofline(args, results) -> None:
 def cmd_export(args) -> int:
     import torch
 
-    from .costs import parse_input_size
-    from .deploy import export
-    from .rundir import check_new_file
+    from .inspection.costs import parse_input_size
+    from .speed.export import export
+    from .training.folder import check_new_file
 
     if not args.checkpoint:
-        from .registry import check_model_spec
+        from .models.registry import check_model_spec
 
         check_model_spec(args.model)  # a typo in the name first, as every command does
     check_new_file(args.out, overwrite=args.overwrite)
@@ -599,8 +599,8 @@ def cmd_export(args) -> int:
         if ignored:
             raise DeeprootsError(f"{', '.join(ignored)} cannot change a trained checkpoint's "
                                  f"model; export --checkpoint takes the model it was trained as")
-        from .checkpoint import load_checkpoint, model_from_checkpoint
-        from .registry import is_user_model
+        from .training.checkpoint import load_checkpoint, model_from_checkpoint
+        from .models.registry import is_user_model
 
         state = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(state, args.checkpoint,

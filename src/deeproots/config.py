@@ -9,6 +9,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .errors import DeeprootsError
+from .speed.paths import (GROUPED_CONV, LAYER_PATHS, PATHS, TRITON_PATHS,
+                          TRITON_VERIFIED_ON_GPU, UNVERIFIED)
 from .checks import (check_choice, check_device, check_number, check_optional_positive,
                      check_positive, check_range, check_seed, check_whole)
 
@@ -18,31 +20,16 @@ __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup
            "setting_differences", "given_settings", "STEMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
-# inference engines (deeproots.deploy): the model as built, BN folded + channels-last,
-# TorchScript (deprecated by PyTorch), torch.compile, an AOTInductor package (torch.export +
-# C++), ONNX Runtime, OpenVINO; on CUDA: grouped convs in Triton, by
-# measured dispatch, conv -> ReLU -> 1x1 blocks fused into one kernel, a CUDA graph replayed
-PATHS = ("eager", "fold", "script", "compile", "aoti", "onnxruntime", "openvino", "triton",
-         "dispatch", "fused", "cudagraph")
-LAYER_PATHS = ("eager", "fold", "openvino")  # paths per-layer timing can see inside
-# deployment formats (deeproots.deploy.export): torch.export's .pt2, an AOTInductor package,
+# the inference paths and grouped-conv lowerings: one table, deeproots.speed.paths
+# deployment formats (deeproots.speed.export): torch.export's .pt2, an AOTInductor package,
 # ONNX, TorchScript (deprecated by PyTorch 2.13)
 EXPORT_FORMATS = ("pt2", "aoti", "onnx", "torchscript")
 DTYPES = ("float32", "bfloat16")
-# torch.compile modes for the training step (deeproots.step); reduce-overhead = CUDA graphs
+# torch.compile modes for the training step (deeproots.training.step); reduce-overhead:
+# CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-# how grouped convs run in training: auto, PyTorch's own, the Triton kernels, measured dispatch
-GROUPED_CONV = ("auto", "native", "triton", "dispatch")
-# Whether a GPU run has shown deeproots' Triton lowerings correct and faster. Until one has,
-# `auto` on CUDA is the native path (cuDNN, channels-last, bf16 autocast) and the Triton
-# kernels, the dispatch and the fused and CUDA-graph paths built on them are one flag away,
-# labelled as not yet verified on hardware. No GPU has run them yet (docs/speed.md, "GPU");
-# the run that measures them flips this line, with its figures beside it.
-TRITON_VERIFIED_ON_GPU = False
-UNVERIFIED = "not yet verified on GPU hardware"  # the label in --help and docs/speed.md
-TRITON_PATHS = ("triton", "dispatch", "fused", "cudagraph")  # inference paths on the kernels
 MODES = ("inference", "train")
-# how the training step lays out its tensors (deeproots.step); auto: channels-last
+# how the training step lays out its tensors (deeproots.training.step); auto: channels-last
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 STEMS = ("input", "resolution")  # rootify's stems: convs reading the input, or its resolution
 ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured

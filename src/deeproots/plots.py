@@ -1,8 +1,8 @@
 """Every figure deeproots draws, each written atomically as a PNG: training curves, the
 paper's cost, accuracy and covariance figures, and where the time of a forward pass goes.
 Functions take data (histories, matrices, results) and a path; the numbers behind them come
-from :mod:`~deeproots.costs`, :mod:`~deeproots.analysis`, :mod:`~deeproots.bench` and
-:mod:`~deeproots.train`."""
+from :mod:`~deeproots.inspection.costs`, :mod:`~deeproots.inspection.covariance`, :mod:`~deeproots.speed.bench` and
+:mod:`~deeproots.training.loop`."""
 from __future__ import annotations
 
 import math
@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from .errors import DeeprootsError
-from .costs import profile
-from .registry import create_model, is_model, model_entry
-from .rundir import check_new_file, read_records, read_summary
+from .inspection.costs import profile
+from .models.registry import create_model, is_model, model_entry
+from .training.folder import check_new_file, read_records, read_summary
 from .runtime import atomic_write, check_output_file
 
 __all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair",
@@ -147,7 +147,7 @@ def plot_matrix_grid(matrices: Dict[str, torch.Tensor], path: Path, title: str) 
 
 def plot_filters(name: str, w: torch.Tensor, groups: int, path: Path) -> Path:
     """First-layer filters ``w`` [n, C, k, k] of layer ``name``, one row per filter group of
-    the next grouped layer (Figure 14; :func:`deeproots.analysis.first_layer_filters` gives
+    the next grouped layer (Figure 14; :func:`deeproots.inspection.covariance.first_layer_filters` gives
     the three arguments)."""
     plt = _plt()
     n = w.shape[0]
@@ -199,7 +199,7 @@ def plot_costs(model_a: str, model_b: str, path: Path, input_size=None, *,
 def plot_layer_times(results: Sequence, path: Path, *, overwrite: bool = False) -> Path:
     """Where the time of a forward pass goes, one stacked bar per model and path: ms per image
     in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
-    with its GFLOP/s (``results``: :class:`deeproots.bench.LayerTimes`, or their dicts as
+    with its GFLOP/s (``results``: :class:`deeproots.speed.bench.LayerTimes`, or their dicts as
     ``deeproots bench --layers --json`` writes them)."""
     path = check_new_file(path, overwrite=overwrite)
     results = [r.to_dict() if hasattr(r, "to_dict") else r for r in results]

@@ -7,6 +7,7 @@ itself under jemalloc (:func:`reexec_with_jemalloc`) before paying for ``import 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -14,14 +15,14 @@ import re
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from .errors import DeeprootsError
 from .checks import check_device
 
 __all__ = ["check_device", "resolve_device", "allocator", "atomic_write", "write_text",
            "write_json", "to_json", "check_output_dir", "check_output_file", "openvino_refusal",
-           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC"]
+           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC", "file_digest"]
 
 JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
             "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -52,6 +53,18 @@ def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda"))
             raise DeeprootsError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
                                  f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
+
+
+def file_digest(path: str) -> Optional[str]:
+    """The SHA-256 of a file (None if it cannot be read)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def allocator() -> str:

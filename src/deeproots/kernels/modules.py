@@ -26,9 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DeeprootsError, first_line
-from ..layers import layer_name
+from ..models.layers import layer_name
 from ..numerics import disagreement, tolerance
-from ..timing import interleaved
+from ..speed.timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
            "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv",
@@ -187,7 +187,7 @@ def restore_choices(items) -> None:
 
 def _time_ms(call: Callable[[], None], cuda: bool, name: str = "", repeats: int = 10,
              device: Optional[torch.device] = None) -> float:
-    """Median ms of ``call()`` by the one timer (:func:`deeproots.timing.interleaved`): CUDA
+    """Median ms of ``call()`` by the one timer (:func:`deeproots.speed.timing.interleaved`): CUDA
     events on ``device``'s current stream after a synchronised warm-up on a GPU; three
     warm-up calls and no minimum warm-up time, since the dispatch times every lowering of
     every new shape."""

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import DeeprootsError
 from ..checks import check_positive
-from ..layers import ConvBNAct, InputCheck, apply_groups, init_weights
-from ..registry import register_variants
-from ..schedules import merge, resolve, variants
+from .layers import ConvBNAct, InputCheck, apply_groups, init_weights
+from .registration import register_variants
+from .schedules import merge, resolve, variants
 
 __all__ = ["GoogLeNet", "Inception", "InceptionAux", "GoogLeNetOutputs", "googlenet"]
 

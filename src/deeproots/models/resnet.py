@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..checks import check_positive
-from ..layers import InputCheck, apply_groups, init_weights
-from ..registry import register_variants
-from ..schedules import merge, resolve, variants
+from .layers import InputCheck, apply_groups, init_weights
+from .registration import register_variants
+from .schedules import merge, resolve, variants
 
 __all__ = ["ResNet", "Bottleneck", "PreActBottleneck", "resnet50", "resnet101", "resnet152",
            "resnet200"]

@@ -1,0 +1,149 @@
+"""Stage 4 of a calibrated conversion: reconstruction in closed form. Each grouped conv is refit
+within its groups and each ungrouped 1x1 conv after it as a whole, by ridge least squares
+over the calibration pixels, so that its outputs match the dense model's."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...errors import DeeprootsError
+from ...models.layers import conv_layers
+from .passes import feeds_batchnorm, input_of, output_of
+
+__all__ = ["refit_pointwise", "refit_grouped"]
+
+
+def _pairs(dense: nn.Module, new: nn.Module, layer: str, batches,
+           target_order: Optional[torch.Tensor]):
+    """For each calibration batch: the input of conv ``layer`` in ``new`` and the output of
+    the conv of the same name in ``dense`` (its channels in ``target_order`` where ``new``'s
+    are permuted), both models in eval mode (their modes restored after)."""
+    target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
+    was = new.training, dense.training
+    new.eval(), dense.eval()
+    try:
+        for x in batches:
+            got = input_of(new, x, conv)
+            y = output_of(dense, x, target_conv)
+            yield got, (y if target_order is None else y[:, target_order])
+    finally:
+        new.train(was[0]), dense.train(was[1])
+
+
+def _with_ones(a: torch.Tensor) -> torch.Tensor:
+    """The rows of ``a`` with a last column of ones: the fit's constant term."""
+    return torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+
+
+def _ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, intercept: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Ridge least squares from normal equations whose last row and column are the constant
+    term's (``ridge`` times the mean of the inputs' second moments on the diagonal; the
+    constant not shrunk, or left out without ``intercept``). Returns the solution and the
+    target energy it explains."""
+    d = xtx.shape[0] - 1
+    reg = ridge * float(xtx.diagonal()[:d].mean()) * torch.eye(d + 1, dtype=torch.float64)
+    reg[d, d] = 0.0  # the constant is not shrunk
+    if not intercept:  # no constant term: the ones column left out
+        xtx, xty, reg = xtx[:d, :d], xty[:d], reg[:d, :d]
+    solution = torch.linalg.solve(xtx + reg, xty)  # (d [+ 1], out)
+    return solution, 2 * (solution * xty).sum() - (solution * (xtx @ solution)).sum()
+
+
+@torch.no_grad()
+def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
+                    ridge: float = 1e-4, target_order: Optional[torch.Tensor] = None) -> float:
+    """The conv ``layer`` of ``new`` (a 1x1 conv, as after a root module's grouped conv)
+    refit in closed form so that, on the calibration batches, its output matches what the
+    same layer of ``dense`` gives (its output channels taken in ``target_order`` where
+    ``new``'s are permuted): ridge least squares over every pixel (``ridge`` times the mean of
+    the inputs' second moments on the diagonal). Returns the fraction of the target's energy
+    the fit leaves unexplained.
+
+    A conv with a bias gets the fit's constant term in it. A conv without one keeps none
+    (the model must still load into its own class): when its output goes straight into a
+    batch norm, the constant is fit and dropped, as the batch norm re-estimated after the
+    fit removes it exactly; otherwise the fit has no constant term."""
+    conv = conv_layers(new)[layer]
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
+        raise DeeprootsError(f"{layer}: only an ungrouped 1x1 conv of stride 1 is refit")
+    batches = list(batches)
+    intercept = conv.bias is not None or feeds_batchnorm(new, conv, batches[0])
+    d = conv.in_channels
+    xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    xty = torch.zeros(d + 1, conv.out_channels, dtype=torch.float64)
+    yty = torch.zeros((), dtype=torch.float64)
+    for x, y in _pairs(dense, new, layer, batches, target_order):
+        # a batch's products in float32 (a GEMM), summed over the batches in float64
+        xs = _with_ones(x.permute(0, 2, 3, 1).reshape(-1, d).float())
+        ys = y.permute(0, 2, 3, 1).reshape(-1, conv.out_channels).float()
+        xtx += (xs.T @ xs).double()
+        xty += (xs.T @ ys).double()
+        yty += ys.double().pow(2).sum()
+    solution, explained = _ridge_solve(xtx, xty, ridge, intercept)
+    conv.weight.copy_(solution[:d].T.reshape_as(conv.weight).to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.copy_(solution[d].to(conv.bias.dtype))
+    # what the fit leaves unexplained; a constant dropped before a batch norm counts as
+    # explained, as the batch norm removes it
+    return float((yty - explained) / max(float(yty), 1e-30))
+
+
+@torch.no_grad()
+def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
+                  ridge: float = 1e-4, target_order: Optional[torch.Tensor] = None
+                  ) -> Optional[float]:
+    """The grouped conv ``layer`` of ``new`` refit in closed form, group by group, so that on
+    the calibration batches its output matches what the dense conv of the same name in
+    ``dense`` gives (output channels in ``target_order`` where ``new``'s are permuted): each
+    group's filters are the ridge least-squares fit of the dense filters' outputs from the
+    group's own input channels, which takes over as much as those channels can of what the
+    off-diagonal blocks contributed. A constant term as :func:`refit_pointwise` has it.
+    Returns the energy the fit leaves unexplained as a fraction of the dense filters' output
+    energy without their bias (the measure of the cut's ``output_kept``), or None for a conv
+    it does not refit (one that pads other than with zeros in its own forward)."""
+    target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
+            conv.padding, str):
+        return None
+    batches = list(batches)
+    intercept = conv.bias is not None or feeds_batchnorm(new, conv, batches[0])
+    g = conv.groups
+    cin, cout = conv.in_channels // g, conv.out_channels // g
+    d = cin * conv.kernel_size[0] * conv.kernel_size[1]
+    xtx = torch.zeros(g, d + 1, d + 1, dtype=torch.float64)
+    xty = torch.zeros(g, d + 1, cout, dtype=torch.float64)
+    yty = torch.zeros((), dtype=torch.float64)
+    yty_c = torch.zeros((), dtype=torch.float64)
+    for xs, y in _pairs(dense, new, layer, batches, target_order):
+        xs, y = xs.float(), y.float()
+        if target_conv.bias is not None:  # the energy the cut's "output kept" counts
+            b = target_conv.bias.detach().view(1, -1, 1, 1)
+            centred = y - (b if target_order is None else b[:, target_order])
+        else:
+            centred = y
+        yty_c += centred.double().pow(2).sum()
+        for k in range(g):
+            cols = F.unfold(xs[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
+                            conv.dilation, conv.padding, conv.stride)  # (N, d, L)
+            a = _with_ones(cols.transpose(1, 2).reshape(-1, d))
+            b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
+            xtx[k] += (a.T @ a).double()
+            xty[k] += (a.T @ b).double()
+        yty += y.double().pow(2).sum()
+    explained = torch.zeros((), dtype=torch.float64)
+    weight = conv.weight.detach().clone()
+    bias = torch.zeros(conv.out_channels, dtype=torch.float64)
+    for k in range(g):
+        solution, part = _ridge_solve(xtx[k], xty[k], ridge, intercept)
+        explained += part
+        weight[k * cout:(k + 1) * cout] = solution[:d].T.reshape(cout, cin, *conv.kernel_size)
+        if intercept:
+            bias[k * cout:(k + 1) * cout] = solution[d]
+    conv.weight.copy_(weight.to(conv.weight.dtype))
+    if conv.bias is not None:
+        conv.bias.copy_(bias.to(conv.bias.dtype))
+    return float((yty - explained) / max(float(yty_c), 1e-30))
