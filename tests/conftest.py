@@ -1,7 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# the tests' own helpers (helpers.py, zoo.py), for the test files in the folders below
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if not torch.cuda.is_available():
     # GPU kernels run on the CPU through Triton's interpreter; set before triton is imported

@@ -408,7 +408,7 @@ def test_the_allocator_keeps_a_users_preload(monkeypatch):
 def test_a_defect_inside_deeproots_keeps_its_traceback(monkeypatch, capsys):
     """Only deeproots' own errors (DeeprootsError) are one line; a bug shows its traceback
     and asks to be reported, instead of passing for bad input."""
-    import deeproots.registry as R
+    import deeproots.models.registry as R
 
     def broken(pattern="*"):
         raise KeyError("a bug")

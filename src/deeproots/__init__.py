@@ -23,14 +23,14 @@ _EXPORTS = {
     "profile": "inspection.costs", "Profile": "inspection.costs",
     "convert": "models.layers", "apply_groups": "models.layers", "conv_layers": "models.layers",
     "optimize_for_inference": "speed.deploy", "export": "speed.export",
-    "TrainConfig": "config", "rootify": "convert.rule",
+    "TrainConfig": "config", "rootify": "conversion.rule",
     "TrainStep": "training.step",
 }
 # the packages, by concern (docs/architecture.md), and the modules every part shares
-_MODULES = ("models", "convert", "training", "speed", "inspection", "reproduction", "kernels",
+_MODULES = ("models", "conversion", "training", "speed", "inspection", "reproduction", "kernels",
             "checks", "config", "errors", "layout", "numerics", "plots", "runtime", "text")
 # deeproots 0.1's module names: they forward to the new places, with a DeprecationWarning
-_MOVED = ("analysis", "bench", "calibration", "checkpoint", "conversion", "costs", "data",
+_MOVED = ("analysis", "bench", "calibration", "checkpoint", "costs", "data",
           "deploy", "finetune", "layers", "paper", "registry", "reproduce", "roofline",
           "rundir", "schedules", "step", "study", "timing", "train")
 __all__ = list(_EXPORTS)

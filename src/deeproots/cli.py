@@ -225,36 +225,21 @@ def cmd_table(args) -> int:
     return 0
 
 
-def _train_config(args) -> TrainConfig:
-    """The run's config: the flags given over the defaults, or with --resume over the
-    settings the run was started with (:func:`deeproots.training.checkpoint.resume_config`, the one
-    rule the library uses too)."""
-    from .training.checkpoint import resume_config
-    from .training.folder import RunFolder
-    from .training.loop import default_out
-
+def _train_settings(args) -> dict:
+    """The settings the command line names (the flags given), with a fine-tune's defaults
+    (``--init``: a fraction of a training, 1 epoch at lr 0.01) where not given."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    if not given.get("resume"):
-        if given.get("init"):  # a fine-tune: a short schedule at a small rate, unless told
-            given = {"epochs": FINETUNE_EPOCHS, "lr": FINETUNE_LR, **given}
-        return TrainConfig(**given)
-    if not given.get("out") and not given.get("model"):
-        raise DeeprootsError("--resume continues the run in --out: give --out DIR (or the "
-                             "model name, for its default folder runs/MODEL-DATA-seedN)")
-    out = given.get("out") or str(default_out(TrainConfig(**given)))
-    RunFolder(out).recover_pending()  # an interrupted --overwrite, finished or undone
-    if not os.path.exists(os.path.join(out, "last.pt")):  # train() says what is missing
-        return TrainConfig(**{**given, "out": out})
-    TrainConfig(**given).check()  # the flags' own ranges first, before the checkpoint
-    return resume_config(out, given)
+    if not given.get("resume") and given.get("init"):
+        given = {"epochs": FINETUNE_EPOCHS, "lr": FINETUNE_LR, **given}
+    return given
 
 
 def cmd_train(args) -> int:
     from .training.loop import Interrupted, TrainingDiverged, train
 
-    cfg = _train_config(args).check()
-    try:
-        summary = train(cfg)
+    given = _train_settings(args)
+    try:  # the run is opened, resumed or refused by the one rule (training.run.open_run)
+        summary = train(TrainConfig(**given), given=given)
     except Interrupted as stop:
         print(f"{stop}. Resume with: {stop.command}", file=sys.stderr)
         return 128 + stop.signum
@@ -271,7 +256,7 @@ def cmd_train(args) -> int:
 
 
 def _load_for_eval(args, limit_eval_batches=None):
-    from .training.loop import load_for_eval
+    from .training.evaluate import load_for_eval
 
     return load_for_eval(args.checkpoint, data=args.data, data_dir=args.data_dir,
                          batch_size=args.batch_size, device=args.device, workers=args.workers,
@@ -280,7 +265,7 @@ def _load_for_eval(args, limit_eval_batches=None):
 
 
 def cmd_eval(args) -> int:
-    from .training.loop import evaluate
+    from .training.evaluate import evaluate
 
     model, test_loader, spec, state, device = _load_for_eval(args, args.limit_eval_batches)
     result = evaluate(model, test_loader, device)
@@ -438,7 +423,7 @@ def _bench_train_layers(args, common) -> int:
 def cmd_rootify(args) -> int:
     import torch
 
-    from .convert.rule import rootify
+    from .conversion.rule import rootify
     from .inspection.costs import parse_input_size
     from .models.registry import build_model, is_user_model
 
@@ -477,8 +462,8 @@ def _looks_like_a_file(text: str) -> bool:
 
 def _rootify_checkpoint(args, options) -> int:
     """``deeproots rootify CHECKPOINT ...``: the trained model converted with calibration,
-    evaluated before and after (deeproots.convert.checkpoint.convert_checkpoint)."""
-    from .convert.checkpoint import convert_checkpoint
+    evaluated before and after (deeproots.conversion.checkpoint.convert_checkpoint)."""
+    from .conversion.checkpoint import convert_checkpoint
 
     if args.input_size is not None:
         raise DeeprootsError("--input-size: a checkpoint is converted at the size it was "
@@ -626,22 +611,31 @@ def cmd_export(args) -> int:
 # The parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``deeproots`` command (imports no torch)."""
-    parser = _Parser(prog="deeproots", description="Deep Roots (Ioannou et al., CVPR 2017): "
-                     "root networks and their costs.")
-    parser.add_argument("--version", action="version", version=f"deeproots {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                parser_class=_Parser)
-    positive = {name: _whole(name) for name in ("--batch-size", "--repeats", "--threads",
-                                                "--max-batches", "--blocks",
-                                                "--limit-eval-batches")}
+def _checkpoint_options(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options of the commands that read a checkpoint (eval, analyze)."""
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help=DATA_HELP + " (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--batch-size", type=_whole("--batch-size"), default=batch_size)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=_whole("--workers", 0), default=4,
+                   help="image-folder decoding processes")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--model", metavar="FILE.py:FUNCTION",
+                   help="for a checkpoint of a model of your own: the function that "
+                        "builds it (deeproots never runs code named in a checkpoint)")
 
+
+def _parser_list(sub) -> None:
+    """``deeproots list``."""
     p = sub.add_parser("list", help="list model names")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'nin*'")
     p.add_argument("-v", "--verbose", action="store_true", help="with family, costs, table")
     p.set_defaults(func=cmd_list)
 
+
+def _parser_profile(sub) -> None:
+    """``deeproots profile``."""
     p = sub.add_parser("profile", help="multiply-adds and parameters of a model")
     p.add_argument("model")
     p.add_argument("--input-size", type=_input_size, default=None,
@@ -653,48 +647,50 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_profile)
 
+
+def _parser_table(sub) -> None:
+    """``deeproots table``."""
     p = sub.add_parser("table", help="the paper's cost tables beside ours")
     p.add_argument("table", nargs="?", choices=list(PAPER_TABLES),
                    help="which table (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_table)
 
+
+def _parser_train(sub) -> None:
+    """``deeproots train``."""
     p = sub.add_parser("train", help="train a model on real data")
     _add_config_options(p, TrainConfig)
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="auto: jemalloc where installed (apt-get install libjemalloc2)")
     p.set_defaults(func=cmd_train)
 
-    def checkpoint_options(p, batch_size):
-        p.add_argument("checkpoint")
-        p.add_argument("--data", help=DATA_HELP + " (default: the one it was trained on)")
-        p.add_argument("--data-dir", help="where the dataset files are")
-        p.add_argument("--batch-size", type=positive["--batch-size"], default=batch_size)
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        p.add_argument("--workers", type=_whole("--workers", 0), default=4,
-                       help="image-folder decoding processes")
-        p.add_argument("--no-download", action="store_true", help="never download data")
-        p.add_argument("--model", metavar="FILE.py:FUNCTION",
-                       help="for a checkpoint of a model of your own: the function that "
-                            "builds it (deeproots never runs code named in a checkpoint)")
 
+def _parser_eval(sub) -> None:
+    """``deeproots eval``."""
     p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a test split")
-    checkpoint_options(p, 256)
-    p.add_argument("--limit-eval-batches", type=positive["--limit-eval-batches"])
+    _checkpoint_options(p, 256)
+    p.add_argument("--limit-eval-batches", type=_whole("--limit-eval-batches"))
     p.add_argument("--json", action="store_true", help="print JSON (top1, top5, loss, n)")
     p.set_defaults(func=cmd_eval)
 
+
+def _parser_analyze(sub) -> None:
+    """``deeproots analyze``."""
     p = sub.add_parser("analyze", help="covariance, correlation and filters of a checkpoint")
-    checkpoint_options(p, 100)
+    _checkpoint_options(p, 100)
     p.add_argument("--out", required=True, help="folder for figures, analysis.json, report.md")
-    p.add_argument("--max-batches", type=positive["--max-batches"],
+    p.add_argument("--max-batches", type=_whole("--max-batches"),
                    help="default: the whole test split")
     p.add_argument("--eps", type=_number, default=1e-5, help="ZCA whitening epsilon (>= 0)")
-    p.add_argument("--blocks", type=positive["--blocks"], default=4,
+    p.add_argument("--blocks", type=_whole("--blocks"), default=4,
                    help="blocks to score ungrouped layers on (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an analysis already in --out")
     p.set_defaults(func=cmd_analyze)
 
+
+def _parser_plot_costs(sub) -> None:
+    """``deeproots plot-costs``."""
     p = sub.add_parser("plot-costs", help="per-layer costs of two models (Figure 15)")
     p.add_argument("model_a")
     p.add_argument("model_b")
@@ -703,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_costs)
 
+
+def _parser_plot_results(sub) -> None:
+    """``deeproots plot-results``."""
     p = sub.add_parser("plot-results", help="accuracy vs costs from summary.json files "
                        "(Figures 5, 8, 9)")
     p.add_argument("summaries", nargs="+", help="summary.json files of training runs")
@@ -713,15 +712,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_results)
 
+
+def _parser_bench(sub) -> None:
+    """``deeproots bench``."""
     p = sub.add_parser("bench", help="time models side by side (ms per image)")
     p.add_argument("models", nargs="*")
-    p.add_argument("--batch-size", type=positive["--batch-size"], default=None,
+    p.add_argument("--batch-size", type=_whole("--batch-size"), default=None,
                    help="default 128 (--paper: the table's own, 16 at 224x224)")
     p.add_argument("--paper", choices=TIMED_TABLES,
                    help="time every variant of that table of the paper and show its CPU and "
                         "GPU speedups beside ours")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=positive["--threads"], help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_whole("--threads"), help="CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--path", nargs="+", default=["fold"], choices=PATHS,
                    help="inference engines to time (default fold: BN folded, channels-last; "
@@ -741,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-format", nargs="+", choices=MEMORY_FORMATS, default=["auto"],
                    help="train mode: the step's layout, as train --memory-format; several "
                         "are timed side by side (default auto: channels-last)")
-    p.add_argument("--repeats", type=positive["--repeats"], default=10)
+    p.add_argument("--repeats", type=_whole("--repeats"), default=10)
     p.add_argument("--warmup", type=_whole("--warmup", 0), default=3)
     p.add_argument("--input-size", type=_input_size, default=None)
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
@@ -754,6 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+
+def _parser_study(sub) -> None:
+    """``deeproots study``."""
     p = sub.add_parser("study", help="the paper's accuracy study: every variant x seeds, "
                        "compared with orig")
     p.add_argument("family", nargs="?", help="nin, resnet50, googlenet, ...")
@@ -767,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "progress"))
     p.set_defaults(func=cmd_study)
 
+
+def _parser_roofline(sub) -> None:
+    """``deeproots roofline``."""
     p = sub.add_parser("roofline", help="the fastest each layer can run on a GPU or CPU: "
                        "max(FLOPs / peak, bytes / bandwidth)")
     p.add_argument("models", nargs="+", help="model names or FILE.py:FUNCTION; the first is "
@@ -776,7 +784,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=_number, help="override the peak TFLOP/s")
     p.add_argument("--bandwidth-tbs", type=_number, help="override the bandwidth in TB/s")
     p.add_argument("--dtype", choices=ROOFLINE_DTYPES, default="bfloat16")
-    p.add_argument("--batch-size", type=positive["--batch-size"], default=256)
+    p.add_argument("--batch-size", type=_whole("--batch-size"), default=256)
     p.add_argument("--input-size", type=_input_size, default=None)
     p.add_argument("--per-layer", action="store_true", help="one row per layer")
     p.add_argument("--measure", action="store_true", help="time each layer here (eager; the "
@@ -784,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_roofline)
 
+
+def _parser_rootify(sub) -> None:
+    """``deeproots rootify``."""
     p = sub.add_parser("rootify", help="make any CNN a root network: groups per layer and "
                        "costs before and after")
     p.add_argument("model", help="model name, FILE.py:FUNCTION (a function of yours that "
@@ -824,6 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rootify)
 
+
+def _parser_export(sub) -> None:
+    """``deeproots export``."""
     p = sub.add_parser("export", help="write a model for deployment: torch.export (.pt2), "
                        "an AOTInductor package, ONNX, or TorchScript (deprecated)")
     p.add_argument("model", help="model name or FILE.py:FUNCTION (with --checkpoint: any "
@@ -837,10 +851,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchscript: deprecated by PyTorch 2.13, kept while PyTorch keeps it")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--batch-size", type=positive["--batch-size"], default=1)
+    p.add_argument("--batch-size", type=_whole("--batch-size"), default=1)
     p.add_argument("--input-size", type=_input_size, default=None)
     _add_model_options(p)
     p.set_defaults(func=cmd_export)
+
+
+# each command's parser, in the order --help lists them; a command is one function here and
+# one handler cmd_NAME above
+COMMAND_PARSERS = (_parser_list, _parser_profile, _parser_table, _parser_train, _parser_eval,
+                   _parser_analyze, _parser_plot_costs, _parser_plot_results, _parser_bench,
+                   _parser_study, _parser_roofline, _parser_rootify, _parser_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``deeproots`` command (imports no torch)."""
+    parser = _Parser(prog="deeproots", description="Deep Roots (Ioannou et al., CVPR 2017): "
+                     "root networks and their costs.")
+    parser.add_argument("--version", action="version", version=f"deeproots {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+    for add in COMMAND_PARSERS:
+        add(sub)
     return parser
 
 

@@ -1,5 +1,5 @@
-"""Moved in deeproots 0.2: ``deeproots.finetune`` is now :mod:`deeproots.convert.checkpoint`.
+"""Moved in deeproots 0.2: ``deeproots.finetune`` is now :mod:`deeproots.conversion.checkpoint`.
 This name forwards there for one release, with a DeprecationWarning (CHANGELOG.md)."""
 from ._moved import moved
 
-__getattr__, __all__ = moved(__name__, 'convert.checkpoint')
+__getattr__, __all__ = moved(__name__, 'conversion.checkpoint')

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..capture import hooks
 from ..errors import DeeprootsError, first_line
 from ..models.layers import layer_name
 from ..text import format_table
@@ -253,18 +254,17 @@ def profile(
     runner.train(training)
 
     shapes: Dict[str, Tuple[tuple, tuple, int]] = {}
-    hooks = []
-    for path, module in runner.named_modules():
-        if isinstance(module, _COUNTED):
-            def hook(mod, args, out, path=path):
-                _, _, calls = shapes.get(path, ((), (), 0))
-                out0 = out[0] if isinstance(out, tuple) else out
-                shapes[path] = (tuple(args[0].shape[1:]), tuple(out0.shape[1:]), calls + 1)
-            hooks.append(module.register_forward_hook(hook))
+
+    def record(path, module, args, out):
+        _, _, calls = shapes.get(path, ((), (), 0))
+        out0 = out[0] if isinstance(out, tuple) else out
+        shapes[path] = (tuple(args[0].shape[1:]), tuple(out0.shape[1:]), calls + 1)
+
+    counted = [(p, m) for p, m in runner.named_modules() if isinstance(m, _COUNTED)]
     counter = _counter()
     x = torch.zeros((batch, *size), device=device, dtype=dtype)
     try:
-        with torch.no_grad(), counter:
+        with hooks(counted, after=record), torch.no_grad(), counter:
             runner(x)
     except DeeprootsError:
         raise
@@ -272,8 +272,6 @@ def profile(
         raise DeeprootsError(f"could not run {name} on a {size[0]}x{size[1]}x{size[2]} input "
                              f"({type(err).__name__}: {first_line(err)})") from err
     finally:
-        for h in hooks:
-            h.remove()
         runner.train(was_training)
     return _account(runner, counter, shapes, name, size, training, batch)
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..capture import hooks
 from ..errors import DeeprootsError
 from ..checks import check_number, check_optional_positive, check_positive
 from ..models.layers import conv_layers
@@ -168,8 +169,8 @@ def collect_pair_stats(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
     device = device or next(model.parameters()).device
     names = sorted({n for pair in pairs for n in pair})
     captured: Dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: captured.__setitem__(name, o))
-             for name, m in _response_modules(model, names).items()]
+    watched = _response_modules(model, names)
+    keep = lambda name, module, args, out: captured.__setitem__(name, out)  # noqa: E731
     stats: Dict[Tuple[str, str], PairStats] = {}
     was_training = model.training
     model.eval()
@@ -179,22 +180,9 @@ def collect_pair_stats(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, t
 
         iterator = tqdm(batches, total=max_batches, desc="responses", leave=False)
     try:
-        for i, (x, _) in enumerate(iterator):
-            if max_batches is not None and i >= max_batches:
-                break
-            model(x.to(device))
-            for a_name, b_name in pairs:
-                a, b = captured[a_name].float(), captured[b_name].float()
-                size = (max(a.shape[2], b.shape[2]), max(a.shape[3], b.shape[3]))
-                a, b = upsample_to(a, size), upsample_to(b, size)
-                a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).cpu()
-                b = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]).cpu()
-                if (a_name, b_name) not in stats:
-                    stats[(a_name, b_name)] = PairStats.empty(a.shape[1], b.shape[1])
-                stats[(a_name, b_name)].update(a, b)
+        with hooks(watched, after=keep):
+            _accumulate(model, iterator, pairs, captured, stats, max_batches, device)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     if not stats:
         raise DeeprootsError("no batches were analysed; the data is empty")
@@ -302,3 +290,20 @@ def _report(result: dict, figures, out: Path) -> None:
               "## Each pair, raw and whitened", ""]
     lines += [f"### {key}\n\n![{key}]({name})\n" for key, name in figures]
     write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _accumulate(model, batches, pairs, captured, stats, max_batches, device) -> None:
+    """Each batch's responses (``captured`` by the hooks) added into each pair's stats."""
+    for i, (x, _) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        model(x.to(device))
+        for a_name, b_name in pairs:
+            a, b = captured[a_name].float(), captured[b_name].float()
+            size = (max(a.shape[2], b.shape[2]), max(a.shape[3], b.shape[3]))
+            a, b = upsample_to(a, size), upsample_to(b, size)
+            a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).cpu()
+            b = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]).cpu()
+            if (a_name, b_name) not in stats:
+                stats[(a_name, b_name)] = PairStats.empty(a.shape[1], b.shape[1])
+            stats[(a_name, b_name)].update(a, b)

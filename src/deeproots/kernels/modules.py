@@ -28,15 +28,14 @@ from torch.nn import functional as F
 from ..errors import DeeprootsError, first_line
 from ..models.layers import layer_name
 from ..numerics import disagreement, tolerance
+from ..speed.paths import DEFAULT_LOWERINGS, GROUPED_CONV, LOWERINGS
 from ..speed.timing import interleaved
 
 __all__ = ["TritonConv2d", "DispatchConv2d", "LOWERINGS", "lowerings", "unsupported",
-           "replace_convs", "dispatch_cache", "GROUPED_CONV", "use_grouped_conv",
+           "replace_convs", "dispatch_cache", "CONV_MODULES", "use_grouped_conv",
            "DEFAULT_LOWERINGS", "dispatch_notes", "tolerance", "disagreement",
            "MEASURE_IMAGES", "restore_choices"]
 
-LOWERINGS = ("native", "triton", "dense", "split", "inductor")
-DEFAULT_LOWERINGS = ("native", "triton", "dense", "split")
 
 
 def padding_unsupported(conv: nn.Conv2d) -> Optional[str]:
@@ -440,13 +439,15 @@ def replace_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Module],
     return model, kept
 
 
-GROUPED_CONV = {"triton": TritonConv2d, "dispatch": DispatchConv2d}
+# the module each non-native way of --grouped-conv (deeproots.speed.paths.GROUPED_CONV) runs by
+CONV_MODULES = {"triton": TritonConv2d, "dispatch": DispatchConv2d}
 
 
 def use_grouped_conv(model: nn.Module, how: str) -> List[str]:
     """Run ``model``'s grouped convs (in place) by ``how``: ``"triton"`` (the Triton kernels,
     forward and backward) or ``"dispatch"`` (the fastest lowering, measured per layer). The
     parameters and their names stay the same. Returns the layers left to PyTorch and why."""
-    if how not in GROUPED_CONV:
-        raise DeeprootsError(f"grouped convs run by one of {', '.join(GROUPED_CONV)}; got {how!r}")
-    return replace_convs(model, GROUPED_CONV[how], inplace=True)[1]
+    if how not in CONV_MODULES:
+        raise DeeprootsError(f"grouped convs run by one of {', '.join(CONV_MODULES)} here (of "
+                             f"{', '.join(GROUPED_CONV)}); got {how!r}")
+    return replace_convs(model, CONV_MODULES[how], inplace=True)[1]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from ..capture import capture
 from ..errors import DeeprootsError, first_line
 from ..checks import GroupsError, check_groups_mapping
 
@@ -100,23 +101,12 @@ def module_paths(model: nn.Module) -> Dict[int, list]:
 def grouped_convs(model: nn.Module, example: torch.Tensor) -> list:
     """``(layer, conv, input shape of one image)`` of every grouped conv that a forward pass
     of ``example`` runs, in the order it runs them (each conv once)."""
-    shapes: Dict[str, tuple] = {}
-
-    def record(name):
-        def hook(module, inputs, output):  # returns None: the output is kept
-            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
-        return hook
-
-    hooks = [m.register_forward_hook(record(n))
-             for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    grouped = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and m.groups > 1]
+    with capture(grouped, "input") as inputs, torch.no_grad():
+        model(example)
     convs = dict(model.named_modules())
-    return [(layer_name(n), convs[n], shape) for n, shape in shapes.items()]
+    return [(layer_name(n), convs[n], tuple(x.shape[1:])) for n, x in inputs.items()]
 
 
 def divisors(n: int) -> list[int]:

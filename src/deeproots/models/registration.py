@@ -16,9 +16,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["ModelEntry", "register_model", "register_variants", "model_name", "TABLE",
-           "normalise"]
+           "normalise", "FAMILY_MODULES"]
 
 TABLE: Dict[str, "ModelEntry"] = {}  # name -> entry, filled as the model files are imported
+# the family modules of deeproots.models, imported on the first lookup of a name: a new
+# family's file is named here
+FAMILY_MODULES = ("nin", "resnet", "googlenet")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..errors import DeeprootsError, first_line
 from ..runtime import file_digest
-from .registration import TABLE, ModelEntry, model_name, normalise, register_model, \
-    register_variants
+from .registration import (FAMILY_MODULES, TABLE, ModelEntry, model_name, normalise,
+                           register_model, register_variants)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -40,7 +40,8 @@ def _registry() -> Dict[str, ModelEntry]:
     global _FAMILIES_LOADED
     if not _FAMILIES_LOADED:
         _FAMILIES_LOADED = True
-        importlib.import_module("deeproots.models")
+        for family in FAMILY_MODULES:
+            importlib.import_module(f"deeproots.models.{family}")
     return TABLE
 
 

@@ -1,1 +1,2 @@
-"""(filled below)"""
+"""The paper's printed tables (:mod:`.tables`) and deeproots' counts beside them
+(:mod:`.compare`): ``deeproots table``."""

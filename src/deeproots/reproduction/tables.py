@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from ..errors import DeeprootsError
-from ..models.registry import model_name
+from ..models.registration import model_name
 from ..text import format_table
 
 __all__ = ["PAPER_TABLES", "TIMED_TABLES", "PaperTable", "paper_timings", "format_timings",

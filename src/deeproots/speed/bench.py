@@ -24,9 +24,12 @@ from ..reproduction.tables import PAPER_TABLES, paper_timings
 from ..inspection.costs import parse_input_size, profile
 from ..models.registry import build_model, check_model_spec
 from ..runtime import allocator, resolve_device
-from ..training.step import TrainStep, choose_layout, make_optimizer, resolve_grouped_conv
+from ..training.step import TrainStep, make_optimizer
+from .paths import resolve_grouped_conv
 from ..text import format_table
-from .timing import UNRELIABLE_SPREAD, Timing, interleaved
+from ..capture import capture, hooks
+from ..layout import channels_last, choose_layout
+from .timing import Mark, UNRELIABLE_SPREAD, Timing, interleaved
 
 __all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models",
            "bench_paper", "format_bench", "LayerTimes", "layer_times", "bench_layers",
@@ -128,7 +131,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
         check_choice("memory_format", fmt, MEMORY_FORMATS)
     device = str(resolve_device(device, accepted=("cpu", "cuda")))
     if "train" in modes:
-        resolve_grouped_conv(grouped_conv, torch.device(device), compile)
+        # resolved once here, and each step takes what it resolved to
+        grouped_conv = resolve_grouped_conv(grouped_conv, torch.device(device).type, compile)
     if threads is not None:
         torch.set_num_threads(check_positive("threads", threads))
     notes: List[str] = []
@@ -394,54 +398,43 @@ def _hooked_layer_times(model, example, path, dtype, repeats, warmup):
     model = model.to(dtype)  # a copy: layer_times never times the caller's model
     x = example.to(dtype)
     if path == "fold":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+        model, x = channels_last(model), channels_last(x)
     leaves = [(n, m) for n, m in model.named_modules()
               if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
     # seconds per pass of each module (a module called several times in a pass, like a
-    # shared ReLU, sums its calls)
+    # shared ReLU, sums its calls), from marks on the device's queue (the one timer's Mark:
+    # CUDA events on a GPU, no synchronisation per layer; the host clock on a CPU)
     samples: Dict[str, List[float]] = {n: [] for n, _ in leaves}
     called = set()
-    started: Dict[str, float] = {}
+    pass_marks: List[tuple] = []  # (name, start, end) of this pass
     recording = [False]
+    device = x.device
 
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # GPU work is async
+    def before(name, module, args):
+        if recording[0]:
+            pass_marks.append((name, Mark(device), Mark(device)))
+            pass_marks[-1][1].record()
 
-    def pre(name):
-        def hook(mod, args):
-            sync()
-            started[name] = time.perf_counter()
-        return hook
+    def after(name, module, args, out):
+        if recording[0]:
+            next(m for m in reversed(pass_marks) if m[0] == name)[2].record()
+            called.add(name)
 
-    def post(name):
-        def hook(mod, args, out):
-            sync()
-            if recording[0]:
-                samples[name][-1] += time.perf_counter() - started[name]
-                called.add(name)
-        return hook
-
-    handles = []
-    for name, mod in leaves:
-        handles.append(mod.register_forward_pre_hook(pre(name)))
-        handles.append(mod.register_forward_hook(post(name)))
     totals = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                recording[0] = i >= warmup
-                if recording[0]:
-                    for runs in samples.values():
-                        runs.append(0.0)
-                sync()
-                t0 = time.perf_counter()
-                model(x)
-                sync()
-                if i >= warmup:
-                    totals.append(time.perf_counter() - t0)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(leaves, before=before, after=after), torch.inference_mode():
+        for i in range(warmup + repeats):
+            recording[0] = i >= warmup
+            pass_marks.clear()
+            start, end = Mark(device), Mark(device)
+            start.record()
+            model(x)
+            end.record()
+            if i >= warmup:
+                totals.append(start.seconds_to(end))
+                for runs in samples.values():
+                    runs.append(0.0)
+                for name, a, b in pass_marks:
+                    samples[name][-1] += a.seconds_to(b)
     times = {n: 1000 * statistics.median(s) for n, s in samples.items() if n in called}
     kinds = {n: type(m).__name__ for n, m in leaves}
     return 1000 * statistics.median(totals), times, kinds
@@ -542,20 +535,9 @@ def train_layer_times(model: nn.Module, x: torch.Tensor, memory_format: str = "a
     costs = {c.name: c for c in profile(net, tuple(x.shape[1:])).layers}
     leaves = [(n, m) for n, m in net.named_modules()
               if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
-    shapes: Dict[str, tuple] = {}
-
-    def record(name):
-        def hook(mod, args, out):  # returns None: the output is kept
-            shapes.setdefault(name, tuple(args[0].shape))
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in leaves]
-    try:
-        with torch.no_grad():
-            net(layout.input(x))
-    finally:
-        for h in hooks:
-            h.remove()
+    with capture(leaves, "input") as inputs, torch.no_grad():
+        net(layout.input(x))
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
     first = next(iter(shapes), None)  # the input image needs no gradient
     rows = []
     for name, module in leaves:

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from ..checks import check_positive
-from ..config import PATHS, TRITON_PATHS, TRITON_VERIFIED_ON_GPU
+from . import paths as path_table
+from .paths import PATHS, PATHS_TABLE, InferencePath, installed
 from ..errors import DeeprootsError, first_line
+from ..layout import channels_last
 from ..numerics import disagreement
 from ..runtime import openvino_refusal
 from .export import aoti_package, aoti_refusal, exported_program, onnx_bytes
@@ -76,57 +78,47 @@ class FastModel:
 
 def available_paths(device: Optional[torch.device] = None) -> List[str]:
     """The paths this process can build for a model on ``device`` (default: the CPU, and
-    the GPU paths too where there is one): on the CPU eager, fold, script, compile,
-    dispatch, and onnxruntime and openvino where installed (OpenVINO aborts the process
-    under a preloaded jemalloc, so it is left out there); on a CUDA device eager, fold,
-    script, compile, dispatch, and triton, fused and cudagraph (the CPU engines never run a
-    CUDA model)."""
-    paths = ["eager", "fold", "script", "compile", "dispatch"]
-    if aoti_refusal() is None and (device is None or torch.device(device).type == "cpu"):
-        paths.append("aoti")
-    on_cuda = torch.cuda.is_available() and (device is None or
-                                             torch.device(device).type == "cuda")
-    if on_cuda:
-        paths += ["triton", "fused"] if _triton_installed() else []
-        paths.append("cudagraph")
-    if device is not None and torch.device(device).type == "cuda":
-        return paths
-    for name in ("onnxruntime", "openvino"):
-        if name == "openvino" and openvino_refusal():
-            continue
-        try:
-            __import__(name)
-            paths.append(name)
-        except ImportError:
-            pass
-    return paths
+    the GPU paths too where there is one), read from :data:`deeproots.speed.paths.PATHS_TABLE`:
+    those that run on that device whose package (or C++ compiler) is here; on a CUDA device
+    never the CPU engines, and OpenVINO never under a preloaded jemalloc (it aborts)."""
+    kinds = ["cpu", "cuda"] if device is None else [torch.device(device).type]
+    if not torch.cuda.is_available():
+        kinds = [k for k in kinds if k != "cuda"]
+    if device is None:
+        kinds = ["cpu"] + [k for k in kinds if k != "cpu"]
+    return [name for name, p in PATHS_TABLE.items()
+            if any(k in p.devices for k in kinds) and _refusal(p) is None
+            and (p.triton is False or "cuda" in kinds or name == "dispatch")]
+
+
+def _refusal(path: InferencePath) -> Optional[str]:
+    """Why this process cannot build ``path`` (a package or compiler missing, OpenVINO
+    under jemalloc), or None."""
+    if path.name == "openvino" and openvino_refusal():
+        return openvino_refusal()
+    if path.needs == "c++":
+        return aoti_refusal()
+    if path.needs is not None and not installed(path.needs):
+        more = " and a CUDA GPU" if path.triton else ""
+        return f"path {path.name!r} needs the {path.needs} package (pip install {path.needs}){more}"
+    return None
 
 
 def check_path(path: str, dtype: torch.dtype = torch.float32) -> None:
-    """A ValueError unless this process can run ``path`` in ``dtype``."""
-    if path not in PATHS:
+    """A one-line error unless this process can run ``path`` in ``dtype``."""
+    if path not in PATHS_TABLE:
         raise DeeprootsError(f"unknown path {path!r}; accepted: {', '.join(PATHS)} or auto")
-    if path == "openvino" and openvino_refusal():
-        raise DeeprootsError(openvino_refusal())
-    if path in ("onnxruntime", "openvino") and path not in available_paths():
-        raise DeeprootsError(f"path {path!r} needs the {path} package: pip install {path}")
-    if path in ("triton", "fused") and not _triton_installed():
-        raise DeeprootsError(f"path {path!r} needs the triton package (pip install triton) and a "
-                             f"CUDA GPU")
+    row = PATHS_TABLE[path]
+    reason = _refusal(row)
+    if reason:
+        raise DeeprootsError(reason if reason.startswith("path") or path == "openvino"
+                             else f"path {path!r}: {reason}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise DeeprootsError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype}")
-    if dtype != torch.float32 and path in ("onnxruntime", "aoti"):
-        raise DeeprootsError(f"path {path!r} runs float32 only; got dtype {dtype}")
-    if path == "aoti" and aoti_refusal():
-        raise DeeprootsError(f"path 'aoti': {aoti_refusal()}")
-
-
-def _triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401  (optional package)
-    except ImportError:
-        return False
-    return True
+    name = str(dtype).removeprefix("torch.")
+    if name not in row.dtypes:
+        raise DeeprootsError(f"path {path!r} runs {' or '.join(row.dtypes)} only; got dtype "
+                             f"{dtype}")
 
 
 def openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
@@ -151,50 +143,64 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
         m = copy.deepcopy(model).eval().to(dtype)
         return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path, check=check)
     folded = fold_batchnorm(model)
-    if path in ("triton", "dispatch", "fused", "cudagraph"):
+    if PATHS_TABLE[path].triton:
         return _kernel_path(folded, example, path, dtype, check)
-    if path in ("fold", "script", "compile"):
-        # channels-last: the layout oneDNN's convolutions run fastest in
-        folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
-        cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
-        if path == "fold":
-            return FastModel(_no_grad(lambda x: folded(cl(x)).float()), path, check=check)
-        if path == "script":  # TorchScript: deprecated by PyTorch, kept while it is there
-            import warnings
+    return FastModel(BUILDERS[path](folded, example, dtype), path, check=check)
 
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                traced = torch.jit.trace(folded, cl(example), check_trace=False)
-                # freeze alone: torch.jit.optimize_for_inference changes NiN's outputs by up
-                # to 0.2 (its oneDNN rewrite of the ceil-mode pooling), measured in tests
-                frozen = torch.jit.freeze(traced)
-            return FastModel(_no_grad(lambda x: frozen(cl(x)).float()), path, check=check)
-        import torch._inductor.config as inductor_config  # heavy: only for this path
 
-        compiled = torch.compile(folded, dynamic=False)
+def _torch_path(folded, dtype):
+    """``folded`` in ``dtype`` and channels-last (the layout oneDNN's convolutions run
+    fastest in: :mod:`deeproots.layout`), and the input's cast to it."""
+    return channels_last(folded.to(dtype=dtype)), lambda x: channels_last(x.to(dtype))
 
-        def run_compiled(x):
-            # freezing constant-folds the weights into the graph; set for our compiles
-            # alone, never for the rest of the process
-            with inductor_config.patch(freezing=True):
-                return compiled(cl(x)).float()
 
-        return FastModel(_no_grad(run_compiled), path, check=check)
-    if path == "aoti":
-        return FastModel(_aoti_runner(folded, example), path, check=check)
-    blob = onnx_bytes(folded, example)
-    if path == "onnxruntime":
-        import onnxruntime as ort  # optional package
+def _fold(folded, example, dtype):
+    folded, cl = _torch_path(folded, dtype)
+    return _no_grad(lambda x: folded(cl(x)).float())
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-        return FastModel(lambda x: torch.from_numpy(
-            session.run(None, {"input": x.detach().cpu().numpy()})[0]), path, check=check)
-    compiled_ov = openvino_compile(blob, dtype)
-    return FastModel(lambda x: torch.from_numpy(
-        compiled_ov(x.detach().cpu().numpy())[0].copy()), path, check=check)
+
+def _script(folded, example, dtype):
+    """TorchScript: deprecated by PyTorch, kept while it is there. Freeze alone:
+    torch.jit.optimize_for_inference changes NiN's outputs by up to 0.2 (its oneDNN rewrite
+    of the ceil-mode pooling), measured in tests."""
+    import warnings
+
+    folded, cl = _torch_path(folded, dtype)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        frozen = torch.jit.freeze(torch.jit.trace(folded, cl(example), check_trace=False))
+    return _no_grad(lambda x: frozen(cl(x)).float())
+
+
+def _compile(folded, example, dtype):
+    import torch._inductor.config as inductor_config  # heavy: only for this path
+
+    folded, cl = _torch_path(folded, dtype)
+    compiled = torch.compile(folded, dynamic=False)
+
+    def run_compiled(x):
+        # freezing constant-folds the weights into the graph; set for our compiles alone,
+        # never for the rest of the process
+        with inductor_config.patch(freezing=True):
+            return compiled(cl(x)).float()
+
+    return _no_grad(run_compiled)
+
+
+def _onnxruntime(folded, example, dtype):
+    import onnxruntime as ort  # optional package
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_bytes(folded, example), options,
+                                   providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
+
+
+def _openvino(folded, example, dtype):
+    compiled = openvino_compile(onnx_bytes(folded, example), dtype)
+    return lambda x: torch.from_numpy(compiled(x.detach().cpu().numpy())[0].copy())
 
 
 def _aoti_runner(folded: nn.Module, example: torch.Tensor):
@@ -210,6 +216,13 @@ def _aoti_runner(folded: nn.Module, example: torch.Tensor):
     return _no_grad(lambda x: runner(x.float()))
 
 
+# each path's builder (folded model, example batch, dtype) -> callable; the kernel paths
+# (PATHS_TABLE's triton rows) are built by _kernel_path, eager on the model as built
+BUILDERS = {"fold": _fold, "script": _script, "compile": _compile,
+            "aoti": lambda folded, example, dtype: _aoti_runner(folded, example),
+            "onnxruntime": _onnxruntime, "openvino": _openvino}
+
+
 def _kernel_path(folded, example, path, dtype, check) -> FastModel:
     """Grouped convs in the Triton kernel (``triton``; ``fused`` first fuses the root blocks),
     or each by its fastest lowering, measured on the first batch of each shape (``dispatch``;
@@ -222,7 +235,7 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
         raise DeeprootsError(f"path {path!r} runs on CUDA GPUs; got an input on "
                              f"{example.device} (paths for this device: "
                              f"{', '.join(available_paths())})")
-    folded = folded.to(dtype=dtype, memory_format=torch.channels_last)
+    folded = channels_last(folded.to(dtype=dtype))
     fused: List[str] = []
     kept: List[str] = []
     if path == "fused":
@@ -231,7 +244,7 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
         fused, kept = fuse_root_blocks(folded)
     make = modules.TritonConv2d if path in ("triton", "fused") else modules.DispatchConv2d
     net, left = modules.replace_convs(folded, make)
-    cl = lambda x: x.to(dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+    cl = lambda x: channels_last(x.to(dtype))  # noqa: E731
     run = _no_grad(lambda x: net(cl(x)).float())
     if path == "cudagraph":
         run = CudaGraphed(run)
@@ -308,6 +321,15 @@ def _no_grad(fn):
     return run
 
 
+def _in_auto(path: InferencePath, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``optimize_for_inference(..., "auto")`` measures ``path``: not one that takes
+    minutes to build, not one that cannot run ``dtype``, and on CUDA none on deeproots' Triton
+    kernels until a GPU run has verified them (``TRITON_VERIFIED_ON_GPU``)."""
+    unverified = path.triton and torch.device(device).type == "cuda" and \
+        not path_table.TRITON_VERIFIED_ON_GPU
+    return path.in_auto and not unverified and str(dtype).removeprefix("torch.") in path.dtypes
+
+
 def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
                            paths: Sequence[str] | str = "auto", *,
                            dtype: torch.dtype = torch.float32, repeats: int = 5) -> FastModel:
@@ -330,10 +352,8 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
         raise DeeprootsError(f"example_input must be a batch of images (a tensor); got "
                              f"{type(example_input).__name__}")
     if isinstance(paths, str) and paths == "auto":  # those that run here, in this dtype
-        paths = [p for p in available_paths(example_input.device)
-                 if p not in ("eager", "compile", "aoti")
-                 and (TRITON_VERIFIED_ON_GPU or p not in TRITON_PATHS)
-                 and (p != "onnxruntime" or dtype == torch.float32)]
+        paths = [p for p in available_paths(example_input.device) if _in_auto(
+            PATHS_TABLE[p], example_input.device, dtype)]
     elif isinstance(paths, str):
         paths = [paths]
     for p in paths:

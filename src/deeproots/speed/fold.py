@@ -7,7 +7,8 @@ from typing import Dict
 
 from torch import fx, nn
 
-from ..errors import DeeprootsError, first_line
+from ..capture import fx_graph
+from ..errors import DeeprootsError
 
 __all__ = ["fold_batchnorm", "check_module"]
 
@@ -29,11 +30,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     model = copy.deepcopy(model).eval()
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as err:  # a model FX cannot trace keeps its batch norm
-        raise DeeprootsError(f"cannot fold batch norm of {type(model).__name__}: FX could not "
-                             f"trace it ({type(err).__name__}: {first_line(err)})") from err
+    gm = fx_graph(model, "fold batch norm of")
     modules = dict(gm.named_modules())
     calls: Dict[str, int] = {}
     for node in gm.graph.nodes:

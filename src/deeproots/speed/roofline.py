@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice, check_positive, check_range
+from ..capture import hooks
 from ..errors import DeeprootsError
 from ..config import ROOFLINE_DEVICES, ROOFLINE_DTYPES
 from ..inspection.costs import parse_input_size, profile
@@ -194,14 +195,8 @@ def roofline(model, *, hardware: str | Hardware = "h100", dtype: str = "bfloat16
 
     leaves = [(n, m) for n, m in net.named_modules()
               if n and not list(m.children()) and not isinstance(m, (nn.Identity, nn.Dropout))]
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n))
-               for n, m in leaves]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(batch_size, *size, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(leaves, after=lambda n, mod, i, o: hook(mod, i, o, n)), torch.no_grad():
+        net(torch.zeros(batch_size, *size, device="meta"))
     kinds = {n: type(m).__name__ for n, m in leaves}
     for layer, (m, moved) in calls.items():
         compute, memory = 2 * m / peak, moved / bw

@@ -14,7 +14,7 @@ import torch
 
 from ..checks import check_positive, check_whole
 
-__all__ = ["Timing", "interleaved", "UNRELIABLE_SPREAD", "EVENT_MIN_S", "EVENT_MAX_CALLS"]
+__all__ = ["Timing", "interleaved", "Mark", "UNRELIABLE_SPREAD", "EVENT_MIN_S", "EVENT_MAX_CALLS"]
 
 WARMUP_S_GPU = 1.0  # the least warm-up, in seconds, whatever the rounds asked for
 WARMUP_S_CPU = 0.5
@@ -123,3 +123,26 @@ def _time_call(fn: Callable[[], None], sync: Callable[[], None], events: bool,
     end.record(stream)
     end.synchronize()
     return start.elapsed_time(end) / 1000 / calls
+
+
+class Mark:
+    """A point in time on ``device``'s queue (a CUDA event on that GPU's current stream,
+    whichever GPU is current) or the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.event = torch.cuda.Event(enable_timing=True) if self.cuda else None
+        self.t = 0.0
+
+    def record(self) -> None:
+        if self.cuda:
+            self.event.record(torch.cuda.current_stream(self.device))
+        else:
+            self.t = time.perf_counter()
+
+    def seconds_to(self, later: "Mark") -> float:
+        if self.cuda:
+            later.event.synchronize()
+            return self.event.elapsed_time(later.event) / 1000
+        return later.t - self.t

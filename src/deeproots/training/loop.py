@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import __version__
 from ..config import TrainConfig, lr_at
-from ..convert.rule import rootify
+from ..conversion.rule import rootify
 from ..errors import DeeprootsError
 from ..inspection.costs import profile
 from ..layout import Layout, choose_layout

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..convert.calibrate.assignment import assign_groups
+from ..conversion.calibrate.assignment import assign_groups
 from ..models.layers import conv_layers, main_logits
 
 __all__ = ["loss_of", "distillation_loss", "Distillation", "GroupLasso"]
@@ -58,7 +58,7 @@ class GroupLasso:
     """CondenseNet's idea for any CNN: a group-lasso penalty, ``weight x`` the sum over the
     grouped-to-be convs of the L2 norms of each (filter, input channel) kernel outside its
     block of an assignment of filters and input channels to groups
-    (:func:`deeproots.convert.calibrate.assign_groups`, on the weights' energy); :meth:`reassign`
+    (:func:`deeproots.conversion.calibrate.assign_groups`, on the weights' energy); :meth:`reassign`
     re-estimates the assignment from the weights as they are. Driving those kernels to zero
     makes the model groupable: a calibrated conversion then keeps almost all its weight."""
 

@@ -29,6 +29,7 @@ from ..checks import check_choice
 from ..config import COMPILE_MODES
 from ..layout import Layout, choose_layout
 from ..speed.paths import resolve_grouped_conv
+from ..speed.timing import Mark
 from .objectives import Distillation, GroupLasso, loss_of
 
 __all__ = ["TrainStep", "make_optimizer"]
@@ -146,12 +147,12 @@ class TrainStep:
     def phases(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> Dict[str, float]:
         """Seconds of the forward (with the loss), backward and optimizer parts of one step,
         each timed alone (CUDA events on a GPU)."""
-        marks = [_Mark(self.device) for _ in range(4)]
+        marks = [Mark(self.device) for _ in range(4)]
         self._step(x, y, lr, marks)
         names = ("forward", "backward", "optimizer")
         return {name: marks[i].seconds_to(marks[i + 1]) for i, name in enumerate(names)}
 
-    def _step(self, x, y, lr: float, marks: List["_Mark"]) -> torch.Tensor:
+    def _step(self, x, y, lr: float, marks: List[Mark]) -> torch.Tensor:
         """The step; ``marks`` (none, or four) are recorded before the forward, the backward,
         the optimizer and after it."""
         def mark(i):
@@ -217,26 +218,3 @@ class TrainStep:
         self._sums = torch.tensor([loss_sum, correct, 0.0, 0.0], dtype=torch.float64,
                                   device=self.device)
         self.seen, self.steps = int(seen), steps
-
-
-class _Mark:
-    """A point in time on ``device``'s queue (a CUDA event on that GPU's current stream,
-    whichever GPU is current) or the host's clock."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.event = torch.cuda.Event(enable_timing=True) if self.cuda else None
-        self.t = 0.0
-
-    def record(self) -> None:
-        if self.cuda:
-            self.event.record(torch.cuda.current_stream(self.device))
-        else:
-            self.t = time.perf_counter()
-
-    def seconds_to(self, later: "_Mark") -> float:
-        if self.cuda:
-            later.event.synchronize()
-            return self.event.elapsed_time(later.event) / 1000
-        return later.t - self.t

@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import DeeprootsError
 from ..checks import check_positive
-from .checkpoint import CheckpointError, load_checkpoint, validate_state
 from ..config import TrainConfig, config_defaults, setting_differences
 from ..reproduction.tables import PAPER_TABLES
 from ..plots import plot_accuracy_vs_cost
@@ -33,6 +32,7 @@ from ..models.registry import is_model, list_models, model_entry, model_name
 from ..runtime import check_output_dir, write_json, write_text
 from ..text import format_table
 from .folder import RunFolder, lock_holder, read_summary
+from .run import study_run_folder
 from .loop import train
 
 __all__ = ["run_study", "study_report", "StudyReport", "VariantStats", "welch",
@@ -245,7 +245,7 @@ def study_report(out: Path | str) -> StudyReport:
     runs: Dict[str, List[dict]] = {}
     for model in manifest["models"]:
         for seed in manifest["seeds"]:
-            folder = out / "runs" / f"{model}-seed{seed}"
+            folder = study_run_folder(out, model, seed)
             try:
                 summary = _read_summary(folder / "summary.json", epochs, model, seed, data)
             except _Foreign as err:
@@ -379,7 +379,7 @@ def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
                 continue
             if bar is not None:
                 bar.set_postfix_str(f"{model} seed {seed}")
-            folder = out / "runs" / f"{model}-seed{seed}"
+            folder = study_run_folder(out, model, seed)
             pid = lock_holder(folder)
             if pid is not None:  # another study trains it now: never touched from here
                 held.append(f"{folder.name} (process {pid})")
@@ -437,7 +437,7 @@ def _finished(out: Path, model: str, seed: int, epochs: int, data: Optional[str]
     """Whether the study's run of ``model`` and ``seed`` has finished (a folder holding
     another run counts as done here: it is never trained over, and the report names it)."""
     try:
-        return _read_summary(out / "runs" / f"{model}-seed{seed}" / "summary.json",
+        return _read_summary(study_run_folder(out, model, seed) / "summary.json",
                              epochs, model, seed, data) is not None
     except _Foreign:
         return True
@@ -447,22 +447,15 @@ def _finished(out: Path, model: str, seed: int, epochs: int, data: Optional[str]
 
 def _train_one(folder: Path, model: str, seed: int, settings: dict) -> None:
     """One run, with its folder locked before anything in it is touched: resumed from its
-    checkpoint when it has a good one, else started over what a failed start left (which
-    the new run replaces at its first checkpoint, see :mod:`deeproots.training.folder`)."""
+    checkpoint when it has a good one, else started over what a failed start left (the
+    one rule of :func:`deeproots.training.run.open_run`); a summary that cannot be read is
+    never averaged in: reported, and the run finished again."""
     with RunFolder(folder).lock() as run:
         summary = run.path / "summary.json"
         try:
             _read_summary(summary, settings["epochs"])
-        except ValueError as err:  # never averaged in: reported, then the run is finished again
+        except ValueError as err:
             print(f"deeproots study: {err}; running {folder.name} again", file=sys.stderr)
             summary.unlink()
-        resume = False
-        if run.last.exists():
-            try:
-                validate_state(load_checkpoint(run.last), run.last)
-                resume = True
-            except CheckpointError as err:
-                print(f"deeproots study: {err}; starting {folder.name} afresh", file=sys.stderr)
-        train(TrainConfig(model=model, seed=seed, out=str(folder), resume=resume,
-                          overwrite=not resume and run.holds_run(), progress=False,
-                          **settings))
+        train(TrainConfig(model=model, seed=seed, out=str(folder), progress=False,
+                          **settings), continue_if_possible=True)

@@ -1,5 +1,0 @@
-"""Moved in deeproots 0.2: ``deeproots.conversion`` is now :mod:`deeproots.convert.rule`.
-This name forwards there for one release, with a DeprecationWarning (CHANGELOG.md)."""
-from ._moved import moved
-
-__getattr__, __all__ = moved(__name__, 'convert.rule')

@@ -1,0 +1,210 @@
+"""The calibration images and the passes a calibrated conversion makes over them: batches from
+a tensor or a loader, each conv's input energy, the forward order of its layers, passes
+stopped at the layer a stage is fitting (:func:`deeproots.capture.run_until`), and passes
+that start at the first grouped conv, the trained layers before it computed once
+(:class:`Prefixed`)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+from ...capture import Stop, capture, fx_graph, hooks, run_until
+from ...errors import DeeprootsError
+from ...models.layers import conv_layers, layer_name
+
+__all__ = ["calibration_batches", "activation_energy", "Prefixed", "prefixed", "forward",
+           "input_of", "output_of", "feeds_batchnorm", "forward_order", "reached_convs",
+           "first_reached", "norms_before", "sampled_inputs"]
+
+
+def calibration_batches(data, batch_size: int = 256) -> List[torch.Tensor]:
+    """Calibration images as a list of float batches: from a tensor of images (N, C, H, W)
+    or from batches (a loader yielding images or (images, labels))."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise DeeprootsError(f"calibration images must be a batch (N, C, H, W); got shape "
+                                 f"{tuple(data.shape)}")
+        if not len(data):
+            raise DeeprootsError("the calibration data is empty")
+        if not torch.isfinite(data).all():
+            raise DeeprootsError("the calibration images hold NaN or infinity")
+        return [data[i:i + batch_size].float() for i in range(0, len(data), batch_size)]
+    out = []
+    for item in (data.batches() if hasattr(data, "batches") else data):
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise DeeprootsError("calibration data must yield image batches (N, C, H, W) or "
+                                 "(images, labels)")
+        out.append(x.float())
+    if not out:
+        raise DeeprootsError("the calibration data is empty")
+    return out
+
+
+def activation_energy(model: nn.Module, paths: Sequence[str], batches
+                      ) -> Dict[str, torch.Tensor]:
+    """Each named conv's input on the calibration batches: per channel, the mean square
+    (its activation energy)."""
+    convs = conv_layers(model)
+    sums: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+
+    def record(name, module, args, out):
+        x = args[0].detach()
+        sums[name] = sums.get(name, 0) + x.pow(2).sum((0, 2, 3)).double()
+        counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+
+    with hooks({p: convs[p] for p in paths}, after=record), torch.no_grad():
+        for x in batches:
+            model(x)
+    return {p: (sums[p] / counts[p]).float() for p in paths if p in sums}
+
+
+class Prefixed:
+    """A calibration batch whose forward passes start at the first conv being grouped: the
+    layers before it are the trained ones, unchanged by the conversion (their batch norms
+    are not re-estimated), so the values the rest of the network reads from them are
+    computed once per model (a torch.fx trace; every other earlier value given as None)
+    and each later pass runs only the rest."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.envs: Dict[int, Tuple[fx.GraphModule, dict]] = {}
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def run(self, model: nn.Module):
+        gm, env = self.envs[id(model)]
+        return fx.Interpreter(gm).run(self.x, initial_env=dict(env))
+
+
+class _StopAt(fx.Interpreter):
+    def __init__(self, gm, stop):
+        super().__init__(gm)
+        self.stop = stop
+
+    def run_node(self, node):
+        if node is self.stop:
+            raise Stop
+        return super().run_node(node)
+
+
+def prefixed(models: Sequence[nn.Module], first: str, batches) -> Optional[list]:
+    """The batches as :class:`Prefixed` ones for ``models`` (traced alike), the prefix
+    being every node before conv ``first``; None when a model cannot be traced."""
+    out = [Prefixed(x) for x in batches]
+    for model in models:
+        try:
+            gm = fx_graph(model)
+        except DeeprootsError:  # data-dependent Python: full passes instead
+            return None
+        nodes = list(gm.graph.nodes)
+        stop = next((n for n in nodes if n.op == "call_module"
+                     and layer_name(n.target) == first), None)
+        if stop is None:
+            return None
+        prefix = nodes[:nodes.index(stop)]
+        inside = set(prefix)
+        live = [n for n in prefix if any(u not in inside for u in n.users)]
+        with torch.no_grad():
+            for item in out:
+                runner = _StopAt(gm, stop)
+                try:
+                    runner.run(item.x)
+                except Stop:
+                    pass
+                env = {n: None for n in prefix}
+                env.update({n: runner.env[n] for n in live})
+                item.envs[id(model)] = (gm, env)
+    return out
+
+
+def forward(model: nn.Module, x):
+    """``model`` on a calibration batch (a :class:`Prefixed` one runs from its prefix)."""
+    return x.run(model) if isinstance(x, Prefixed) else model(x)
+
+
+def input_of(model: nn.Module, x, layer: nn.Module) -> torch.Tensor:
+    """``layer``'s input when ``model`` runs ``x``, the rest of the pass not run: a
+    calibration pass costs only the layers up to the one it fits."""
+    return run_until(lambda: forward(model, x), layer, "input")
+
+
+def output_of(model: nn.Module, x, layer: nn.Module) -> torch.Tensor:
+    """``layer``'s output when ``model`` runs ``x``, the rest of the pass not run."""
+    return run_until(lambda: forward(model, x), layer, "output")
+
+
+def feeds_batchnorm(model: nn.Module, layer: nn.Module, x) -> bool:
+    """Whether the output of ``layer`` goes straight into a batch norm when ``model`` runs
+    ``x`` (the pass stops at that batch norm): a constant the layer adds is then one that
+    re-estimating the batch norm's mean removes."""
+    out, fed = [], []
+
+    def norm(name, module, args):
+        fed.append(bool(out) and args[0] is out[-1])
+        raise Stop
+
+    norms = [(str(i), m) for i, m in enumerate(model.modules())
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was = model.training
+    model.eval()  # no running statistics change
+    try:
+        with hooks([("layer", layer)], after=lambda *a: out.append(a[3])), \
+                hooks(norms, before=norm), torch.no_grad():
+            forward(model, x)
+    except Stop:
+        pass
+    finally:
+        model.train(was)
+    return bool(out) and bool(fed) and fed[-1]
+
+
+def forward_order(model, x) -> List[nn.Module]:
+    """The convs and batch norms a forward pass of ``x`` reaches, in order (once each)."""
+    seen: List[nn.Module] = []
+    watched = [(str(i), m) for i, m in enumerate(model.modules())
+               if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))]
+
+    def reached(name, module, args, out):
+        if not any(module is s for s in seen):
+            seen.append(module)
+
+    with hooks(watched, after=reached), torch.no_grad():
+        forward(model, x)
+    return seen
+
+
+def reached_convs(model, x) -> List[str]:
+    """The names of the convs a forward pass of ``x`` reaches, in order."""
+    names = {id(c): n for n, c in conv_layers(model).items()}
+    return [names[id(m)] for m in forward_order(model, x) if id(m) in names]
+
+
+def first_reached(model, order, x) -> str:
+    """Which of the convs named in ``order`` a forward pass of ``x`` reaches first."""
+    convs = reached_convs(model, x)
+    return min((n for n in order if n in convs), key=convs.index)
+
+
+def norms_before(model, first: str, x) -> List[nn.Module]:
+    """The batch norms a forward pass reaches before conv ``first``: trained, kept."""
+    target = conv_layers(model)[first]
+    out = []
+    for m in forward_order(model, x):
+        if m is target:
+            break
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append(m)
+    return out
+
+
+def sampled_inputs(model, paths, x) -> Dict[str, torch.Tensor]:
+    """Each named conv's input on one calibration batch (for the output energy kept)."""
+    convs = conv_layers(model)
+    with capture({p: convs[p] for p in paths}, "input") as got, torch.no_grad():
+        model(x)
+    return {p: t.detach() for p, t in got.items()}

@@ -1,0 +1,349 @@
+"""A trained CNN converted into a root network with calibration: the assignment, the
+permutations folded into the neighbours, the least-squares refit, batch norm re-estimated;
+checked against hand-made cases and a numpy solve; then the command line, distillation and
+learning to be groupable, on small files."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import deeproots
+from deeproots.conversion.calibrate import assign_groups, calibrate, fold_permutations, refit_grouped, refit_pointwise, root_sites
+from deeproots.models.layers import block_diagonal_weight, regroup
+from deeproots.cli import main
+from deeproots.training.objectives import GroupLasso, distillation_loss
+from deeproots.training.checkpoint import load_checkpoint
+from deeproots.training.loop import train
+from helpers import train_cfg, trained_like, write_fashion_mnist, write_image_folder
+
+
+def test_permutations_folded_into_the_neighbours_leave_the_model_unchanged():
+    """NiN's conv2a and conv3a: their input permutations go into conv1c / conv2c (and the
+    batch norms between), their output permutations into conv2b / conv3b; the dense model
+    computes what it computed (before any block is cut)."""
+    model = trained_like("nin", in_channels=1)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+    sites = root_sites(model, ["conv2a", "conv3a"])
+    assert (sites["conv2a"].producer, sites["conv2a"].consumer) == ("conv1c", "conv2b")
+    assert sites["conv2a"].before == ["conv1c.bn", "conv1c.act", "pool1"]
+    g = torch.Generator().manual_seed(0)
+    fold_permutations(model, sites["conv2a"], torch.randperm(96, generator=g),
+                      torch.randperm(192, generator=g))
+    fold_permutations(model, sites["conv3a"], torch.randperm(192, generator=g),
+                      torch.randperm(192, generator=g))
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_a_residual_add_fixes_the_order_it_reads():
+    """A basic block's first conv reads the residual stream (also used by the add) and its
+    second writes into the add: those sides keep their order, and the report says why."""
+    import zoo
+
+    sites = root_sites(zoo.ResNet18ish(), ["layer1.0.conv1", "layer1.0.conv2"])
+    first, second = sites["layer1.0.conv1"], sites["layer1.0.conv2"]
+    assert first.producer is None and "residual add" in first.fixed_in
+    assert first.consumer == "layer1.0.conv2"  # through bn1 and the ReLU
+    assert second.consumer is None and "go to add" in second.fixed_out
+    bottleneck = root_sites(deeproots.create_model("resnet50").eval(), ["layer1.0.conv2"])
+    assert bottleneck["layer1.0.conv2"].producer == "layer1.0.conv1"
+    assert bottleneck["layer1.0.conv2"].consumer == "layer1.0.conv3"
+
+
+def test_a_conv_block_diagonal_under_a_permutation_is_converted_with_zero_error():
+    torch.manual_seed(0)
+    g, cin, cout = 4, 8, 16
+    block = torch.zeros(cout, cin, 3, 3)
+    for k in range(g):
+        block[k * 4:(k + 1) * 4, k * 2:(k + 1) * 2] = torch.randn(4, 2, 3, 3)
+    rows, cols = torch.randperm(cout), torch.randperm(cin)
+    model = nn.Sequential(nn.Conv2d(3, cin, 1), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(cout, 5, 1))
+    with torch.no_grad():
+        model[2].weight.copy_(block[rows][:, cols])
+        model[2].bias.zero_()
+    x = torch.randn(64, 3, 6, 6)
+    new, report = calibrate(model.eval(), {"2": g}, [x], refit="root", ridge=0.0)
+    layer = report.layers[0]
+    assert layer.weight_kept == pytest.approx(1.0) and layer.output_kept == pytest.approx(1.0)
+    assert layer.weight_kept_plain < 0.5 and layer.permuted_in and layer.permuted_out
+    assert new[2].groups == g
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x), atol=1e-4)
+
+
+def test_the_assignment_keeps_the_most_weight_and_respects_a_fixed_side():
+    rng = np.random.default_rng(0)
+    score = rng.random((8, 8))
+    rows, cols, kept = assign_groups(score, 2)
+    assert sorted(np.bincount(rows)) == [4, 4] and sorted(np.bincount(cols)) == [4, 4]
+    plain = score[:4, :4].sum() + score[4:, 4:].sum()
+    assert kept * score.sum() >= plain - 1e-9
+    rows, cols, _ = assign_groups(score, 2, fix_cols=True)
+    assert list(cols) == [0] * 4 + [1] * 4  # the inputs keep their order
+
+
+def test_the_least_squares_refit_equals_a_numpy_solve():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    new = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1)).eval()
+    batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
+    refit_pointwise(dense, new, "2", batches, ridge=0.0)
+    with torch.no_grad():
+        xs = np.concatenate([F.relu(new[0](b)).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+                             for b in batches])
+        ys = np.concatenate([dense(b).permute(0, 2, 3, 1).reshape(-1, 4).numpy()
+                             for b in batches])
+    a = np.concatenate([xs, np.ones((len(xs), 1))], 1)
+    solution, *_ = np.linalg.lstsq(a, ys, rcond=None)
+    assert np.allclose(new[2].weight.detach().numpy().reshape(4, 6), solution[:6].T, atol=1e-4)
+    assert np.allclose(new[2].bias.detach().numpy(), solution[6], atol=1e-4)
+
+
+def test_the_grouped_refit_equals_a_numpy_solve_per_group():
+    """Each group's filters fit, from the group's own input channels (im2col by hand with
+    numpy: a 3x3 window, stride 2, padding 1), to the dense conv's outputs of those filters,
+    with a constant term; the off-diagonal part the cut dropped is what they take over."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, 2, 1)).eval()
+    new = copy.deepcopy(dense)
+    regroup(new[2], 2, reinit=False)  # the cut: its diagonal blocks
+    with torch.no_grad():
+        new[2].weight.copy_(block_diagonal_weight(dense[2].weight.detach(), 2))
+    batches = [torch.randn(3, 2, 5, 5) for _ in range(2)]
+    with torch.no_grad():
+        before = sum(float((new(b) - dense(b)).pow(2).sum()) for b in batches)
+    unexplained = refit_grouped(dense, new, "2", batches, ridge=0.0)
+    with torch.no_grad():
+        x = np.concatenate([F.relu(dense[0](b)).numpy() for b in batches])
+        y = np.concatenate([dense(b).numpy() for b in batches])
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for g in range(2):
+        rows, targets = [], []
+        for n in range(len(x)):
+            for i in range(3):
+                for j in range(3):
+                    patch = xp[n, 2 * g:2 * g + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+                    rows.append(np.append(patch.reshape(-1), 1.0))
+                    targets.append(y[n, 3 * g:3 * g + 3, i, j])
+        solution, *_ = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)
+        got = new[2].weight.detach().numpy()[3 * g:3 * g + 3].reshape(3, -1)
+        assert np.allclose(got, solution[:-1].T, atol=1e-4)
+        assert np.allclose(new[2].bias.detach().numpy()[3 * g:3 * g + 3], solution[-1],
+                           atol=1e-4)
+    with torch.no_grad():
+        after = sum(float((new(b) - dense(b)).pow(2).sum()) for b in batches)
+        bias = dense[2].bias.view(1, -1, 1, 1)
+        energy = sum(float((dense(b) - bias).pow(2).sum()) for b in batches)
+    assert after < before and unexplained == pytest.approx(after / energy, rel=1e-3)
+
+
+def test_a_conv_without_bias_is_refit_without_one():
+    """Never a parameter the model lacks (it must load into its own class): before a batch
+    norm the constant is fit and dropped (the re-estimated batch norm removes it: the
+    slopes are those of the fit with a constant); elsewhere the fit has no constant."""
+    torch.manual_seed(0)
+    batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
+
+    def nets(norm):
+        tail = [nn.BatchNorm2d(4)] if norm else []
+        return [nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1, bias=False),
+                              *tail).eval() for _ in range(2)]
+
+    def solve(new, dense, constant):
+        with torch.no_grad():
+            xs = np.concatenate([F.relu(new[0](b)).permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+                                 for b in batches])
+            ys = np.concatenate([dense[2](F.relu(dense[0](b))).permute(0, 2, 3, 1)
+                                 .reshape(-1, 4).numpy() for b in batches])
+        a = np.concatenate([xs, np.ones((len(xs), 1))], 1) if constant else xs
+        return np.linalg.lstsq(a, ys, rcond=None)[0][:6].T
+
+    for norm in (True, False):
+        dense, new = nets(norm)
+        refit_pointwise(dense, new, "2", batches, ridge=0.0)
+        assert new[2].bias is None
+        assert not new.training and (not norm or new[3].running_mean.abs().max() == 0)
+        got = new[2].weight.detach().numpy().reshape(4, 6)
+        assert np.allclose(got, solve(new, dense, constant=norm), atol=1e-4)
+        assert not np.allclose(got, solve(new, dense, constant=not norm), atol=1e-3)
+
+
+def test_distillation_loss_by_hand():
+    s, t = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p = torch.softmax(t / 2, 1)
+    q = torch.log_softmax(s / 2, 1)
+    assert distillation_loss(s, t, 2.0).item() == pytest.approx(
+        4 * float((p * (p.log() - q)).sum()), rel=1e-6)
+
+
+def test_the_group_lasso_penalises_only_the_weights_outside_the_blocks():
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1) + 0.1)
+    model = nn.Sequential(conv)
+    lasso = GroupLasso(model, {"0": 2}, weight=1.0)
+    mask = lasso.masks["0"]
+    assert int(mask.sum()) == 8  # half of the 16 kernels lie outside 2 blocks of 2 x 2
+    norms = conv.weight.detach().abs().view(4, 4)
+    assert lasso().item() == pytest.approx(float((norms * mask).sum()), rel=1e-5)
+    assert 0.5 < lasso.kept()["0"] < 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    write_fashion_mnist(root / "data", n_train=64, n_test=32, size=8)
+    train(train_cfg(root / "data", root / "dense", model="nin", epochs=2))
+    return root
+
+
+def test_rootify_a_checkpoint_then_fine_tune_it_with_distillation(trained, capsys):
+    data, ckpt = str(trained / "data"), str(trained / "dense" / "best.pt")
+    out = trained / "converted.pt"
+    assert main(["rootify", ckpt, "--schedule", "root-8", "--data", "fashion-mnist",
+                 "--data-dir", data, "--calibration-images", "48", "--out", str(out),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["top1_before"] <= 1 and 0 <= result["top1_after"] <= 1
+    assert list(result["stages"]) == ["block-diagonal", "+ permutation", "+ batch norm",
+                                      "+ refit"]
+    state = load_checkpoint(out)
+    assert state["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}  # nin-root-8's
+    assert main(["eval", str(out), "--data-dir", data, "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(result["top1_after"])
+    run = trained / "finetune"
+    assert main(["train", "--init", str(out), "--distill", ckpt, "--data", "fashion-mnist",
+                 "--data-dir", data, "--batch-size", "16", "--out", str(run), "--device",
+                 "cpu", "--no-progress", "--allocator", "system"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["config"]["init"] == str(out) and summary["config"]["distill"] == ckpt
+    assert summary["config"]["epochs"] == 1 and summary["config"]["lr"] == 0.01  # a fine-tune
+    assert 0 <= summary["top1"] <= 1
+    weights = load_checkpoint(run / "last.pt")
+    assert weights["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}
+    # the same cost as the registered root variant
+    model = deeproots.create_model("nin-root-8", in_channels=1)
+    assert summary["macs"] == deeproots.profile(model, (1, 8, 8)).macs
+
+
+def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
+    run = trained / "learned"
+    summary = train(train_cfg(trained / "data", run, model="nin", epochs=2,
+                              learn_groups="root-8", group_lasso=1e-2))
+    learned = summary.learned_groups
+    assert set(learned["weight_kept"]) == {"conv2a", "conv3a"}
+    assert learned["top1_after"] is not None and (run / "converted.pt").exists()
+    assert load_checkpoint(run / "converted.pt")["model_cfg"]["groups"] == {"conv2a": 8,
+                                                                          "conv3a": 4}
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["rootify", "{dense}", "--schedule", "root-1", "--data-dir", "{data}",
+      "--calibration-images", "32"],
+     "schedule root-1 groups no conv of NiN"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data", "cifar10", "--data-dir",
+      "{data}", "--calibration-images", "32", "--no-download"], "cifar-10"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data-dir", "{data}",
+      "--calibration-images", "100000"], "100000 calibration images asked for"),
+    (["rootify", "nin", "--schedule", "root-8", "--out", "{tmp}/x.pt"],
+     "--out calibrates a trained model: give a checkpoint"),
+    (["train", "--init", "{tmp}/none.pt", "--data-dir", "{data}", "--out", "{tmp}/r"],
+     "init {tmp}/none.pt: no such checkpoint file"),
+    (["train", "nin-root-8", "--distill", "{other}", "--data-dir", "{data}", "--out",
+      "{tmp}/r2", "--batch-size", "16", "--device", "cpu"],
+     "the teacher has 5 classes but fashion-mnist has 10"),
+    (["train", "nin", "--learn-groups", "root-8", "--rootify", "root-8"],
+     "learn_groups trains a dense model to be groupable"),
+    (["train", "nin-root-8", "--distill-weight", "1.5", "--out", "{tmp}/r3"],
+     "distill_weight must be a finite number from 0 to 1; got 1.5"),
+    (["train", "nin-root-8", "--distill-temperature", "0", "--out", "{tmp}/r4"],
+     "distill_temperature must be a finite number from 0.1 to 100; got 0.0"),
+    (["train", "nin", "--group-lasso", "-1", "--out", "{tmp}/r5"],
+     "group_lasso must be a finite number from 0 to 1; got -1.0"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--calibration-images", "0"],
+     "--calibration-images must be a whole number >= 1; got 0"),
+    # what a hostile user found: tracebacks, late refusals, unclear or silent answers
+    (["rootify", "{nan}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "conv1a.conv.weight holds NaN; a model whose weights are not finite"),
+    (["rootify", "{inf}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "holds infinity"),
+    (["rootify", "{negvar}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "batch norm conv1a.bn has a negative running variance (-1)"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data", "imagefolder:{imgs}"],
+     "was trained on 1-channel images (fashion-mnist); imagefolder:"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--out", "{tmp}/nosuchdir/sub/F.pt"],
+     "--out {tmp}/nosuchdir/sub/F.pt: the folder {tmp}/nosuchdir/sub does not exist"),
+    (["rootify", "{tmp}/bst.pt", "--schedule", "root-8", "--out", "{tmp}/x.pt"],
+     "checkpoint {tmp}/bst.pt: no such file"),
+    (["train", "nin", "--group-lasso", "1e30", "--out", "{tmp}/r6"],
+     "group_lasso must be a finite number from 0 to 1; got 1e+30"),
+    (["train", "nin", "--distill-temperature", "1e-300", "--distill", "{dense}", "--out",
+      "{tmp}/r7"], "distill_temperature must be a finite number from 0.1 to 100; got 1e-300"),
+    (["train", "nin", "--group-lasso", "0.01", "--out", "{tmp}/r8"],
+     "group_lasso = 0.01 sets the --learn-groups part of training, but learn_groups is not "
+     "given"),
+    (["train", "nin", "--distill-weight", "0.9", "--out", "{tmp}/r9"],
+     "distill_weight = 0.9 sets the --distill part of training"),
+    (["train", "nin", "--distill-temperature", "2", "--out", "{tmp}/r10"],
+     "distill_temperature = 2.0 sets the --distill part of training"),
+    (["train", "nin-root-8", "--learn-groups", "root-16", "--data-dir", "{data}", "--out",
+      "{tmp}/r11", "--device", "cpu", "--batch-size", "16"],
+     "its spatial convs are grouped already (conv2a, conv3a): --learn-groups trains a dense "
+     "model, so give the dense one (e.g. nin)"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
+    other = trained / "other.pt"
+    if not other.exists():  # a teacher of other classes
+        state = load_checkpoint(trained / "dense" / "best.pt")
+        model = deeproots.create_model("nin", in_channels=1, num_classes=5)
+        state["model"] = model.state_dict()
+        state["model_cfg"] = {"name": "nin", "kwargs": {"in_channels": 1, "num_classes": 5}}
+        torch.save(state, other)
+    values = {"dense": trained / "dense" / "best.pt", "data": trained / "data",
+              "tmp": tmp_path, "other": other, **_broken(trained)}
+    argv = [a.format(**values) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as stop:
+        rc = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert phrase.format(**values) in err[0], err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def _broken(trained):
+    """Checkpoints no conversion can start from (made once), and a small image folder."""
+    files = {k: trained / f"{k}.pt" for k in ("nan", "inf", "negvar")}
+    if not files["nan"].exists():
+        for kind, path in files.items():
+            state = load_checkpoint(trained / "dense" / "best.pt")
+            if kind == "negvar":
+                state["model"]["conv1a.bn.running_var"][0] = -1.0
+            else:
+                state["model"]["conv1a.conv.weight"][0, 0, 0, 0] = float(kind)
+            torch.save(state, path)
+        write_image_folder(trained / "imgs", classes=4, per_class=5, size=8)
+    return {**files, "imgs": trained / "imgs"}
+
+
+def test_a_finetune_goes_to_a_folder_of_its_own():
+    """Without --out, a run from --init (or --learn-groups) never lands in the folder of the
+    run it came from (runs/nin-fashion-mnist-seed0)."""
+    from pathlib import Path
+
+    from deeproots.config import TrainConfig
+    from deeproots.training.run import default_out
+
+    assert default_out(TrainConfig(model="nin")) == Path("runs/nin-fashion-mnist-seed0")
+    assert default_out(TrainConfig(init="/x/nin root8.pt")) == Path(
+        "runs/nin-root8-finetune-fashion-mnist-seed0")
+    assert default_out(TrainConfig(model="nin", learn_groups="root-8", seed=2)) == Path(
+        "runs/nin-groupable-root-8-fashion-mnist-seed2")

@@ -1,0 +1,79 @@
+"""Figures: the numbers behind them, atomic writes, and a clear error for a bad --out."""
+import json
+
+import pytest
+
+import deeproots
+from deeproots import plots
+from deeproots.cli import main
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _summaries(tmp_path, runs):
+    paths = []
+    for i, (model, acc) in enumerate(runs):
+        cost = deeproots.profile(deeproots.create_model(model))
+        p = tmp_path / f"s{i}.json"
+        p.write_text(json.dumps({"model": model, "top1": acc, "macs": cost.macs,
+                                 "params": cost.params}))
+        paths.append(p)
+    return paths
+
+
+def test_results_are_averaged_over_seeds_by_hand(tmp_path):
+    paths = _summaries(tmp_path, [("nin", 0.90), ("nin", 0.92), ("nin", 0.97),
+                                  ("nin-root-8", 0.91), ("nin-tree-4", 0.88)])
+    runs = plots.summarize_runs(paths)
+    assert runs["nin"]["n"] == 3 and runs["nin"]["mean"] == pytest.approx(0.93)
+    # sample standard deviation: sqrt(((-0.03)^2 + (-0.01)^2 + 0.04^2) / 2) = sqrt(0.0013)
+    assert runs["nin"]["std"] == pytest.approx(0.0013 ** 0.5)
+    assert runs["nin-root-8"]["std"] == 0.0 and runs["nin-root-8"]["macs"] == 103_342_080
+    assert [runs[m]["topology"] for m in ("nin", "nin-root-8", "nin-tree-4")] == \
+        ["orig", "root", "tree"]
+    out = plots.plot_results(paths, tmp_path / "results.png")
+    assert _is_png(out) and [p.name for p in tmp_path.glob(".*")] == []
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "nin", "top1": NaN, "macs": 1, "params": 1}')
+    with pytest.raises(ValueError, match="bad.json is not a deeproots summary.json"):
+        plots.summarize_runs([bad])
+
+
+def test_costs_figure_and_bad_outputs(tmp_path, capsys):
+    assert _is_png(plots.plot_costs("nin", "nin-root-8", tmp_path / "costs.png"))
+    assert main(["plot-costs", "nin", "nin-root-8", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} is a folder; give a file name" in err
+    assert len(err.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["plot-results", str(blocker), "--out", str(blocker / "r.png")]) == 2
+    assert "lies under the file" in capsys.readouterr().err
+
+
+def test_filters_figure(tmp_path):
+    from deeproots.inspection.covariance import first_layer_filters
+
+    model = deeproots.create_model("resnet50-root-8")
+    name, weights, groups = first_layer_filters(model)
+    assert name == "conv1" and weights.shape == (64, 3, 7, 7) and groups == 8
+    assert _is_png(plots.plot_filters(name, weights, groups, tmp_path / "f.png"))
+
+
+def test_a_failed_figure_leaves_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "curves.png"
+    history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_top1": 0.5,
+                "test_top1": 0.4}]
+    plots.plot_training_curves(history, out, "x")
+    old = out.read_bytes()
+    import matplotlib.figure
+
+    def broken(self, *a, **k):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(RuntimeError):
+        plots.plot_training_curves(history, out, "x")
+    assert out.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["curves.png"]

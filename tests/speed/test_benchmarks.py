@@ -1,0 +1,89 @@
+"""The benchmark scripts' own arithmetic, checked by hand (their timings need a GPU)."""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+gpu_targets = pytest.importorskip("gpu_targets")
+
+
+def test_the_bounds_of_nin_root_8s_conv2a_block_by_hand():
+    from deeproots.speed.roofline import HARDWARE
+
+    with torch.device("meta"):
+        block = SimpleNamespace(conv=nn.Conv2d(96, 192, 5, padding=2, groups=8),
+                                pointwise=nn.Conv2d(192, 192, 1), residual=False)
+    apart, fused = gpu_targets.block_bounds(block, torch.Size([1, 96, 16, 16]), 256,
+                                            "bfloat16", HARDWARE["h100"])
+    pixels = 256 * 16 * 16
+    macs = pixels * 192 * (12 * 25) + pixels * 192 * 192  # grouped 5x5, then the 1x1
+    moved = 2 * (pixels * 96 + pixels * 192 + 192 * 12 * 25 + 192 * 192)  # x, y, weights
+    compute = 2 * macs / 989e12
+    assert fused == pytest.approx(max(compute, moved / 3.35e12))
+    assert fused == pytest.approx(12.52e-6, rel=1e-3)  # compute-bound
+    # apart, the 192-channel intermediate goes to memory and comes back
+    assert apart == pytest.approx((moved + 2 * 2 * pixels * 192) / 3.35e12)
+    assert apart == pytest.approx(26.35e-6, rel=1e-3)
+
+
+def test_the_family_table_of_the_stand_ins():
+    """benchmarks/rootify_families.py on tests/zoo.py's stand-ins: classes and resolutions
+    kept everywhere; the weight-standardised conv left; the deep stem's option counted."""
+    import rootify_families
+    import zoo
+
+    rows = {r[0]: r for r in (rootify_families._row(name, build, size, "root-8")
+                              for name, (build, size) in rootify_families._zoo().items())}
+    assert all(r[8] == "yes" and r[9] == "yes" for r in rows.values())
+    assert rows["subclasses (timm-ish)"][7] == "1"  # StdGainConv2d, left with its reason
+    assert rows["mobilenet-ish"][6] == "2"  # two depthwise convs left
+    deep = rows["deep-stem (resnet-d-ish)"]
+    assert float(deep[4]) > float(deep[3])  # stem='resolution' keeps the stem dense
+    assert zoo.DeepStemNet  # the stand-in the row is built from
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python3: says what it was asked to run; "bench ... fused" hangs
+echo "ran: $*"
+case "$*" in *"--path fused"*) sleep 30;; esac
+exit 0
+"""
+
+
+def test_the_gpu_session_is_one_call_that_always_leaves_its_archive(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in for python (the steps' own programs are
+    tested elsewhere): it exits 0, leaves at most 8 files in $OUT (the device tool returns
+    8), one archive holding every step's log, and a summary line per step; a step that
+    hangs is stopped at its limit and the steps before and after it keep their logs."""
+    import os
+    import subprocess
+    import tarfile
+
+    root = Path(__file__).resolve().parents[2]
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "QUICK": "1", "L_BENCH": "3",
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["session.tar.gz", "summary.txt"] and len(files) <= 8
+    with tarfile.open(out / "session.tar.gz") as tar:
+        logs = {Path(n).name for n in tar.getnames() if n.endswith(".txt")}
+    steps = ["machine", "tests", "check", "train-nin-native", "train-nin-triton",
+             "train-nin-root-8-native", "train-nin-root-8-triton", "bench-fold",
+             "bench-dispatch", "bench-fused", "targets"]
+    assert logs == {f"{s}.txt" for s in steps}
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:-1]] == steps
+    fused = next(line for line in summary if line.startswith("bench-fused"))
+    assert "exit 124" in fused and "(limit 3 s)" in fused  # stopped at its limit
+    assert "exit 0" in next(line for line in summary if line.startswith("targets"))
+    assert summary[-1].startswith("session: ")

@@ -1,0 +1,277 @@
+"""Loaders on small files in each real format, written here; the batch augmentation."""
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeproots.training import data as D
+from helpers import (write_cifar_folder, write_cifar_tarball, write_fashion_mnist, write_idx,
+                     write_image_folder)
+
+
+def test_cifar_folder_layout_is_channel_planes_row_major(tmp_path):
+    batches = write_cifar_folder(tmp_path)
+    images, labels = D.load_cifar10(tmp_path, "train", download_ok=False)
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8
+    raw = batches["data_batch_1"]["data"][0]
+    # the first 1024 bytes are red, row by row; then green; then blue
+    assert images[0, 0, 0, 5] == raw[5] and images[0, 0, 1, 0] == raw[32]
+    assert images[0, 1, 0, 0] == raw[1024] and images[0, 2, 31, 31] == raw[3071]
+    assert labels[:6].tolist() == batches["data_batch_1"]["labels"]
+    test_images, _ = D.load_cifar10(tmp_path, "test", download_ok=False)
+    assert len(test_images) == 6
+
+
+def _trust(monkeypatch, archive):
+    """The test's small archive stands in for the real one: its MD5 is the expected one."""
+    monkeypatch.setattr(D, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+
+
+def test_cifar_tarball_read_in_place(tmp_path, monkeypatch):
+    batches = write_cifar_tarball(tmp_path)
+    _trust(monkeypatch, tmp_path / "cifar-10-python.tar.gz")
+    images, labels = D.load_cifar10(tmp_path, "test", download_ok=False)
+    expected = batches["test_batch"]["data"].reshape(-1, 3, 32, 32)
+    assert np.array_equal(images.numpy(), expected)
+    assert labels.tolist() == batches["test_batch"]["labels"]
+
+
+def test_cifar_truncated_files_name_the_file(tmp_path, monkeypatch):
+    write_cifar_folder(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(D.DataError, match="data_batch_3 is not a readable CIFAR-10 batch"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+    tar_root = tmp_path / "t"
+    write_cifar_tarball(tar_root)
+    archive = tar_root / "cifar-10-python.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:2000])
+    # checked against the published MD5 before a byte of it is read
+    with pytest.raises(D.DataError, match=r"cifar-10-python.tar.gz has MD5 [0-9a-f]{32}, not "
+                                          r"the published c58f30108f718f92721af3b95e74349a"):
+        D.load_cifar10(tar_root, "train", download_ok=False)
+    _trust(monkeypatch, archive)
+    with pytest.raises(D.DataError, match="cifar-10-python.tar.gz is corrupt or truncated"):
+        D.load_cifar10(tar_root, "train", download_ok=False)
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a crafted CIFAR batch would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_batch_runs_nothing(tmp_path):
+    write_cifar_folder(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": [0]}, f)
+    with pytest.raises(D.DataError, match=r"data_batch_2 is not a readable CIFAR-10 batch "
+                                          r"\(UnpicklingError: it refers to posix.system"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+    assert not marker.exists()
+    # a plain pickle of a python object is refused too, not only functions
+    with open(batch, "wb") as f:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0],
+                     "x": __import__("collections").OrderedDict()}, f)
+    with pytest.raises(D.DataError, match="collections.OrderedDict"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+
+
+def test_cifar_labels_out_of_range(tmp_path):
+    write_cifar_folder(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 12]}, f)
+    with pytest.raises(D.DataError, match="labels from 0 to 12; 10 classes take labels 0 to 9"):
+        D.build_loaders("cifar10", data_dir=tmp_path, batch_size=2, download_ok=False)
+
+
+def test_data_dir_that_does_not_exist(tmp_path):
+    with pytest.raises(D.DataError, match=r"--data-dir .*nowhere does not exist"):
+        D.build_loaders("fashion-mnist", data_dir=tmp_path / "nowhere", download_ok=False)
+
+
+def test_cifar_wrong_shape(tmp_path):
+    write_cifar_folder(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
+    with pytest.raises(D.DataError, match=r"shape \(2, 100\).*\(N, 3072\)"):
+        D.load_cifar10(tmp_path, "test", download_ok=False)
+
+
+def test_cifar_missing_offline_says_where(tmp_path, monkeypatch):
+    with pytest.raises(D.DataError, match="CIFAR-10 not found: put cifar-10-batches-py/"):
+        D.load_cifar10(tmp_path, "train", download_ok=False)
+
+    def offline(*a, **k):
+        raise D.urllib.error.URLError("no network")
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    with pytest.raises(D.DataError, match="cifar-10-python.tar.gz.*toronto"):
+        D.load_cifar10(tmp_path, "train", download_ok=True)
+
+
+def test_download_checks_md5_and_takes_https_only(tmp_path, monkeypatch):
+    import io
+
+    payload = b"deep roots" * 100
+    asked = []
+
+    def fake_urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", fake_urlopen)
+    md5 = hashlib.md5(payload).hexdigest()
+    got = D.download("https://example.org/a.bin", tmp_path / "out" / "a.bin", md5)
+    assert got.read_bytes() == payload
+    with pytest.raises(D.DataError, match="expected 0000"):
+        D.download("https://example.org/b.bin", tmp_path / "out" / "b.bin", "0" * 32)
+    assert not (tmp_path / "out" / "b.bin").exists()  # never moved into place
+    with pytest.raises(D.DataError, match="refusing to download http://x/c.bin: only https"):
+        D.download("http://x/c.bin", tmp_path / "out" / "c.bin", md5)
+    assert asked == ["https://example.org/a.bin", "https://example.org/b.bin"]
+    assert all(d.url.startswith("https://") for d in D.DATASETS.values())
+
+
+def test_fashion_mnist_idx(tmp_path, monkeypatch):
+    written = write_fashion_mnist(tmp_path / "fashion-mnist", n_train=20, n_test=10, size=28)
+    images, labels = D.load_fashion_mnist(tmp_path / "fashion-mnist", "train", download_ok=False)
+    assert images.shape == (20, 1, 28, 28)
+    assert np.array_equal(images[:, 0].numpy(), written["train"][0])
+    assert labels.tolist() == written["train"][1].tolist()
+    # found through $DEEPROOTS_DATA/fashion-mnist too
+    monkeypatch.setenv("DEEPROOTS_DATA", str(tmp_path))
+    images, _ = D.load_fashion_mnist(None, "test", download_ok=False)
+    assert len(images) == 10
+
+
+def test_fashion_mnist_corrupt(tmp_path):
+    write_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(path, np.zeros((20, 8, 8), np.uint8))
+    raw = D.gzip.decompress(path.read_bytes())[:-7]
+    path.write_bytes(D.gzip.compress(raw))
+    with pytest.raises(D.DataError, match="train-images-idx3-ubyte.gz is truncated"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(D.DataError, match="not a readable gzip file"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+    write_idx(path, np.zeros((5, 8, 8), np.uint8))
+    with pytest.raises(D.DataError, match="5 images but .* 20 labels"):
+        D.load_fashion_mnist(tmp_path, "train", download_ok=False)
+
+
+def test_fashion_mnist_missing_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("DEEPROOTS_DATA", raising=False)
+    with pytest.raises(D.DataError, match="Fashion-MNIST not found: put train-images"):
+        D.load_fashion_mnist(tmp_path / "empty", "train", download_ok=False)
+
+
+def _jpeg(path, size, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, "JPEG", quality=95)
+
+
+def test_image_folder(tmp_path):
+    for split in ("train", "val"):
+        _jpeg(tmp_path / split / "cat" / "a.JPEG", (50, 40), (200, 10, 10))
+        _jpeg(tmp_path / split / "dog" / "b.JPEG", (30, 64), (10, 10, 200))
+        _jpeg(tmp_path / split / "dog" / "c.jpeg", (64, 64), (10, 200, 10))
+    train_set = D.ImageFolderDataset(tmp_path / "train", size=24, train=True)
+    assert train_set.classes == ["cat", "dog"] and len(train_set) == 3
+    x, y = train_set[0]
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8 and y == 0
+    val = D.ImageFolderDataset(tmp_path / "val", size=24, train=False)
+    x, y = val[1]
+    assert y == 1 and abs(x[2].float().mean().item() - 200) < 6 and x[0].float().mean() < 20
+    loaders = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=2, workers=0,
+                              image_size=24)
+    xb, yb = next(iter(loaders[0].batches()))
+    assert xb.shape == (2, 3, 24, 24) and xb.dtype == torch.float32
+    assert loaders[2].num_classes == 2
+
+
+def test_calibration_images_of_a_small_folder_are_its_files_unaugmented(tmp_path):
+    """20 images and the training loader's batch of 256 (which drops its last partial
+    batch): the sample is every image asked for, read as for evaluation (the file's pixels
+    normalised, no random crop or flip), the same for the same seed."""
+    written = write_image_folder(tmp_path, classes=4, per_class=5, size=8)
+    train, _, spec = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=256, workers=0,
+                                     image_size=8)
+    assert len(train) == 0  # no whole batch of 256: what broke the first version
+    x = D.sample_images(train, spec)  # default: all 20, as the split holds fewer than 1000
+    assert x.shape == (20, 3, 8, 8) and torch.equal(x, D.sample_images(train, spec))
+    plain = D.ImageFolderDataset(tmp_path / "train", 8, train=False)  # how eval reads them
+    files = {tuple(spec.normalize(plain[i][0][None])[0].flatten().tolist())
+             for i in range(len(plain))}
+    assert {tuple(img.flatten().tolist()) for img in x} == files
+    assert len(written) == 40  # 20 of them are the validation split's
+    assert D.sample_images(train, spec, 7).shape[0] == 7
+    with pytest.raises(D.DataError, match="21 calibration images asked for; the "
+                                          "imagefolder:.* training split has 20"):
+        D.sample_images(train, spec, 21)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.ImageFolderDataset(tmp_path / "none")
+    bad = tmp_path / "train" / "cat" / "broken.JPEG"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8 truncated")
+    dataset = D.ImageFolderDataset(tmp_path / "train", size=8)
+    with pytest.raises(D.DataError, match="broken.JPEG is not a readable image"):
+        dataset[0]
+    # decoded in worker processes: the same one line, not the worker's traceback
+    _jpeg(tmp_path / "val" / "cat" / "a.JPEG", (16, 16), (1, 2, 3))
+    train, _, _ = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=1, workers=2,
+                                  image_size=8)
+    with pytest.raises(D.DataError) as err:
+        next(iter(train.batches()))
+    message = str(err.value)
+    assert "broken.JPEG is not a readable image" in message and "\n" not in message
+    assert "Traceback" not in message
+
+
+def test_random_crop_is_a_crop_of_the_padded_image():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 2, 6, 6)
+    y = D.random_crop_flip(x, pad=2, flip=False, generator=g)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(16):
+        assert any(torch.equal(y[i], padded[i, :, a:a + 6, b:b + 6])
+                   for a in range(5) for b in range(5))
+    assert not torch.equal(y, x)
+    z = D.random_crop_flip(x, pad=0, flip=True, generator=g)
+    flipped = [torch.equal(z[i], x[i].flip(2)) for i in range(16)]
+    assert all(f or torch.equal(z[i], x[i]) for i, f in enumerate(flipped))
+    assert 0 < sum(flipped) < 16
+
+
+def test_tensor_loader_is_reproducible_resumable_and_shards_exactly():
+    spec = D.DataSpec("t", 40, 1, 8, (0.0,), (1.0,), pad=2)  # labels 0..39 mark the images
+    images = torch.randint(0, 255, (40, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40)
+    full = D.TensorLoader(images, labels, spec, 8, train=True, seed=3)
+    full.set_epoch(2)
+    a = list(full.batches())
+    b = list(full.batches(start=2))
+    assert len(a) == 5 and all(torch.equal(p[0], q[0]) for p, q in zip(a[2:], b))
+    assert sorted(torch.cat([y for _, y in a]).tolist()) == list(range(40))
+    full.set_epoch(3)
+    assert not torch.equal(next(iter(full))[1], a[0][1])
+    ranks = [D.TensorLoader(images, labels, spec, 8, train=True, seed=3, rank=r, world_size=2)
+             for r in range(2)]
+    for r in ranks:
+        r.set_epoch(2)
+    for (x, y), (x0, y0), (x1, y1) in zip(a, *[r.batches() for r in ranks]):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
