@@ -10,10 +10,10 @@ import argparse
 
 import torch
 
-from deeproots.timing import interleaved
-from deeproots.data import build_loaders
-from deeproots.deploy import build_path
-from deeproots.train import load_checkpoint, model_from_checkpoint
+from deeproots.speed.timing import interleaved
+from deeproots.training.data import build_loaders
+from deeproots.speed.deploy import build_path
+from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def main():

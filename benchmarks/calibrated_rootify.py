@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from deeproots.checkpoint import load_checkpoint, model_from_checkpoint, save_model
+from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint, save_model
 from deeproots.config import TrainConfig
 from deeproots.conversion import rootify
-from deeproots.finetune import CALIBRATION_IMAGES, convert_checkpoint
-from deeproots.train import train
+from deeproots.conversion.checkpoint import CALIBRATION_IMAGES, convert_checkpoint
+from deeproots.training.loop import train
 
 ZOO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "zoo.py")
 FAMILIES = {  # dense model, its root variant (from scratch), schedule, dense training's limit

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deeproots.layers import grouped_convs
+from deeproots.models.layers import grouped_convs
 from deeproots.numerics import tolerance
-from deeproots.registry import create_model
+from deeproots.models.registry import create_model
 
 MODELS = ("nin-root-8", "resnet50-root-64")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -89,7 +89,7 @@ def check_convs(name, batch, dtype, device, limit, size=None):
 def check_blocks(name, batch, dtype, device, limit, size=None):
     """Each distinct conv -> ReLU -> 1x1 block of ``name`` that fuses: the fused kernel
     against the block's layers in F.conv2d (FusedRootConv.native)."""
-    from deeproots.deploy import fold_batchnorm
+    from deeproots.speed.fold import fold_batchnorm
     from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks
 
     model = create_model(name).eval()

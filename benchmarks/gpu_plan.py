@@ -23,7 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the autotuned kernels, as a GPU has 
 import torch  # noqa: E402
 
 from deeproots import create_model  # noqa: E402
-from deeproots.deploy import fold_batchnorm  # noqa: E402
+from deeproots.speed.fold import fold_batchnorm  # noqa: E402
 from deeproots.kernels.fusion import fuse_root_blocks  # noqa: E402
 from deeproots.kernels.modules import TritonConv2d, replace_convs  # noqa: E402
 from deeproots.kernels.resources import recorded, variants  # noqa: E402
@@ -77,7 +77,7 @@ def _check(name, batch=16):
     """The launches of benchmarks/gpu_check.py for ``name``: each grouped conv forward and
     backward, and each conv -> ReLU -> 1x1 block fused, in bf16 and fp32."""
     from deeproots.kernels.grouped_conv import GroupedConv2dFunction
-    from deeproots.layers import grouped_convs
+    from deeproots.models.layers import grouped_convs
 
     torch.manual_seed(0)
     model = create_model(name).eval()

@@ -16,11 +16,11 @@ import time
 import torch
 from torch.nn import functional as F
 
-from deeproots.bench import bench_models, bench_paper, format_bench
+from deeproots.speed.bench import bench_models, bench_paper, format_bench
 from deeproots.kernels.modules import _time_ms, lowerings
-from deeproots.layers import grouped_convs
-from deeproots.registry import create_model
-from deeproots.roofline import machine, roofline
+from deeproots.models.layers import grouped_convs
+from deeproots.models.registry import create_model
+from deeproots.speed.roofline import machine, roofline
 
 TABLES = {"resnet50": 4, "googlenet": 6, "nin": 8}  # the paper's timed tables
 PAIRS = [("resnet50", "resnet50-root-64", 1.15), ("googlenet", "googlenet-root-16", 1.15),
@@ -114,7 +114,7 @@ def block_bounds(block, x_shape, batch, dtype, hw):
 def fused_table(name, batch, dtype, device, hw, repeats, bounds_only=False):
     """Each distinct conv -> ReLU -> 1x1 block of ``name``: cuDNN's layers, Triton conv +
     cuDNN 1x1, the fused kernel; us per batch beside the bounds apart and fused."""
-    from deeproots.deploy import fold_batchnorm
+    from deeproots.speed.fold import fold_batchnorm
     from deeproots.kernels.fusion import FusedRootConv, fuse_root_blocks
 
     model = create_model(name).eval()
@@ -217,7 +217,7 @@ def main() -> None:
                         "minutes of compiling")
     args = p.parse_args()
     if args.bounds_only:
-        from deeproots.roofline import HARDWARE
+        from deeproots.speed.roofline import HARDWARE
 
         for _, root, _ in PAIRS:
             for name in (root, root.split("-")[0]):

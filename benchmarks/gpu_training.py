@@ -19,12 +19,12 @@ import time
 import torch
 from torch.nn import functional as F
 
-from deeproots.bench import step_phases, train_step_fn
+from deeproots.speed.bench import step_phases, train_step_fn
 from deeproots.kernels.modules import _dense_weight, _time_ms
-from deeproots.layers import grouped_convs
-from deeproots.registry import create_model
-from deeproots.roofline import machine
-from deeproots.timing import interleaved
+from deeproots.models.layers import grouped_convs
+from deeproots.models.registry import create_model
+from deeproots.speed.roofline import machine
+from deeproots.speed.timing import interleaved
 
 # (orig, root, target speedup, batch, input size, classes)
 PAIRS = [("nin", "nin-root-8", 1.2, 128, (1, 28, 28), 10),

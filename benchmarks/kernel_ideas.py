@@ -28,8 +28,8 @@ import torch
 from torch.nn import functional as F
 
 from deeproots import create_model
-from deeproots.timing import interleaved
-from deeproots.layers import conv_layers
+from deeproots.speed.timing import interleaved
+from deeproots.models.layers import conv_layers
 
 
 def seconds(fn, repeats):
@@ -242,7 +242,9 @@ def openvino_section(repeats, threads):
     except ImportError:
         print("\n(OpenVINO not installed: streams comparison skipped)")
         return
-    from deeproots.deploy import onnx_bytes, available_paths, fold_batchnorm
+    from deeproots.speed.export import onnx_bytes
+    from deeproots.speed.deploy import available_paths
+    from deeproots.speed.fold import fold_batchnorm
 
     if "openvino" not in available_paths():
         print("\n(OpenVINO cannot run under a preloaded jemalloc: streams comparison skipped)")

@@ -21,7 +21,7 @@ import torch
 
 from deeproots import profile, rootify
 from deeproots.conversion import trace_convs
-from deeproots.layers import conv_layers
+from deeproots.models.layers import conv_layers
 from deeproots.text import format_table
 
 TORCHVISION = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg16", "densenet121",

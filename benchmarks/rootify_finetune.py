@@ -15,8 +15,10 @@ import torch
 
 from deeproots.config import TrainConfig
 from deeproots.conversion import rootify
-from deeproots.data import build_loaders
-from deeproots.train import evaluate, load_checkpoint, model_from_checkpoint, train
+from deeproots.training.data import build_loaders
+from deeproots.training.evaluate import evaluate
+from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+from deeproots.training.loop import train
 
 
 def _run(cfg: TrainConfig, model=None) -> float:

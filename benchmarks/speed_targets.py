@@ -13,8 +13,8 @@ against the GPU targets (bf16).
 """
 import argparse
 
-from deeproots.bench import bench_models, format_bench
-from deeproots.deploy import available_paths
+from deeproots.speed.bench import bench_models, format_bench
+from deeproots.speed.deploy import available_paths
 
 TARGETS = {("nin", "nin-root-8"): 1.9, ("nin", "nin-root-16"): 2.1,
            ("resnet50", "resnet50-root-64"): 1.7}

@@ -1,5 +1,5 @@
 """Training throughput (images/s) on the CPU, by `deeproots train`'s own step
-(deeproots.step.TrainStep), in both memory layouts and with and without torch.compile, the
+(deeproots.training.step.TrainStep), in both memory layouts and with and without torch.compile, the
 models of each configuration timed side by side; then where a step's time goes (forward,
 backward, optimizer) against where its multiply-adds are.
 
@@ -20,11 +20,11 @@ import platform
 import torch
 
 import deeproots
-from deeproots.bench import step_phases, train_step_fn
+from deeproots.speed.bench import step_phases, train_step_fn
 from deeproots.runtime import allocator
-from deeproots.step import choose_layout
+from deeproots.layout import choose_layout
 from deeproots.text import format_table
-from deeproots.timing import interleaved
+from deeproots.speed.timing import interleaved
 
 FAMILIES = {  # models, default batch, input (C, H, W)
     "nin": (["nin", "nin-root-8", "nin-root-16"], 128, (1, 28, 28)),
@@ -36,10 +36,10 @@ def _batch(shape, batch):
     c, h, w = shape
     if (c, h, w) == (1, 28, 28):
         try:
-            images, labels = deeproots.data.load_fashion_mnist(None, "train", download_ok=False)
-            x = deeproots.data.DATASETS["fashion-mnist"].spec.normalize(images[:batch])
+            images, labels = deeproots.training.data.load_fashion_mnist(None, "train", download_ok=False)
+            x = deeproots.training.data.DATASETS["fashion-mnist"].spec.normalize(images[:batch])
             return x, labels[:batch], "Fashion-MNIST"
-        except deeproots.data.DataError:
+        except deeproots.training.data.DataError:
             pass
     return torch.randn(batch, c, h, w), torch.randint(0, 10, (batch,)), "random"
 

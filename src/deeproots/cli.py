@@ -280,7 +280,7 @@ def cmd_eval(args) -> int:
 
 def cmd_analyze(args) -> int:
     from .inspection.covariance import REPORT_FILES, analyze, format_score
-    from .training.folder import check_new_folder
+    from .outputs import check_new_folder
 
     # before the checkpoint and the data are loaded
     check_new_folder(args.out, REPORT_FILES, overwrite=args.overwrite)
@@ -315,7 +315,7 @@ def cmd_plot_results(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .training.folder import check_new_file
+    from .outputs import check_new_file
 
     if args.plot:
         if not args.layers:
@@ -570,7 +570,7 @@ def cmd_export(args) -> int:
 
     from .inspection.costs import parse_input_size
     from .speed.export import export
-    from .training.folder import check_new_file
+    from .outputs import check_new_file
 
     if not args.checkpoint:
         from .models.registry import check_model_spec

@@ -29,7 +29,7 @@ def disagreement(got, want, dtype: torch.dtype) -> Optional[str]:
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         return f"output of shape {shape}, native {tuple(want.shape)}"
-    got, want = got.float(), want.float().to(got.device)
+    got, want = got.detach().float(), want.detach().float().to(got.device)
     finite = torch.isfinite(want)
     if not torch.isfinite(got[finite]).all():
         return "NaN or infinity where the native result is finite"

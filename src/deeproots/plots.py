@@ -15,7 +15,8 @@ import torch
 from .errors import DeeprootsError
 from .inspection.costs import profile
 from .models.registry import create_model, is_model, model_entry
-from .training.folder import check_new_file, read_records, read_summary
+from .outputs import check_new_file
+from .training.folder import read_records, read_summary
 from .runtime import atomic_write, check_output_file
 
 __all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair",

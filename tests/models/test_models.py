@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import deeproots
+import deeproots.models.registry
 from deeproots import conv_layers, create_model, list_models
 from deeproots.models import GoogLeNetOutputs
 
@@ -15,7 +16,7 @@ SMALL = {"nin": (3, 32, 32), "resnet": (3, 32, 32), "googlenet": (3, 224, 224)}
 
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward(name):
-    family = deeproots.registry.model_entry(name).family
+    family = deeproots.models.registry.model_entry(name).family
     model = create_model(name, num_classes=7)
     x = torch.randn(2, *SMALL[family])
     out = model(x)
@@ -70,18 +71,24 @@ def test_table7_schedule_groups_only_spatial_convs():
     assert one_by_one and all(c.groups == 1 for c in one_by_one)
 
 
-def test_grouped_conv_equals_block_diagonal_dense_conv():
-    """A grouped conv is a dense conv whose weight is zero off the group blocks."""
+def test_a_grouped_layers_weight_expands_to_the_block_diagonal_dense_weight():
+    """deeproots' expansion of a grouped weight (what the block-diagonal init, the dispatch's
+    dense lowering and the covariance analysis use) against a dense weight built here by
+    hand: run through F.conv2d, both compute what the grouped conv does."""
+    from deeproots.models.layers import expand_groups
+
     model = create_model("nin-root-4").eval()
     conv = model.conv2a.conv
     g, cout, cin_g = conv.groups, conv.out_channels, conv.in_channels // conv.groups
-    dense = torch.zeros(cout, conv.in_channels, 5, 5)
+    by_hand = torch.zeros(cout, conv.in_channels, 5, 5)
     for i in range(g):
         rows = slice(i * cout // g, (i + 1) * cout // g)
-        dense[rows, i * cin_g:(i + 1) * cin_g] = conv.weight[rows]
+        by_hand[rows, i * cin_g:(i + 1) * cin_g] = conv.weight[rows]
+    expanded = expand_groups(conv.weight.detach(), g)
+    torch.testing.assert_close(expanded, by_hand.detach(), rtol=0, atol=0)
     x = torch.randn(2, conv.in_channels, 9, 9)
-    expected = F.conv2d(x, dense, conv.bias, padding=2)
-    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(F.conv2d(x, expanded, conv.bias, padding=2), conv(x),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_fashion_mnist_shaped_input():

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import deeproots
+import deeproots.models.registry
 from deeproots import create_model, list_models
 from deeproots.models.layers import GroupsError
 
@@ -82,7 +83,7 @@ def test_schedule_rows_follow_the_stated_rules():
     assert resolve("nin", "orig") == {}
     with pytest.raises(ValueError, match="unknown nin variant 'root-3'"):
         resolve("nin", "root-3")
-    assert deeproots.registry.model_entry("googlenet-root-4").variant == "root-4"
+    assert deeproots.models.registry.model_entry("googlenet-root-4").variant == "root-4"
 
 
 def test_keyword_arguments_of_the_wrong_type_are_refused():
@@ -91,4 +92,8 @@ def test_keyword_arguments_of_the_wrong_type_are_refused():
         deeproots.create_model("googlenet", aux_logits="no")
     with pytest.raises(ValueError, match=r"nin: num_classes must be a whole number; got 10.5"):
         deeproots.create_model("nin", num_classes=10.5)
-    assert deeproots.create_model("googlenet", aux_logits=False).aux_logits is False
+    # a keyword of the right type takes effect: no auxiliary classifiers, one output in training
+    plain = deeproots.create_model("googlenet", aux_logits=False, layout="standard").train()
+    assert not any("aux" in name for name, _ in plain.named_modules())
+    out = plain(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 1000)

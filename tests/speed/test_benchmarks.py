@@ -5,6 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+import deeproots
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -43,7 +45,12 @@ def test_the_family_table_of_the_stand_ins():
     assert rows["mobilenet-ish"][6] == "2"  # two depthwise convs left
     deep = rows["deep-stem (resnet-d-ish)"]
     assert float(deep[4]) > float(deep[3])  # stem='resolution' keeps the stem dense
-    assert zoo.DeepStemNet  # the stand-in the row is built from
+    # the row is the stand-in's: its stem is three convs at 16x16 (ResNet-D's), so the rule
+    # leaves three more convs dense with stem='resolution' than with stem='input'
+    stem = deeproots.rootify(zoo.DeepStemNet(), "root-8", stem="resolution",
+                             example_input=torch.zeros(1, 3, 32, 32))[1]
+    kept = [c.layer for c in stem.layers if c.note.startswith("stem")]
+    assert kept == ["stem.0", "stem.2", "stem.4"]
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

@@ -187,13 +187,27 @@ def test_a_long_name_and_a_missing_folder(tmp_path):
         runtime.atomic_write(missing, lambda f: f.write(b"1"))
 
 
-def test_every_error_of_deeproots_is_one_family():
-    from deeproots.training.checkpoint import CheckpointError
-    from deeproots.training.data import DataError
-    from deeproots.models.layers import GroupsError
+def test_every_kind_of_bad_input_error_is_one_line_and_exit_2(capsys, monkeypatch):
+    """Each kind of deeproots' own errors, raised inside a command, reaches the user as one
+    line and exit status 2 (as bad input), and a ValueError of its own (the one
+    ``except ValueError`` in library code catches too) - never as a traceback."""
+    import deeproots.cli as cli
+    from deeproots.errors import CheckpointError, DataError, GroupsError
 
-    for kind in (CheckpointError, DataError, GroupsError, RunFolderError):
-        assert issubclass(kind, DeeprootsError) and issubclass(kind, ValueError)
+    for kind in (CheckpointError, DataError, GroupsError, RunFolderError, DeeprootsError):
+        def raising(args, kind=kind):
+            raise kind(f"{kind.__name__} for the test\nsecond line")
+
+        monkeypatch.setattr(cli, "cmd_list", raising)
+        parser_list = cli._parser_list
+        monkeypatch.setattr(cli, "COMMAND_PARSERS", (parser_list,))
+        assert cli.main(["list"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"deeproots list: error: {kind.__name__} for the test"]
+        try:
+            raise kind("x")
+        except ValueError:  # library code that catches bad values catches these
+            pass
 
 
 # ---------------------------------------------------------------------------------------------

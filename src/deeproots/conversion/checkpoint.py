@@ -22,7 +22,7 @@ from .rule import RootifyReport, rootify
 from ..training.data import CALIBRATION_IMAGES, build_loaders, sample_images
 from ..errors import DeeprootsError
 from ..models.layers import example_logits
-from ..training.folder import check_new_file
+from ..outputs import check_new_file
 from ..training.loop import evaluate
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "CALIBRATION_IMAGES"]

@@ -24,7 +24,7 @@ from ..errors import DeeprootsError
 from ..checks import check_number, check_optional_positive, check_positive
 from ..models.layers import conv_layers
 from ..plots import plot_covariance_pair, plot_filters, plot_matrix_grid
-from ..training.folder import check_new_folder
+from ..outputs import check_new_folder
 from ..runtime import write_json, write_text
 
 __all__ = [

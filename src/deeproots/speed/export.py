@@ -20,7 +20,7 @@ from ..config import EXPORT_FORMATS
 from ..errors import DeeprootsError
 from ..models.layers import example_logits
 from ..runtime import atomic_write
-from ..training.folder import check_new_file
+from ..outputs import check_new_file
 from .fold import check_module, fold_batchnorm
 
 __all__ = ["EXPORT_FORMATS", "export", "load_exported", "onnx_bytes", "onnx_exporter",

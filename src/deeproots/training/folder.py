@@ -9,9 +9,10 @@ a command writes where a run could be. Torch-free.
   written, then ``.replaced/`` is removed. A crash in between is finished or undone the
   next time the folder is locked (:meth:`RunFolder.recover`), so the folder always holds one
   whole run.
-* :func:`check_new_file` / :func:`check_new_folder`: what every command that writes a file
-  of the user's checks first: never a run's or a study's own file, never an existing file
-  unless asked (``--overwrite``).
+* (what every command that writes a file of the user's checks first,
+  :func:`~deeproots.outputs.check_new_file` and ``check_new_folder``, lives in
+  :mod:`deeproots.outputs`: never a run's or a study's own file, never an existing file
+  unless asked.)
 
     with RunFolder(out).lock() as folder:     # RunFolderError if another process has it
         folder.check(resume=False, overwrite=True)
@@ -31,20 +32,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import RunFolderError
-from ..runtime import check_output_dir, check_output_file, pid_alive, to_json, write_text
+from ..outputs import (LOCK, REPLACED, RUN_FILES, RUN_MARKERS, STUDY_FILES, check_new_file,
+                       check_new_folder)
+from ..runtime import check_output_dir, pid_alive, to_json, write_text
 
 __all__ = ["RUN_FILES", "RUN_MARKERS", "STUDY_FILES", "RunFolder", "RunLock", "check_new_file",
            "check_new_folder", "lock_holder", "read_summary", "read_records"]
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
-             "tensorboard", "converted.pt")
-# what only a run writes: a folder holding one of them (or its lock) is a run's. A file that
-# other commands write too (converted.pt by ``rootify --out``, curves.png by ``plot-results``)
-# does not make a folder a run's
-RUN_MARKERS = ("last.pt", "best.pt", "metrics.jsonl")
-STUDY_FILES = ("manifest.json", "study.md", "study.csv", "study.json", "accuracy.png")
-LOCK = ".lock"
-REPLACED = ".replaced"  # an old run's files, moved aside while a new run replaces it
 
 # locks this process holds: path -> depth (a study holds a run's lock while train takes it)
 _HELD: Dict[str, int] = {}
@@ -278,45 +272,6 @@ class _LockedFolder:
 
     def __exit__(self, *exc) -> None:
         self._lock.release()
-
-
-def _owner(path: Path) -> Optional[str]:
-    """What ``path`` belongs to when it is a run's or a study's own file, else None."""
-    folder = path.parent
-    if path.name in RUN_FILES + (LOCK, REPLACED) and any(
-            (folder / name).exists() for name in RUN_MARKERS + (LOCK,)):
-        return f"the run in {folder}"
-    if path.name in STUDY_FILES and (folder / "manifest.json").exists():
-        return f"the study in {folder}"
-    return None
-
-
-def check_new_file(path: Path | str, what: str = "--out", overwrite: bool = False) -> Path:
-    """``path`` if a command may write it: a one-line :class:`RunFolderError` for a run's or a
-    study's own file (never replaced by another command, ``overwrite`` or not), and for an
-    existing file unless ``overwrite``; the checks of
-    :func:`deeproots.runtime.check_output_file` too. Creates nothing."""
-    path = check_output_file(path, what)
-    owner = _owner(path)
-    if owner:
-        raise RunFolderError(f"{what} {path} is a file of {owner}; another command never "
-                             f"replaces it: give a path outside that folder, or another name")
-    if path.exists() and not overwrite:
-        raise RunFolderError(f"{what} {path} already exists; add --overwrite to replace it")
-    return path
-
-
-def check_new_folder(path: Path | str, names: Sequence[str], what: str = "--out",
-                     overwrite: bool = False) -> Path:
-    """``path`` if a command may write its files ``names`` (and others of its own) there: a
-    one-line :class:`RunFolderError` if one of ``names`` exists there, unless ``overwrite``;
-    the checks of :func:`deeproots.runtime.check_output_dir` too. Creates nothing."""
-    path = check_output_dir(path, what)
-    held = [n for n in names if (path / n).exists()]
-    if held and not overwrite:
-        raise RunFolderError(f"{what} {path} already holds {', '.join(held)}; add --overwrite "
-                             f"to replace them, or give another folder")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
