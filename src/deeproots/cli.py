@@ -66,6 +66,14 @@ def _whole(name: str, minimum: int = 1):
     return parse
 
 
+def _count_or_all(name: str):
+    whole = _whole(name)
+
+    def parse(text: str):
+        return None if text == "all" else whole(text)
+    return parse
+
+
 def _number(text: str) -> float:
     try:
         return float(text)
@@ -435,11 +443,22 @@ def cmd_rootify(args) -> int:
     if _looks_like_a_file(args.model):  # a typo in a checkpoint's path, not a model name
         raise DeeprootsError(f"checkpoint {args.model}: no such file (rootify takes a model "
                              f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
+    for flag, value in (("--latency", args.latency), ("--sensitivity", args.sensitivity or None),
+                        ("--frontier", args.frontier)):
+        if value is not None:
+            raise DeeprootsError(f"{flag} measures a trained model's accuracy: give its "
+                                 f"checkpoint (RUN/best.pt) as the model; got {args.model!r}")
     for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
-                        ("--calibration-images", args.calibration_images)):
+                        ("--calibration-images", args.calibration_images),
+                        ("--finetune-steps", args.finetune_steps or None),
+                        ("--plot", args.plot)):
         if value is not None:
             raise DeeprootsError(f"{flag} calibrates a trained model: give a checkpoint "
                                  f"(RUN/best.pt) as the model; got {args.model!r}")
+    if args.schedule is None and args.macs is None and args.params is None:
+        raise DeeprootsError("one of the arguments --schedule --macs --params is required "
+                             "(with a trained checkpoint also --latency, --sensitivity or "
+                             "--frontier)")
     model = build_model(args.model)
     if args.input_size is None and getattr(model, "default_input_size", None) is None:
         raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
@@ -462,25 +481,126 @@ def _looks_like_a_file(text: str) -> bool:
 
 def _rootify_checkpoint(args, options) -> int:
     """``deeproots rootify CHECKPOINT ...``: the trained model converted with calibration,
-    evaluated before and after (deeproots.conversion.checkpoint.convert_checkpoint)."""
+    evaluated before and after (deeproots.conversion.checkpoint.convert_checkpoint); its
+    layers priced (``--sensitivity``), or a frontier of conversions (``--frontier``)."""
     from .conversion.checkpoint import convert_checkpoint
 
     if args.input_size is not None:
         raise DeeprootsError("--input-size: a checkpoint is converted at the size it was "
-                             "trained at; leave it out")
-    images = args.calibration_images  # None: the default, or the whole split if smaller
+                             "trained at (--image-size for a state_dict's images); leave it out")
+    if args.plot is not None and not args.sensitivity:
+        raise DeeprootsError("--plot draws --sensitivity's table; add --sensitivity")
+    if args.finetune_steps and args.frontier is None:
+        raise DeeprootsError("--finetune-steps fine-tunes the points of --frontier; for one "
+                             "conversion: deeproots train --init FILE.pt --distill CHECKPOINT")
+    common = dict(data=args.data, data_dir=args.data_dir, model=args.from_model,
+                  calibration_images_n=args.calibration_images, device=args.device,
+                  batch_size=args.batch_size, image_size=args.image_size,
+                  download=not args.no_download)
+    progress = None if args.json else _say
+    if args.sensitivity:
+        return _rootify_sensitivity(args, common, options, progress)
+    if args.frontier is not None:
+        return _rootify_frontier(args, common, options, progress)
+    if args.schedule is None and args.macs is None and args.params is None \
+            and args.latency is None:
+        raise DeeprootsError("give --schedule, --macs, --params or --latency (or "
+                             "--sensitivity, --frontier) with a checkpoint")
     _, report, summary = convert_checkpoint(
-        args.model, args.schedule, data=args.data, data_dir=args.data_dir,
-        calibration_images_n=images, out=args.out, overwrite=args.overwrite,
-        model=args.from_model, download=not args.no_download, **options)
+        args.model, args.schedule, latency=args.latency, out=args.out,
+        overwrite=args.overwrite, eval_images=args.eval_images, progress=progress,
+        **common, **options)
     if args.json:
         _print_json(summary.to_dict())
         return 0
     print(report.table())
+    if summary.budget:
+        _print_budget(summary)
     print(f"test top-1 {summary.top1_before:.4f} trained, {summary.top1_after:.4f} converted "
-          f"(no gradient step; {summary.conversion_s:.1f} s to convert)")
+          f"(no gradient step; {summary.conversion_s:.1f} s to convert, "
+          f"{summary.wall_s:.1f} s in all)")
     if summary.out:
         print(f"wrote {summary.out} (deeproots train --init {summary.out} to fine-tune it)")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(f"... {text}", file=sys.stderr, flush=True)
+
+
+def _print_budget(summary) -> None:
+    """A budgeted conversion's schedule (reusable as --groups) and its predicted and
+    measured costs side by side."""
+    kind, fraction = summary.budget["kind"], summary.budget["fraction"]
+    groups = " ".join(f"{k}={v}" for k, v in summary.groups.items() if v > 1) or "(none)"
+    print(f"budget {kind} {fraction:g}: groups {groups}")
+    rows = []
+    for key, label in (("macs_fraction", "multiply-adds"), ("params_fraction", "params"),
+                       ("latency_fraction", "time")):
+        if key in summary.measured or key in summary.predicted:
+            pred, meas = summary.predicted.get(key), summary.measured.get(key)
+            rows.append((label, "" if pred is None else f"{pred:.3f}",
+                         "" if meas is None else f"{meas:.3f}"))
+    if "ms" in summary.measured:
+        rows.append(("ms per batch", "", f"{summary.measured['ms']:.2f} (dense "
+                                         f"{summary.measured['ms_dense']:.2f})"))
+    from .text import format_table
+
+    print(format_table(("of the dense model's", "predicted", "measured"), rows, align="lrr"))
+    from .conversion.checkpoint import LATENCY_TOLERANCE
+
+    measured = summary.measured.get("latency_fraction")
+    if kind == "latency" and measured is not None and measured > fraction * (
+            1 + LATENCY_TOLERANCE):
+        print(f"budget missed: the fastest schedule tried measured {measured:.3f} of the "
+              f"dense model's time, above {fraction:g} (+{100 * LATENCY_TOLERANCE:g}%); "
+              f"measure again on a quieter machine, or ask for a larger fraction")
+
+
+def _rootify_sensitivity(args, common, options, progress) -> int:
+    from .conversion.checkpoint import price_checkpoint
+
+    for flag, value in (("--out", args.out), ("--latency", args.latency)):
+        if value is not None:
+            raise DeeprootsError(f"{flag}: --sensitivity prices each layer and converts "
+                                 f"nothing; leave it out")
+    if args.plot is not None:
+        from .outputs import check_new_file
+
+        check_new_file(args.plot, "--plot", overwrite=args.overwrite)
+    prices = price_checkpoint(args.model, progress=progress, ignore=options["ignore"],
+                              stem=options["stem"], **common)
+    if args.plot is not None:
+        from .plots import plot_sensitivity
+
+        plot_sensitivity(prices, args.plot)
+    if args.json:
+        _print_json(prices.to_dict())
+        return 0
+    print(prices.table())
+    print(f"priced in {prices.seconds:.0f} s" + (f"; drew {args.plot}" if args.plot else ""))
+    return 0
+
+
+def _rootify_frontier(args, common, options, progress) -> int:
+    from .conversion.frontier import FRONTIER_BUDGETS, frontier
+
+    if args.out is None:
+        raise DeeprootsError("--frontier writes a folder (frontier.md, .json, .png): give "
+                             "--out DIR")
+    for flag, value in (("--macs", args.macs), ("--params", args.params)):
+        if value is not None:
+            raise DeeprootsError(f"{flag}: --frontier converts at latency budgets; leave it out")
+    options = {k: v for k, v in options.items() if k not in ("macs", "params")}
+    result = frontier(args.model, out=args.out, budgets=args.frontier or FRONTIER_BUDGETS,
+                      finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                      overwrite=args.overwrite, progress=progress, **common, **options)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(result.table())
+    print(f"wrote {result.out}/: frontier.md, frontier.json, frontier.png "
+          f"({result.seconds:.0f} s)")
     return 0
 
 
@@ -801,11 +921,22 @@ def _parser_rootify(sub) -> None:
                                  "returns the model), or a checkpoint of a trained model "
                                  "(RUN/best.pt): converted with calibration, keeping its "
                                  "accuracy")
-    how = p.add_mutually_exclusive_group(required=True)
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--schedule", help="root-N, tree-N or col-N, e.g. root-8")
-    how.add_argument("--macs", type=_number, help="budget: the smallest root-N with at most "
-                     "this fraction of the multiply-adds, e.g. 0.5")
+    how.add_argument("--macs", type=_number, help="budget: at most this fraction of the "
+                     "multiply-adds, e.g. 0.5 (a model name: the smallest root-N; a "
+                     "checkpoint: the per-layer schedule of least predicted accuracy cost)")
     how.add_argument("--params", type=_number, help="budget: the same for parameters")
+    how.add_argument("--latency", type=_number, help="with a checkpoint, budget: the converted "
+                     "model's time at most this fraction of the dense model's, measured on "
+                     "--device at --batch-size, e.g. 0.7")
+    how.add_argument("--sensitivity", action="store_true", help="with a checkpoint: each "
+                     "layer's price at each group count (top-1 cost, MACs, params and "
+                     "measured time saved); --plot FILE.png draws it")
+    how.add_argument("--frontier", type=_number, nargs="*", metavar="F", help="with a "
+                     "checkpoint: convert at these latency budgets (default 0.9 0.8 0.7 0.6 "
+                     "0.5) and to every root-N, measure and evaluate each; --out DIR gets "
+                     "frontier.md, .json and .png")
     p.add_argument("--input-size", type=_input_size, default=None,
                    help="C,H,W of the example input (default: the model's)")
     p.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="LAYER",
@@ -831,6 +962,22 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--model", dest="from_model", metavar="FILE.py:FUNCTION",
                    help="for a checkpoint of a model of your own: the function that builds it")
+    p.add_argument("--eval-images", type=_count_or_all("--eval-images"), default=1000,
+                   metavar="N|all", help="with a checkpoint: test images each stage is "
+                   "evaluated on (default 1000; the converted model: always the whole split)")
+    p.add_argument("--device", default="cpu", help="with a checkpoint: where to time and "
+                   "convert (cpu, cuda, cuda:N)")
+    p.add_argument("--batch-size", type=_whole("--batch-size"), default=128,
+                   help="with a checkpoint: the batch its time is measured at (default 128)")
+    p.add_argument("--image-size", type=_whole("--image-size", 8), default=None,
+                   help="with a checkpoint: the images' size (default: the run's, or 224 "
+                        "for image folders)")
+    p.add_argument("--finetune-steps", type=_whole("--finetune-steps"), default=0,
+                   help="with --frontier: fine-tune each point this many steps, distilled "
+                        "from the dense model")
+    p.add_argument("--finetune-lr", type=_number, default=0.01,
+                   help="with --finetune-steps: the learning rate (default 0.01)")
+    p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this PNG")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rootify)

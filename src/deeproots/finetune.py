@@ -2,4 +2,4 @@
 This name forwards there for one release, with a DeprecationWarning (CHANGELOG.md)."""
 from ._moved import moved
 
-__getattr__, __all__ = moved(__name__, 'conversion.checkpoint')
+__getattr__, __all__ = moved(__name__, 'conversion.checkpoint', 'conversion.calibrate.pipeline')

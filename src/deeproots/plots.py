@@ -302,3 +302,64 @@ def plot_accuracy_vs_cost(runs: Dict[str, dict], path: Path, title: str = "",
     fig.suptitle(title or "accuracy vs cost (mean and std over seeds)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_frontier(result, path: Path) -> Path:
+    """Test top-1 (no gradient step) against measured time and against multiply-adds, each
+    a fraction of the dense model's: the searched schedules and the uniform root-N ones
+    (:class:`deeproots.conversion.frontier.Frontier`), the fine-tuned top-1 where taken."""
+    path = check_output_file(path)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "latency_fraction", "measured time (fraction of dense)"),
+                           (axes[1], "macs_fraction", "multiply-adds (fraction of dense)")):
+        for kind, marker, color in (("searched", "o-", "C0"), ("uniform", "s--", "C1")):
+            points = sorted((getattr(p, key), p.top1, p.label) for p in result.points
+                            if p.kind == kind)
+            if not points:
+                continue
+            xs, ys, labels = zip(*points)
+            # measured times are noisy: points alone there; multiply-adds are exact: a line
+            style = marker[0] if key == "latency_fraction" else marker
+            ax.plot(xs, ys, style, color=color, label=f"{kind}, no gradient step")
+            for x, y, text in points:
+                ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            tuned = sorted((getattr(p, key), p.top1_finetuned) for p in result.points
+                           if p.kind == kind and p.top1_finetuned is not None)
+            if tuned:
+                ax.plot(*zip(*tuned), marker[0] + ("" if key == "latency_fraction" else ":"),
+                        color=color, alpha=0.6, fillstyle="none",
+                        label=f"{kind}, {result.finetune_steps} distilled steps")
+        ax.axhline(result.top1_dense, color="k", lw=0.8, label="dense")
+        ax.set(xlabel=label, ylabel="test top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result.model} on {result.data}: batch {result.batch_size} on "
+                 f"{result.device}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sensitivity(prices, path: Path) -> Path:
+    """Each layer's accuracy cost against the time it saves, one line a layer through its
+    group counts (:class:`deeproots.conversion.sensitivity.Sensitivity`)."""
+    path = check_output_file(path)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, layer in enumerate(prices.layers):
+        xs = [100 * (layer.ms - o.ms) / prices.ms for o in layer.options]
+        ys = [100 * (prices.top1 - o.top1) for o in layer.options]
+        ax.plot(xs, ys, "o-", color=f"C{i % 10}", label=layer.layer)
+        for x, y, o in zip(xs, ys, layer.options):
+            ax.annotate(str(o.groups), (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set(xlabel="time saved (% of the dense model's)",
+           ylabel="top-1 cost (points, that layer alone)",
+           title=f"{prices.model}: each layer's price, batch {prices.batch_size} on "
+                 f"{prices.device}")
+    ax.grid(alpha=0.3)
+    if len(prices.layers) <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)

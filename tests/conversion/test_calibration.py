@@ -116,7 +116,7 @@ def test_the_grouped_refit_equals_a_numpy_solve_per_group():
     regroup(new[2], 2, reinit=False)  # the cut: its diagonal blocks
     with torch.no_grad():
         new[2].weight.copy_(block_diagonal_weight(dense[2].weight.detach(), 2))
-    batches = [torch.randn(3, 2, 5, 5) for _ in range(2)]
+    batches = [torch.randn(8, 2, 9, 9) for _ in range(6)]  # 1,200 pixels for 19 weights
     with torch.no_grad():
         before = sum(float((new(b) - dense(b)).pow(2).sum()) for b in batches)
     unexplained = refit_grouped(dense, new, "2", batches, ridge=0.0)
@@ -127,8 +127,8 @@ def test_the_grouped_refit_equals_a_numpy_solve_per_group():
     for g in range(2):
         rows, targets = [], []
         for n in range(len(x)):
-            for i in range(3):
-                for j in range(3):
+            for i in range(5):
+                for j in range(5):
                     patch = xp[n, 2 * g:2 * g + 2, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
                     rows.append(np.append(patch.reshape(-1), 1.0))
                     targets.append(y[n, 3 * g:3 * g + 3, i, j])
@@ -347,3 +347,40 @@ def test_a_finetune_goes_to_a_folder_of_its_own():
         "runs/nin-root8-finetune-fashion-mnist-seed0")
     assert default_out(TrainConfig(model="nin", learn_groups="root-8", seed=2)) == Path(
         "runs/nin-groupable-root-8-fashion-mnist-seed2")
+
+
+def test_a_refit_whose_inputs_are_all_zero_gives_them_no_weight():
+    """Dead channels (a ReLU that never fires on the calibration images: an undertrained
+    ResNet-50 has whole groups of them) made the normal equations singular. By hand: y =
+    2 x1 + 3 with x2 always 0 gives weights (2, 0) and constant 3; all inputs zero gives
+    weights 0 and the mean of y as the constant."""
+    from deeproots.conversion.calibrate.refit import ridge_solve
+
+    x1 = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    a = torch.stack([x1, torch.zeros_like(x1), torch.ones_like(x1)], 1)
+    y = (2 * x1 + 3)[:, None]
+    solution, _ = ridge_solve(a.T @ a, a.T @ y, 1e-9, intercept=True)
+    assert solution[:, 0].tolist() == pytest.approx([2, 0, 3], abs=1e-6)
+    dead = torch.cat([torch.zeros(50, 2, dtype=torch.float64), a[:, 2:]], 1)
+    solution, _ = ridge_solve(dead.T @ dead, dead.T @ y, 1e-4, intercept=True)
+    assert solution[:, 0].tolist() == pytest.approx([0, 0, 3], abs=1e-9)
+
+
+def test_a_layer_given_fewer_pixels_than_its_weights_need_is_not_refit():
+    """A 1x1 conv of 16 inputs fits 17 weights a filter: 10 images at 1x1 px (10 pixels, as
+    the last stage of a ResNet-50 at 28x28 px) are too few, and the layer is left exactly as
+    it was; at 8x8 px (640 pixels, more than 8 x 17) it is refit, to the dense weights."""
+    from deeproots.conversion.calibrate.refit import MIN_PIXELS_PER_WEIGHT
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(16, 4, 1)).eval()
+    new = copy.deepcopy(dense)
+    with torch.no_grad():
+        new[0].weight.add_(0.5)
+    before = new[0].weight.clone()
+    assert 10 < MIN_PIXELS_PER_WEIGHT * 17 <= 640
+    assert refit_pointwise(dense, new, "0", [torch.randn(10, 16, 1, 1)]) is None
+    assert torch.equal(new[0].weight, before)
+    unexplained = refit_pointwise(dense, new, "0", [torch.randn(10, 16, 8, 8)], ridge=0.0)
+    assert unexplained == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(new[0].weight, dense[0].weight, atol=1e-4, rtol=0)

@@ -1,38 +1,62 @@
-"""A trained checkpoint made a root network, evaluated before and after:
-``deeproots rootify RUN/best.pt --schedule root-8 --data fashion-mnist --out FILE.pt``.
+"""A trained model made a root network, evaluated before and after:
+``deeproots rootify RUN/best.pt --schedule root-8 --data fashion-mnist --out FILE.pt``, or the
+best schedule a budget allows, ``--latency 0.7`` (the converted model's measured time as a
+fraction of the dense model's), ``--macs 0.5``, ``--params 0.5``.
 
 The conversion itself is :func:`deeproots.rootify` with calibration images
-(:mod:`deeproots.conversion.calibrate`); this module takes the model from a checkpoint, the
-calibration images from the training split, evaluates every stage on the test split, and
-writes the converted model as a checkpoint that ``deeproots eval``, ``export`` and
-``train --init`` take.
+(:mod:`deeproots.conversion.calibrate`); a budget is met by the search of :mod:`.search` over
+each layer's price (:mod:`.sensitivity`), the schedule converted, its time measured beside
+the dense model's and the search run again where the measurement says it missed. This
+module reads the trained model (a deeproots checkpoint, or a plain ``state_dict`` with the
+model named), takes the calibration images from the training split, evaluates each stage on
+a subset of the test split and the converted model on all of it, and writes the converted
+model as a checkpoint that ``deeproots eval``, ``export`` and ``train --init`` take.
 """
 from __future__ import annotations
 
+import copy
+import glob
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
+import torch
 from torch import nn
 
-from .calibrate.pipeline import STAGES, check_trained
-from ..training.checkpoint import load_checkpoint, model_from_checkpoint, save_model
-from .rule import RootifyReport, rootify
-from ..training.data import CALIBRATION_IMAGES, build_loaders, sample_images
-from ..errors import DeeprootsError
+from ..checks import check_whole
+from ..errors import CheckpointError, DeeprootsError, first_line
 from ..models.layers import example_logits
+from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
-from ..training.loop import evaluate
+from ..training.checkpoint import (NEEDED, load_checkpoint, load_weights_only,
+                                   model_from_checkpoint, save_model)
+from ..training.data import CALIBRATION_IMAGES, build_loaders, head, sample_split
+from ..training.evaluate import evaluate
+from .calibrate.pipeline import check_trained
+from .rule import RootifyReport, rootify
+from .search import Plan, cheapest, check_fraction, choose, latency_scale, predict
+from .sensitivity import Sensitivity, layer_prices, model_ms
 
-__all__ = ["ConvertedCheckpoint", "convert_checkpoint", "CALIBRATION_IMAGES"]
+__all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
+           "calibration_data", "Source", "open_source", "CALIBRATION_IMAGES", "EVAL_IMAGES",
+           "measure_latency", "check_device", "as_mapping", "price_checkpoint"]
+
+EVAL_IMAGES = 1000  # test images each stage is evaluated on (the converted model: all)
+SELECT_IMAGES = 1000  # training images, apart from the calibration ones, a search chooses by
+# a measured time within this fraction above the budget meets it: on a shared 2-core CPU the
+# same model measures 5-10% apart from one run to the next (docs/conversion.md)
+LATENCY_TOLERANCE = 0.05
+REFINE_ROUNDS = 3  # searches run again after a whole-model measurement rescaled the layers'
+
 
 @dataclass
 class ConvertedCheckpoint:
-    """What :func:`convert_checkpoint` did: the rootify report (per layer, with the
-    calibration's), test top-1 of the trained model (``top1_before``), of each stage and of
-    the converted model (``top1_after``, no gradient step), and the seconds the conversion
-    took (the evaluations apart)."""
+    """What :func:`convert_checkpoint` did: the schedule (and for a budget the per-layer
+    ``groups`` the search chose, with its ``predicted`` and ``measured`` costs), the test
+    top-1 of the trained model (``top1_before``), of each stage (on ``eval_images`` test
+    images) and of the converted model (``top1_after``, the whole split, no gradient step),
+    and the seconds the conversion took (the evaluations apart) and the whole command."""
 
     checkpoint: str
     schedule: str
@@ -41,6 +65,12 @@ class ConvertedCheckpoint:
     top1_after: float
     stages: Dict[str, float] = field(default_factory=dict)
     conversion_s: float = 0.0
+    wall_s: float = 0.0
+    eval_images: Optional[int] = None
+    groups: Dict[str, int] = field(default_factory=dict)
+    budget: Optional[Dict[str, Any]] = None
+    predicted: Dict[str, float] = field(default_factory=dict)
+    measured: Dict[str, float] = field(default_factory=dict)
     out: Optional[str] = None
     report: Optional[dict] = None
 
@@ -48,57 +78,408 @@ class ConvertedCheckpoint:
         return asdict(self)
 
 
-def convert_checkpoint(checkpoint: Union[str, Path], schedule: str, *,
-                       data: Optional[str] = None, data_dir=None,
-                       calibration_images_n: Optional[int] = None,
-                       out: Union[None, str, Path] = None, overwrite: bool = False,
-                       model: Union[None, str, nn.Module] = None, stages: bool = True,
-                       download: bool = True, **rootify_options
-                       ) -> tuple[nn.Module, RootifyReport, ConvertedCheckpoint]:
-    """The model of ``checkpoint`` converted to ``schedule`` with calibration images of the
-    training split of ``data`` (default: the data it was trained on), evaluated on the test
-    split before, at each stage (``stages``) and after; written to ``out`` if given (a
-    deeproots checkpoint of the converted model). ``model``: for a model of your own, its
-    ``FILE.py:FUNCTION`` or the module. Returns the model, the report and the summary."""
-    if out is not None:
-        check_new_file(out, overwrite=overwrite)  # before minutes of work
-    state = load_checkpoint(checkpoint)
-    trained = model_from_checkpoint(state, checkpoint, model).eval()
-    check_trained(trained, str(checkpoint))  # before the data is read
-    config = state["config"]
+# ---------------------------------------------------------------------------------------------
+# The trained model, from a checkpoint or a state_dict
+
+
+def read_trained(checkpoint: Union[str, Path], model: Union[None, str, nn.Module] = None
+                 ) -> Tuple[nn.Module, dict]:
+    """The trained model of ``checkpoint`` (eval mode) and a deeproots checkpoint's fields
+    describing it (its model, config, data). ``checkpoint`` is a deeproots checkpoint, or a
+    plain ``state_dict`` (``torch.save(model.state_dict(), F)``; also under ``"state_dict"``
+    or ``"model"``), read with ``weights_only=True`` either way; for a state_dict, or a
+    deeproots checkpoint of a model of your own, ``model`` names it (a registered name,
+    ``FILE.py:FUNCTION``, or the module)."""
+    raw = load_weights_only(checkpoint)
+    if isinstance(raw, dict) and all(k in raw for k in NEEDED):
+        state = load_checkpoint(checkpoint)
+        return model_from_checkpoint(state, checkpoint, model).eval(), state
+    weights = _weights_of(raw)
+    if weights is None:
+        raise CheckpointError(f"{checkpoint} is neither a deeproots checkpoint nor a state_dict "
+                              f"(a mapping of parameter names to tensors, or one under "
+                              f"'state_dict' or 'model')")
+    if model is None:
+        raise CheckpointError(f"{checkpoint} holds weights only (a state_dict): name the model "
+                              f"they belong to, --model FILE.py:FUNCTION or a registered name "
+                              f"(model=...)")
+    built = copy.deepcopy(model) if isinstance(model, nn.Module) else build_model(model)
+    name = getattr(built, "name", None) or (model if isinstance(model, str) else
+                                            type(built).__name__)
+    own = set(built.state_dict())
+    missing = [k for k in built.state_dict() if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit {name}: "
+                              f"{_first(missing, 'missing')}"
+                              f"{'; ' if missing and unexpected else ''}"
+                              f"{_first(unexpected, 'unexpected')}")
+    try:
+        built.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit {name} "
+                              f"({first_line(err)})") from None
+    spec = resolve_model_spec(model) if isinstance(model, str) else name
+    cfg = getattr(built, "deeproots_cfg", None) or {"name": spec, "kwargs": {}}
+    return built.eval(), {"model_cfg": {**cfg, "name": spec}, "config": {}, "data": {}}
+
+
+def _weights_of(raw) -> Optional[dict]:
+    """The state_dict ``raw`` is or holds, or None."""
+    def is_weights(d):
+        return isinstance(d, dict) and d and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+
+    if is_weights(raw):
+        return raw
+    for key in ("state_dict", "model"):
+        if isinstance(raw, dict) and is_weights(raw.get(key)):
+            return raw[key]
+    return None
+
+
+def _first(keys, what: str) -> str:
+    if not keys:
+        return ""
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f"{what} {', '.join(keys[:3])}{more}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The images
+
+
+@dataclass
+class Calibration:
+    """What a conversion reads of its data: calibration images, labelled selection images
+    (a search chooses by them), the test split and its first ``eval_images`` (the stages'),
+    the data's spec and name."""
+
+    fit: torch.Tensor
+    select: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    test: Any
+    test_subset: Any
+    spec: Any
+    data: str
+
+
+def calibration_data(source: dict, *, data: Optional[str], data_dir=None,
+                     image_size: Optional[int] = None, fit_images: Optional[int] = None,
+                     select_images: int = 0, eval_images: Optional[int] = EVAL_IMAGES,
+                     download: bool = True, name: str = "the model") -> Calibration:
+    """The images a conversion of the model ``source`` describes reads: by default of the
+    data it was trained on (a state_dict's model names none: ``data`` then needed)."""
+    config = source.get("config", {})
     data = data or config.get("data")
+    if not data:
+        raise DeeprootsError(f"{name} records no data it was trained on: give --data (e.g. "
+                             f"fashion-mnist or imagefolder:DIR, the images to calibrate on)")
+    size = image_size or config.get("image_size") or 224
     train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
-                                      batch_size=256, image_size=config.get("image_size", 224),
-                                      download_ok=download, workers=0)
-    trained_on = state.get("data") if isinstance(state.get("data"), dict) else {}
+                                      batch_size=256, image_size=size, download_ok=download,
+                                      workers=0)
+    trained_on = source.get("data") if isinstance(source.get("data"), dict) else {}
     if trained_on.get("in_channels") not in (None, spec.in_channels):
-        raise DeeprootsError(f"{checkpoint} was trained on {trained_on['in_channels']}-channel "
+        raise DeeprootsError(f"{name} was trained on {trained_on['in_channels']}-channel "
                              f"images ({trained_on.get('name', 'its data')}); {data} has "
                              f"{spec.in_channels}-channel ones: calibrate on images like those "
                              f"it was trained on")
-    images = sample_images(train, spec, calibration_images_n)  # the data read once
-    logits = example_logits(trained, images[:1], state["model_cfg"]["name"])
-    if logits.shape[1] != spec.num_classes:
-        raise DeeprootsError(f"{checkpoint} has {logits.shape[1]} classes but {data} has "
-                             f"{spec.num_classes}: calibrate on the data it was trained on")
+    counts = [fit_images] + ([select_images] if select_images else [])
+    if select_images:  # a small split: half to fit on, the rest (at most asked) to choose by
+        available = train.num_samples
+        fit = fit_images or min(CALIBRATION_IMAGES, available // 2)
+        counts = [fit, min(select_images, max(available - fit, 1))]
+    samples = sample_split(train, spec, counts)  # the data read once
+    subset = head(test, eval_images) if eval_images else test
+    return Calibration(samples[0][0], samples[1] if select_images else None, test, subset,
+                       spec, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion
+
+
+@dataclass
+class Source:
+    """A trained model and what a conversion of it reads: the model (eval mode), the
+    checkpoint's fields describing it, its name, the images (:class:`Calibration`) and its
+    test top-1 before conversion."""
+
+    checkpoint: str
+    trained: nn.Module
+    fields: dict
+    name: str
+    cal: Calibration
+    top1_before: float
+
+
+def open_source(checkpoint: Union[str, Path], *, model=None, data: Optional[str] = None,
+                data_dir=None, image_size: Optional[int] = None,
+                calibration_images_n: Optional[int] = None, select_images: int = 0,
+                eval_images: Optional[int] = EVAL_IMAGES, download: bool = True,
+                top1: bool = True) -> Source:
+    """The trained model of ``checkpoint`` (:func:`read_trained`), checked convertible, the
+    images of ``data`` (:func:`calibration_data`) checked to fit it, and its test top-1
+    (``top1``; else NaN)."""
+    if eval_images is not None:
+        check_whole("eval_images", eval_images, 1)
+    trained, source = read_trained(checkpoint, model)
+    check_trained(trained, str(checkpoint))  # before the data is read
+    name = source["model_cfg"]["name"]
+    cal = calibration_data(source, data=data, data_dir=data_dir, image_size=image_size,
+                           fit_images=calibration_images_n, select_images=select_images,
+                           eval_images=eval_images, download=download, name=str(checkpoint))
+    logits = example_logits(trained, cal.fit[:1], name)
+    if logits.shape[1] != cal.spec.num_classes:
+        raise DeeprootsError(f"{checkpoint} has {logits.shape[1]} classes but {cal.data} has "
+                             f"{cal.spec.num_classes}: calibrate on the data it was trained on")
+    before = float("nan") if not top1 else (_recorded_top1(source, cal.data)
+                                             or evaluate(trained, cal.test).top1)
+    return Source(str(checkpoint), trained, source, name, cal, before)
+
+
+def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
+                       latency: Optional[float] = None, data: Optional[str] = None,
+                       data_dir=None, calibration_images_n: Optional[int] = None,
+                       eval_images: Optional[int] = EVAL_IMAGES,
+                       out: Union[None, str, Path] = None, overwrite: bool = False,
+                       model: Union[None, str, nn.Module] = None, stages: bool = True,
+                       download: bool = True, device: str = "cpu", batch_size: int = 128,
+                       image_size: Optional[int] = None,
+                       prices: Optional[Sensitivity] = None, progress=None,
+                       source: Optional[Source] = None,
+                       **rootify_options) -> Tuple[nn.Module, RootifyReport,
+                                                   ConvertedCheckpoint]:
+    """The model of ``checkpoint`` converted, with calibration images of the training split
+    of ``data`` (default: the data it was trained on), to ``schedule`` (root-N, tree-N,
+    col-N, or a mapping of layers to groups), or to the best schedule a budget allows:
+    ``latency`` (the converted model's time as a fraction of the dense model's, measured on
+    ``device`` at ``batch_size``), or ``macs``/``params`` in ``rootify_options``; evaluated on
+    the test split before (the run's own record of it, where it has one), at each stage
+    (``stages``, on ``eval_images`` test images; None: all) and after (all); written to
+    ``out`` if given (a deeproots checkpoint of the converted model, its schedule in it).
+    ``model``: for a state_dict or a model of your own, its name, ``FILE.py:FUNCTION`` or
+    the module. ``source``: a :func:`open_source` already read (several conversions of one
+    model: the frontier). Returns the model, the report and the summary."""
+    started = time.perf_counter()
+    budget = _budget(schedule, latency, rootify_options)
+    if budget and budget[0] == "latency":
+        check_device(device, "--latency")
+    if out is not None:
+        check_new_file(out, overwrite=overwrite)  # before minutes of work
+    if source is None:
+        source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
+                             image_size=image_size, calibration_images_n=calibration_images_n,
+                             select_images=SELECT_IMAGES if budget and prices is None else 0,
+                             eval_images=eval_images, download=download)
+    cal = source.cal
     measured: Dict[str, float] = {}
     evaluating = [0.0]  # seconds spent evaluating stages, not converting
 
-    def stage(name, m):
+    def stage(stage_name, m):
         t0 = time.perf_counter()
-        measured[name] = evaluate(m.eval(), test).top1
+        measured[stage_name] = evaluate(m.eval(), cal.test_subset).top1
         evaluating[0] += time.perf_counter() - t0
 
-    before = evaluate(trained, test).top1
-    started = time.perf_counter()
-    new, report = rootify(trained, schedule, example_input=images[:1], calibration=images,
-                          on_stage=stage if stages else None, **rootify_options)
-    seconds = time.perf_counter() - started - evaluating[0]  # the conversion's own time
-    after = measured.get(STAGES[-1]) if stages else evaluate(new.eval(), test).top1
+    options = {k: v for k, v in rootify_options.items() if k not in ("macs", "params")}
+    if budget:
+        new, report, plan, timed = _convert_to_budget(
+            source, budget, prices, options, stage if stages else None, device,
+            batch_size, progress)
+    else:
+        new, report = rootify(source.trained, schedule, example_input=cal.fit[:1],
+                              calibration=cal.fit, on_stage=stage if stages else None,
+                              **rootify_options)
+        plan, timed = None, {}
+    seconds = time.perf_counter() - started - evaluating[0]
+    after = evaluate(new.eval(), cal.test).top1
     report.calibration.stages = dict(measured)
-    summary = ConvertedCheckpoint(str(checkpoint), report.schedule, data, before, after,
-                                  measured, seconds, report=report.to_dict())
+    summary = ConvertedCheckpoint(
+        str(checkpoint), report.schedule, cal.data, source.top1_before, after, measured,
+        seconds, eval_images=eval_images, groups=report.groups,
+        budget=dict(zip(("kind", "fraction"), budget)) if budget else None,
+        predicted=plan.predicted if plan else {},
+        measured={"macs": report.macs_after, "params": report.params_after,
+                  "macs_fraction": report.macs_fraction,
+                  "params_fraction": report.params_fraction, **timed},
+        report=report.to_dict())
+    summary.wall_s = time.perf_counter() - started
     if out is not None:
-        save_model(out, new, state, converted=summary.to_dict())
+        save_model(out, new, _with_data(source.fields, cal, data_dir),
+                   converted=summary.to_dict())
         summary.out = str(out)
     return new, report, summary
+
+
+def _with_data(fields: dict, cal: Calibration, data_dir) -> dict:
+    """A source's fields with the data it was calibrated on recorded where it records none
+    (a state_dict's): ``deeproots eval`` and ``train --init`` of the file then find it."""
+    from dataclasses import asdict as as_dict
+
+    config = fields.get("config") or {}
+    if config.get("data"):
+        return fields
+    config = {"data": cal.data, "image_size": cal.spec.image_size,
+              **({"data_dir": str(data_dir)} if data_dir else {}), **config}
+    return {**fields, "config": config, "data": fields.get("data") or as_dict(cal.spec)}
+
+
+def check_device(device: str, flag: str) -> None:
+    """A one-line error where ``device`` is not a device this machine has."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeeprootsError(f"device {device!r} is not a device name; accepted: cpu, cuda, "
+                             f"cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise DeeprootsError(f"{flag} times on cpu or cuda; got device {device!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (dev.index or 0) >= count:
+        raise DeeprootsError(f"{flag} on {device}: this machine has "
+                             f"{count or 'no'} CUDA device{'s' if count != 1 else ''}; "
+                             f"time on --device cpu" + (f" or cuda:0..{count - 1}"
+                                                        if count else ""))
+
+
+def _budget(schedule, latency, options) -> Optional[Tuple[str, float]]:
+    """The budget asked for, checked before any work: ``(kind, fraction)``, or None for a
+    schedule."""
+    given = [(k, v) for k, v in (("latency", latency), ("macs", options.get("macs")),
+                                 ("params", options.get("params"))) if v is not None]
+    if (schedule is None) == (not given) or len(given) > 1:
+        raise DeeprootsError("give a schedule (e.g. 'root-8') or one budget (latency, macs or "
+                             "params: a fraction of the dense model's), not both and not "
+                             "neither")
+    if not given:
+        return None
+    kind, fraction = given[0]
+    return kind, check_fraction(kind, fraction)
+
+
+def _recorded_top1(source: dict, data: str) -> Optional[float]:
+    """The test top-1 the run recorded for this checkpoint (its last epoch's, on the whole
+    test split of the data it was trained on), or None where it recorded none."""
+    history, config = source.get("history"), source.get("config", {})
+    if (not history or source.get("step") or data != config.get("data")
+            or config.get("limit_eval_batches")):
+        return None
+    top1 = history[-1].get("test_top1")
+    return float(top1) if isinstance(top1, (int, float)) else None
+
+
+def _convert_to_budget(source: Source, budget, prices, options, on_stage, device,
+                       batch_size, progress):
+    """The schedule a budget buys, converted with calibration. For a latency budget the
+    search's schedule is built (its structure alone: no calibration) and measured beside the
+    dense model; the measurement rescales the layers' time savings (:func:`latency_scale`)
+    and the search runs again, at most :data:`REFINE_ROUNDS` times, until it proposes a
+    schedule already measured. Of the measured schedules within the budget (give or take
+    :data:`LATENCY_TOLERANCE`), the one of best predicted top-1 is calibrated (none within:
+    the fastest measured)."""
+    kind, fraction = budget
+    trained, cal = source.trained, source.cal
+    if prices is None:
+        prices = layer_prices(trained, cal.fit, cal.select, batch_size=batch_size,
+                              device=device, name=source.name, progress=progress,
+                              ignore=options.get("ignore", ()),
+                              stem=options.get("stem", "input"))
+    timed: Dict[str, float] = {}
+    if kind != "latency":
+        plan = choose(prices, **{kind: fraction})
+    else:
+        plan, timed = _search_latency(source, prices, fraction, options, device, batch_size,
+                                      progress)
+    new, report = rootify(trained, as_mapping(plan.groups), example_input=cal.fit[:1],
+                          calibration=cal.fit, on_stage=on_stage, **options)
+    return new, report, plan, timed
+
+
+def _search_latency(source: Source, prices: Sensitivity, fraction: float, options, device,
+                    batch_size, progress) -> Tuple[Plan, Dict[str, float]]:
+    """Search, build, measure, rescale, search again (see :func:`_convert_to_budget`)."""
+    trained, size = source.trained, source.cal.fit[:1].shape[1:]
+    say = progress or (lambda text: None)
+    measured: Dict[Tuple, Tuple[Plan, Dict[str, float]]] = {}
+    scale = 1.0
+
+    def build_and_time(groups):
+        structure, _ = rootify(trained, as_mapping(groups), example_input=source.cal.fit[:1],
+                               init="block-diagonal", **options)
+        return measure_latency(trained, structure, size, batch_size, device)
+
+    try:
+        plan = choose(prices, latency=fraction)
+    except DeeprootsError as err:  # the layers alone say no: does the whole model?
+        groups = cheapest(prices)
+        timed = build_and_time(groups)
+        say(f"the cheapest schedule measured {timed['latency_fraction']:.3f}")
+        if timed["latency_fraction"] > fraction * (1 + LATENCY_TOLERANCE):
+            raise DeeprootsError(f"{str(err).split(': the cheapest')[0]}: the cheapest "
+                                 f"schedule (every groupable layer at its largest count) "
+                                 f"measured {timed['latency_fraction']:.3f} on {device}. "
+                                 f"Accepted: {timed['latency_fraction']:.3f} or more") from None
+        plan = Plan("latency", fraction, groups, predict(prices, groups))
+        measured[tuple(sorted(groups.items()))] = (plan, timed)
+        scale = latency_scale(prices, groups, timed["latency_fraction"])
+        try:
+            plan = choose(prices, latency=fraction, scale=scale)
+        except DeeprootsError:  # within the tolerance only: the cheapest it is
+            pass
+    for _ in range(REFINE_ROUNDS + 1):
+        key = tuple(sorted(plan.groups.items()))
+        if key in measured:
+            break
+        timed = build_and_time(plan.groups)
+        measured[key] = (plan, timed)
+        say(f"groups {' '.join(f'{k}={v}' for k, v in plan.groups.items()) or '(none)'}: "
+            f"predicted {plan.predicted['latency_fraction']:.3f}, measured "
+            f"{timed['latency_fraction']:.3f}")
+        scale = latency_scale(prices, plan.groups, timed["latency_fraction"])
+        try:
+            plan = choose(prices, latency=fraction, scale=scale)
+        except DeeprootsError:
+            break
+    limit = fraction * (1 + LATENCY_TOLERANCE)
+    within = [(p, t) for p, t in measured.values() if t["latency_fraction"] <= limit]
+    if within:
+        plan, timed = max(within, key=lambda pt: pt[0].predicted["top1"])
+    else:
+        plan, timed = min(measured.values(), key=lambda pt: pt[1]["latency_fraction"])
+    plan.predicted = predict(prices, plan.groups)  # the layers alone, as the table says
+    return plan, timed
+
+
+def as_mapping(groups: Dict[str, int]) -> Dict[str, int]:
+    """A plan's ``{layer: groups}`` as rootify's schedule: each name a pattern matching
+    itself alone (a layer named ``a[0]`` is not a character class)."""
+    return {glob.escape(layer): g for layer, g in groups.items()}
+
+
+def measure_latency(dense: nn.Module, new: nn.Module, size, batch_size: int, device: str,
+                    repeats: int = 10) -> Dict[str, float]:
+    """The dense and converted models' ms per batch in the ``fold`` path, timed side by
+    side, and the converted one's as a fraction of the dense one's."""
+    both = model_ms({"dense": dense, "converted": new}, size, batch_size, device, repeats)
+    return {"ms_dense": both["dense"], "ms": both["converted"],
+            "latency_fraction": both["converted"] / both["dense"]}
+
+
+def price_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None,
+                     data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
+                     image_size: Optional[int] = None,
+                     calibration_images_n: Optional[int] = None, download: bool = True,
+                     progress=None, ignore=(), stem: str = "input") -> Sensitivity:
+    """Each groupable layer's price (:func:`~deeproots.conversion.sensitivity.layer_prices`)
+    for the trained model of ``checkpoint``, on the training split of ``data`` (calibration
+    and selection images), timed on ``device`` at ``batch_size``: ``deeproots rootify
+    CHECKPOINT --sensitivity``."""
+    check_device(device, "--sensitivity")
+    source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
+                         image_size=image_size, calibration_images_n=calibration_images_n,
+                         select_images=SELECT_IMAGES, eval_images=1, download=download,
+                         top1=False)
+    return layer_prices(source.trained, source.cal.fit, source.cal.select,
+                        batch_size=batch_size, device=device, name=source.name,
+                        progress=progress, ignore=ignore, stem=stem)

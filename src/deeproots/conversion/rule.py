@@ -38,7 +38,7 @@ from ..models.layers import (GroupsError, apply_groups, block_diagonal_weight, c
                      layer_name, module_paths, regroup_refusal)
 from ..text import format_table
 
-__all__ = ["rootify", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs",
+__all__ = ["rootify", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs", "groupable",
            "ConvSite", "block_diagonal_weight", "INITS", "STEMS"]
 
 SCHEDULE_FORMS = "root-N, tree-N or col-N (N a whole number >= 1, e.g. root-8)"
@@ -235,26 +235,8 @@ def _plan(sites: List[ConvSite], schedule, in_channels: int, ignore: Sequence[st
           regroup: bool, convs: Mapping[str, nn.Conv2d], stem: str = "input",
           allow_depthwise: bool = False) -> Dict[str, Tuple[int, str]]:
     """``{layer: (groups after, note)}`` for every conv layer."""
-    plan: Dict[str, Tuple[int, str]] = {}
-    candidates = []
+    plan, candidates = _candidates(sites, in_channels, ignore, regroup, stem)
     stem_names = _stem(sites, in_channels, stem)
-    for s in sites:
-        if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in ignore):
-            plan[s.name] = (s.groups, "ignored")
-        elif s.calls == 0:
-            plan[s.name] = (s.groups, "not reached by the example input")
-        elif not s.spatial:
-            plan[s.name] = (s.groups, "1x1: a root module's 1x1 mixes the groups")
-        elif s.name in stem_names:
-            plan[s.name] = (s.groups, f"stem: reads the {in_channels}-channel input"
-                            if s.in_channels == in_channels else
-                            f"stem: at the first conv's resolution ({_res(s)}, stem="
-                            f"'resolution')")
-        elif s.groups > 1 and not regroup:
-            kind = "depthwise" if s.groups == s.in_channels else f"already in {s.groups} groups"
-            plan[s.name] = (s.groups, f"{kind} (regroup=True to change it)")
-        else:
-            candidates.append(s)
     if isinstance(schedule, Mapping):
         plan = _plan_mapping(sites, candidates, schedule, plan, allow_depthwise)
     else:
@@ -278,6 +260,45 @@ def _plan(sites: List[ConvSite], schedule, in_channels: int, ignore: Sequence[st
             if reason:
                 plan[s.name] = (s.groups, reason)
     return plan
+
+
+def _candidates(sites: List[ConvSite], in_channels: int, ignore: Sequence[str],
+                regroup: bool, stem: str) -> Tuple[Dict[str, Tuple[int, str]], List[ConvSite]]:
+    """The convs the rule may group (spatial, past the stem, reached, not ignored, dense
+    unless ``regroup``), and for every other conv why it is left."""
+    plan: Dict[str, Tuple[int, str]] = {}
+    candidates = []
+    stem_names = _stem(sites, in_channels, stem)
+    for s in sites:
+        if any(fnmatch.fnmatchcase(s.name, pattern) for pattern in ignore):
+            plan[s.name] = (s.groups, "ignored")
+        elif s.calls == 0:
+            plan[s.name] = (s.groups, "not reached by the example input")
+        elif not s.spatial:
+            plan[s.name] = (s.groups, "1x1: a root module's 1x1 mixes the groups")
+        elif s.name in stem_names:
+            plan[s.name] = (s.groups, f"stem: reads the {in_channels}-channel input"
+                            if s.in_channels == in_channels else
+                            f"stem: at the first conv's resolution ({_res(s)}, stem="
+                            f"'resolution')")
+        elif s.groups > 1 and not regroup:
+            kind = "depthwise" if s.groups == s.in_channels else f"already in {s.groups} groups"
+            plan[s.name] = (s.groups, f"{kind} (regroup=True to change it)")
+        else:
+            candidates.append(s)
+    return plan, candidates
+
+
+def groupable(model: nn.Module, example_input: torch.Tensor, *, ignore: Sequence[str] = (),
+              stem: str = "input") -> Tuple[List[ConvSite], List[ConvSite]]:
+    """Every conv a forward pass of ``example_input`` reaches (:func:`trace_convs`), and of
+    them those the rule could group: spatial, past the stem, not ignored, dense, and able
+    to be regrouped (a conv subclass that would compute something else regrouped is not).
+    The model is not changed."""
+    sites = trace_convs(model, example_input)
+    convs = {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    _, candidates = _candidates(sites, example_input.shape[1], ignore, False, stem)
+    return sites, [s for s in candidates if not regroup_refusal(convs[s.name], 2)]
 
 
 def _res(s: ConvSite) -> str:

@@ -31,7 +31,7 @@ from ..models.registry import (build_model, is_model, is_user_model, model_sourc
 from ..runtime import atomic_write, file_digest, to_json
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "validate_state",
-           "snapshot", "restore",
+           "snapshot", "restore", "load_weights_only",
            "model_from_checkpoint", "config_from_checkpoint", "resume_config",
            "changes_of", "save_model", "NEEDED"]
 
@@ -63,6 +63,18 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
     """Read a deeproots checkpoint with ``torch.load(weights_only=True)``: a file from
     outside cannot run code. CheckpointError if it is missing, empty, corrupt, unsafe or not
     a deeproots checkpoint."""
+    state = load_weights_only(path, map_location)
+    if not isinstance(state, dict) or any(k not in state for k in NEEDED):
+        missing = [k for k in NEEDED if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
+                              f"{', '.join(missing)})")
+    return state
+
+
+def load_weights_only(path: Path | str, map_location="cpu"):
+    """Whatever ``path`` holds, read with ``torch.load(weights_only=True)`` (tensors and
+    plain values only: a file from outside cannot run code). CheckpointError if it is
+    missing, empty, a folder, corrupt or unsafe."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. "
@@ -73,7 +85,7 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never written "
                               f"completely")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several kinds on truncated or foreign files
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
         if lines[0].startswith("Weights only load failed"):
@@ -87,11 +99,6 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
                 f"a file from a trusted source") from err
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
                               f"({type(err).__name__}: {lines[0][:300]})") from err
-    if not isinstance(state, dict) or any(k not in state for k in NEEDED):
-        missing = [k for k in NEEDED if not isinstance(state, dict) or k not in state]
-        raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
-                              f"{', '.join(missing)})")
-    return state
 
 
 # ---------------------------------------------------------------------------------------------

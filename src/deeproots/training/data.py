@@ -16,6 +16,7 @@ into place.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import hashlib
@@ -601,25 +602,61 @@ def calibration_images(data: str, images: Optional[int] = None, *, data_dir=None
     return sample_images(train, spec, images, seed), spec
 
 
+def head(loader, images: int):
+    """The first ``images`` of a test loader (its order fixed), as a loader of the same kind:
+    where a quick evaluation is enough."""
+    if isinstance(loader, TensorLoader):
+        if images >= loader.num_samples:
+            return loader
+        return TensorLoader(loader.images[:images], loader.labels[:images], spec=loader.spec,
+                            batch_size=loader.batch_size, train=False,
+                            device=loader.images.device)
+    limit = -(-images // loader.loader.batch_size)
+    out = copy.copy(loader)
+    out.limit_batches = min(limit, loader.limit_batches or limit)
+    return out
+
+
 def sample_images(train, spec: "DataSpec", images: Optional[int] = None, seed: int = 0
                   ) -> torch.Tensor:
     """``images`` images of the training loader ``train`` as a model takes them (normalised,
     not augmented: an image folder's centre crops), on the CPU, a random sample fixed by
     ``seed``; ``None``: :data:`CALIBRATION_IMAGES`, or the whole split where it holds fewer.
     More than the split holds, when asked for, is a one-line :class:`DataError`."""
-    available = train.num_samples
-    if images is None:
-        images = min(CALIBRATION_IMAGES, available)
-    if images > available:
-        raise DataError(f"{images} calibration images asked for; the {spec.name} "
-                        f"training split has {available}")
-    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:images]
+    return sample_split(train, spec, [images], seed)[0][0]
+
+
+def sample_split(train, spec: "DataSpec", counts: Sequence[Optional[int]], seed: int = 0
+                 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint random samples of the training loader ``train`` (a permutation fixed by
+    ``seed``, cut in turn), each as (images as a model takes them, labels): ``counts`` of
+    them, e.g. calibration images to fit on and others to choose by. A count of ``None`` is
+    :data:`CALIBRATION_IMAGES`, or what the split has left where that is fewer. More than the
+    split holds, when asked for, is a one-line :class:`DataError`."""
+    available, start, out = train.num_samples, 0, []
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))
+    for n in counts:
+        n = min(CALIBRATION_IMAGES, available - start) if n is None else n
+        if start + n > available:
+            raise DataError(f"{n} calibration images asked for; the {spec.name} training "
+                            f"split has {available - start}"
+                            + (f" left of its {available}" if start else ""))
+        out.append(_read(train, spec, pick[start:start + n]))
+        start += n
+    return out
+
+
+def _read(train, spec: "DataSpec", pick: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(train, TensorLoader):
-        return spec.normalize(train.images[pick.to(train.images.device)].to("cpu"))
+        where = pick.to(train.images.device)
+        return (spec.normalize(train.images[where].to("cpu")),
+                train.labels[where].to("cpu"))
     # an image folder: the same files read as for evaluation (no random crop or flip)
     plain = ImageFolderDataset(train.dataset.root, train.dataset.size, train=False,
                                classes=train.dataset.classes)
-    return spec.normalize(torch.stack([plain[int(i)][0] for i in pick]))
+    items = [plain[int(i)] for i in pick]
+    return (spec.normalize(torch.stack([x for x, _ in items])),
+            torch.tensor([y for _, y in items], dtype=torch.int64))
 
 
 class FolderLoader:

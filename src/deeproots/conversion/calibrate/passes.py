@@ -16,7 +16,7 @@ from ...models.layers import conv_layers, layer_name
 
 __all__ = ["calibration_batches", "activation_energy", "Prefixed", "prefixed", "forward",
            "input_of", "output_of", "feeds_batchnorm", "forward_order", "reached_convs",
-           "first_reached", "norms_before", "sampled_inputs"]
+           "first_reached", "norms_before", "sampled_inputs", "dense_outputs"]
 
 
 def calibration_batches(data, batch_size: int = 256) -> List[torch.Tensor]:
@@ -208,3 +208,28 @@ def sampled_inputs(model, paths, x) -> Dict[str, torch.Tensor]:
     with capture({p: convs[p] for p in paths}, "input") as got, torch.no_grad():
         model(x)
     return {p: t.detach() for p, t in got.items()}
+
+
+CACHE_BYTES = 2 << 30  # the dense targets kept from one pass, at most (else one pass each)
+
+
+def dense_outputs(model: nn.Module, paths: Sequence[str], batches
+                  ) -> Optional[Dict[str, List[torch.Tensor]]]:
+    """The outputs of the named convs of ``model`` on every calibration batch, from one pass
+    (the refits' targets, computed once instead of once a refit); None when they would take
+    more than :data:`CACHE_BYTES`."""
+    if not paths or not batches:
+        return {}
+    convs = conv_layers(model)
+    with capture({p: convs[p] for p in paths}) as first, torch.no_grad():
+        forward(model, batches[0])
+    per_batch = sum(t.numel() * t.element_size() for t in first.values())
+    if per_batch * len(batches) > CACHE_BYTES:
+        return None
+    out: Dict[str, List[torch.Tensor]] = {p: [first[p]] for p in paths}
+    for x in batches[1:]:
+        with capture({p: convs[p] for p in paths}) as seen, torch.no_grad():
+            forward(model, x)
+        for p in paths:
+            out[p].append(seen[p])
+    return out

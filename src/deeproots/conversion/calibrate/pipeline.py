@@ -51,9 +51,9 @@ from ...layout import channels_last
 from ...models.layers import block_diagonal_weight, conv_layers, regroup
 from .assignment import assign_groups, kept_fraction, order_of
 from .batchnorm import reestimate_batchnorm
-from .passes import (activation_energy, first_reached, norms_before, prefixed, reached_convs,
-                     sampled_inputs)
-from .refit import refit_grouped, refit_pointwise
+from .passes import (activation_energy, dense_outputs, first_reached, norms_before, prefixed,
+                     reached_convs, sampled_inputs)
+from .refit import MIN_PIXELS_PER_WEIGHT, refit_grouped, refit_pointwise
 from .report import CalibrationReport, LayerCalibration
 from .sites import RootSite, fold_permutations, root_sites
 
@@ -184,14 +184,21 @@ def refit(c: Conversion) -> nn.Module:
         reached = reached_convs(c.new, c.batches[0])
         targets = sorted(set(targets) | {n for n in c.order if n in reached}, key=reached.index)
     rows = {row.layer: row for row in c.report.layers}
+    cached = dense_outputs(c.dense, targets, c.batches) or {}  # the targets, in one pass
     for name in targets:
         reestimate_batchnorm(c.new, c.batches, until=conv_layers(c.new)[name], keep=c.keep)
         if name in rows:  # a grouped conv, refit within its groups
             rows[name].grouped_unexplained = refit_grouped(
-                c.dense, c.new, name, c.batches, c.ridge, c.out_orders.get(name))
+                c.dense, c.new, name, c.batches, c.ridge, c.out_orders.get(name),
+                cached.get(name))
             continue
+        roots = {c.sites[row.layer].consumer for row in c.report.layers}
         unexplained = refit_pointwise(c.dense, c.new, name, c.batches, c.ridge,
-                                      c.out_orders.get(name))
+                                      c.out_orders.get(name), cached.get(name),
+                                      0 if name in roots else MIN_PIXELS_PER_WEIGHT)
+        if unexplained is None:  # too few calibration pixels for its weights: kept
+            c.report.kept.append(name)
+            continue
         c.report.refits[name] = unexplained
         for row in c.report.layers:
             if c.sites[row.layer].consumer == name:

@@ -39,6 +39,7 @@ class CalibrationReport:
     layers: List[LayerCalibration] = field(default_factory=list)
     batchnorms: int = 0
     refits: Dict[str, float] = field(default_factory=dict)  # 1x1 conv -> unexplained energy
+    kept: List[str] = field(default_factory=list)  # 1x1 convs too few pixels left as they were
     stages: Dict[str, Optional[float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -60,6 +61,9 @@ class CalibrationReport:
         lines = [f"calibrated on {self.images} images; {self.batchnorms} batch norms "
                  f"re-estimated; {self.seconds:.1f} s",
                  format_table(head, rows, align="lrrrrrlll")]
+        if self.kept:
+            lines.append(f"not refit, too few calibration pixels for their weights (add "
+                         f"calibration images to refit them): {', '.join(self.kept)}")
         fixed = [f"{c.layer}: {c.fixed}" for c in self.layers if c.fixed]
         if fixed:
             lines += ["channel orders kept:"] + [f"  {f}" for f in fixed]

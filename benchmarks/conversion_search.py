@@ -1,0 +1,390 @@
+"""Issue 30's targets, measured: a trained CNN converted to the most accurate root network
+that a latency budget allows, against the uniform root-N schedules; how conversion time
+grows with depth; and the distilled fine-tune's gap to the dense model. On real
+Fashion-MNIST, on this machine's CPU; every figure of docs/conversion.md's "Budgets"
+section is printed by one of these parts.
+
+    python benchmarks/conversion_search.py frontier --out runs/search    # nin, resnet50
+    python benchmarks/conversion_search.py walltime --out runs/search    # + a ResNet-18
+    python benchmarks/conversion_search.py finetune --out runs/search    # nin root-8
+    python benchmarks/conversion_search.py features --out runs/search    # feature distillation
+
+Dense models are trained by the project's own recipe (``deeproots train MODEL --epochs 1``;
+the ResNet-18, defined below, for ``--resnet18-steps`` steps), or reused from ``--out``
+(``--checkpoint nin=PATH`` takes a finished run's). The conversions run one at a time: do
+not time anything else on the machine meanwhile.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = os.path.abspath(__file__)
+BUDGETS = (0.8, 0.7, 0.6)
+
+
+# --- the ResNet-18 at 28x28 px: torchvision's layout, one input channel -------------------
+class _Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 (7x7 stride-2 stem, max pool, basic blocks [2, 2, 2, 2] of
+    64 to 512 channels) for ``in_channels``-channel images: 20 convs, 11.2 M parameters."""
+
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths, cin, layers = (64, 128, 256, 512), 64, []
+        for i, w in enumerate(widths):
+            layers.append(nn.Sequential(_Basic(cin, w, 1 if i == 0 else 2), _Basic(w, w, 1)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(num_classes=10, in_channels=1):
+    return ResNet18(num_classes, in_channels)
+
+
+# --- dense models ---------------------------------------------------------------------------
+def _dense(name: str, out: Path, given: dict, steps: int) -> Path:
+    """The dense checkpoint of ``name``: given, finished earlier in ``out``, or trained."""
+    if name in given:
+        return Path(given[name])
+    from deeproots.config import TrainConfig
+    from deeproots.training.loop import train
+
+    run = out / f"{name}-dense"
+    if not (run / "summary.json").exists():
+        model = f"{HERE}:resnet18" if name == "resnet18" else name
+        cfg = TrainConfig(model=model, data="fashion-mnist", device="cpu", epochs=1,
+                          progress=False, out=str(run),
+                          limit_train_batches=steps if name == "resnet18" else None)
+        cfg.resume = (run / "last.pt").exists()
+        cfg.overwrite = run.exists() and not cfg.resume
+        train(cfg)
+    return run / "best.pt"
+
+
+def _user(name: str) -> dict:
+    return {"model": f"{HERE}:resnet18"} if name == "resnet18" else {}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+# --- part 1: the searched schedules against the uniform ones --------------------------------
+def part_frontier(args, given) -> None:
+    from deeproots.conversion.frontier import Frontier, Point, frontier
+
+    say = (lambda text: print("...", text, file=sys.stderr, flush=True))
+    for name in args.models:
+        ckpt = _dense(name, args.out, given, args.resnet18_steps)
+        folder = args.out / f"{name}-frontier"
+        if (folder / "frontier.json").exists():
+            raw = json.loads((folder / "frontier.json").read_text())
+            points = [Point(**p) for p in raw.pop("points")]
+            result = Frontier(**raw, points=points)
+        else:
+            result = frontier(ckpt, out=folder, budgets=BUDGETS, batch_size=args.batch_size,
+                              progress=say, **_user(name))
+        print(f"\n## {name}: {len(result.points)} conversions in {result.seconds:.0f} s "
+              f"({_machine()})\n")
+        print(result.table())
+        print()
+        _targets(result)
+
+
+def _targets(result) -> None:
+    """Issue 30's targets for one model: at each budget the searched schedule's top-1
+    against the best uniform root-N within the same measured time, its measured time
+    against the budget, and the predicted time against the measured."""
+    from deeproots.text import format_table
+
+    head = ["budget", "searched groups", "measured", "within 5%", "predicted",
+            "pred. error", "top-1", "best root-N within (+5%)", "its top-1", "gain (pts)"]
+    rows, gains = [], []
+    for p in result.points:
+        if p.kind != "searched":
+            continue
+        rival = result.best_uniform(p.budget)  # within the same 5% as the search
+        gain = 100 * (p.top1 - rival.top1) if rival else None
+        gains.append(gain)
+        err = (p.predicted_latency / p.latency_fraction - 1) if p.predicted_latency else None
+        rows.append([f"{p.budget:g}", _groups(p.groups), f"{p.latency_fraction:.3f}",
+                     "yes" if p.latency_fraction <= p.budget * 1.05 else "NO",
+                     f"{p.predicted_latency:.3f}" if p.predicted_latency else "",
+                     f"{100 * err:+.1f}%" if err is not None else "",
+                     f"{p.top1:.4f}", rival.label if rival else "none",
+                     f"{rival.top1:.4f}" if rival else "",
+                     f"{gain:+.2f}" if gain is not None else "(no rival)"])
+    for b, why in result.unreachable.items():
+        rows.append([b, "not reached", "", "", "", "", "", "", "", why[:60]])
+    print(format_table(head, rows, align="llrlrrrlrr"))
+    known = [g for g in gains if g is not None]
+    print(f"searched >= best uniform at every budget with a uniform rival: "
+          f"{'yes' if known and all(g >= 0 for g in known) else 'NO'}; "
+          f">= +0.5 points at one budget or more: "
+          f"{'yes' if any(g >= 0.5 for g in known) else 'NO'}; budgets no uniform schedule "
+          f"meets: {sum(g is None for g in gains)}")
+
+
+def _groups(groups: dict) -> str:
+    """Groups per layer, shortest form: a layer list for the few, counts for the many."""
+    if len(groups) <= 4:
+        return " ".join(f"{k}={v}" for k, v in groups.items()) or "(dense)"
+    counts = {}
+    for v in groups.values():
+        counts[v] = counts.get(v, 0) + 1
+    return f"{len(groups)} layers: " + ", ".join(f"{n}x{g}" for g, n in sorted(counts.items()))
+
+
+# --- part 2: wall time against depth --------------------------------------------------------
+def _cli(*argv) -> float:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "deeproots", *argv], capture_output=True,
+                          text=True)
+    if done.returncode:
+        sys.exit(f"deeproots {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def _grouped(path: Path, name: str) -> int:
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(path), path, _user(name).get("model"))
+    return sum(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+def part_walltime(args, given) -> None:
+    from deeproots.text import format_table
+
+    rows = []
+    for name in args.depth_models:
+        ckpt = _dense(name, args.out, given, args.resnet18_steps)
+        target = args.out / f"{name}-root-8.pt"
+        user = ["--model", _user(name)["model"]] if name == "resnet18" else []
+        wall = _cli("rootify", str(ckpt), "--schedule", "root-8", "--out", str(target),
+                    "--overwrite", *user)
+        n = _grouped(target, name)
+        rows.append([name, str(n), f"{wall:.0f}", f"{wall / max(n, 1):.1f}"])
+        print(f"... {name}: {wall:.0f} s", file=sys.stderr, flush=True)
+    print(f"\n## deeproots rootify CHECKPOINT --schedule root-8, whole command "
+          f"({_machine()})\n")
+    print(format_table(["model", "grouped convs", "wall s", "s per grouped conv"], rows,
+                       align="lrrr"))
+    extra = []
+    if "resnet50" in args.models:
+        ckpt = _dense("resnet50", args.out, given, 0)
+        wall = _cli("rootify", str(ckpt), "--sensitivity", "--json")
+        extra.append(["resnet50 --sensitivity (whole command)", f"{wall:.0f}", "300"])
+    ckpt = _dense("nin", args.out, given, 0)
+    wall = _cli("rootify", str(ckpt), "--latency", "0.7", "--out",
+                str(args.out / "nin-latency-0.7.pt"), "--overwrite")
+    extra.append(["nin --latency 0.7 (whole command)", f"{wall:.0f}", "120"])
+    print()
+    print(format_table(["command", "wall s", "target s"], extra, align="lrr"))
+
+
+# --- part 3: the distilled fine-tune --------------------------------------------------------
+def part_finetune(args, given) -> None:
+    from deeproots.config import TrainConfig
+    from deeproots.conversion.checkpoint import convert_checkpoint
+    from deeproots.text import format_table
+    from deeproots.training.loop import train
+
+    ckpt = _dense("nin", args.out, given, 0)
+    top = json.loads((ckpt.parent / "summary.json").read_text())["top1"]
+    converted = args.out / "nin-root-8.pt"
+    if not converted.exists():
+        convert_checkpoint(ckpt, "root-8", out=converted)
+    steps = max(1, -(-60000 // 128) // 10)  # a tenth of the dense model's one epoch
+    rows = []
+    for variant in args.variants:
+        lr, weight, temperature, warmup = (float(v) for v in variant.split(","))
+        run = args.out / f"finetune-{variant.replace(',', '-')}"
+        summary = run / "summary.json"
+        if not summary.exists():
+            cfg = TrainConfig(init=str(converted), distill=str(ckpt), lr=lr,
+                              distill_weight=weight, distill_temperature=temperature,
+                              warmup_epochs=warmup, limit_train_batches=steps, epochs=1,
+                              data="fashion-mnist", device="cpu", progress=False,
+                              out=str(run), overwrite=run.exists())
+            train(cfg)
+        got = json.loads(summary.read_text())["top1"]
+        rows.append([f"{lr:g}", f"{weight:g}", f"{temperature:g}", f"{warmup:g}",
+                     f"{got:.4f}", f"{100 * (got - top):+.2f}"])
+    print(f"\n## nin root-8, calibrated, then a distilled fine-tune of {steps} steps "
+          f"(dense top-1 {top:.4f}; {_machine()})\n")
+    print(format_table(["lr", "distill weight", "temperature", "warm-up (epochs)", "top-1",
+                        "vs dense (pts)"], rows, align="rrrrrr"))
+
+
+FEATURE_VARIANTS = {  # name: (train which parameters, batch norm statistics, feature weight)
+    "logits only (as deeproots train --distill)": ("all", "update", 0.0),
+    "+ feature distillation at every conv": ("all", "update", 1.0),
+    "+ features, batch norm statistics frozen": ("all", "frozen", 1.0),
+    "+ features, 1x1 convs and batch norm only": ("1x1", "frozen", 1.0),
+}
+
+
+def _feature_finetune(converted: Path, ckpt: Path, steps: int, lr: float, which: str,
+                      stats: str, beta: float, weight: float = 0.5,
+                      temperature: float = 4.0) -> float:
+    """A distilled fine-tune written out here for what ``deeproots train`` does not do:
+    the student's conv outputs matched to the dense model's (each squared error over the
+    dense output's energy, averaged over the convs; FitNets-style feature distillation at
+    the layers the calibration refit), batch norm statistics frozen, or only the 1x1 convs
+    and batch norms trained. SGD with momentum 0.9, weight decay 5e-4, cosine from ``lr``;
+    the training split's first ``steps`` batches of 128 in the order of deeproots' first
+    epoch. Returns the test top-1."""
+    from torch.nn import functional as F
+
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from deeproots.training.data import build_loaders
+    from deeproots.training.evaluate import evaluate
+    from deeproots.training.objectives import distillation_loss
+
+    torch.manual_seed(0)
+    student = model_from_checkpoint(load_checkpoint(converted), converted)
+    teacher = model_from_checkpoint(load_checkpoint(ckpt), ckpt).eval()
+    train_loader, test_loader, _ = build_loaders("fashion-mnist", batch_size=128, workers=0)
+    convs = [n for n, m in student.named_modules() if isinstance(m, nn.Conv2d)]
+    seen = {"student": {}, "teacher": {}}
+
+    def keep(store, name):
+        def hook(module, args, out):
+            store[name] = out
+        return hook
+
+    handles = []
+    for who, model in (("student", student), ("teacher", teacher)):
+        modules = dict(model.named_modules())
+        handles += [modules[n].register_forward_hook(keep(seen[who], n)) for n in convs]
+
+    def trained(name, module):
+        if which == "all":
+            return True
+        return isinstance(module, nn.BatchNorm2d) or (isinstance(module, nn.Conv2d)
+                                                       and module.kernel_size == (1, 1))
+
+    params = [p for n, m in student.named_modules() if trained(n, m)
+              for p in m.parameters(recurse=False)]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
+    student.train()
+    if stats == "frozen":
+        for m in student.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+    train_loader.set_epoch(0)
+    for step, (x, y) in enumerate(train_loader.batches()):
+        if step == steps:
+            break
+        with torch.no_grad():
+            soft = teacher(x)
+        logits = student(x)
+        loss = ((1 - weight) * F.cross_entropy(logits, y)
+                + weight * distillation_loss(logits, soft, temperature))
+        if beta:
+            s, t = seen["student"], seen["teacher"]
+            loss = loss + beta * sum(((s[n] - t[n]) ** 2).mean() / (t[n] ** 2).mean()
+                                     for n in convs) / len(convs)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    for h in handles:
+        h.remove()
+    return evaluate(student.eval(), test_loader).top1
+
+
+def part_features(args, given) -> None:
+    from deeproots.conversion.checkpoint import convert_checkpoint
+    from deeproots.text import format_table
+
+    ckpt = _dense("nin", args.out, given, 0)
+    top = json.loads((ckpt.parent / "summary.json").read_text())["top1"]
+    converted = args.out / "nin-root-8.pt"
+    if not converted.exists():
+        convert_checkpoint(ckpt, "root-8", out=converted)
+    steps = max(1, -(-60000 // 128) // 10)
+    rows = []
+    for name, (which, stats, beta) in FEATURE_VARIANTS.items():
+        for lr in args.feature_lrs:
+            got = _feature_finetune(converted, ckpt, steps, lr, which, stats, beta)
+            rows.append([name, f"{lr:g}", f"{got:.4f}", f"{100 * (got - top):+.2f}"])
+            print("...", rows[-1], file=sys.stderr, flush=True)
+    print(f"\n## nin root-8, calibrated, then {steps} steps of distillation written out in "
+          f"this script (dense top-1 {top:.4f}; {_machine()})\n")
+    print(format_table(["fine-tune", "lr", "top-1", "vs dense (pts)"], rows, align="lrrr"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=["frontier", "walltime", "finetune", "features", "all"])
+    p.add_argument("--out", type=Path, default=Path("runs/search"))
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="a dense model's finished checkpoint (nin, resnet50, resnet18)")
+    p.add_argument("--models", nargs="+", default=["nin", "resnet50"])
+    p.add_argument("--depth-models", nargs="+", default=["nin", "resnet18", "resnet50"])
+    p.add_argument("--resnet18-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--variants", nargs="+", metavar="LR,WEIGHT,T,WARMUP",
+                   default=["0.01,0.5,4,0.005", "0.003,0.5,4,0", "0.01,0.9,4,0",
+                            "0.003,1,1,0", "0.001,0.9,4,0", "0.03,0.9,4,0.005"],
+                   help="fine-tunes to try: lr, distillation weight and temperature, warm-up")
+    p.add_argument("--feature-lrs", type=float, nargs="+", default=[0.01])
+    args = p.parse_args()
+    given = dict(c.split("=", 1) for c in args.checkpoint)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    parts = ["frontier", "walltime", "finetune", "features"]
+    for part in (parts if args.part == "all" else [args.part]):
+        globals()[f"part_{part}"](args, given)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Each layer's price: for every conv the rule could group and every group count it could take,
+what grouping that layer alone costs in accuracy and what it saves in multiply-adds,
+parameters and measured time. The table a budgeted conversion searches
+(:mod:`.search`), and what ``deeproots rootify CHECKPOINT --sensitivity`` prints.
+
+The accuracy side, closed form and with no gradient step, per layer and group count:
+
+* the channels assigned to groups as the calibrated conversion assigns them
+  (:func:`~deeproots.conversion.calibrate.assign_groups`, the same neighbours' fixed orders);
+* the grouped conv refit within its groups by ridge least squares to the dense conv's outputs
+  on the calibration images (the calibrated conversion's refit), from one set of normal
+  equations per layer: the full covariance of the layer's input patches, whose diagonal
+  blocks serve every group count and assignment alike; the energy it leaves unexplained;
+* the top-1, on other images of the training split (the selection images), of the model
+  with that layer alone so converted (its weight block-diagonal in the assigned order, the
+  constant term in its bias or the batch norm after it): a pass that starts at the layer,
+  the layers before it computed once.
+
+The speed side: each conv timed at each group count on an input of its own shape in the
+model, at the batch size asked, channels-last (the ``fold`` path's form), side by side with
+the dense conv by the one timer (:func:`deeproots.speed.timing.interleaved`); and the whole
+dense model in the ``fold`` path, so that a schedule's time is predicted as the model's less
+what each layer saves.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..capture import capture, hooks
+from ..errors import DeeprootsError
+from ..layout import channels_last
+from ..models.layers import conv_layers
+from ..speed.timing import interleaved
+from ..text import format_table
+from .calibrate.assignment import assign_groups
+from .calibrate.passes import calibration_batches, forward, prefixed
+from .calibrate.refit import ridge_solve
+from .calibrate.sites import root_sites
+from .rule import ConvSite, groupable
+
+__all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts",
+           "GROUP_COUNTS", "model_ms"]
+
+GROUP_COUNTS = (2, 4, 8, 16, 32, 64)  # the counts a layer is priced at (those that divide it)
+FIT_ROWS = 131072  # input patches a layer's normal equations are summed over, at most
+RIDGE = 1e-4
+
+
+@dataclass
+class Option:
+    """One layer at one group count: its multiply-adds and parameters per image, its
+    measured ms per batch, the energy its refit leaves unexplained (a fraction of the dense
+    output's), and the selection images' top-1 with this layer alone converted."""
+
+    groups: int
+    macs: int
+    params: int
+    ms: float
+    unexplained: float
+    top1: float
+
+
+@dataclass
+class LayerPrice:
+    """One groupable conv: its shape, its dense costs and time, and its :class:`Option`\\ s."""
+
+    layer: str
+    resolution: str
+    kernel: str
+    in_channels: int
+    out_channels: int
+    macs: int
+    params: int
+    ms: float
+    options: List[Option] = field(default_factory=list)
+
+
+@dataclass
+class Sensitivity:
+    """The price of every groupable layer of a model, and the model's own: its top-1 on the
+    selection images, its multiply-adds and parameters per image, its ms per batch in the
+    ``fold`` path at ``batch_size`` on ``device``."""
+
+    model: str
+    device: str
+    batch_size: int
+    fit_images: int
+    select_images: int
+    top1: float
+    macs: int
+    params: int
+    ms: float
+    layers: List[LayerPrice] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """One row per layer and group count: what it costs and what it saves."""
+        head = ("layer", "shape", "groups", "top-1 cost", "unexplained", "MACs saved",
+                "params saved", "ms saved", "ms")
+        rows = []
+        for layer in self.layers:
+            shape = (f"{layer.in_channels}->{layer.out_channels} {layer.kernel} "
+                     f"{layer.resolution}")
+            rows.append((layer.layer, shape, "1", "", "", "", "", "", f"{layer.ms:.2f}"))
+            for o in layer.options:
+                rows.append(("", "", str(o.groups), f"{100 * (self.top1 - o.top1):+.2f}",
+                             f"{100 * o.unexplained:.1f}%",
+                             f"{100 * (layer.macs - o.macs) / self.macs:.1f}%",
+                             f"{100 * (layer.params - o.params) / self.params:.1f}%",
+                             f"{100 * (layer.ms - o.ms) / self.ms:.1f}%", f"{o.ms:.2f}"))
+        return "\n".join([
+            f"{self.model}: each layer alone grouped; top-1 on {self.select_images} selection "
+            f"images ({100 * self.top1:.2f} dense), costs saved as a share of the model's "
+            f"({self.macs:,} MACs, {self.params:,} params, {self.ms:.1f} ms a batch of "
+            f"{self.batch_size} on {self.device}, fold path)",
+            format_table(head, rows, align="llrrrrrrr"),
+            f"priced in {self.seconds:.0f} s"])
+
+
+def group_counts(site: ConvSite) -> List[int]:
+    """The counts :data:`GROUP_COUNTS` that divide both of a conv's channel counts."""
+    return [g for g in GROUP_COUNTS
+            if site.in_channels % g == 0 and site.out_channels % g == 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The normal equations of one layer
+
+
+class _Equations:
+    """The normal equations of one conv's refit: the covariance of its input patches (with a
+    ones column: the constant term), against its dense outputs, summed in float64 over at
+    most :data:`FIT_ROWS` patches; each input channel's energy; the outputs' energy."""
+
+    def __init__(self, conv: nn.Conv2d, rows_per_batch: int):
+        self.conv, self.rows = conv, rows_per_batch
+        self.d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        self.xtx = torch.zeros(self.d + 1, self.d + 1, dtype=torch.float64)
+        self.xty = torch.zeros(self.d + 1, conv.out_channels, dtype=torch.float64)
+        self.yty = torch.zeros(conv.out_channels, dtype=torch.float64)  # per filter
+        self.centred = torch.zeros(conv.out_channels, dtype=torch.float64)
+        self.energy = torch.zeros(conv.in_channels, dtype=torch.float64)
+        self.pixels = 0
+        self.generator = torch.Generator().manual_seed(0)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.conv
+        x, y = x.float().contiguous(), y.float()
+        self.energy += x.pow(2).sum((0, 2, 3)).double()
+        self.pixels += x.shape[0] * x.shape[2] * x.shape[3]
+        cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (N, d, L)
+        a = cols.transpose(1, 2).reshape(-1, self.d)
+        b = y.permute(0, 2, 3, 1).reshape(-1, c.out_channels)
+        if len(a) > self.rows:  # a random sample of the patches: the fit's statistics
+            pick = torch.randperm(len(a), generator=self.generator)[:self.rows]
+            a, b = a[pick], b[pick]
+        a = torch.cat([a, torch.ones(len(a), 1)], 1)
+        self.xtx += (a.T @ a).double()
+        self.xty += (a.T @ b).double()
+        self.yty += b.double().pow(2).sum(0)
+        bias = c.bias.detach().double() if c.bias is not None else 0.0
+        self.centred += (b.double() - bias).pow(2).sum(0)
+
+    def score(self) -> np.ndarray:
+        """Each (filter, input channel) kernel's energy times the channel's input energy."""
+        w = self.conv.weight.detach().double()
+        return (w.pow(2).sum((2, 3)) * (self.energy / max(self.pixels, 1))[None, :]).numpy()
+
+    def refit(self, rows: np.ndarray, cols: np.ndarray, groups: int, intercept: bool
+              ) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """The dense-shaped weight that is the refit grouped conv (zero off the assigned
+        blocks), its constant term per filter, and the fraction of the centred output energy
+        it leaves unexplained."""
+        c = self.conv
+        taps = c.kernel_size[0] * c.kernel_size[1]
+        weight = torch.zeros(c.out_channels, c.in_channels * taps, dtype=torch.float64)
+        const = torch.zeros(c.out_channels, dtype=torch.float64)
+        explained = 0.0
+        for k in range(groups):
+            filters = torch.from_numpy(np.flatnonzero(rows == k))
+            channels = torch.from_numpy(np.flatnonzero(cols == k))
+            index = (channels[:, None] * taps + torch.arange(taps)[None, :]).reshape(-1)
+            index = torch.cat([index, torch.tensor([self.d])])  # the constant's, last
+            xtx = self.xtx[index][:, index]
+            xty = self.xty[index][:, filters]
+            n = len(index) - 1
+            solution, part = ridge_solve(xtx, xty, RIDGE, intercept)
+            explained += float(part)
+            weight[filters[:, None], index[:n][None, :]] = solution[:n].T
+            if intercept:
+                const[filters] = solution[n]
+        total = float(self.yty.sum())
+        unexplained = (total - explained) / max(float(self.centred.sum()), 1e-30)
+        return weight.reshape(c.weight.shape).float(), const.float(), unexplained
+
+
+# ---------------------------------------------------------------------------------------------
+# The price of every layer
+
+
+def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor], *,
+                 batch_size: int = 128, device: str = "cpu", ignore: Sequence[str] = (),
+                 stem: str = "input", repeats: int = 5, name: str = "",
+                 progress: Optional[Callable[[str], None]] = None) -> Sensitivity:
+    """The :class:`Sensitivity` of ``model`` (trained, eval mode; not changed): every conv
+    the rule could group, at every count of :data:`GROUP_COUNTS` that divides it, priced
+    on the calibration images ``fit`` (a tensor or batches), the labelled ``select`` images
+    (images, labels), and timings at ``batch_size`` on ``device``. ``progress`` is called
+    with a line as each layer is done."""
+    started = time.perf_counter()
+    model = model.eval()
+    fit_batches = [channels_last(b) for b in calibration_batches(fit)]
+    images, labels = select
+    select_batches = [channels_last(b) for b in calibration_batches(images)]
+    example = fit_batches[0][:1]
+    sites, layers = groupable(model, example, ignore=ignore, stem=stem)
+    if not layers:
+        raise DeeprootsError(f"{name or type(model).__name__} has no conv the rule could "
+                             f"group (every spatial conv is the stem, ignored or grouped "
+                             f"already)")
+    convs = conv_layers(model)
+    from ..inspection.costs import profile  # (a counter over the model's own layers)
+
+    size = tuple(example.shape[1:])
+    cost = profile(model, size)
+    per_layer = {c.name: c for c in cost.layers}
+    top1 = _top1(model, select_batches, labels)
+    equations = _equations(model, convs, layers, fit_batches)
+    sites_of = root_sites(model, [s.name for s in layers])
+    shapes = _input_shapes(model, convs, layers, example)
+    result = Sensitivity(name or type(model).__name__, str(device), batch_size,
+                         sum(len(b) for b in fit_batches), len(images), top1, cost.macs,
+                         cost.params,
+                         model_ms({"dense": model}, size, batch_size, device, repeats)["dense"])
+    for site in layers:
+        conv = convs[site.name]
+        eq = equations[site.name]
+        times = _conv_ms(conv, shapes[site.name], batch_size, device, repeats,
+                         group_counts(site))
+        price = LayerPrice(site.name, f"{site.resolution[0]}x{site.resolution[1]}",
+                           "x".join(map(str, site.kernel)), site.in_channels,
+                           site.out_channels, per_layer[site.name].macs,
+                           per_layer[site.name].params, times[1])
+        fixed = sites_of[site.name]
+        starts = prefixed([model], site.name, select_batches) or select_batches
+        norm = _norm_after(model, conv, example)
+        intercept = conv.bias is not None or norm is not None
+        for g in group_counts(site):
+            rows, cols, _ = assign_groups(eq.score(), g, fix_rows=fixed.consumer is None,
+                                          fix_cols=fixed.producer is None)
+            weight, const, unexplained = eq.refit(rows, cols, g, intercept)
+            with _installed(conv, norm, weight, const if intercept else None):
+                got = _top1(model, starts, labels)
+            bias = per_layer[site.name].params - conv.weight.numel()
+            price.options.append(Option(g, per_layer[site.name].macs // g,
+                                        conv.weight.numel() // g + bias, times[g],
+                                        unexplained, got))
+        result.layers.append(price)
+        if progress is not None:
+            progress(f"{site.name}: " + ", ".join(
+                f"{o.groups} groups {100 * (top1 - o.top1):+.2f}" for o in price.options))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _equations(model, convs, layers, batches) -> Dict[str, _Equations]:
+    """Every layer's normal equations from one dense pass over the calibration batches."""
+    per_batch = max(1, FIT_ROWS // max(1, len(batches)))
+    eqs = {s.name: _Equations(convs[s.name], per_batch) for s in layers}
+    watched = {s.name: convs[s.name] for s in layers}
+    with torch.no_grad():
+        for x in batches:
+            with capture(watched, "input") as xs, capture(watched) as ys:
+                model(x)
+            for name, eq in eqs.items():
+                eq.add(xs[name], ys[name])
+    return eqs
+
+
+def _input_shapes(model, convs, layers, example) -> Dict[str, tuple]:
+    with capture({s.name: convs[s.name] for s in layers}, "input") as xs, torch.no_grad():
+        model(example)
+    return {name: tuple(x.shape[1:]) for name, x in xs.items()}
+
+
+def _top1(model: nn.Module, batches, labels: torch.Tensor) -> float:
+    """Top-1 of ``model`` over the selection batches (each possibly a :class:`Prefixed`)."""
+    hits, start = 0, 0
+    with torch.no_grad():
+        for x in batches:
+            out = forward(model, x)
+            logits = out[0] if isinstance(out, tuple) else out
+            n = len(x)
+            hits += int((logits.argmax(1) == labels[start:start + n].to(logits.device)).sum())
+            start += n
+    return hits / max(start, 1)
+
+
+def _norm_after(model: nn.Module, conv: nn.Conv2d, example) -> Optional[nn.Module]:
+    """The batch norm that reads ``conv``'s output directly, if one does (a constant the refit
+    adds goes into its running mean)."""
+    out, found = [], []
+
+    def after(name, module, args, result):
+        out.append(result)
+
+    def before(name, module, args):
+        if out and args[0] is out[-1] and not found:
+            found.append(module)
+
+    norms = [(str(i), m) for i, m in enumerate(model.modules())
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with hooks([("conv", conv)], after=after), hooks(norms, before=before), torch.no_grad():
+        model(example)
+    return found[0] if found else None
+
+
+class _installed:
+    """Within: ``conv`` computes with ``weight``, and the constant ``const`` in its bias or
+    (for a conv without one) taken off the running mean of the batch norm after it; all as
+    it was on the way out."""
+
+    def __init__(self, conv, norm, weight, const):
+        self.conv, self.norm, self.weight, self.const = conv, norm, weight, const
+
+    def __enter__(self):
+        c = self.conv
+        self.saved = (c.weight.detach().clone(), None if c.bias is None else
+                      c.bias.detach().clone(), None if self.norm is None else
+                      self.norm.running_mean.clone())
+        with torch.no_grad():
+            c.weight.copy_(self.weight)
+            if self.const is not None:
+                if c.bias is not None:
+                    c.bias.copy_(self.const)
+                else:
+                    self.norm.running_mean.sub_(self.const)
+        return self
+
+    def __exit__(self, *exc):
+        weight, bias, mean = self.saved
+        with torch.no_grad():
+            self.conv.weight.copy_(weight)
+            if bias is not None:
+                self.conv.bias.copy_(bias)
+            if mean is not None:
+                self.norm.running_mean.copy_(mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+
+
+def _conv_ms(conv: nn.Conv2d, shape: tuple, batch_size: int, device: str, repeats: int,
+             counts: Sequence[int]) -> Dict[int, float]:
+    """ms per batch of ``conv``'s shape, dense (1) and at each of ``counts`` groups, timed
+    side by side (channels-last, with a bias as after batch norm is folded)."""
+    dev = torch.device(device)
+    x = channels_last(torch.randn(batch_size, *shape, device=dev))
+    work = {}
+    for g in (1, *counts):
+        layer = channels_last(nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                        conv.stride, conv.padding, conv.dilation, g,
+                                        bias=True).to(dev).eval())
+        work[g] = (lambda layer=layer: _no_grad(layer, x))
+    timings = interleaved(work, batch_size, repeats=repeats, cuda=dev.type == "cuda",
+                          device=dev)
+    return {g: 1000 * t.median_s for g, t in timings.items()}
+
+
+def _no_grad(layer, x):
+    with torch.inference_mode():
+        layer(x)
+
+
+def model_ms(models: Dict[str, nn.Module], size, batch_size: int, device: str,
+             repeats: int = 5) -> Dict[str, float]:
+    """ms per batch of each model in the ``fold`` path (batch norm folded, channels-last:
+    what a converted model runs as), at ``batch_size`` on ``device``, timed side by side."""
+    from ..speed.deploy import build_path  # (the inference paths use this package's rule)
+
+    dev = torch.device(device)
+    x = torch.randn(batch_size, *size, device=dev)
+    built = {name: build_path(copy.deepcopy(m).to(dev), x, "fold") for name, m in models.items()}
+    timings = interleaved({name: (lambda f=f: f(x)) for name, f in built.items()}, batch_size,
+                          repeats=repeats, cuda=dev.type == "cuda", device=dev)
+    return {name: 1000 * t.median_s for name, t in timings.items()}

@@ -1,0 +1,246 @@
+"""A trained model converted to the best schedule a budget allows, its layers priced, a
+frontier of conversions, and the checkpoints users have (a plain state_dict), through the
+command line, on small files."""
+import json
+import re
+
+import pytest
+import torch
+
+import deeproots
+from deeproots.cli import main
+from deeproots.conversion.checkpoint import convert_checkpoint, read_trained
+from deeproots.conversion.search import predict
+from deeproots.conversion.sensitivity import LayerPrice, Option, Sensitivity
+from deeproots.errors import CheckpointError
+from deeproots.training.checkpoint import load_checkpoint
+from deeproots.training.loop import train
+from helpers import train_cfg, write_fashion_mnist, write_image_folder
+
+MINE = '''
+import deeproots
+
+def nin_gray():
+    return deeproots.create_model("nin", in_channels=1)
+'''
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A nin trained on small Fashion-MNIST files; its weights alone as state_dicts (plain,
+    and in the two wrappers), one with a key renamed; the function that builds it; a small
+    folder of 3-channel images."""
+    root = tmp_path_factory.mktemp("budget")
+    write_fashion_mnist(root / "data", n_train=64, n_test=32, size=8)
+    train(train_cfg(root / "data", root / "dense", model="nin", epochs=2))
+    weights = load_checkpoint(root / "dense" / "best.pt")["model"]
+    torch.save(weights, root / "w.pth")
+    torch.save({"state_dict": weights, "epoch": 3}, root / "wrapped.pth")
+    torch.save({"model": weights}, root / "wrapped2.pth")
+    renamed = dict(weights)
+    renamed["conv2a.kernel.weight"] = renamed.pop("conv2a.conv.weight")
+    torch.save(renamed, root / "renamed.pth")
+    (root / "mine.py").write_text(MINE)
+    write_image_folder(root / "imgs", classes=10, per_class=2, size=8)
+    return root
+
+
+def _values(trained, tmp_path):
+    return {"dense": trained / "dense" / "best.pt", "data": trained / "data",
+            "sd": trained / "w.pth", "renamed": trained / "renamed.pth",
+            "mine": f"{trained / 'mine.py'}:nin_gray", "imgs": trained / "imgs",
+            "tmp": tmp_path}
+
+
+@pytest.mark.parametrize("name", ["w.pth", "wrapped.pth", "wrapped2.pth"])
+def test_a_state_dict_is_read_as_the_model_it_names(trained, name):
+    model, fields = read_trained(trained / name, f"{trained / 'mine.py'}:nin_gray")
+    dense = deeproots.create_model("nin", in_channels=1)
+    dense.load_state_dict(load_checkpoint(trained / "dense" / "best.pt")["model"])
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), dense.eval()(x))
+    assert fields["model_cfg"]["name"].endswith("mine.py:nin_gray")
+
+
+def test_a_state_dict_converted_by_the_command_line_keeps_its_macs_budget(trained, tmp_path,
+                                                                         capsys):
+    """``rootify w.pth --model FILE.py:FUNCTION --macs 0.6``: the per-layer schedule meets
+    the budget (multiply-adds by the model's own count), the converted file evaluates to
+    the top-1 it reports."""
+    v = _values(trained, tmp_path)
+    out = tmp_path / "c.pt"
+    assert main(["rootify", str(v["sd"]), "--model", v["mine"], "--data", "fashion-mnist",
+                 "--data-dir", str(v["data"]), "--macs", "0.6", "--batch-size", "8",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["budget"] == {"kind": "macs", "fraction": 0.6}
+    groups = {k: g for k, g in summary["groups"].items() if g > 1}
+    assert groups and set(groups) <= {"conv2a", "conv3a"}
+    grouped = deeproots.create_model("nin", in_channels=1, groups=groups)
+    dense = deeproots.create_model("nin", in_channels=1)
+    fraction = (deeproots.profile(grouped, (1, 8, 8)).macs
+                / deeproots.profile(dense, (1, 8, 8)).macs)
+    assert fraction <= 0.6 and summary["measured"]["macs_fraction"] == pytest.approx(fraction)
+    assert summary["predicted"]["macs_fraction"] == pytest.approx(fraction)
+    assert load_checkpoint(out)["model_cfg"]["groups"] == groups
+    assert main(["eval", str(out), "--model", v["mine"], "--data-dir", str(v["data"]),
+                 "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["top1_after"])
+
+
+def test_a_latency_budget_is_measured_beside_the_dense_model(trained):
+    """Prices given by hand (conv2a saves the time asked for at 2 groups): the conversion
+    takes the searched schedule, times it beside the dense model, and reports both."""
+    state = load_checkpoint(trained / "dense" / "best.pt")
+    dense = deeproots.create_model("nin", in_channels=1)
+
+    def layer(name, cin, cout, ms, options):
+        return LayerPrice(name, "4x4", "5x5", cin, cout, 1, 1, ms,
+                          [Option(g, 1, 1, t, 0.0, top1) for g, t, top1 in options])
+
+    prices = Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
+        layer("conv2a", 96, 192, 50.0, [(2, 10.0, 0.89), (4, 5.0, 0.5)]),
+        layer("conv3a", 192, 192, 20.0, [(2, 15.0, 0.6)])])
+    new, report, summary = convert_checkpoint(
+        trained / "dense" / "best.pt", latency=0.6, prices=prices, batch_size=8,
+        data_dir=trained / "data", calibration_images_n=32, stages=False)
+    assert summary.measured["ms"] > 0 and summary.measured["ms_dense"] > 0
+    assert summary.measured["latency_fraction"] == pytest.approx(
+        summary.measured["ms"] / summary.measured["ms_dense"])
+    chosen = {k: g for k, g in summary.groups.items() if g > 1}
+    assert summary.predicted == predict(prices, chosen)
+    assert chosen in ({"conv2a": 2}, {"conv2a": 4}, {"conv2a": 4, "conv3a": 2},
+                      {"conv2a": 2, "conv3a": 2})  # a refinement only asks for more
+    assert sum(p.numel() for p in new.parameters()) < sum(
+        p.numel() for p in dense.parameters())
+    assert state["model_cfg"]["name"] == "nin"
+
+
+def test_sensitivity_prints_each_layers_price_and_draws_it(trained, tmp_path, capsys):
+    v = _values(trained, tmp_path)
+    plot = tmp_path / "s.png"
+    assert main(["rootify", str(v["dense"]), "--sensitivity", "--data-dir", str(v["data"]),
+                 "--batch-size", "8", "--plot", str(plot), "--json"]) == 0
+    prices = json.loads(capsys.readouterr().out)
+    assert [layer["layer"] for layer in prices["layers"]] == ["conv2a", "conv3a"]
+    for layer in prices["layers"]:
+        counts = [o["groups"] for o in layer["options"]]
+        assert counts == [g for g in (2, 4, 8, 16, 32, 64)
+                          if layer["in_channels"] % g == 0 and layer["out_channels"] % g == 0]
+        for o in layer["options"]:  # the costs by hand: a grouped conv, 1/g of the dense one
+            assert o["macs"] == layer["macs"] // o["groups"]
+            assert 0 <= o["top1"] <= 1 and o["unexplained"] >= -1e-6
+    assert prices["fit_images"] + prices["select_images"] == 64  # the split, shared
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_frontier_converts_at_each_budget_and_to_each_root_n(trained, tmp_path, capsys):
+    v = _values(trained, tmp_path)
+    out = tmp_path / "f"
+    assert main(["rootify", str(v["dense"]), "--frontier", "0.95", "--data-dir",
+                 str(v["data"]), "--batch-size", "8", "--calibration-images", "32",
+                 "--finetune-steps", "1", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.json", "frontier.md",
+                                                     "frontier.png", "points"]
+    uniform = {p["label"]: p for p in result["points"] if p["kind"] == "uniform"}
+    assert list(uniform)[:2] == ["root-2", "root-4"]
+    assert uniform["root-4"]["groups"] == {"conv2a": 4, "conv3a": 2}  # root-N by the rule
+    assert (len(result["points"]) - len(uniform) + len(result["unreachable"])) == 1
+    for p in result["points"]:
+        assert p["latency_fraction"] == pytest.approx(p["ms"] / p["ms_dense"])
+        assert 0 <= p["top1"] <= 1 and 0 <= p["top1_finetuned"] <= 1
+    assert json.loads((out / "frontier.json").read_text()) == result
+
+
+def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(trained,
+                                                                              tmp_path):
+    """Hand prices whose cheapest schedule is (100 - 50 + 10) / 100 ms of the dense time: 0.05 is
+    recorded as not reached, root-2 is converted and measured, and the folder (not there
+    before) holds the three files and nothing else."""
+    from deeproots.conversion.frontier import frontier
+
+    def layer(name, cin, cout, ms, options):
+        return LayerPrice(name, "4x4", "5x5", cin, cout, 1, 1, ms,
+                          [Option(g, 1, 1, t, 0.0, top1) for g, t, top1 in options])
+
+    prices = Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
+        layer("conv2a", 96, 192, 50.0, [(2, 10.0, 0.89)])])
+    out = tmp_path / "new" / "f"
+    result = frontier(trained / "dense" / "best.pt", out=out, budgets=(0.05,), uniform=(2,),
+                      prices=prices, batch_size=8, data_dir=trained / "data",
+                      calibration_images_n=32)
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.json", "frontier.md",
+                                                     "frontier.png"]
+    assert list(result.unreachable) == ["0.05"]  # (100 - 50 + 10) / 100 at the cheapest,
+    why = result.unreachable["0.05"]               # and measured on the model: far above
+    assert re.search(r"the cheapest schedule \(every groupable layer at its largest count\) "
+                     r"measured (\d+\.\d{3}) on cpu", why), why  # a tiny model: even above 1
+    assert float(why.split("Accepted: ")[1].split()[0]) > 0.05
+    assert [p.label for p in result.points] == ["root-2"]
+    assert result.points[0].groups == {"conv2a": 2}  # the paper's nin-root-2 (Table 8)
+    assert "latency 0.05: not reached" in (out / "frontier.md").read_text()
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["rootify", "{dense}", "--latency", "0", "--out", "{tmp}/x.pt"],
+     "latency is a fraction of the dense model's, above 0 and below 1 (e.g. 0.7); got 0.0"),
+    (["rootify", "{dense}", "--latency", "1", "--out", "{tmp}/x.pt"], "below 1 (e.g. 0.7); got 1.0"),
+    (["rootify", "{dense}", "--latency", "1.5"], "got 1.5"),
+    (["rootify", "{dense}", "--latency", "fast"], "expected a number; got 'fast'"),
+    (["rootify", "{dense}", "--latency", "0.7", "--device", "cuda:99", "--out", "{tmp}/x.pt"],
+     "--latency on cuda:99: this machine has"),
+    (["rootify", "{dense}", "--latency", "0.7", "--device", "tpu"],
+     "device 'tpu' is not a device name; accepted: cpu, cuda"),
+    (["rootify", "{dense}", "--latency", "0.01", "--data-dir", "{data}", "--batch-size", "8",
+      "--out", "{tmp}/x.pt"], "no schedule brings latency to 0.01 of the dense model's: the "
+                              "cheapest schedule (every groupable layer at its largest "
+                              "count) measured"),
+    (["rootify", "{dense}", "--macs", "0.01", "--data-dir", "{data}", "--batch-size", "8"],
+     "no schedule brings macs to 0.01 of the dense model's"),
+    (["rootify", "nin", "--latency", "0.7"], "--latency measures a trained model's accuracy"),
+    (["rootify", "{dense}", "--frontier", "--data-dir", "{data}"], "give --out DIR"),
+    (["rootify", "{dense}", "--frontier", "1.5", "--out", "{tmp}/f"], "got 1.5"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--finetune-steps", "3"],
+     "--finetune-steps fine-tunes the points of --frontier"),
+    (["rootify", "{dense}", "--sensitivity", "--out", "{tmp}/x.pt"], "converts nothing"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--plot", "{tmp}/p.png"], "add --sensitivity"),
+    (["rootify", "{dense}", "--data-dir", "{data}"], "give --schedule, --macs, --params or "
+                                                     "--latency"),
+    (["rootify", "{sd}", "--schedule", "root-8", "--data-dir", "{data}"],
+     "holds weights only (a state_dict): name the model"),
+    (["rootify", "{sd}", "--schedule", "root-8", "--data-dir", "{data}", "--model", "{mine}"],
+     "records no data it was trained on: give --data"),
+    (["rootify", "{renamed}", "--model", "{mine}", "--schedule", "root-8", "--data",
+      "fashion-mnist", "--data-dir", "{data}", "--out", "{tmp}/x.pt"],
+     "its weights do not fit {mine}: missing conv2a.conv.weight; unexpected "
+     "conv2a.kernel.weight"),
+    (["rootify", "{sd}", "--model", "{mine}", "--schedule", "root-8", "--data",
+      "imagefolder:{imgs}", "--image-size", "8", "--out", "{tmp}/x.pt"],
+     "was built for 1-channel input; got 3 channels"),
+    (["rootify", "{sd}", "--model", "{mine}", "--frontier", "0.9", "--finetune-steps", "2",
+      "--data-dir", "{data}", "--data", "fashion-mnist", "--out", "{tmp}/f"],
+     "--finetune-steps distils from the dense model's deeproots checkpoint"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
+    values = _values(trained, tmp_path)
+    argv = [a.format(**values) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as stop:
+        rc = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if not line.startswith("... ")]  # progress lines
+    assert rc == 2 and len(err) == 1, err
+    assert phrase.format(**values) in err[0], err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_state_dict_of_other_weights_is_refused_in_one_line(trained, tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="its weights do not fit"):
+        read_trained(tmp_path / "odd.pth", f"{trained / 'mine.py'}:nin_gray")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="neither a deeproots checkpoint nor a state_dict"):
+        read_trained(tmp_path / "list.pth", "nin")
