@@ -225,18 +225,26 @@ def part_walltime(args, given) -> None:
 
 
 # --- part 3: the distilled fine-tune --------------------------------------------------------
-def part_finetune(args, given) -> None:
-    from deeproots.config import TrainConfig
+def _nin_root_8(args, given):
+    """The fine-tunes' start: the dense nin checkpoint, its test top-1, nin converted to
+    root-8 with calibration (made once in ``--out``), and a tenth of the dense model's steps
+    (one epoch of 469 batches of 128)."""
     from deeproots.conversion.checkpoint import convert_checkpoint
-    from deeproots.text import format_table
-    from deeproots.training.loop import train
 
     ckpt = _dense("nin", args.out, given, 0)
     top = json.loads((ckpt.parent / "summary.json").read_text())["top1"]
     converted = args.out / "nin-root-8.pt"
     if not converted.exists():
         convert_checkpoint(ckpt, "root-8", out=converted)
-    steps = max(1, -(-60000 // 128) // 10)  # a tenth of the dense model's one epoch
+    return ckpt, top, converted, max(1, -(-60000 // 128) // 10)
+
+
+def part_finetune(args, given) -> None:
+    from deeproots.config import TrainConfig
+    from deeproots.text import format_table
+    from deeproots.training.loop import train
+
+    ckpt, top, converted, steps = _nin_root_8(args, given)
     rows = []
     for variant in args.variants:
         lr, weight, temperature, warmup = (float(v) for v in variant.split(","))
@@ -342,15 +350,9 @@ def _feature_finetune(converted: Path, ckpt: Path, steps: int, lr: float, which:
 
 
 def part_features(args, given) -> None:
-    from deeproots.conversion.checkpoint import convert_checkpoint
     from deeproots.text import format_table
 
-    ckpt = _dense("nin", args.out, given, 0)
-    top = json.loads((ckpt.parent / "summary.json").read_text())["top1"]
-    converted = args.out / "nin-root-8.pt"
-    if not converted.exists():
-        convert_checkpoint(ckpt, "root-8", out=converted)
-    steps = max(1, -(-60000 // 128) // 10)
+    ckpt, top, converted, steps = _nin_root_8(args, given)
     rows = []
     for name, (which, stats, beta) in FEATURE_VARIANTS.items():
         for lr in args.feature_lrs:

@@ -1,4 +1,5 @@
-"""Small files in the datasets' real formats, written by the tests themselves."""
+"""Small files in the datasets' real formats, written by the tests themselves; and the
+command line run as a user runs it (:func:`run_cli`)."""
 import gzip
 import io
 import pickle
@@ -115,3 +116,15 @@ def write_image_folder(root: Path, classes=2, per_class=4, size=8, splits=("trai
                 Image.fromarray(pixels).save(path)
                 written[path] = pixels
     return written
+
+
+def run_cli(argv, capsys):
+    """``deeproots ARGV`` run in-process: its exit status (argparse's own errors included)
+    and what it wrote to stderr."""
+    from deeproots.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        rc = stop.code
+    return rc, capsys.readouterr().err

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from deeproots.cli import main
-from helpers import write_fashion_mnist
+from helpers import run_cli, write_fashion_mnist
 
 
 @pytest.fixture(scope="module")
@@ -350,12 +350,7 @@ def test_every_command_is_in_the_table():
                          ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(CASES)])
 def test_bad_input_is_one_line_and_changes_nothing(world, capsys, command, argv, phrase):
     before = _snapshot(world["run"])
-    argv = [a.format(**world) for a in argv]
-    try:
-        rc = main([command, *argv])
-    except SystemExit as stop:  # argparse's own errors
-        rc = stop.code
-    err = capsys.readouterr().err
+    rc, err = run_cli([command, *(a.format(**world) for a in argv)], capsys)
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"deeproots {command}: error: "), err

@@ -15,7 +15,7 @@ from deeproots.conversion.sensitivity import LayerPrice, Option, Sensitivity
 from deeproots.errors import CheckpointError
 from deeproots.training.checkpoint import load_checkpoint
 from deeproots.training.loop import train
-from helpers import train_cfg, write_fashion_mnist, write_image_folder
+from helpers import run_cli, train_cfg, write_fashion_mnist, write_image_folder
 
 MINE = '''
 import deeproots
@@ -225,13 +225,8 @@ def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(tr
 ])
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, argv, phrase):
     values = _values(trained, tmp_path)
-    argv = [a.format(**values) for a in argv]
-    try:
-        rc = main(argv)
-    except SystemExit as stop:
-        rc = stop.code
-    err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if not line.startswith("... ")]  # progress lines
+    rc, err = run_cli([a.format(**values) for a in argv], capsys)
+    err = [line for line in err.strip().splitlines() if not line.startswith("... ")]
     assert rc == 2 and len(err) == 1, err
     assert phrase.format(**values) in err[0], err[0]
     assert not list(tmp_path.iterdir())

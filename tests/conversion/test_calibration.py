@@ -18,7 +18,7 @@ from deeproots.cli import main
 from deeproots.training.objectives import GroupLasso, distillation_loss
 from deeproots.training.checkpoint import load_checkpoint
 from deeproots.training.loop import train
-from helpers import train_cfg, trained_like, write_fashion_mnist, write_image_folder
+from helpers import run_cli, train_cfg, trained_like, write_fashion_mnist, write_image_folder
 
 
 def test_permutations_folded_into_the_neighbours_leave_the_model_unchanged():
@@ -308,12 +308,8 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, arg
         torch.save(state, other)
     values = {"dense": trained / "dense" / "best.pt", "data": trained / "data",
               "tmp": tmp_path, "other": other, **_broken(trained)}
-    argv = [a.format(**values) for a in argv]
-    try:
-        rc = main(argv)
-    except SystemExit as stop:
-        rc = stop.code
-    err = capsys.readouterr().err.strip().splitlines()
+    rc, err = run_cli([a.format(**values) for a in argv], capsys)
+    err = err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert phrase.format(**values) in err[0], err[0]
     assert not list(tmp_path.iterdir())
