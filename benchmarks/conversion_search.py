@@ -76,8 +76,9 @@ def resnet18(num_classes=10, in_channels=1):
 
 
 # --- dense models ---------------------------------------------------------------------------
-def _dense(name: str, out: Path, given: dict, steps: int) -> Path:
-    """The dense checkpoint of ``name``: given, finished earlier in ``out``, or trained."""
+def _dense(name: str, out: Path, given: dict, steps: int, epochs: int = 1) -> Path:
+    """The dense checkpoint of ``name``: given, finished earlier in ``out``, or trained
+    (``epochs`` epochs)."""
     if name in given:
         return Path(given[name])
     from deeproots.config import TrainConfig
@@ -86,7 +87,7 @@ def _dense(name: str, out: Path, given: dict, steps: int) -> Path:
     run = out / f"{name}-dense"
     if not (run / "summary.json").exists():
         model = f"{HERE}:resnet18" if name == "resnet18" else name
-        cfg = TrainConfig(model=model, data="fashion-mnist", device="cpu", epochs=1,
+        cfg = TrainConfig(model=model, data="fashion-mnist", device="cpu", epochs=epochs,
                           progress=False, out=str(run),
                           limit_train_batches=steps if name == "resnet18" else None)
         cfg.resume = (run / "last.pt").exists()
@@ -228,15 +229,16 @@ def part_walltime(args, given) -> None:
 def _nin_root_8(args, given):
     """The fine-tunes' start: the dense nin checkpoint, its test top-1, nin converted to
     root-8 with calibration (made once in ``--out``), and a tenth of the dense model's steps
-    (one epoch of 469 batches of 128)."""
+    (its epochs of 469 batches of 128: ``--nin-epochs``)."""
     from deeproots.conversion.checkpoint import convert_checkpoint
 
-    ckpt = _dense("nin", args.out, given, 0)
-    top = json.loads((ckpt.parent / "summary.json").read_text())["top1"]
+    ckpt = _dense("nin", args.out, given, 0, args.nin_epochs)
+    summary = json.loads((ckpt.parent / "summary.json").read_text())
+    top, epochs = summary["top1"], summary["epochs"]
     converted = args.out / "nin-root-8.pt"
     if not converted.exists():
         convert_checkpoint(ckpt, "root-8", out=converted)
-    return ckpt, top, converted, max(1, -(-60000 // 128) // 10)
+    return ckpt, top, converted, max(1, epochs * -(-60000 // 128) // 10)
 
 
 def part_finetune(args, given) -> None:
@@ -373,6 +375,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["nin", "resnet50"])
     p.add_argument("--depth-models", nargs="+", default=["nin", "resnet18", "resnet50"])
     p.add_argument("--resnet18-steps", type=int, default=100)
+    p.add_argument("--nin-epochs", type=int, default=1, help="the dense nin's epochs, where "
+                   "it is trained here (the fine-tunes take a tenth of its steps)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--variants", nargs="+", metavar="LR,WEIGHT,T,WARMUP",
                    default=["0.01,0.5,4,0.005", "0.003,0.5,4,0", "0.01,0.9,4,0",
@@ -380,6 +384,9 @@ def main() -> None:
                    help="fine-tunes to try: lr, distillation weight and temperature, warm-up")
     p.add_argument("--feature-lrs", type=float, nargs="+", default=[0.01])
     args = p.parse_args()
+    from deeproots.runtime import reexec_with_jemalloc
+
+    reexec_with_jemalloc(sys.argv[1:], "auto", script=HERE)  # as the commands run
     given = dict(c.split("=", 1) for c in args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)

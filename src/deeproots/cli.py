@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
@@ -100,7 +101,7 @@ def _input_size(text: str):
     return values[0] if len(values) == 1 else values
 
 
-def _groups(items: Optional[List[str]]) -> Optional[Dict[str, int]]:
+def _groups(items: Optional[List[str]], flag: str = "--groups") -> Optional[Dict[str, int]]:
     if not items:
         return None
     mapping = {}
@@ -108,10 +109,19 @@ def _groups(items: Optional[List[str]]) -> Optional[Dict[str, int]]:
         layer, sep, value = item.rpartition("=")
         if not sep or not layer or not value.strip().isdigit():
             raise DeeprootsError(
-                f"--groups takes LAYER=GROUPS (e.g. conv2a=8 or 'layer1.*.conv2=4'); got {item!r}"
+                f"{flag} takes LAYER=GROUPS (e.g. conv2a=8 or 'layer1.*.conv2=4'); got {item!r}"
             )
         mapping[layer] = int(value)  # a layer given twice: the last value wins
     return mapping
+
+
+def _schedule(text: Optional[str]):
+    """``--schedule``: root-N, tree-N, col-N, or per-layer groups as a budget prints them
+    (``conv2a=4,conv3a=2``, commas or spaces between)."""
+    if text is None or "=" not in text:
+        return text
+    return _groups([item for item in re.split(r"[,\s]+", text.strip()) if item],
+                   "--schedule")
 
 
 def _build(args):
@@ -463,7 +473,7 @@ def cmd_rootify(args) -> int:
     if args.input_size is None and getattr(model, "default_input_size", None) is None:
         raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
     x = torch.zeros(1, *parse_input_size(args.input_size, model))
-    _, report = rootify(model, args.schedule, example_input=x, **options)
+    _, report = rootify(model, _schedule(args.schedule), example_input=x, **options)
     print(report.to_json(indent=2) if args.json else report.table())
     return 0
 
@@ -507,7 +517,7 @@ def _rootify_checkpoint(args, options) -> int:
         raise DeeprootsError("give --schedule, --macs, --params or --latency (or "
                              "--sensitivity, --frontier) with a checkpoint")
     _, report, summary = convert_checkpoint(
-        args.model, args.schedule, latency=args.latency, out=args.out,
+        args.model, _schedule(args.schedule), latency=args.latency, out=args.out,
         overwrite=args.overwrite, eval_images=args.eval_images, progress=progress,
         **common, **options)
     if args.json:
@@ -533,7 +543,9 @@ def _print_budget(summary) -> None:
     measured costs side by side."""
     kind, fraction = summary.budget["kind"], summary.budget["fraction"]
     groups = " ".join(f"{k}={v}" for k, v in summary.groups.items() if v > 1) or "(none)"
-    print(f"budget {kind} {fraction:g}: groups {groups}")
+    again = ",".join(f"{k}={v}" for k, v in summary.groups.items() if v > 1)
+    print(f"budget {kind} {fraction:g}: groups {groups}"
+          + (f" (again: --schedule {again})" if again else ""))
     rows = []
     for key, label in (("macs_fraction", "multiply-adds"), ("params_fraction", "params"),
                        ("latency_fraction", "time")):
@@ -547,6 +559,14 @@ def _print_budget(summary) -> None:
     from .text import format_table
 
     print(format_table(("of the dense model's", "predicted", "measured"), rows, align="lrr"))
+    if len(summary.candidates) > 1:
+        print("converted and measured on the selection images, the more accurate kept:")
+        print(format_table(
+            ("candidate", "groups", "time", "top-1 predicted", "top-1 measured"),
+            [(c["kind"], " ".join(f"{k}={v}" for k, v in c["groups"].items()) or "(none)",
+              f"{c['latency_fraction']:.3f}" if "latency_fraction" in c else "",
+              f"{c['predicted_top1']:.4f}", f"{c['select_top1']:.4f}")
+             for c in summary.candidates], align="llrrr"))
     from .conversion.checkpoint import LATENCY_TOLERANCE
 
     measured = summary.measured.get("latency_fraction")
@@ -777,12 +797,18 @@ def _parser_table(sub) -> None:
     p.set_defaults(func=cmd_table)
 
 
+def _allocator_option(p) -> None:
+    """``--allocator``: the heavy commands re-run themselves under jemalloc where it is
+    installed (a conversion of nin: 61 s -> 34 s on the 2-core CPU; docs/speed.md)."""
+    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+
+
 def _parser_train(sub) -> None:
     """``deeproots train``."""
     p = sub.add_parser("train", help="train a model on real data")
     _add_config_options(p, TrainConfig)
-    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
-                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+    _allocator_option(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -792,6 +818,7 @@ def _parser_eval(sub) -> None:
     _checkpoint_options(p, 256)
     p.add_argument("--limit-eval-batches", type=_whole("--limit-eval-batches"))
     p.add_argument("--json", action="store_true", help="print JSON (top1, top5, loss, n)")
+    _allocator_option(p)
     p.set_defaults(func=cmd_eval)
 
 
@@ -866,8 +893,7 @@ def _parser_bench(sub) -> None:
     p.add_argument("--repeats", type=_whole("--repeats"), default=10)
     p.add_argument("--warmup", type=_whole("--warmup", 0), default=3)
     p.add_argument("--input-size", type=_input_size, default=None)
-    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
-                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+    _allocator_option(p)
     p.add_argument("--layers", action="store_true",
                    help=f"per-layer times instead (paths {', '.join(LAYER_PATHS)})")
     p.add_argument("--plot", metavar="PNG", help="with --layers: a bar chart of where the "
@@ -922,7 +948,8 @@ def _parser_rootify(sub) -> None:
                                  "(RUN/best.pt): converted with calibration, keeping its "
                                  "accuracy")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--schedule", help="root-N, tree-N or col-N, e.g. root-8")
+    how.add_argument("--schedule", help="root-N, tree-N or col-N, e.g. root-8; or groups per "
+                     "layer, e.g. conv2a=4,conv3a=2 (as a budget prints them)")
     how.add_argument("--macs", type=_number, help="budget: at most this fraction of the "
                      "multiply-adds, e.g. 0.5 (a model name: the smallest root-N; a "
                      "checkpoint: the per-layer schedule of least predicted accuracy cost)")
@@ -980,6 +1007,7 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this PNG")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _allocator_option(p)
     p.set_defaults(func=cmd_rootify)
 
 

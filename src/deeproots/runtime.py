@@ -86,11 +86,13 @@ def jemalloc_path() -> Optional[str]:
     return next((p for p in JEMALLOC if os.path.exists(p)), None)
 
 
-def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()) -> None:
+def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = (),
+                         script: Optional[str] = None) -> None:
     """Re-run this command in place (exec) with jemalloc preloaded, when ``wanted`` is
     ``"jemalloc"``, or ``"auto"`` where it is installed; returns when nothing is to be done.
     A user's own ``LD_PRELOAD`` is kept (jemalloc goes in front of it). ``paths`` are the
-    inference paths the command will run: OpenVINO needs the system allocator.
+    inference paths the command will run: OpenVINO needs the system allocator. ``script``:
+    a Python file run with ``argv`` (a benchmark) instead of ``deeproots ARGV``.
     docs/speed.md has the figures."""
     if wanted == "system" or allocator() == "jemalloc":
         return
@@ -110,7 +112,8 @@ def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()
                MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "deeproots", *argv], env)
+    command = [script] if script else ["-m", "deeproots"]
+    os.execve(sys.executable, [sys.executable, *command, *argv], env)
 
 
 def _disk_error(err: BaseException) -> Optional[OSError]:

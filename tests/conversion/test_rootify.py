@@ -328,3 +328,23 @@ def test_a_schedule_that_groups_nothing_says_why_and_what_would():
     with pytest.raises(ValueError, match=r"it gives each conv it reaches the groups it has "
                                          r"already \(conv2a: 8\); give another N"):
         rootify(root8, "root-8", example_input=x[:1], calibration=x, regroup=True)
+
+
+def test_the_command_takes_per_layer_groups_as_a_budget_prints_them(capsys):
+    """``--schedule conv2a=4,conv3a=2`` is nin-root-4's schedule (Table 8: conv2a 4 groups,
+    conv3a 2), the form a budgeted conversion prints; a malformed one is one line."""
+    import json
+
+    from deeproots.cli import main
+
+    assert main(["rootify", "nin", "--schedule", "conv2a=4,conv3a=2", "--json"]) == 0
+    mine = json.loads(capsys.readouterr().out)
+    assert main(["rootify", "nin", "--schedule", "root-4", "--json"]) == 0
+    root4 = json.loads(capsys.readouterr().out)
+    assert {r["layer"]: r["groups_after"] for r in mine["layers"]
+            if r["groups_after"] > 1} == {"conv2a": 4, "conv3a": 2}
+    assert mine["macs_after"] == root4["macs_after"]
+    assert main(["rootify", "nin", "--schedule", "conv2a=four"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deeproots rootify: error: --schedule takes LAYER=GROUPS (e.g. conv2a=8 or "
+                   "'layer1.*.conv2=4'); got 'conv2a=four'"]

@@ -109,6 +109,8 @@ def test_a_layer_already_groupable_costs_nothing_at_its_own_count_and_more_above
     assert sorted(by_count) == [2, 4, 8]  # the counts that divide 8
     assert by_count[2].unexplained == pytest.approx(0.0, abs=1e-6)  # found and refit exactly
     assert by_count[2].top1 == 1.0
+    assert by_count[2].kl == pytest.approx(0.0, abs=1e-5)  # its predictions unchanged
+    assert 0 < by_count[4].kl < by_count[8].kl
     assert by_count[4].unexplained > 0.01 and by_count[8].unexplained > by_count[4].unexplained
     # the costs by hand: 3x3 x 8 x 8 x 64 pixels, divided by the groups
     assert layer.macs == 9 * 8 * 8 * 64 and by_count[4].macs == 9 * 8 * 8 * 64 // 4
@@ -150,3 +152,124 @@ def test_a_whole_model_measurement_rescales_the_layers_savings():
                            if o is not None) <= 40 + 1e-9)
     assert plan.groups == groups
     assert plan.predicted["top1"] == pytest.approx(prices.top1 - loss)
+
+
+def _kl_prices():
+    """The hand table of :func:`_prices` with each option's divergence (nats): a top-1 of
+    1,000 images is noisy, the divergence is what the search sums. Layer b at 4 groups
+    measured *above* its 2-group top-1 (noise); its divergence says otherwise."""
+    prices = _prices()
+    kls = {"a": [0.02, 0.10, 0.40], "b": [0.001, 0.03], "c": [0.20, 0.60]}
+    for layer in prices.layers:
+        for option, kl in zip(layer.options, kls[layer.layer]):
+            option.kl = kl
+    return prices
+
+
+def test_the_top1_lost_per_nat_is_the_least_squares_slope_through_the_origin():
+    prices = _kl_prices()
+    pairs = [(0.90 - o.top1, o.kl) for layer in prices.layers for o in layer.options]
+    # by hand: sum(drop * kl) / sum(kl^2)
+    slope = sum(d * k for d, k in pairs) / sum(k * k for _, k in pairs)
+    assert prices.top1_per_kl() == pytest.approx(slope)
+    assert predict(prices, {"a": 2, "c": 4})["top1"] == pytest.approx(0.90 - slope * 0.62)
+    assert _prices().top1_per_kl() is None  # no divergences: the top-1 drops, summed
+
+
+@pytest.mark.parametrize("budget, fraction", [("latency", 0.8), ("latency", 0.6),
+                                              ("macs", 0.6)])
+def test_with_divergences_the_search_finds_the_least_summed_divergence(budget, fraction):
+    prices = _kl_prices()
+    key = {"latency": "latency_fraction", "macs": "macs_fraction"}[budget]
+    best = None
+    for picks in itertools.product(*[[None] + layer.options for layer in prices.layers]):
+        groups = {layer.layer: o.groups for layer, o in zip(prices.layers, picks) if o}
+        if predict(prices, groups)[key] <= fraction + 1e-12:
+            kl = sum(o.kl for o in picks if o)
+            if best is None or kl < best[0] - 1e-12:
+                best = (kl, groups)
+    plan = choose(prices, **{budget: fraction})
+    assert plan.groups == best[1]
+
+
+def test_a_table_read_back_from_its_json_is_the_same_table():
+    prices = _kl_prices()
+    again = Sensitivity.from_dict(prices.to_dict())
+    assert again == prices and again.layers[0].options[1].kl == 0.10
+
+
+def test_the_divergence_of_a_selection_pass_is_torchs_kl_div():
+    from deeproots.conversion.sensitivity import _scores
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).eval()
+    x = torch.randn(20, 3, 2, 2)
+    labels = torch.randint(0, 5, (20,))
+    reference = torch.log_softmax(torch.randn(20, 5), 1)
+    top1, kl, logp = _scores(model, [x[:8], x[8:]], labels, reference)
+    with torch.no_grad():
+        logits = model(x)
+    assert top1 == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert kl == pytest.approx(float(torch.nn.functional.kl_div(
+        torch.log_softmax(logits, 1), reference, log_target=True, reduction="batchmean")),
+        rel=1e-5)
+    assert torch.allclose(logp, torch.log_softmax(logits, 1), atol=1e-6)
+
+
+def test_a_checked_layer_scales_its_priced_divergences_by_what_it_measured():
+    prices = _kl_prices()
+    a, c = prices.layers[0], prices.layers[2]
+    assert prices.kl_of(a, a.options[1]) == 0.10  # not checked: as priced
+    prices.verified["a@2"] = 0.06  # measured 3x its price (0.02)
+    assert prices.kl_of(a, a.options[0]) == pytest.approx(0.06)
+    assert prices.kl_of(a, a.options[2]) == pytest.approx(0.40 * 3)
+    prices.verified["a@4"] = 0.10  # 1x: the layer's factor is the mean, 2
+    assert prices.kl_of(a, a.options[1]) == pytest.approx(0.20)
+    prices.verified["c@2"] = 1e6  # kept within the bounds
+    assert prices.kl_of(c, c.options[0]) == pytest.approx(0.20 * 50)
+    assert prices.kl_of(c, Option(8, 1, 1, 1.0, 0.0, 0.5)) is None  # no divergence priced
+
+
+def test_the_search_runs_again_when_a_proposed_layer_measures_costlier_than_priced(
+        monkeypatch):
+    """By hand, macs 0.6 (400 of 1000 to save): the least summed divergence is a at 2 and
+    b at 4 (200 + 225 saved, 0.02 + 0.03). Converted alone, b at 4 measures 40 times its
+    price, so each of b's divergences counts 40 times: the search, run again, takes a at 4
+    and b at 2 (300 + 150, 0.10 + 0.04), whose layers are checked in turn; each (layer,
+    count) converted once."""
+    from types import SimpleNamespace
+
+    import deeproots.conversion.checkpoint as checkpoint
+
+    prices = _kl_prices()
+    converted = []
+    measured = {"a": 1.0, "b": 40.0, "c": 1.0}
+
+    def calibrate(model, changes, batches, refit):
+        assert refit == "root" and len(changes) == 1
+        converted.append(dict(changes))
+        return dict(changes), None
+
+    def selection_scores(model, select, reference=None):
+        if reference is None:
+            return 0.9, 0.0, "dense"
+        (layer, g), = model.items()
+        option = next(o for p in prices.layers if p.layer == layer
+                      for o in p.options if o.groups == g)
+        return 0.5, option.kl * measured[layer], None
+
+    monkeypatch.setattr(checkpoint, "calibrate", calibrate)
+    monkeypatch.setattr(checkpoint, "selection_scores", selection_scores)
+    source = SimpleNamespace(trained=None, cal=SimpleNamespace(
+        select=(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)),
+        fit=torch.zeros(2, 3, 4, 4)))
+    assert choose(prices, macs=0.6).groups == {"a": 2, "b": 4}
+    plan = checkpoint._checked(source, prices, lambda text: None,
+                               lambda: choose(prices, macs=0.6))
+    assert plan.groups == {"a": 4, "b": 2}
+    assert prices.verified == pytest.approx({"a@2": 0.02, "b@4": 1.2, "a@4": 0.10,
+                                             "b@2": 0.04})
+    assert plan.predicted["top1"] == pytest.approx(
+        0.90 - prices.top1_per_kl() * (0.10 + 0.04))
+    keys = [next(iter(c.items())) for c in converted]
+    assert len(keys) == len(set(keys)) == 4

@@ -5,8 +5,10 @@ fraction of the dense model's), ``--macs 0.5``, ``--params 0.5``.
 
 The conversion itself is :func:`deeproots.rootify` with calibration images
 (:mod:`deeproots.conversion.calibrate`); a budget is met by the search of :mod:`.search` over
-each layer's price (:mod:`.sensitivity`), the schedule converted, its time measured beside
-the dense model's and the search run again where the measurement says it missed. This
+each layer's price (:mod:`.sensitivity`), the layers it proposes checked by converting each
+alone, the schedule's time measured beside the dense model's and the search run again where
+the measurement says it missed; its best proposals and the least root-N within the budget
+are then converted and measured, and the most accurate kept. This
 module reads the trained model (a deeproots checkpoint, or a plain ``state_dict`` with the
 model named), takes the calibration images from the training split, evaluates each stage on
 a subset of the test split and the converted model on all of it, and writes the converted
@@ -19,7 +21,7 @@ import glob
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,10 +35,12 @@ from ..training.checkpoint import (NEEDED, load_checkpoint, load_weights_only,
                                    model_from_checkpoint, save_model)
 from ..training.data import CALIBRATION_IMAGES, build_loaders, head, sample_split
 from ..training.evaluate import evaluate
-from .calibrate.pipeline import check_trained
+from .calibrate.passes import calibration_batches
+from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
 from .search import Plan, cheapest, check_fraction, choose, latency_scale, predict
-from .sensitivity import Sensitivity, layer_prices, model_ms
+from .sensitivity import (GROUP_COUNTS, Sensitivity, layer_prices, model_ms, select_top1,
+                          selection_scores)
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
            "calibration_data", "Source", "open_source", "CALIBRATION_IMAGES", "EVAL_IMAGES",
@@ -48,6 +52,8 @@ SELECT_IMAGES = 1000  # training images, apart from the calibration ones, a sear
 # same model measures 5-10% apart from one run to the next (docs/conversion.md)
 LATENCY_TOLERANCE = 0.05
 REFINE_ROUNDS = 3  # searches run again after a whole-model measurement rescaled the layers'
+CANDIDATES = 2  # searched schedules within a budget converted and measured (and the best root-N)
+CHECK_ROUNDS = 3  # proposals whose layers are each checked by a calibrated conversion alone
 
 
 @dataclass
@@ -71,6 +77,7 @@ class ConvertedCheckpoint:
     budget: Optional[Dict[str, Any]] = None
     predicted: Dict[str, float] = field(default_factory=dict)
     measured: Dict[str, float] = field(default_factory=dict)
+    candidates: List[Dict[str, Any]] = field(default_factory=list)
     out: Optional[str] = None
     report: Optional[dict] = None
 
@@ -270,22 +277,28 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
     if source is None:
         source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
                              image_size=image_size, calibration_images_n=calibration_images_n,
-                             select_images=SELECT_IMAGES if budget and prices is None else 0,
+                             select_images=SELECT_IMAGES if budget else 0,
                              eval_images=eval_images, download=download)
     cal = source.cal
     measured: Dict[str, float] = {}
     evaluating = [0.0]  # seconds spent evaluating stages, not converting
 
-    def stage(stage_name, m):
+    def stage_top1(m) -> float:
         t0 = time.perf_counter()
-        measured[stage_name] = evaluate(m.eval(), cal.test_subset).top1
+        top1 = evaluate(m.eval(), cal.test_subset).top1
         evaluating[0] += time.perf_counter() - t0
+        return top1
+
+    def stage(stage_name, m):
+        measured[stage_name] = stage_top1(m)
 
     options = {k: v for k, v in rootify_options.items() if k not in ("macs", "params")}
+    candidates: List[Dict[str, Any]] = []
     if budget:
-        new, report, plan, timed = _convert_to_budget(
-            source, budget, prices, options, stage if stages else None, device,
+        new, report, plan, timed, candidates, stage_table = _convert_to_budget(
+            source, budget, prices, options, stage_top1 if stages else None, device,
             batch_size, progress)
+        measured.update(stage_table)
     else:
         new, report = rootify(source.trained, schedule, example_input=cal.fit[:1],
                               calibration=cal.fit, on_stage=stage if stages else None,
@@ -302,7 +315,7 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
         measured={"macs": report.macs_after, "params": report.params_after,
                   "macs_fraction": report.macs_fraction,
                   "params_fraction": report.params_fraction, **timed},
-        report=report.to_dict())
+        candidates=candidates, report=report.to_dict())
     summary.wall_s = time.perf_counter() - started
     if out is not None:
         save_model(out, new, _with_data(source.fields, cal, data_dir),
@@ -369,39 +382,125 @@ def _recorded_top1(source: dict, data: str) -> Optional[float]:
     return float(top1) if isinstance(top1, (int, float)) else None
 
 
-def _convert_to_budget(source: Source, budget, prices, options, on_stage, device,
+def _convert_to_budget(source: Source, budget, prices, options, stage_top1, device,
                        batch_size, progress):
-    """The schedule a budget buys, converted with calibration. For a latency budget the
-    search's schedule is built (its structure alone: no calibration) and measured beside the
-    dense model; the measurement rescales the layers' time savings (:func:`latency_scale`)
-    and the search runs again, at most :data:`REFINE_ROUNDS` times, until it proposes a
-    schedule already measured. Of the measured schedules within the budget (give or take
-    :data:`LATENCY_TOLERANCE`), the one of best predicted top-1 is calibrated (none within:
-    the fastest measured)."""
+    """The schedule a budget buys, converted with calibration. The search proposes
+    (:func:`~deeproots.conversion.search.choose`; for latency, refined by measurement:
+    :func:`_search_latency`), the best uniform root-N within the budget stands beside its
+    proposals, and the best :data:`CANDIDATES` proposals and that root-N are each converted
+    with calibration and measured on the selection images (training images apart from the
+    calibration ones): the most accurate is the result, so that a search never returns less
+    than the uniform schedule it could have. For latency the candidates are first timed
+    again side by side (:func:`_timed_together`). ``stage_top1``: a model's top-1 for the stage
+    table (None: no stage table). Returns the model, its report, its plan, its measured time,
+    every candidate (groups, kind, time, predicted and measured top-1) and its stage table."""
     kind, fraction = budget
     trained, cal = source.trained, source.cal
+    say = progress or (lambda text: None)
     if prices is None:
         prices = layer_prices(trained, cal.fit, cal.select, batch_size=batch_size,
                               device=device, name=source.name, progress=progress,
                               ignore=options.get("ignore", ()),
                               stem=options.get("stem", "input"))
-    timed: Dict[str, float] = {}
     if kind != "latency":
-        plan = choose(prices, **{kind: fraction})
+        plan = _checked(source, prices, say, lambda: choose(prices, **{kind: fraction}))
+        proposals = [(plan, {})]
+        uniform = _best_uniform(source, prices, kind, fraction, options)
     else:
-        plan, timed = _search_latency(source, prices, fraction, options, device, batch_size,
-                                      progress)
-    new, report = rootify(trained, as_mapping(plan.groups), example_input=cal.fit[:1],
-                          calibration=cal.fit, on_stage=on_stage, **options)
-    return new, report, plan, timed
+        proposals, uniform = _search_latency(source, prices, fraction, options, device,
+                                             batch_size, progress)
+    candidates = [(p, t, "searched") for p, t in proposals[:CANDIDATES]]
+    for plan, timed in uniform:
+        if all(p.groups != plan.groups for p, _, _ in candidates):
+            candidates.append((plan, timed, "uniform"))
+    if kind == "latency" and len(candidates) > 1:
+        candidates = _timed_together(source, candidates, fraction, options, device,
+                                     batch_size, say)
+    best, rows = None, []
+    for plan, timed, how in candidates:
+        table: Dict[str, float] = {}
+        on_stage = None if stage_top1 is None else (
+            lambda name, m, table=table: table.__setitem__(name, stage_top1(m)))
+        new, report = rootify(trained, as_mapping(plan.groups), example_input=cal.fit[:1],
+                              calibration=cal.fit, on_stage=on_stage, **options)
+        top1 = select_top1(new, cal.select) if len(candidates) > 1 else float("nan")
+        plan.predicted = predict(prices, plan.groups)  # the layers alone, as the table says
+        rows.append({"kind": how, "groups": dict(plan.groups),
+                     "predicted_top1": plan.predicted["top1"], "select_top1": top1,
+                     **({"latency_fraction": timed["latency_fraction"]} if timed else {})})
+        say(f"{how} {_label(plan.groups)}: selection top-1 {top1:.4f} (predicted "
+            f"{plan.predicted['top1']:.4f})")
+        if best is None or top1 > best[0]:  # a tie keeps the searched proposal
+            best = (top1, new, report, plan, timed, table)
+    _, new, report, plan, timed, table = best
+    for row in rows:
+        row["chosen"] = row["groups"] == plan.groups
+    return new, report, plan, timed, rows, table
+
+
+def _label(groups: Dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in groups.items()) or "(none)"
+
+
+def _uniform_groups(source: Source, n: int, options
+                    ) -> Tuple[Dict[str, int], RootifyReport, nn.Module]:
+    """The per-layer groups root-``n`` gives this model, the report and the structure of that
+    build (uncalibrated)."""
+    structure, report = rootify(source.trained, f"root-{n}", example_input=source.cal.fit[:1],
+                                init="block-diagonal", **options)
+    return {k: v for k, v in report.groups.items() if v > 1}, report, structure
+
+
+def _best_uniform(source: Source, prices: Sensitivity, kind: str, fraction: float, options):
+    """The root-N of least N whose multiply-adds (or parameters) are within ``fraction`` of
+    the dense model's, as ``[(plan, {})]``; none when none is."""
+    for n in GROUP_COUNTS:
+        groups, report, _ = _uniform_groups(source, n, options)
+        if getattr(report, f"{kind}_fraction") <= fraction:
+            return [(Plan(kind, fraction, groups, predict(prices, groups)), {})]
+    return []
+
+
+def _timed_together(source: Source, candidates, fraction: float, options, device,
+                    batch_size, say):
+    """The candidates of a latency budget timed again, all of them and the dense model side
+    by side in one session (each was timed beside the dense model alone before, and on a
+    shared CPU two sessions differ by 5-10%): those within the budget (5% over allowed),
+    each with its new time; none within: the fastest."""
+    size = source.cal.fit[:1].shape[1:]
+    models = {"dense": source.trained}
+    for i, (plan, _, _) in enumerate(candidates):
+        models[str(i)], _ = rootify(source.trained, as_mapping(plan.groups),
+                                    example_input=source.cal.fit[:1], init="block-diagonal",
+                                    **options)
+    ms = model_ms(models, size, batch_size, device, repeats=10)
+    timed = []
+    for i, (plan, _, how) in enumerate(candidates):
+        t = {"ms_dense": ms["dense"], "ms": ms[str(i)],
+             "latency_fraction": ms[str(i)] / ms["dense"]}
+        say(f"{how} {_label(plan.groups)}: measured {t['latency_fraction']:.3f} beside the "
+            f"other candidates")
+        timed.append((plan, t, how))
+    limit = fraction * (1 + LATENCY_TOLERANCE)
+    within = [c for c in timed if c[1]["latency_fraction"] <= limit]
+    return within or [min(timed, key=lambda c: c[1]["latency_fraction"])]
 
 
 def _search_latency(source: Source, prices: Sensitivity, fraction: float, options, device,
-                    batch_size, progress) -> Tuple[Plan, Dict[str, float]]:
-    """Search, build, measure, rescale, search again (see :func:`_convert_to_budget`)."""
+                    batch_size, progress):
+    """Search, build, measure, rescale, search again: each proposal's structure is built
+    (no calibration) and timed beside the dense model; the measurement rescales the layers'
+    time savings (:func:`latency_scale`) and the search runs again, at most
+    :data:`REFINE_ROUNDS` times, until it proposes a schedule already measured. Then each
+    root-N from the least N up is timed until one is within the budget. Returns the measured
+    proposals within the budget (give or take :data:`LATENCY_TOLERANCE`), best predicted
+    top-1 first (none within: the fastest measured), each ``(plan, timed)``, and the least
+    root-N within the budget as ``(plan, timed)`` (none: an empty list), with the root-N
+    before it where that missed the budget by less than the tolerance again."""
     trained, size = source.trained, source.cal.fit[:1].shape[1:]
     say = progress or (lambda text: None)
     measured: Dict[Tuple, Tuple[Plan, Dict[str, float]]] = {}
+    limit = fraction * (1 + LATENCY_TOLERANCE)
     scale = 1.0
 
     def build_and_time(groups):
@@ -410,12 +509,12 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
         return measure_latency(trained, structure, size, batch_size, device)
 
     try:
-        plan = choose(prices, latency=fraction)
+        plan = _checked(source, prices, say, lambda: choose(prices, latency=fraction))
     except DeeprootsError as err:  # the layers alone say no: does the whole model?
         groups = cheapest(prices)
         timed = build_and_time(groups)
         say(f"the cheapest schedule measured {timed['latency_fraction']:.3f}")
-        if timed["latency_fraction"] > fraction * (1 + LATENCY_TOLERANCE):
+        if timed["latency_fraction"] > limit:
             raise DeeprootsError(f"{str(err).split(': the cheapest')[0]}: the cheapest "
                                  f"schedule (every groupable layer at its largest count) "
                                  f"measured {timed['latency_fraction']:.3f} on {device}. "
@@ -433,22 +532,67 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
             break
         timed = build_and_time(plan.groups)
         measured[key] = (plan, timed)
-        say(f"groups {' '.join(f'{k}={v}' for k, v in plan.groups.items()) or '(none)'}: "
-            f"predicted {plan.predicted['latency_fraction']:.3f}, measured "
+        say(f"groups {_label(plan.groups)}: predicted "
+            f"{plan.predicted['latency_fraction']:.3f}, measured "
             f"{timed['latency_fraction']:.3f}")
         scale = latency_scale(prices, plan.groups, timed["latency_fraction"])
         try:
             plan = choose(prices, latency=fraction, scale=scale)
         except DeeprootsError:
             break
-    limit = fraction * (1 + LATENCY_TOLERANCE)
+    uniform, near = [], None
+    for n in GROUP_COUNTS:
+        groups, _, structure = _uniform_groups(source, n, options)
+        key = tuple(sorted(groups.items()))
+        if key in measured:  # a proposal already: it stays one
+            timed = measured[key][1]
+        else:
+            timed = measure_latency(trained, structure, size, batch_size, device)
+        say(f"root-{n}: measured {timed['latency_fraction']:.3f}")
+        here = (Plan("latency", fraction, groups, predict(prices, groups)), timed)
+        if timed["latency_fraction"] <= limit:
+            # and the root-N before it, where it missed by the noise between two sessions:
+            # it is timed again beside the others (_timed_together)
+            uniform = [here] + ([near] if near else [])
+            break
+        near = here if timed["latency_fraction"] <= limit * (1 + LATENCY_TOLERANCE) else None
     within = [(p, t) for p, t in measured.values() if t["latency_fraction"] <= limit]
     if within:
-        plan, timed = max(within, key=lambda pt: pt[0].predicted["top1"])
-    else:
-        plan, timed = min(measured.values(), key=lambda pt: pt[1]["latency_fraction"])
-    plan.predicted = predict(prices, plan.groups)  # the layers alone, as the table says
-    return plan, timed
+        within.sort(key=lambda pt: -pt[0].predicted["top1"])
+        return within, uniform
+    if uniform:
+        return [], uniform
+    return [min(measured.values(), key=lambda pt: pt[1]["latency_fraction"])], []
+
+
+def _checked(source: Source, prices: Sensitivity, say, propose) -> Plan:
+    """The search's proposal once the layers it groups are checked: each (layer, count) of
+    it not checked yet is converted alone by the calibrated pipeline (its batch norms
+    re-estimated, the 1x1 conv after it refit) and its divergence on the selection images
+    recorded in ``prices.verified``, which rescales that layer's priced divergences
+    (:meth:`Sensitivity.kl_of`); the search runs again until it proposes only checked layers
+    (at most :data:`CHECK_ROUNDS` rounds). The closed-form price leaves the batch norms as
+    they were: on a model whose statistics drifted in training, a layer can cost three
+    times its price once they are re-estimated (a one-epoch resnet50's layer4)."""
+    plan = propose()
+    reference = None
+    for _ in range(CHECK_ROUNDS):
+        todo = [(k, g) for k, g in plan.groups.items() if f"{k}@{g}" not in prices.verified]
+        if not todo:
+            break
+        if reference is None:
+            reference = selection_scores(source.trained, source.cal.select)[2]
+        batches = calibration_batches(source.cal.fit)
+        for layer, g in todo:
+            alone, _ = calibrate(source.trained, {layer: g}, batches, refit="root")
+            kl = selection_scores(alone, source.cal.select, reference)[1]
+            prices.verified[f"{layer}@{g}"] = kl
+            priced = next(o.kl for p in prices.layers if p.layer == layer
+                          for o in p.options if o.groups == g)
+            say(f"{layer} at {g} groups, converted alone: KL {kl:.4f} (priced "
+                f"{priced if priced is None else round(priced, 4)})")
+        plan = propose()
+    return plan
 
 
 def as_mapping(groups: Dict[str, int]) -> Dict[str, int]:

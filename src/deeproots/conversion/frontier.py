@@ -1,8 +1,8 @@
 """Accuracy against measured time in one command: ``deeproots rootify CHECKPOINT --frontier``
 converts a trained model at several latency budgets (the searched, per-layer schedules of
 :mod:`.search`) and to every uniform root-N schedule, each with calibration and no gradient
-step, measures each beside the dense model on the device, evaluates each on the whole test
-split, and (``finetune_steps``) fine-tunes each with distillation from the dense model.
+step, times them all side by side with the dense model in one session on the device (the
+figures every point is compared by), evaluates each on the whole test split, and (``finetune_steps``) fine-tunes each with distillation from the dense model.
 
     result = frontier("runs/nin/best.pt", out="runs/nin-frontier")
     print(result.table())          # one row a point: schedule, time, MACs, top-1
@@ -28,7 +28,7 @@ from ..text import format_table
 from .checkpoint import (LATENCY_TOLERANCE, SELECT_IMAGES, Source, check_device,
                          convert_checkpoint, measure_latency, open_source)
 from .search import check_fraction
-from .sensitivity import GROUP_COUNTS, Sensitivity, layer_prices
+from .sensitivity import GROUP_COUNTS, Sensitivity, layer_prices, model_ms
 
 __all__ = ["Point", "Frontier", "frontier", "FRONTIER_BUDGETS", "FRONTIER_FILES"]
 
@@ -55,6 +55,7 @@ class Point:
     budget: Optional[float] = None
     predicted_latency: Optional[float] = None
     top1_finetuned: Optional[float] = None
+    chosen: Optional[str] = None  # a searched point: which candidate won, searched or uniform
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Frontier:
         rows = []
         for p in self.points:
             rival = self.best_uniform(p.budget) if p.kind == "searched" else None
-            row = [p.label, f"{p.latency_fraction:.3f}",
+            label = p.label + (" (its root-N won)" if p.chosen == "uniform" else "")
+            row = [label, f"{p.latency_fraction:.3f}",
                    f"{p.predicted_latency:.3f}" if p.predicted_latency is not None else "",
                    f"{p.macs_fraction:.3f}", f"{p.params_fraction:.3f}", f"{p.top1:.4f}",
                    f"{100 * (p.top1 - self.top1_dense):+.2f}",
@@ -132,7 +134,7 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
     say = progress or (lambda text: None)
     source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
                          image_size=image_size, calibration_images_n=calibration_images_n,
-                         select_images=SELECT_IMAGES if prices is None else 0)
+                         select_images=SELECT_IMAGES)
     if finetune_steps and not source.fields.get("config"):
         raise DeeprootsError(f"--finetune-steps distils from the dense model's deeproots "
                              f"checkpoint; {checkpoint} holds weights only: convert it, then "
@@ -168,6 +170,13 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
                                 batch_size, device)
         result.points.append(_point(f"root-{n}", "uniform", s, timed))
         seen.append((new, s.groups))
+    if len(seen) > 1:  # one session for all: two sessions differ by 5-10% on a shared CPU
+        say("every point timed again, side by side with the dense model")
+        ms = model_ms({"dense": source.trained, **{str(i): m for i, (m, _) in enumerate(seen)}},
+                      source.cal.fit[:1].shape[1:], batch_size, device, repeats=10)
+        for i, p in enumerate(result.points):
+            p.ms, p.ms_dense = ms[str(i)], ms["dense"]
+            p.latency_fraction = p.ms / p.ms_dense
     if finetune_steps:
         _finetune(result, source, [m for m, _ in seen], folder, finetune_steps, finetune_lr,
                   device, data_dir, say)
@@ -182,10 +191,12 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
 
 
 def _point(label: str, kind: str, s, timed: dict, budget: Optional[float] = None) -> Point:
+    won = [c["kind"] for c in s.candidates if c.get("chosen")]
     return Point(label, kind, dict(s.groups), s.top1_after, timed["latency_fraction"],
                  timed["ms"], timed["ms_dense"], s.measured["macs_fraction"],
                  s.measured["params_fraction"], budget,
-                 s.predicted.get("latency_fraction") if s.predicted else None)
+                 s.predicted.get("latency_fraction") if s.predicted else None,
+                 chosen=won[0] if won else None)
 
 
 def _finetune(result: Frontier, source: Source, models, folder: Path, steps: int, lr: float,

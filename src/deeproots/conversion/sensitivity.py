@@ -14,7 +14,12 @@ The accuracy side, closed form and with no gradient step, per layer and group co
 * the top-1, on other images of the training split (the selection images), of the model
   with that layer alone so converted (its weight block-diagonal in the assigned order, the
   constant term in its bias or the batch norm after it): a pass that starts at the layer,
-  the layers before it computed once.
+  the layers before it computed once; and in the same pass how far its predictions moved
+  from the dense model's, the mean KL divergence of its softmax from the dense one. On 1,000
+  selection images a top-1 moves by a point or more with which images happen to flip (a
+  layer can even measure *better* than dense); the divergence counts every image's change,
+  so it orders the options without that noise and adds up over layers, to second order:
+  the search (:mod:`.search`) minimises its sum.
 
 The speed side: each conv timed at each group count on an input of its own shape in the
 model, at the batch size asked, channels-last (the ``fold`` path's form), side by side with
@@ -47,18 +52,22 @@ from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
 __all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts",
-           "GROUP_COUNTS", "model_ms"]
+           "GROUP_COUNTS", "model_ms", "select_top1", "selection_scores"]
 
 GROUP_COUNTS = (2, 4, 8, 16, 32, 64)  # the counts a layer is priced at (those that divide it)
 FIT_ROWS = 131072  # input patches a layer's normal equations are summed over, at most
 RIDGE = 1e-4
+KL_FLOOR = 1e-4  # nats: a divergence below this is taken as this when measuring a ratio to it
+VERIFIED_FACTOR = (0.25, 50.0)  # how far a check of a layer may scale its priced divergences
 
 
 @dataclass
 class Option:
     """One layer at one group count: its multiply-adds and parameters per image, its
     measured ms per batch, the energy its refit leaves unexplained (a fraction of the dense
-    output's), and the selection images' top-1 with this layer alone converted."""
+    output's), the selection images' top-1 with this layer alone converted, and the mean
+    KL divergence (nats) of that model's softmax from the dense model's on them (None: not
+    measured, as in a table written before it was)."""
 
     groups: int
     macs: int
@@ -66,6 +75,7 @@ class Option:
     ms: float
     unexplained: float
     top1: float
+    kl: Optional[float] = None
 
 
 @dataclass
@@ -100,21 +110,63 @@ class Sensitivity:
     ms: float
     layers: List[LayerPrice] = field(default_factory=list)
     seconds: float = 0.0
+    # "layer@groups" -> the divergence that layer alone measured converted by the whole
+    # calibrated pipeline (batch norms re-estimated, its 1x1 refit): filled by a budgeted
+    # conversion as it checks the layers its search proposes (see :meth:`kl_of`)
+    verified: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def kl_of(self, layer: LayerPrice, option: Option) -> Optional[float]:
+        """``option``'s divergence as the search counts it: as priced, times what the
+        calibrated conversion of that layer alone measured over what it was priced at (the
+        mean over the counts checked, kept within :data:`VERIFIED_FACTOR`; 1 where none
+        was). The price's closed-form refit leaves the batch norms as they were; the
+        conversion re-estimates them, and on a model whose statistics drifted (a one-epoch
+        resnet50's deepest stage) that costs 3 points more than the price says."""
+        if option.kl is None:
+            return None
+        factors = []
+        for o in layer.options:
+            measured = self.verified.get(f"{layer.layer}@{o.groups}")
+            if measured is not None and o.kl is not None:
+                factors.append(measured / max(o.kl, KL_FLOOR))
+        if not factors:
+            return option.kl
+        low, high = VERIFIED_FACTOR
+        return option.kl * min(high, max(low, sum(factors) / len(factors)))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Sensitivity":
+        """The table :meth:`to_dict` (``--sensitivity --json``) wrote."""
+        layers = [LayerPrice(**{**layer, "options": [Option(**o) for o in layer["options"]]})
+                  for layer in raw.get("layers", [])]
+        return cls(**{**raw, "layers": layers})
+
+    def top1_per_kl(self) -> Optional[float]:
+        """The top-1 lost per nat of divergence, fitted over every option (least squares
+        through the origin: ``drop = slope * kl``), or None where no option has a divergence.
+        What turns a schedule's summed divergence into a predicted top-1."""
+        pairs = [(self.top1 - o.top1, o.kl) for layer in self.layers for o in layer.options
+                 if o.kl is not None]
+        denominator = sum(kl * kl for _, kl in pairs)
+        if not pairs or denominator <= 0:
+            return None
+        return max(0.0, sum(drop * kl for drop, kl in pairs) / denominator)
+
     def table(self) -> str:
         """One row per layer and group count: what it costs and what it saves."""
-        head = ("layer", "shape", "groups", "top-1 cost", "unexplained", "MACs saved",
+        head = ("layer", "shape", "groups", "top-1 cost", "KL", "unexplained", "MACs saved",
                 "params saved", "ms saved", "ms")
         rows = []
         for layer in self.layers:
             shape = (f"{layer.in_channels}->{layer.out_channels} {layer.kernel} "
                      f"{layer.resolution}")
-            rows.append((layer.layer, shape, "1", "", "", "", "", "", f"{layer.ms:.2f}"))
+            rows.append((layer.layer, shape, "1", "", "", "", "", "", "", f"{layer.ms:.2f}"))
             for o in layer.options:
                 rows.append(("", "", str(o.groups), f"{100 * (self.top1 - o.top1):+.2f}",
+                             "" if o.kl is None else f"{o.kl:.4f}",
                              f"{100 * o.unexplained:.1f}%",
                              f"{100 * (layer.macs - o.macs) / self.macs:.1f}%",
                              f"{100 * (layer.params - o.params) / self.params:.1f}%",
@@ -124,7 +176,7 @@ class Sensitivity:
             f"images ({100 * self.top1:.2f} dense), costs saved as a share of the model's "
             f"({self.macs:,} MACs, {self.params:,} params, {self.ms:.1f} ms a batch of "
             f"{self.batch_size} on {self.device}, fold path)",
-            format_table(head, rows, align="llrrrrrrr"),
+            format_table(head, rows, align="llrrrrrrrr"),
             f"priced in {self.seconds:.0f} s"])
 
 
@@ -235,7 +287,7 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
     size = tuple(example.shape[1:])
     cost = profile(model, size)
     per_layer = {c.name: c for c in cost.layers}
-    top1 = _top1(model, select_batches, labels)
+    top1, _, dense = _scores(model, select_batches, labels)
     equations = _equations(model, convs, layers, fit_batches)
     sites_of = root_sites(model, [s.name for s in layers])
     shapes = _input_shapes(model, convs, layers, example)
@@ -261,15 +313,16 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
                                           fix_cols=fixed.producer is None)
             weight, const, unexplained = eq.refit(rows, cols, g, intercept)
             with _installed(conv, norm, weight, const if intercept else None):
-                got = _top1(model, starts, labels)
+                got, kl, _ = _scores(model, starts, labels, dense)
             bias = per_layer[site.name].params - conv.weight.numel()
             price.options.append(Option(g, per_layer[site.name].macs // g,
                                         conv.weight.numel() // g + bias, times[g],
-                                        unexplained, got))
+                                        unexplained, got, kl))
         result.layers.append(price)
         if progress is not None:
             progress(f"{site.name}: " + ", ".join(
-                f"{o.groups} groups {100 * (top1 - o.top1):+.2f}" for o in price.options))
+                f"{o.groups} groups {100 * (top1 - o.top1):+.2f} (KL {o.kl:.3f})"
+                for o in price.options))
     result.seconds = time.perf_counter() - started
     return result
 
@@ -294,17 +347,43 @@ def _input_shapes(model, convs, layers, example) -> Dict[str, tuple]:
     return {name: tuple(x.shape[1:]) for name, x in xs.items()}
 
 
-def _top1(model: nn.Module, batches, labels: torch.Tensor) -> float:
-    """Top-1 of ``model`` over the selection batches (each possibly a :class:`Prefixed`)."""
-    hits, start = 0, 0
+def _scores(model: nn.Module, batches, labels: torch.Tensor,
+            reference: Optional[torch.Tensor] = None
+            ) -> Tuple[float, float, torch.Tensor]:
+    """Top-1 of ``model`` over the selection batches (each possibly a :class:`Prefixed`),
+    the mean KL divergence of its softmax from ``reference``'s (log-probabilities; 0.0
+    without one), and its own log-probabilities."""
+    hits, start, kl, outs = 0, 0, 0.0, []
     with torch.no_grad():
         for x in batches:
             out = forward(model, x)
-            logits = out[0] if isinstance(out, tuple) else out
+            logits = (out[0] if isinstance(out, tuple) else out).float().cpu()
             n = len(x)
-            hits += int((logits.argmax(1) == labels[start:start + n].to(logits.device)).sum())
+            hits += int((logits.argmax(1) == labels[start:start + n]).sum())
+            logp = F.log_softmax(logits, 1)
+            if reference is not None:
+                ref = reference[start:start + n]
+                kl += float((ref.exp() * (ref - logp)).sum())
+            outs.append(logp)
             start += n
-    return hits / max(start, 1)
+    return hits / max(start, 1), kl / max(start, 1), torch.cat(outs)
+
+
+def selection_scores(model: nn.Module, select: Tuple[torch.Tensor, torch.Tensor],
+                     reference: Optional[torch.Tensor] = None
+                     ) -> Tuple[float, float, torch.Tensor]:
+    """``model``'s (eval mode) top-1 on the labelled selection images ``(images, labels)``,
+    the mean KL divergence of its softmax from ``reference``'s (0.0 without one), and its
+    log-probabilities (a reference for another model)."""
+    images, labels = select
+    batches = [channels_last(b) for b in calibration_batches(images)]
+    return _scores(model.eval(), batches, labels.cpu(), reference)
+
+
+def select_top1(model: nn.Module, select: Tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Top-1 of ``model`` (eval mode) on the labelled selection images ``(images, labels)``:
+    what a search measures its candidates by, apart from the test split."""
+    return selection_scores(model, select)[0]
 
 
 def _norm_after(model: nn.Module, conv: nn.Conv2d, example) -> Optional[nn.Module]:
