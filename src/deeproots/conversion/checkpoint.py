@@ -44,7 +44,7 @@ from .sensitivity import (GROUP_COUNTS, Sensitivity, layer_prices, model_ms, sel
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
            "calibration_data", "Source", "open_source", "CALIBRATION_IMAGES", "EVAL_IMAGES",
-           "measure_latency", "check_device", "as_mapping", "price_checkpoint"]
+           "measure_latency", "measure_latencies", "check_device", "as_mapping", "price_checkpoint"]
 
 EVAL_IMAGES = 1000  # test images each stage is evaluated on (the converted model: all)
 SELECT_IMAGES = 1000  # training images, apart from the calibration ones, a search chooses by
@@ -468,16 +468,15 @@ def _timed_together(source: Source, candidates, fraction: float, options, device
     shared CPU two sessions differ by 5-10%): those within the budget (5% over allowed),
     each with its new time; none within: the fastest."""
     size = source.cal.fit[:1].shape[1:]
-    models = {"dense": source.trained}
+    models = {}
     for i, (plan, _, _) in enumerate(candidates):
         models[str(i)], _ = rootify(source.trained, as_mapping(plan.groups),
                                     example_input=source.cal.fit[:1], init="block-diagonal",
                                     **options)
-    ms = model_ms(models, size, batch_size, device, repeats=10)
+    together = measure_latencies(source.trained, models, size, batch_size, device)
     timed = []
     for i, (plan, _, how) in enumerate(candidates):
-        t = {"ms_dense": ms["dense"], "ms": ms[str(i)],
-             "latency_fraction": ms[str(i)] / ms["dense"]}
+        t = together[str(i)]
         say(f"{how} {_label(plan.groups)}: measured {t['latency_fraction']:.3f} beside the "
             f"other candidates")
         timed.append((plan, t, how))
@@ -575,14 +574,14 @@ def _checked(source: Source, prices: Sensitivity, say, propose) -> Plan:
     they were: on a model whose statistics drifted in training, a layer can cost three
     times its price once they are re-estimated (a one-epoch resnet50's layer4)."""
     plan = propose()
-    reference = None
+    reference = batches = None
     for _ in range(CHECK_ROUNDS):
         todo = [(k, g) for k, g in plan.groups.items() if f"{k}@{g}" not in prices.verified]
         if not todo:
             break
-        if reference is None:
+        if reference is None:  # read once, and only when something is to be checked
             reference = selection_scores(source.trained, source.cal.select)[2]
-        batches = calibration_batches(source.cal.fit)
+            batches = calibration_batches(source.cal.fit)
         for layer, g in todo:
             alone, _ = calibrate(source.trained, {layer: g}, batches, refit="root")
             kl = selection_scores(alone, source.cal.select, reference)[1]
@@ -605,9 +604,19 @@ def measure_latency(dense: nn.Module, new: nn.Module, size, batch_size: int, dev
                     repeats: int = 10) -> Dict[str, float]:
     """The dense and converted models' ms per batch in the ``fold`` path, timed side by
     side, and the converted one's as a fraction of the dense one's."""
-    both = model_ms({"dense": dense, "converted": new}, size, batch_size, device, repeats)
-    return {"ms_dense": both["dense"], "ms": both["converted"],
-            "latency_fraction": both["converted"] / both["dense"]}
+    return measure_latencies(dense, {"converted": new}, size, batch_size, device,
+                             repeats)["converted"]
+
+
+def measure_latencies(dense: nn.Module, models: Dict[str, nn.Module], size, batch_size: int,
+                      device: str, repeats: int = 10) -> Dict[str, Dict[str, float]]:
+    """Each of ``models`` and the dense model timed side by side in one session, as
+    :func:`measure_latency` times one: for each name its ``ms``, the dense ``ms_dense`` and
+    its ``latency_fraction``."""
+    ms = model_ms({"": dense, **{f"m{name}": m for name, m in models.items()}}, size,
+                  batch_size, device, repeats)
+    return {name: {"ms_dense": ms[""], "ms": ms[f"m{name}"],
+                   "latency_fraction": ms[f"m{name}"] / ms[""]} for name in models}
 
 
 def price_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None,

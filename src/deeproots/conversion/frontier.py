@@ -2,7 +2,8 @@
 converts a trained model at several latency budgets (the searched, per-layer schedules of
 :mod:`.search`) and to every uniform root-N schedule, each with calibration and no gradient
 step, times them all side by side with the dense model in one session on the device (the
-figures every point is compared by), evaluates each on the whole test split, and (``finetune_steps``) fine-tunes each with distillation from the dense model.
+figures every point is compared by), evaluates each on the whole test split, and
+(``finetune_steps``) fine-tunes each with distillation from the dense model.
 
     result = frontier("runs/nin/best.pt", out="runs/nin-frontier")
     print(result.table())          # one row a point: schedule, time, MACs, top-1
@@ -26,9 +27,9 @@ from ..outputs import check_new_folder
 from ..runtime import write_json, write_text
 from ..text import format_table
 from .checkpoint import (LATENCY_TOLERANCE, SELECT_IMAGES, Source, check_device,
-                         convert_checkpoint, measure_latency, open_source)
+                         convert_checkpoint, measure_latencies, measure_latency, open_source)
 from .search import check_fraction
-from .sensitivity import GROUP_COUNTS, Sensitivity, layer_prices, model_ms
+from .sensitivity import GROUP_COUNTS, Sensitivity, layer_prices
 
 __all__ = ["Point", "Frontier", "frontier", "FRONTIER_BUDGETS", "FRONTIER_FILES"]
 
@@ -172,11 +173,11 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
         seen.append((new, s.groups))
     if len(seen) > 1:  # one session for all: two sessions differ by 5-10% on a shared CPU
         say("every point timed again, side by side with the dense model")
-        ms = model_ms({"dense": source.trained, **{str(i): m for i, (m, _) in enumerate(seen)}},
-                      source.cal.fit[:1].shape[1:], batch_size, device, repeats=10)
+        timed = measure_latencies(source.trained, {str(i): m for i, (m, _) in enumerate(seen)},
+                                  source.cal.fit[:1].shape[1:], batch_size, device)
         for i, p in enumerate(result.points):
-            p.ms, p.ms_dense = ms[str(i)], ms["dense"]
-            p.latency_fraction = p.ms / p.ms_dense
+            t = timed[str(i)]
+            p.ms, p.ms_dense, p.latency_fraction = t["ms"], t["ms_dense"], t["latency_fraction"]
     if finetune_steps:
         _finetune(result, source, [m for m, _ in seen], folder, finetune_steps, finetune_lr,
                   device, data_dir, say)
