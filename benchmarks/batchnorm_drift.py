@@ -3,9 +3,12 @@ schedules against uniform ones"): one conv of a trained model grouped and refit 
 form, as its price is (``deeproots.conversion.sensitivity``), then its batch norms left as
 they were, all re-estimated on the calibration images (as the calibrated conversion does),
 or only the one after it; and how far the conv's input moves between eval mode and the
-train mode a re-estimation runs in. Top-1 on the first 2,000 test images.
+train mode a re-estimation runs in. Then whole conversions (``--schedules``) with the batch
+norms kept (the default) and re-estimated (``--batchnorm reestimate``). Top-1 on the first
+2,000 test images.
 
-    python benchmarks/batchnorm_drift.py RUN/best.pt --layer layer4.0.conv2 --groups 2
+    python benchmarks/batchnorm_drift.py RUN/best.pt --layer layer4.0.conv2 --groups 2 \
+        --schedules root-8 root-16
 """
 import argparse
 import copy
@@ -21,12 +24,14 @@ def main() -> None:
     p.add_argument("--layer", default="layer4.0.conv2")
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--eval-images", type=int, default=2000)
+    p.add_argument("--schedules", nargs="*", default=["root-8", "root-16"],
+                   help="whole conversions, batch norms kept and re-estimated")
     args = p.parse_args()
     from deeproots.capture import capture
     from deeproots.conversion import sensitivity as S
     from deeproots.conversion.calibrate.assignment import assign_groups
     from deeproots.conversion.calibrate.batchnorm import reestimate_batchnorm
-    from deeproots.conversion.calibrate.passes import calibration_batches
+    from deeproots.conversion.calibrate.passes import calibration_batches, norm_after
     from deeproots.conversion.calibrate.sites import root_sites
     from deeproots.conversion.checkpoint import open_source
     from deeproots.conversion.rule import groupable
@@ -45,7 +50,7 @@ def main() -> None:
     conv = convs[args.layer]
     eq = S._equations(model, convs, [site], fit)[args.layer]
     fixed = root_sites(model, [args.layer])[args.layer]
-    norm = S._norm_after(model, conv, fit[0][:1])
+    norm = norm_after(model, conv, fit[0][:1])
     rows, cols, _ = assign_groups(eq.score(), args.groups, fix_rows=fixed.consumer is None,
                                   fix_cols=fixed.producer is None)
     weight, const, _ = eq.refit(rows, cols, args.groups, True)
@@ -63,7 +68,7 @@ def main() -> None:
         return m
 
     def after(m):
-        return S._norm_after(m, conv_layers(m)[args.layer], fit[0][:1])
+        return norm_after(m, conv_layers(m)[args.layer], fit[0][:1])
 
     def conv_input(m, train):
         m.train(train)
@@ -82,6 +87,21 @@ def main() -> None:
     print(f"refit, only the batch norm after it          {top1(reestimated(after)):.4f}")
     move = float((x_train - x_eval).norm() / x_eval.norm())
     print(f"its input, train mode against eval mode: {100 * move:.0f}% apart (relative norm)")
+    if args.schedules:
+        from deeproots.config import BATCHNORMS
+        from deeproots.conversion.rule import rootify
+        from deeproots.text import format_table
+        rows = []
+        for schedule in args.schedules:
+            row = [schedule]
+            for how in BATCHNORMS:
+                new, report = rootify(model, schedule, example_input=cal.fit[:1],
+                                      calibration=cal.fit, batchnorm=how)
+                row += [f"{top1(new):.4f}", f"{report.calibration.seconds:.0f} s"]
+                print(f"... {schedule}, batch norms {how}: {row[-2]}", flush=True)
+            rows.append(row)
+        print(format_table(("schedule", "kept: top-1", "time", "re-estimated: top-1", "time"),
+                           rows, align="lrrrr"))
 
 
 if __name__ == "__main__":

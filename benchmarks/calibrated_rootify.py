@@ -8,6 +8,7 @@ scratch for the same number of steps. Runs finished earlier in --out are reused.
 
     python benchmarks/calibrated_rootify.py --out runs/calibrated             # nin, root-8
     python benchmarks/calibrated_rootify.py --family resnet --out runs/calibrated-resnet
+    python benchmarks/calibrated_rootify.py --batchnorm reestimate   # as before 2026-12-05
 """
 import argparse
 import json
@@ -49,6 +50,9 @@ def main() -> None:
     p.add_argument("--schedule", default="root-8")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
+    p.add_argument("--batchnorm", choices=("keep", "reestimate"), default="keep",
+                   help="the conversion's batch norms: kept, or re-estimated (the default "
+                        "before 2026-12-05, with a '+ batch norm' stage)")
     args = p.parse_args()
     dense_name, root_name, _, limit = FAMILIES[args.family]
     out = Path(args.out)
@@ -62,11 +66,11 @@ def main() -> None:
     converted = out / "converted.pt"
     _, report, summary = convert_checkpoint(
         ckpt, args.schedule, out=converted, overwrite=True,
-        calibration_images_n=args.calibration_images,
+        calibration_images_n=args.calibration_images, batchnorm=args.batchnorm,
         model=dense_name if dense_name.endswith(":bottleneck_resnet") else None)
     _, _, only_1x1 = convert_checkpoint(  # what the grouped convs' own refit buys
         ckpt, args.schedule, calibration_images_n=args.calibration_images, stages=False,
-        refit_grouped=False,
+        refit_grouped=False, batchnorm=args.batchnorm,
         model=dense_name if dense_name.endswith(":bottleneck_resnet") else None)
     state = load_checkpoint(ckpt)
     trained = model_from_checkpoint(state, ckpt, dense_name if ":" in dense_name else None)

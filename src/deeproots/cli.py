@@ -32,8 +32,8 @@ from typing import Dict, List, Optional
 from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
-from .config import (COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS, GROUPED_CONV,
-                     LAYER_PATHS, MODES, UNVERIFIED,
+from .config import (BATCHNORMS, COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS,
+                     GROUPED_CONV, LAYER_PATHS, MODES, UNVERIFIED,
                      MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
 from .reproduction.tables import PAPER_TABLES, TIMED_TABLES
@@ -460,6 +460,7 @@ def cmd_rootify(args) -> int:
                                  f"checkpoint (RUN/best.pt) as the model; got {args.model!r}")
     for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
                         ("--calibration-images", args.calibration_images),
+                        ("--batchnorm", args.batchnorm if args.batchnorm != "keep" else None),
                         ("--finetune-steps", args.finetune_steps or None),
                         ("--plot", args.plot)):
         if value is not None:
@@ -508,6 +509,7 @@ def _rootify_checkpoint(args, options) -> int:
                   batch_size=args.batch_size, image_size=args.image_size,
                   download=not args.no_download)
     progress = None if args.json else _say
+    options = {**options, "batchnorm": args.batchnorm}
     if args.sensitivity:
         return _rootify_sensitivity(args, common, options, progress)
     if args.frontier is not None:
@@ -989,6 +991,10 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--model", dest="from_model", metavar="FILE.py:FUNCTION",
                    help="for a checkpoint of a model of your own: the function that builds it")
+    p.add_argument("--batchnorm", choices=BATCHNORMS, default="keep",
+                   help="with a checkpoint: keep the trained batch-norm statistics (default: "
+                        "the refit makes each layer compute what it did) or reestimate them "
+                        "on the calibration images")
     p.add_argument("--eval-images", type=_count_or_all("--eval-images"), default=1000,
                    metavar="N|all", help="with a checkpoint: test images each stage is "
                    "evaluated on (default 1000; the converted model: always the whole split)")

@@ -17,7 +17,7 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
 __all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
            "LAYER_PATHS", "EXPORT_FORMATS", "TRITON_VERIFIED_ON_GPU", "TRITON_PATHS", "UNVERIFIED",
            "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
-           "setting_differences", "given_settings", "STEMS", "MEMORY_FORMATS"]
+           "setting_differences", "given_settings", "STEMS", "BATCHNORMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
 # the inference paths and grouped-conv lowerings: one table, deeproots.speed.paths
@@ -32,6 +32,8 @@ MODES = ("inference", "train")
 # how the training step lays out its tensors (deeproots.training.step); auto: channels-last
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
 STEMS = ("input", "resolution")  # rootify's stems: convs reading the input, or its resolution
+# a calibrated conversion's batch norms: the trained running statistics, or recomputed
+BATCHNORMS = ("keep", "reestimate")
 ROOFLINE_DEVICES = ("h100", "h200", "a100", "cpu")  # data-sheet GPUs, or this CPU measured
 ROOFLINE_DTYPES = ("bfloat16", "float16", "float32")
 DATA_HELP = "fashion-mnist, cifar10 or imagefolder:PATH (PATH/train, PATH/val)"

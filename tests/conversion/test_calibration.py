@@ -1,5 +1,6 @@
 """A trained CNN converted into a root network with calibration: the assignment, the
-permutations folded into the neighbours, the least-squares refit, batch norm re-estimated;
+permutations folded into the neighbours, the least-squares refit, batch norms kept or
+re-estimated;
 checked against hand-made cases and a numpy solve; then the command line, distillation and
 learning to be groupable, on small files."""
 import copy
@@ -56,17 +57,24 @@ def test_a_residual_add_fixes_the_order_it_reads():
     assert bottleneck["layer1.0.conv2"].consumer == "layer1.0.conv3"
 
 
+def permuted_blocks(g: int, cin: int, cout: int) -> torch.Tensor:
+    """A 3x3 conv weight that is block-diagonal in ``g`` groups once its filters and input
+    channels are put in some order (here shuffled): a cut that loses nothing exists."""
+    block = torch.zeros(cout, cin, 3, 3)
+    o, i = cout // g, cin // g
+    for k in range(g):
+        block[k * o:(k + 1) * o, k * i:(k + 1) * i] = torch.randn(o, i, 3, 3)
+    return block[torch.randperm(cout)][:, torch.randperm(cin)]
+
+
 def test_a_conv_block_diagonal_under_a_permutation_is_converted_with_zero_error():
     torch.manual_seed(0)
     g, cin, cout = 4, 8, 16
-    block = torch.zeros(cout, cin, 3, 3)
-    for k in range(g):
-        block[k * 4:(k + 1) * 4, k * 2:(k + 1) * 2] = torch.randn(4, 2, 3, 3)
-    rows, cols = torch.randperm(cout), torch.randperm(cin)
+    weight = permuted_blocks(g, cin, cout)
     model = nn.Sequential(nn.Conv2d(3, cin, 1), nn.ReLU(), nn.Conv2d(cin, cout, 3, padding=1),
                           nn.ReLU(), nn.Conv2d(cout, 5, 1))
     with torch.no_grad():
-        model[2].weight.copy_(block[rows][:, cols])
+        model[2].weight.copy_(weight)
         model[2].bias.zero_()
     x = torch.randn(64, 3, 6, 6)
     new, report = calibrate(model.eval(), {"2": g}, [x], refit="root", ridge=0.0)
@@ -76,6 +84,47 @@ def test_a_conv_block_diagonal_under_a_permutation_is_converted_with_zero_error(
     assert new[2].groups == g
     with torch.no_grad():
         assert torch.allclose(new(x), model(x), atol=1e-4)
+
+
+def test_batch_norms_keep_their_trained_statistics_unless_reestimated_is_asked():
+    """A grouped conv block-diagonal under a permutation, between batch norms whose running
+    statistics are far from the calibration images' (a model whose statistics drifted in
+    training): kept (the default), the conversion computes exactly what the model did;
+    re-estimated, the batch norm after the grouped conv holds the calibration images' mean
+    and variance of its input (computed here by hand from the trained layers) and the
+    model's outputs move."""
+    torch.manual_seed(0)
+    g, cin, cout = 4, 8, 16
+    weight = permuted_blocks(g, cin, cout)
+    model = nn.Sequential(nn.Conv2d(3, cin, 1), nn.BatchNorm2d(cin), nn.ReLU(),
+                          nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                          nn.ReLU(), nn.Conv2d(cout, 5, 1, bias=False), nn.BatchNorm2d(5))
+    with torch.no_grad():
+        model[3].weight.copy_(weight)
+        for bn in (model[1], model[4], model[7]):
+            bn.running_mean.copy_(torch.randn(bn.num_features) + 1.0)
+            bn.running_var.copy_(torch.rand(bn.num_features) + 2.0)
+    model.eval()
+    x = torch.randn(64, 3, 6, 6)
+    new, report = calibrate(model, {"3": g}, [x], refit="root", ridge=0.0)
+    assert report.batchnorm == "keep" and report.batchnorms == 0
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x), atol=1e-4)
+        for i in (1, 4, 7):  # the trained statistics, in the channel orders the cut chose
+            assert torch.equal(torch.sort(new[i].running_var)[0],
+                               torch.sort(model[i].running_var)[0])
+    again, report = calibrate(model, {"3": g}, [x], refit="root", ridge=0.0,
+                              batchnorm="reestimate")
+    assert report.batchnorms == 2  # those after the first grouped conv
+    with torch.no_grad():
+        y = model[:4](x)  # the grouped conv's input from the trained layers, then its output
+        assert torch.allclose(torch.sort(again[4].running_mean)[0],
+                              torch.sort(y.mean((0, 2, 3)))[0], atol=1e-4)
+        assert torch.allclose(torch.sort(again[4].running_var)[0],
+                              torch.sort(y.var((0, 2, 3)))[0], rtol=1e-3)
+        assert torch.equal(torch.sort(again[1].running_mean)[0],
+                           torch.sort(model[1].running_mean)[0])  # before it: kept
+        assert not torch.allclose(again(x), model(x), atol=1e-2)
 
 
 def test_the_assignment_keeps_the_most_weight_and_respects_a_fixed_side():
@@ -146,8 +195,8 @@ def test_the_grouped_refit_equals_a_numpy_solve_per_group():
 
 def test_a_conv_without_bias_is_refit_without_one():
     """Never a parameter the model lacks (it must load into its own class): before a batch
-    norm the constant is fit and dropped (the re-estimated batch norm removes it: the
-    slopes are those of the fit with a constant); elsewhere the fit has no constant."""
+    norm the constant is fit and taken off the batch norm's running mean (numpy's least
+    squares with a constant column gives both); elsewhere the fit has no constant."""
     torch.manual_seed(0)
     batches = [torch.randn(5, 3, 4, 4) for _ in range(3)]
 
@@ -163,16 +212,23 @@ def test_a_conv_without_bias_is_refit_without_one():
             ys = np.concatenate([dense[2](F.relu(dense[0](b))).permute(0, 2, 3, 1)
                                  .reshape(-1, 4).numpy() for b in batches])
         a = np.concatenate([xs, np.ones((len(xs), 1))], 1) if constant else xs
-        return np.linalg.lstsq(a, ys, rcond=None)[0][:6].T
+        solution = np.linalg.lstsq(a, ys, rcond=None)[0]
+        return solution[:6].T, (solution[6] if constant else None)
 
     for norm in (True, False):
         dense, new = nets(norm)
+        new[0].bias.data += 0.5  # the 1x1's inputs moved: its fit needs a constant
+        if norm:
+            new[3].running_mean.fill_(0.25)
         refit_pointwise(dense, new, "2", batches, ridge=0.0)
-        assert new[2].bias is None
-        assert not new.training and (not norm or new[3].running_mean.abs().max() == 0)
+        assert new[2].bias is None and not new.training
         got = new[2].weight.detach().numpy().reshape(4, 6)
-        assert np.allclose(got, solve(new, dense, constant=norm), atol=1e-4)
-        assert not np.allclose(got, solve(new, dense, constant=not norm), atol=1e-3)
+        weight, constant = solve(new, dense, constant=norm)
+        assert np.allclose(got, weight, atol=1e-4)
+        assert not np.allclose(got, solve(new, dense, constant=not norm)[0], atol=1e-3)
+        if norm:  # the batch norm reads what the conv with that constant would give it
+            assert np.allclose(new[3].running_mean.numpy(), 0.25 - constant, atol=1e-4)
+            assert np.abs(constant).max() > 1e-2
 
 
 def test_distillation_loss_by_hand():
@@ -212,8 +268,12 @@ def test_rootify_a_checkpoint_then_fine_tune_it_with_distillation(trained, capsy
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 <= result["top1_before"] <= 1 and 0 <= result["top1_after"] <= 1
-    assert list(result["stages"]) == ["block-diagonal", "+ permutation", "+ batch norm",
-                                      "+ refit"]
+    assert list(result["stages"]) == ["block-diagonal", "+ permutation", "+ refit"]
+    assert main(["rootify", ckpt, "--schedule", "root-8", "--data-dir", data,
+                 "--calibration-images", "48", "--batchnorm", "reestimate", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)  # the batch norms re-estimated: a stage more
+    assert list(again["stages"]) == ["block-diagonal", "+ permutation", "+ batch norm",
+                                     "+ refit"]
     state = load_checkpoint(out)
     assert state["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}  # nin-root-8's
     assert main(["eval", str(out), "--data-dir", data, "--device", "cpu", "--json"]) == 0
@@ -254,6 +314,8 @@ def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
       "--calibration-images", "100000"], "100000 calibration images asked for"),
     (["rootify", "nin", "--schedule", "root-8", "--out", "{tmp}/x.pt"],
      "--out calibrates a trained model: give a checkpoint"),
+    (["rootify", "nin", "--schedule", "root-8", "--batchnorm", "reestimate"],
+     "--batchnorm calibrates a trained model: give a checkpoint"),
     (["train", "--init", "{tmp}/none.pt", "--data-dir", "{data}", "--out", "{tmp}/r"],
      "init {tmp}/none.pt: no such checkpoint file"),
     (["train", "nin-root-8", "--distill", "{other}", "--data-dir", "{data}", "--out",

@@ -245,8 +245,8 @@ def test_the_search_runs_again_when_a_proposed_layer_measures_costlier_than_pric
     converted = []
     measured = {"a": 1.0, "b": 40.0, "c": 1.0}
 
-    def calibrate(model, changes, batches, refit):
-        assert refit == "root" and len(changes) == 1
+    def calibrate(model, changes, batches, refit, batchnorm):
+        assert refit == "root" and batchnorm == "keep" and len(changes) == 1
         converted.append(dict(changes))
         return dict(changes), None
 

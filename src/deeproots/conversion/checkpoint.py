@@ -403,7 +403,8 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
                               ignore=options.get("ignore", ()),
                               stem=options.get("stem", "input"))
     if kind != "latency":
-        plan = _checked(source, prices, say, lambda: choose(prices, **{kind: fraction}))
+        plan = _checked(source, prices, say, lambda: choose(prices, **{kind: fraction}),
+                        options.get("batchnorm", "keep"))
         proposals = [(plan, {})]
         uniform = _best_uniform(source, prices, kind, fraction, options)
     else:
@@ -507,8 +508,14 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
                                init="block-diagonal", **options)
         return measure_latency(trained, structure, size, batch_size, device)
 
+    batchnorm = options.get("batchnorm", "keep")
+
+    def checked(scale=1.0):  # a proposal, its layers converted alone first
+        return _checked(source, prices, say, lambda: choose(prices, latency=fraction,
+                                                            scale=scale), batchnorm)
+
     try:
-        plan = _checked(source, prices, say, lambda: choose(prices, latency=fraction))
+        plan = checked()
     except DeeprootsError as err:  # the layers alone say no: does the whole model?
         groups = cheapest(prices)
         timed = build_and_time(groups)
@@ -522,7 +529,7 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
         measured[tuple(sorted(groups.items()))] = (plan, timed)
         scale = latency_scale(prices, groups, timed["latency_fraction"])
         try:
-            plan = choose(prices, latency=fraction, scale=scale)
+            plan = checked(scale)
         except DeeprootsError:  # within the tolerance only: the cheapest it is
             pass
     for _ in range(REFINE_ROUNDS + 1):
@@ -536,7 +543,7 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
             f"{timed['latency_fraction']:.3f}")
         scale = latency_scale(prices, plan.groups, timed["latency_fraction"])
         try:
-            plan = choose(prices, latency=fraction, scale=scale)
+            plan = checked(scale)
         except DeeprootsError:
             break
     uniform, near = [], None
@@ -564,15 +571,18 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
     return [min(measured.values(), key=lambda pt: pt[1]["latency_fraction"])], []
 
 
-def _checked(source: Source, prices: Sensitivity, say, propose) -> Plan:
+def _checked(source: Source, prices: Sensitivity, say, propose, batchnorm: str = "keep"
+             ) -> Plan:
     """The search's proposal once the layers it groups are checked: each (layer, count) of
-    it not checked yet is converted alone by the calibrated pipeline (its batch norms
-    re-estimated, the 1x1 conv after it refit) and its divergence on the selection images
+    it not checked yet is converted alone by the calibrated pipeline (the 1x1 conv after it
+    refit, the batch norms as ``batchnorm`` says) and its divergence on the selection images
     recorded in ``prices.verified``, which rescales that layer's priced divergences
     (:meth:`Sensitivity.kl_of`); the search runs again until it proposes only checked layers
-    (at most :data:`CHECK_ROUNDS` rounds). The closed-form price leaves the batch norms as
-    they were: on a model whose statistics drifted in training, a layer can cost three
-    times its price once they are re-estimated (a one-epoch resnet50's layer4)."""
+    (at most :data:`CHECK_ROUNDS` rounds); the proposals a time measurement refines are
+    checked the same way. The closed-form price is one layer's least-squares refit in the
+    dense model; the conversion also refits the 1x1 conv after it and (``"reestimate"``)
+    recomputes the batch norms, which on a model whose statistics drifted in training
+    made a layer cost three times its price (a one-epoch resnet50's layer4)."""
     plan = propose()
     reference = batches = None
     for _ in range(CHECK_ROUNDS):
@@ -583,7 +593,8 @@ def _checked(source: Source, prices: Sensitivity, say, propose) -> Plan:
             reference = selection_scores(source.trained, source.cal.select)[2]
             batches = calibration_batches(source.cal.fit)
         for layer, g in todo:
-            alone, _ = calibrate(source.trained, {layer: g}, batches, refit="root")
+            alone, _ = calibrate(source.trained, {layer: g}, batches, refit="root",
+                                 batchnorm=batchnorm)
             kl = selection_scores(alone, source.cal.select, reference)[1]
             prices.verified[f"{layer}@{g}"] = kl
             priced = next(o.kl for p in prices.layers if p.layer == layer

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..capture import hooks
 from ..errors import DeeprootsError
-from ..checks import check_groups_mapping, check_number
+from ..checks import check_choice, check_groups_mapping, check_number
 from .calibrate import CalibrationReport, calibrate, calibration_batches
-from ..config import STEMS
+from ..config import BATCHNORMS, STEMS
 from ..inspection.costs import parse_input_size, profile
 from ..models.layers import (GroupsError, apply_groups, block_diagonal_weight, common_divisors,
                      layer_name, module_paths, regroup_refusal)
@@ -335,7 +335,8 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             init: str = "reinit", regroup: bool = False, stem: str = "input",
             allow_depthwise: bool = False, calibration=None,
             on_stage: Optional[Callable[[str, nn.Module], None]] = None,
-            refit_grouped: bool = True) -> Tuple[nn.Module, RootifyReport]:
+            refit_grouped: bool = True, batchnorm: str = "keep"
+            ) -> Tuple[nn.Module, RootifyReport]:
     """A root network made from ``model``, and the :class:`RootifyReport` of what changed.
     ``model`` itself is not modified.
 
@@ -363,11 +364,13 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             batches of them, from the training split): the conversion then keeps the
             model's accuracy with no gradient step (:mod:`deeproots.conversion.calibrate`: channels
             assigned to groups and the permutations folded into the neighbouring layers,
-            batch norm re-estimated, the grouped convs within their groups and the 1x1
-            convs after them refit by least squares); ``init`` is then ``"calibrated"``, and
-            ``report.calibration`` says per layer how much weight and output energy each cut
-            kept. ``on_stage(name, model)`` is called with each stage's model, to evaluate
-            it; ``refit_grouped=False`` refits only the 1x1 convs.
+            the grouped convs within their groups and the 1x1 convs after them refit by
+            least squares); ``init`` is then ``"calibrated"``, and ``report.calibration``
+            says per layer how much weight and output energy each cut kept.
+            ``on_stage(name, model)`` is called with each stage's model, to evaluate it;
+            ``refit_grouped=False`` refits only the 1x1 convs; ``batchnorm``: ``"keep"``
+            the trained running statistics (default) or ``"reestimate"`` them on the
+            calibration images.
 
     Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
     gain, ...) is regrouped in place, and one that would compute something else regrouped
@@ -375,6 +378,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     model reaches by several paths stays one module, grouped once.
     """
     _check_options(model, schedule, init, calibration, stem, macs, params)
+    check_choice("batchnorm", batchnorm, BATCHNORMS)
     _check_arguments(model, schedule, ignore, macs, params)  # before any forward pass
     example_input = _example(model, example_input)
     size = tuple(example_input.shape[1:])
@@ -396,7 +400,8 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             raise DeeprootsError(f"schedule {schedule} groups no conv of "
                                  f"{type(model).__name__} here: {_why_nothing(sites, plan)}")
         new, calibrated = calibrate(model, changes, calibration_batches(calibration),
-                                    stages=on_stage, grouped=refit_grouped)
+                                    stages=on_stage, grouped=refit_grouped,
+                                    batchnorm=batchnorm)
         init = "calibrated"
     else:
         new = _regrouped(model, changes, init, convs)

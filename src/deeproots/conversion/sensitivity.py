@@ -39,15 +39,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..capture import capture, hooks
+from ..capture import capture
 from ..errors import DeeprootsError
 from ..layout import channels_last
 from ..models.layers import conv_layers
 from ..speed.timing import interleaved
 from ..text import format_table
 from .calibrate.assignment import assign_groups
-from .calibrate.passes import calibration_batches, forward, prefixed
-from .calibrate.refit import ridge_solve
+from .calibrate.passes import calibration_batches, forward, norm_after, prefixed
+from .calibrate.refit import place_constant, ridge_solve
 from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
@@ -306,7 +306,7 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
                            per_layer[site.name].params, times[1])
         fixed = sites_of[site.name]
         starts = prefixed([model], site.name, select_batches) or select_batches
-        norm = _norm_after(model, conv, example)
+        norm = norm_after(model, conv, example)
         intercept = conv.bias is not None or norm is not None
         for g in group_counts(site):
             rows, cols, _ = assign_groups(eq.score(), g, fix_rows=fixed.consumer is None,
@@ -386,25 +386,6 @@ def select_top1(model: nn.Module, select: Tuple[torch.Tensor, torch.Tensor]) -> 
     return selection_scores(model, select)[0]
 
 
-def _norm_after(model: nn.Module, conv: nn.Conv2d, example) -> Optional[nn.Module]:
-    """The batch norm that reads ``conv``'s output directly, if one does (a constant the refit
-    adds goes into its running mean)."""
-    out, found = [], []
-
-    def after(name, module, args, result):
-        out.append(result)
-
-    def before(name, module, args):
-        if out and args[0] is out[-1] and not found:
-            found.append(module)
-
-    norms = [(str(i), m) for i, m in enumerate(model.modules())
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with hooks([("conv", conv)], after=after), hooks(norms, before=before), torch.no_grad():
-        model(example)
-    return found[0] if found else None
-
-
 class _installed:
     """Within: ``conv`` computes with ``weight``, and the constant ``const`` in its bias or
     (for a conv without one) taken off the running mean of the batch norm after it; all as
@@ -421,10 +402,7 @@ class _installed:
         with torch.no_grad():
             c.weight.copy_(self.weight)
             if self.const is not None:
-                if c.bias is not None:
-                    c.bias.copy_(self.const)
-                else:
-                    self.norm.running_mean.sub_(self.const)
+                place_constant(c, self.norm, self.const)
         return self
 
     def __exit__(self, *exc):

@@ -15,7 +15,7 @@ from ...errors import DeeprootsError
 from ...models.layers import conv_layers, layer_name
 
 __all__ = ["calibration_batches", "activation_energy", "Prefixed", "prefixed", "forward",
-           "input_of", "output_of", "feeds_batchnorm", "forward_order", "reached_convs",
+           "input_of", "output_of", "norm_after", "forward_order", "reached_convs",
            "first_reached", "norms_before", "sampled_inputs", "dense_outputs"]
 
 
@@ -138,15 +138,17 @@ def output_of(model: nn.Module, x, layer: nn.Module) -> torch.Tensor:
     return run_until(lambda: forward(model, x), layer, "output")
 
 
-def feeds_batchnorm(model: nn.Module, layer: nn.Module, x) -> bool:
-    """Whether the output of ``layer`` goes straight into a batch norm when ``model`` runs
-    ``x`` (the pass stops at that batch norm): a constant the layer adds is then one that
-    re-estimating the batch norm's mean removes."""
-    out, fed = [], []
+def norm_after(model: nn.Module, layer: nn.Module, x) -> Optional[nn.Module]:
+    """The batch norm that reads the output of ``layer`` directly when ``model`` runs ``x``
+    (the pass stops at the first batch norm after it), or None: a constant the layer adds
+    is then one that batch norm's running mean can take."""
+    out: list = []
+    found: List[Optional[nn.Module]] = []
 
     def norm(name, module, args):
-        fed.append(bool(out) and args[0] is out[-1])
-        raise Stop
+        if out:
+            found.append(module if args[0] is out[-1] else None)
+            raise Stop
 
     norms = [(str(i), m) for i, m in enumerate(model.modules())
              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -160,7 +162,7 @@ def feeds_batchnorm(model: nn.Module, layer: nn.Module, x) -> bool:
         pass
     finally:
         model.train(was)
-    return bool(out) and bool(fed) and fed[-1]
+    return found[-1] if found else None
 
 
 def forward_order(model, x) -> List[nn.Module]:

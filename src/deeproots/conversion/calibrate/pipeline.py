@@ -24,9 +24,17 @@ The stages, each measured by the benchmark (``benchmarks/calibrated_rootify.py``
    residual add, a concatenation, or a layer that is not a conv), that side keeps its order
    and the assignment is optimised over the other; the report says so.
 2. **The cut.** Each grouped conv keeps its diagonal blocks.
-3. **Batch norm re-estimated** on the calibration images.
+3. **Batch norms** (``batchnorm``): ``"keep"`` (the default) keeps the trained running
+   statistics, as the refit makes each layer's output what the dense one was: the model
+   computes what it did wherever the conversion changed nothing, and what each layer's
+   price (:mod:`deeproots.conversion.sensitivity`) measured. ``"reestimate"`` recomputes
+   them on the calibration images in train mode (the batch statistics the network trained
+   with). Measured (``benchmarks/batchnorm_drift.py``, docs/conversion.md): on a well-trained
+   nin the two agree within 0.2 points; on a resnet50 trained one epoch, whose running
+   statistics lag its batch statistics, re-estimating cost root-16 six points.
 4. **Reconstruction.** In the order the forward pass reaches them, each on the converted
-   model before it (its batch norms re-estimated up to it): each grouped conv is refit
+   model before it (``"reestimate"``: its batch norms re-estimated up to it): each grouped
+   conv is refit
    within its groups (:func:`refit_grouped`: each group's filters, from the group's own
    input channels, fit to the dense filters' outputs, taking over what they can of the
    off-diagonal blocks' part), and each ungrouped 1x1 conv from the first grouped conv on
@@ -46,6 +54,7 @@ import torch
 from torch import nn
 
 from ...checks import check_choice
+from ...config import BATCHNORMS
 from ...errors import DeeprootsError
 from ...layout import channels_last
 from ...models.layers import block_diagonal_weight, conv_layers, regroup
@@ -78,6 +87,7 @@ class Conversion:
     ridge: float
     refit: str
     grouped: bool
+    batchnorm: str = "keep"
     order: List[str] = field(default_factory=list)
     sites: Dict[str, RootSite] = field(default_factory=dict)
     energy: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -164,8 +174,11 @@ def cut(c: Conversion) -> nn.Module:
     return copy.deepcopy(c.new)
 
 
-def batch_norm(c: Conversion) -> nn.Module:
-    """Stage 3 (:mod:`.batchnorm`): the batch norms re-estimated on the calibration images."""
+def batch_norm(c: Conversion) -> Optional[nn.Module]:
+    """Stage 3 (:mod:`.batchnorm`): with ``"reestimate"``, the batch norms re-estimated on the
+    calibration images; with ``"keep"``, nothing (no stage to show)."""
+    if c.batchnorm == "keep":
+        return None
     c.report.batchnorms = reestimate_batchnorm(c.new, c.batches, keep=c.keep)
     return copy.deepcopy(c.new)
 
@@ -173,9 +186,10 @@ def batch_norm(c: Conversion) -> nn.Module:
 def refit(c: Conversion) -> nn.Module:
     """Stage 4 (:mod:`.refit`): in the order the forward pass reaches them, the grouped convs
     within their groups and the 1x1 convs (each root module's, ``refit="root"``, or every
-    ungrouped one from the first grouped conv on, ``"all"``), each after the batch norms up
-    to it were re-estimated on the model as it is then, so that every fit sees the
-    statistics it will run with."""
+    ungrouped one from the first grouped conv on, ``"all"``), each on the model as it is then
+    (``"reestimate"``: its batch norms up to it re-estimated first), so that every fit sees
+    the statistics it will run with; a fit's constant for a conv without a bias goes into
+    the running mean of the batch norm after it."""
     targets = _refit_targets(c)
     for row in c.report.layers:
         if c.sites[row.layer].consumer not in targets:
@@ -185,8 +199,10 @@ def refit(c: Conversion) -> nn.Module:
         targets = sorted(set(targets) | {n for n in c.order if n in reached}, key=reached.index)
     rows = {row.layer: row for row in c.report.layers}
     cached = dense_outputs(c.dense, targets, c.batches) or {}  # the targets, in one pass
+    reestimate = c.batchnorm == "reestimate"
     for name in targets:
-        reestimate_batchnorm(c.new, c.batches, until=conv_layers(c.new)[name], keep=c.keep)
+        if reestimate:
+            reestimate_batchnorm(c.new, c.batches, until=conv_layers(c.new)[name], keep=c.keep)
         if name in rows:  # a grouped conv, refit within its groups
             rows[name].grouped_unexplained = refit_grouped(
                 c.dense, c.new, name, c.batches, c.ridge, c.out_orders.get(name),
@@ -203,7 +219,7 @@ def refit(c: Conversion) -> nn.Module:
         for row in c.report.layers:
             if c.sites[row.layer].consumer == name:
                 row.refit, row.refit_unexplained = name, unexplained
-    if targets:
+    if targets and reestimate:
         reestimate_batchnorm(c.new, c.batches, keep=c.keep)  # those after the last refit
     return copy.deepcopy(c.new)
 
@@ -231,11 +247,12 @@ PIPELINE = (Stage("block-diagonal", diagonal_blocks, reference=True),
             Stage("+ batch norm", batch_norm),
             Stage("+ refit", refit))
 STAGES = ("block-diagonal", "+ permutation", "+ batch norm", "+ refit")  # those shown
+# ("+ batch norm" only where the batch norms are re-estimated)
 
 
 def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
               stages: Optional[Callable[[str, nn.Module], None]] = None, ridge: float = 1e-4,
-              refit: str = "all", grouped: bool = True
+              refit: str = "all", grouped: bool = True, batchnorm: str = "keep"
               ) -> Tuple[nn.Module, CalibrationReport]:
     """``model`` (trained, dense in the layers ``changes`` names) converted to those groups
     by the stages of :data:`PIPELINE`, on the calibration ``batches``; ``model`` itself is
@@ -243,11 +260,14 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     copy of the conversion so far, to evaluate; its time is not the conversion's).
     ``refit``: ``"all"`` (every ungrouped 1x1 conv from the first grouped conv on) or
     ``"root"`` (the one right after each grouped conv); ``grouped``: refit the grouped convs
-    too. Returns the converted model and its report."""
+    too; ``batchnorm``: ``"keep"`` the trained running statistics or ``"reestimate"`` them
+    (stage 3). Returns the converted model and its report."""
     check_choice("refit", refit, REFITS)
+    check_choice("batchnorm", batchnorm, BATCHNORMS)
     check_trained(model)
     started, evaluating = time.perf_counter(), 0.0
     c = _conversion(model, changes, batches, ridge, refit, grouped)
+    c.batchnorm = c.report.batchnorm = batchnorm
     for stage in PIPELINE:
         if stage.reference and stages is None:
             continue

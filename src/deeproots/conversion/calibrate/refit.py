@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 from ...errors import DeeprootsError
 from ...models.layers import conv_layers
-from .passes import feeds_batchnorm, input_of, output_of
+from .passes import input_of, norm_after, output_of
 
-__all__ = ["refit_pointwise", "refit_grouped", "MIN_PIXELS_PER_WEIGHT"]
+__all__ = ["refit_pointwise", "refit_grouped", "place_constant", "MIN_PIXELS_PER_WEIGHT"]
 
 # A 1x1 conv downstream of the grouped ones, which the conversion did not change, is refit
 # only where the calibration images give it this many pixels (rows of the fit) for each
@@ -72,6 +72,16 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, intercept: b
     return solution, 2 * (solution * xty).sum() - (solution * (xtx @ solution)).sum()
 
 
+def place_constant(conv: nn.Conv2d, norm: Optional[nn.Module], const: torch.Tensor) -> None:
+    """A fit's constant term: in ``conv``'s bias, or (a conv without one) taken off the
+    running mean of the batch norm ``norm`` that reads its output, so the batch norm's
+    output is what it would be with the constant in the conv."""
+    if conv.bias is not None:
+        conv.bias.copy_(const.to(conv.bias.dtype))
+    elif norm is not None and norm.running_mean is not None:
+        norm.running_mean.sub_(const.to(norm.running_mean.dtype))
+
+
 @torch.no_grad()
 def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
                     ridge: float = 1e-4, target_order: Optional[torch.Tensor] = None,
@@ -87,13 +97,15 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
 
     A conv with a bias gets the fit's constant term in it. A conv without one keeps none
     (the model must still load into its own class): when its output goes straight into a
-    batch norm, the constant is fit and dropped, as the batch norm re-estimated after the
-    fit removes it exactly; otherwise the fit has no constant term."""
+    batch norm, the constant is fit and taken off that batch norm's running mean (the
+    layers after compute what the fit says; re-estimating the batch norm later would
+    remove it the same way); otherwise the fit has no constant term."""
     conv = conv_layers(new)[layer]
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
         raise DeeprootsError(f"{layer}: only an ungrouped 1x1 conv of stride 1 is refit")
     batches = list(batches)
-    intercept = conv.bias is not None or feeds_batchnorm(new, conv, batches[0])
+    norm = None if conv.bias is not None else norm_after(new, conv, batches[0])
+    intercept = conv.bias is not None or norm is not None
     d = conv.in_channels
     xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(d + 1, conv.out_channels, dtype=torch.float64)
@@ -109,10 +121,9 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
         return None
     solution, explained = ridge_solve(xtx, xty, ridge, intercept)
     conv.weight.copy_(solution[:d].T.reshape_as(conv.weight).to(conv.weight.dtype))
-    if conv.bias is not None:
-        conv.bias.copy_(solution[d].to(conv.bias.dtype))
-    # what the fit leaves unexplained; a constant dropped before a batch norm counts as
-    # explained, as the batch norm removes it
+    if intercept:
+        place_constant(conv, norm, solution[d])
+    # what the fit leaves unexplained (its constant counts as explained, wherever it went)
     return float((yty - explained) / max(float(yty), 1e-30))
 
 
@@ -134,7 +145,8 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
             conv.padding, str):
         return None
     batches = list(batches)
-    intercept = conv.bias is not None or feeds_batchnorm(new, conv, batches[0])
+    norm = None if conv.bias is not None else norm_after(new, conv, batches[0])
+    intercept = conv.bias is not None or norm is not None
     g = conv.groups
     cin, cout = conv.in_channels // g, conv.out_channels // g
     d = cin * conv.kernel_size[0] * conv.kernel_size[1]
@@ -168,6 +180,6 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
         if intercept:
             bias[k * cout:(k + 1) * cout] = solution[d]
     conv.weight.copy_(weight.to(conv.weight.dtype))
-    if conv.bias is not None:
-        conv.bias.copy_(bias.to(conv.bias.dtype))
+    if intercept:
+        place_constant(conv, norm, bias)
     return float((yty - explained) / max(float(yty_c), 1e-30))

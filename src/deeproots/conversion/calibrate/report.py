@@ -37,7 +37,8 @@ class CalibrationReport:
 
     images: int
     layers: List[LayerCalibration] = field(default_factory=list)
-    batchnorms: int = 0
+    batchnorms: int = 0  # how many were re-estimated
+    batchnorm: str = "keep"  # the trained statistics kept, or "reestimate"
     refits: Dict[str, float] = field(default_factory=dict)  # 1x1 conv -> unexplained energy
     kept: List[str] = field(default_factory=list)  # 1x1 convs too few pixels left as they were
     stages: Dict[str, Optional[float]] = field(default_factory=dict)
@@ -58,8 +59,9 @@ class CalibrationReport:
                  or "-", c.refit or "-",
                  f"{100 * c.refit_unexplained:.2f}%" if c.refit_unexplained is not None else "")
                 for c in self.layers]
-        lines = [f"calibrated on {self.images} images; {self.batchnorms} batch norms "
-                 f"re-estimated; {self.seconds:.1f} s",
+        norms = (f"{self.batchnorms} batch norms re-estimated" if self.batchnorm == "reestimate"
+                 else "batch norms: the trained statistics kept")
+        lines = [f"calibrated on {self.images} images; {norms}; {self.seconds:.1f} s",
                  format_table(head, rows, align="lrrrrrlll")]
         if self.kept:
             lines.append(f"not refit, too few calibration pixels for their weights (add "
