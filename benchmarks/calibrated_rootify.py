@@ -67,6 +67,7 @@ def main() -> None:
     _, report, summary = convert_checkpoint(
         ckpt, args.schedule, out=converted, overwrite=True,
         calibration_images_n=args.calibration_images, batchnorm=args.batchnorm,
+        eval_images=None,  # each stage on the whole test split, as the dense model is
         model=dense_name if dense_name.endswith(":bottleneck_resnet") else None)
     _, _, only_1x1 = convert_checkpoint(  # what the grouped convs' own refit buys
         ckpt, args.schedule, calibration_images_n=args.calibration_images, stages=False,
