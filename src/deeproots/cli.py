@@ -501,6 +501,10 @@ def _rootify_checkpoint(args, options) -> int:
                              "trained at (--image-size for a state_dict's images); leave it out")
     if args.plot is not None and not args.sensitivity:
         raise DeeprootsError("--plot draws --sensitivity's table; add --sensitivity")
+    if args.sensitivity and args.batchnorm != "keep":
+        raise DeeprootsError(f"--batchnorm {args.batchnorm} sets how a conversion treats the "
+                             f"batch norms; --sensitivity prices each layer with them as they "
+                             f"were: leave --batchnorm out, or convert (--schedule, --latency)")
     if args.finetune_steps and args.frontier is None:
         raise DeeprootsError("--finetune-steps fine-tunes the points of --frontier; for one "
                              "conversion: deeproots train --init FILE.pt --distill CHECKPOINT")
