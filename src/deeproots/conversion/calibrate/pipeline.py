@@ -87,7 +87,7 @@ class Conversion:
     ridge: float
     refit: str
     grouped: bool
-    batchnorm: str = "keep"
+    batchnorm: str
     order: List[str] = field(default_factory=list)
     sites: Dict[str, RootSite] = field(default_factory=dict)
     energy: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -266,8 +266,7 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     check_trained(model)
     started, evaluating = time.perf_counter(), 0.0
-    c = _conversion(model, changes, batches, ridge, refit, grouped)
-    c.batchnorm = c.report.batchnorm = batchnorm
+    c = _conversion(model, changes, batches, ridge, refit, grouped, batchnorm)
     for stage in PIPELINE:
         if stage.reference and stages is None:
             continue
@@ -280,15 +279,15 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     return c.new, c.report
 
 
-def _conversion(model, changes, batches, ridge, refit, grouped) -> Conversion:
+def _conversion(model, changes, batches, ridge, refit, grouped, batchnorm) -> Conversion:
     """The conversion's start: both models and the batches channels-last (the calibration
     passes run twice as fast so on a CPU), the convs to group, their neighbours (one
     trace), their inputs' energy and a batch of their inputs."""
     dense, new = (channels_last(copy.deepcopy(model).eval()) for _ in range(2))
     batches = [channels_last(b) for b in batches]
     c = Conversion(dense, new, dict(changes), batches,
-                   CalibrationReport(images=sum(len(b) for b in batches)), ridge, refit,
-                   grouped)
+                   CalibrationReport(images=sum(len(b) for b in batches), batchnorm=batchnorm),
+                   ridge, refit, grouped, batchnorm)
     c.order = [n for n in conv_layers(new) if n in changes]
     for name in c.order:
         if conv_layers(new)[name].groups != 1:
