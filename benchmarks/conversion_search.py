@@ -268,22 +268,30 @@ def part_finetune(args, given) -> None:
                         "vs dense (pts)"], rows, align="rrrrrr"))
 
 
-FEATURE_VARIANTS = {  # name: (train which parameters, batch norm statistics, feature weight)
-    "logits only (as deeproots train --distill)": ("all", "update", 0.0),
-    "+ feature distillation at every conv": ("all", "update", 1.0),
-    "+ features, batch norm statistics frozen": ("all", "frozen", 1.0),
-    "+ features, 1x1 convs and batch norm only": ("1x1", "frozen", 1.0),
+# name: (train which parameters, batch norm statistics, feature weight, at which convs)
+FEATURE_VARIANTS = {
+    "logits only (as deeproots train --distill)": ("all", "update", 0.0, "every"),
+    "+ features at every conv": ("all", "update", 1.0, "every"),
+    "+ features at the convs in the dense order": ("all", "update", 1.0, "aligned"),
+    "+ features at the convs in the dense order, x10": ("all", "update", 10.0, "aligned"),
+    "+ features, batch norm statistics frozen": ("all", "frozen", 1.0, "every"),
+    "+ features, 1x1 convs and batch norm only": ("1x1", "frozen", 1.0, "every"),
 }
+ALIGNED = 0.5  # a conv's output within this relative squared error of the dense one's: aligned
 
 
 def _feature_finetune(converted: Path, ckpt: Path, steps: int, lr: float, which: str,
-                      stats: str, beta: float, weight: float = 0.5,
+                      stats: str, beta: float, where: str = "every", weight: float = 0.5,
                       temperature: float = 4.0) -> float:
     """A distilled fine-tune written out here for what ``deeproots train`` does not do:
     the student's conv outputs matched to the dense model's (each squared error over the
-    dense output's energy, averaged over the convs; FitNets-style feature distillation at
-    the layers the calibration refit), batch norm statistics frozen, or only the 1x1 convs
-    and batch norms trained. SGD with momentum 0.9, weight decay 5e-4, cosine from ``lr``;
+    dense output's energy, averaged over the convs; FitNets-style feature distillation),
+    batch norm statistics frozen, or only the 1x1 convs and batch norms trained. ``where``:
+    at every conv, or (``"aligned"``) at those whose output channels are in the dense
+    model's order, unchanged or refit to it, within :data:`ALIGNED` of it on the first batch
+    (a conversion permutes the outputs of each grouped conv and of the layer feeding it: a
+    feature term there pulls them towards the dense order, which the next layer does not
+    read them in). SGD with momentum 0.9, weight decay 5e-4, cosine from ``lr``;
     the training split's first ``steps`` batches of 128 in the order of deeproots' first
     epoch. Returns the test top-1."""
     from torch.nn import functional as F
@@ -340,6 +348,11 @@ def _feature_finetune(converted: Path, ckpt: Path, steps: int, lr: float, which:
                 + weight * distillation_loss(logits, soft, temperature))
         if beta:
             s, t = seen["student"], seen["teacher"]
+            if step == 0:
+                convs = [n for n in convs if where == "every" or (
+                    s[n].shape == t[n].shape and float(((s[n] - t[n]) ** 2).mean()
+                                                       / (t[n] ** 2).mean()) < ALIGNED)]
+                print(f"... feature term at {', '.join(convs)}", file=sys.stderr, flush=True)
             loss = loss + beta * sum(((s[n] - t[n]) ** 2).mean() / (t[n] ** 2).mean()
                                      for n in convs) / len(convs)
         optimiser.zero_grad(set_to_none=True)
@@ -356,9 +369,11 @@ def part_features(args, given) -> None:
 
     ckpt, top, converted, steps = _nin_root_8(args, given)
     rows = []
-    for name, (which, stats, beta) in FEATURE_VARIANTS.items():
+    for name, (which, stats, beta, where) in FEATURE_VARIANTS.items():
+        if args.feature_variants and name not in args.feature_variants:
+            continue
         for lr in args.feature_lrs:
-            got = _feature_finetune(converted, ckpt, steps, lr, which, stats, beta)
+            got = _feature_finetune(converted, ckpt, steps, lr, which, stats, beta, where)
             rows.append([name, f"{lr:g}", f"{got:.4f}", f"{100 * (got - top):+.2f}"])
             print("...", rows[-1], file=sys.stderr, flush=True)
     print(f"\n## nin root-8, calibrated, then {steps} steps of distillation written out in "
@@ -383,6 +398,9 @@ def main() -> None:
                             "0.003,1,1,0", "0.001,0.9,4,0", "0.03,0.9,4,0.005"],
                    help="fine-tunes to try: lr, distillation weight and temperature, warm-up")
     p.add_argument("--feature-lrs", type=float, nargs="+", default=[0.01])
+    p.add_argument("--feature-variants", nargs="+", choices=list(FEATURE_VARIANTS),
+                   metavar="NAME", help="of the feature part's variants, these alone "
+                   "(default: all)")
     args = p.parse_args()
     from deeproots.runtime import reexec_with_jemalloc
 

@@ -260,7 +260,8 @@ def test_a_budget_converts_the_search_and_the_best_root_n_and_keeps_the_more_acc
     1 nat), while the least root-N within 0.8 of the nin's own multiply-adds is root-2
     (conv2a at 2: 0.72). Both are converted with calibration and measured on the selection
     images (their top-1 given here by which one it is): the more accurate one is the
-    result, the searched one on a tie; the candidates are reported."""
+    result, the searched one on a tie; the candidates are reported. The stage table is the
+    result's own: its stages alone are evaluated, and its last stage is the model returned."""
     import deeproots.conversion.checkpoint as checkpoint
 
     def layer(name, macs, option):
@@ -276,11 +277,23 @@ def test_a_budget_converts_the_search_and_the_best_root_n_and_keeps_the_more_acc
         measured.append(uniform)
         return (0.7 if uniform == uniform_better else 0.6) if len(measured) < 3 else 0.0
 
+    evaluated = []
+
+    def evaluate(model, loader):
+        evaluated.append((model.conv2a.conv.groups, model.conv3a.conv.groups))
+        return real_evaluate(model, loader)
+
+    real_evaluate = checkpoint.evaluate
     monkeypatch.setattr(checkpoint, "select_top1", select_top1)
+    monkeypatch.setattr(checkpoint, "evaluate", evaluate)
     new, _, summary = convert_checkpoint(
         trained / "dense" / "best.pt", macs=0.8, prices=prices, batch_size=8,
-        data_dir=trained / "data", calibration_images_n=32, stages=False)
+        data_dir=trained / "data", calibration_images_n=32)
     assert measured == [False, True]  # the search's proposal, then root-2
+    result = (2, 1) if uniform_better else (1, 2)
+    assert list(summary.stages) == ["block-diagonal", "+ permutation", "+ refit"]
+    assert evaluated == [result] * 4  # its three stages, then the result on the whole split
+    assert summary.stages["+ refit"] == summary.top1_after  # 32 test images: the whole split
     rows = {c["kind"]: c for c in summary.candidates}
     assert rows["searched"]["groups"] == {"conv3a": 2}
     assert rows["uniform"]["groups"] == {"conv2a": 2}

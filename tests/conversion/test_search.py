@@ -119,6 +119,36 @@ def test_a_layer_already_groupable_costs_nothing_at_its_own_count_and_more_above
         assert torch.equal(value, before[key]), key
 
 
+def test_the_model_and_every_layer_option_are_timed_in_one_session(monkeypatch):
+    """The prediction subtracts layer savings from the model's time: all of them come from
+    one interleaved session (a slower minute between two sessions would move the ratio).
+    The timer is replaced by one that runs each workload once and gives the model 100 ms and
+    the conv at g groups 8/g ms: those are the table's figures."""
+    import deeproots.conversion.sensitivity as sensitivity
+    from deeproots.speed.timing import Timing
+
+    sessions = []
+
+    def interleaved(work, images, repeats=5, **kw):
+        sessions.append(sorted(work))
+        for fn in work.values():  # each runs: the folded model, each conv on its input
+            fn()
+        return {k: Timing(k, [0.1 if k == "model" else 0.008 / int(k.split("@")[1])] * repeats,
+                          images) for k in work}
+
+    monkeypatch.setattr(sensitivity, "interleaved", interleaved)
+    model = _tiny()
+    x = torch.randn(96, 3, 8, 8)
+    prices = layer_prices(model, x[:64], (x[64:], model(x[64:]).argmax(1)), batch_size=4,
+                          repeats=1)
+    assert sessions == [["2@1", "2@2", "2@4", "2@8", "model"]]
+    assert prices.ms == pytest.approx(100.0)
+    layer = prices.layers[0]
+    assert layer.ms == pytest.approx(8.0)
+    assert {o.groups: o.ms for o in layer.options} == pytest.approx({2: 4.0, 4: 2.0, 8: 1.0})
+    assert predict(prices, {"2": 4})["latency_fraction"] == pytest.approx((100 - 6) / 100)
+
+
 def test_pricing_a_model_with_nothing_to_group_is_one_line():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()

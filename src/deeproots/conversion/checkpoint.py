@@ -392,7 +392,7 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
     calibration ones): the most accurate is the result, so that a search never returns less
     than the uniform schedule it could have. For latency the candidates are first timed
     again side by side (:func:`_timed_together`). ``stage_top1``: a model's top-1 for the stage
-    table (None: no stage table). Returns the model, its report, its plan, its measured time,
+    table, evaluated on the chosen candidate's stages alone (None: no stage table). Returns the model, its report, its plan, its measured time,
     every candidate (groups, kind, time, predicted and measured top-1) and its stage table."""
     kind, fraction = budget
     trained, cal = source.trained, source.cal
@@ -419,9 +419,9 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
                                      batch_size, say)
     best, rows = None, []
     for plan, timed, how in candidates:
-        table: Dict[str, float] = {}
+        shown: List[Tuple[str, nn.Module]] = []  # its stages' models, evaluated if it wins
         on_stage = None if stage_top1 is None else (
-            lambda name, m, table=table: table.__setitem__(name, stage_top1(m)))
+            lambda name, m, shown=shown: shown.append((name, m)))
         new, report = rootify(trained, as_mapping(plan.groups), example_input=cal.fit[:1],
                               calibration=cal.fit, on_stage=on_stage, **options)
         top1 = select_top1(new, cal.select) if len(candidates) > 1 else float("nan")
@@ -432,10 +432,11 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
         say(f"{how} {_label(plan.groups)}: selection top-1 {top1:.4f} (predicted "
             f"{plan.predicted['top1']:.4f})")
         if best is None or top1 > best[0]:  # a tie keeps the searched proposal
-            best = (top1, new, report, plan, timed, table)
-    _, new, report, plan, timed, table = best
+            best = (top1, new, report, plan, timed, shown)
+    _, new, report, plan, timed, shown = best
     for row in rows:
         row["chosen"] = row["groups"] == plan.groups
+    table = {name: stage_top1(m) for name, m in shown}  # the result's stages alone
     return new, report, plan, timed, rows, table
 
 

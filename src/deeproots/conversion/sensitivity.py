@@ -22,10 +22,10 @@ The accuracy side, closed form and with no gradient step, per layer and group co
   the search (:mod:`.search`) minimises its sum.
 
 The speed side: each conv timed at each group count on an input of its own shape in the
-model, at the batch size asked, channels-last (the ``fold`` path's form), side by side with
-the dense conv by the one timer (:func:`deeproots.speed.timing.interleaved`); and the whole
-dense model in the ``fold`` path, so that a schedule's time is predicted as the model's less
-what each layer saves.
+model, at the batch size asked, channels-last (the ``fold`` path's form), and the whole
+dense model in the ``fold`` path, all side by side in one session by the one timer
+(:func:`deeproots.speed.timing.interleaved`), so that a schedule's time is predicted as the
+model's less what each layer saves, every figure of that sum taken in the same minutes.
 """
 from __future__ import annotations
 
@@ -291,15 +291,16 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
     equations = _equations(model, convs, layers, fit_batches)
     sites_of = root_sites(model, [s.name for s in layers])
     shapes = _input_shapes(model, convs, layers, example)
+    dense_ms, conv_ms = _times(model, size, {s.name: (convs[s.name], shapes[s.name],
+                                                      group_counts(s)) for s in layers},
+                               batch_size, device, repeats)
     result = Sensitivity(name or type(model).__name__, str(device), batch_size,
                          sum(len(b) for b in fit_batches), len(images), top1, cost.macs,
-                         cost.params,
-                         model_ms({"dense": model}, size, batch_size, device, repeats)["dense"])
+                         cost.params, dense_ms)
     for site in layers:
         conv = convs[site.name]
         eq = equations[site.name]
-        times = _conv_ms(conv, shapes[site.name], batch_size, device, repeats,
-                         group_counts(site))
+        times = conv_ms[site.name]
         price = LayerPrice(site.name, f"{site.resolution[0]}x{site.resolution[1]}",
                            "x".join(map(str, site.kernel)), site.in_channels,
                            site.out_channels, per_layer[site.name].macs,
@@ -419,21 +420,32 @@ class _installed:
 # Time
 
 
-def _conv_ms(conv: nn.Conv2d, shape: tuple, batch_size: int, device: str, repeats: int,
-             counts: Sequence[int]) -> Dict[int, float]:
-    """ms per batch of ``conv``'s shape, dense (1) and at each of ``counts`` groups, timed
-    side by side (channels-last, with a bias as after batch norm is folded)."""
+def _times(model: nn.Module, size, layers: Dict[str, Tuple[nn.Conv2d, tuple, Sequence[int]]],
+           batch_size: int, device: str, repeats: int
+           ) -> Tuple[float, Dict[str, Dict[int, float]]]:
+    """ms per batch of the whole ``model`` in the ``fold`` path, and of each of ``layers``
+    (name: conv, its input's shape, its counts) dense (1) and at each count (channels-last,
+    with a bias as after batch norm is folded), all timed side by side in one session: a
+    schedule's predicted time is the model's less its layers' savings, and a change in the
+    machine's speed between two sessions (5-10% on a shared CPU) would move that ratio."""
+    from ..speed.deploy import build_path  # (the inference paths use this package's rule)
+
     dev = torch.device(device)
-    x = channels_last(torch.randn(batch_size, *shape, device=dev))
-    work = {}
-    for g in (1, *counts):
-        layer = channels_last(nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                        conv.stride, conv.padding, conv.dilation, g,
-                                        bias=True).to(dev).eval())
-        work[g] = (lambda layer=layer: _no_grad(layer, x))
+    x = torch.randn(batch_size, *size, device=dev)
+    folded = build_path(copy.deepcopy(model).to(dev), x, "fold")
+    work = {"model": lambda: folded(x)}
+    for name, (conv, shape, counts) in layers.items():
+        xs = channels_last(torch.randn(batch_size, *shape, device=dev))
+        for g in (1, *counts):
+            layer = channels_last(nn.Conv2d(conv.in_channels, conv.out_channels,
+                                            conv.kernel_size, conv.stride, conv.padding,
+                                            conv.dilation, g, bias=True).to(dev).eval())
+            work[f"{name}@{g}"] = (lambda layer=layer, xs=xs: _no_grad(layer, xs))
     timings = interleaved(work, batch_size, repeats=repeats, cuda=dev.type == "cuda",
                           device=dev)
-    return {g: 1000 * t.median_s for g, t in timings.items()}
+    ms = {key: 1000 * t.median_s for key, t in timings.items()}
+    return ms["model"], {name: {g: ms[f"{name}@{g}"] for g in (1, *counts)}
+                         for name, (_, _, counts) in layers.items()}
 
 
 def _no_grad(layer, x):
