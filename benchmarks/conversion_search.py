@@ -8,6 +8,7 @@ section is printed by one of these parts.
     python benchmarks/conversion_search.py walltime --out runs/search    # + a ResNet-18
     python benchmarks/conversion_search.py finetune --out runs/search    # nin root-8
     python benchmarks/conversion_search.py features --out runs/search    # feature distillation
+    python benchmarks/conversion_search.py finetune --out runs/search3 --nin-epochs 3  # longer
 
 Dense models are trained by the project's own recipe (``deeproots train MODEL --epochs 1``;
 the ResNet-18, defined below, for ``--resnet18-steps`` steps), or reused from ``--out``
@@ -350,7 +351,7 @@ def _feature_finetune(converted: Path, ckpt: Path, steps: int, lr: float, which:
             s, t = seen["student"], seen["teacher"]
             if step == 0:
                 convs = [n for n in convs if where == "every" or (
-                    s[n].shape == t[n].shape and float(((s[n] - t[n]) ** 2).mean()
+                    s[n].shape == t[n].shape and float(((s[n].detach() - t[n]) ** 2).mean()
                                                        / (t[n] ** 2).mean()) < ALIGNED)]
                 print(f"... feature term at {', '.join(convs)}", file=sys.stderr, flush=True)
             loss = loss + beta * sum(((s[n] - t[n]) ** 2).mean() / (t[n] ** 2).mean()
