@@ -392,8 +392,9 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
     calibration ones): the most accurate is the result, so that a search never returns less
     than the uniform schedule it could have. For latency the candidates are first timed
     again side by side (:func:`_timed_together`). ``stage_top1``: a model's top-1 for the stage
-    table, evaluated on the chosen candidate's stages alone (None: no stage table). Returns the model, its report, its plan, its measured time,
-    every candidate (groups, kind, time, predicted and measured top-1) and its stage table."""
+    table, evaluated on the chosen candidate's stages alone (None: no stage table). Returns
+    the model, its report, its plan, its measured time, every candidate (groups, kind, time,
+    predicted and measured top-1) and its stage table."""
     kind, fraction = budget
     trained, cal = source.trained, source.cal
     say = progress or (lambda text: None)

@@ -428,11 +428,9 @@ def _times(model: nn.Module, size, layers: Dict[str, Tuple[nn.Conv2d, tuple, Seq
     with a bias as after batch norm is folded), all timed side by side in one session: a
     schedule's predicted time is the model's less its layers' savings, and a change in the
     machine's speed between two sessions (5-10% on a shared CPU) would move that ratio."""
-    from ..speed.deploy import build_path  # (the inference paths use this package's rule)
-
     dev = torch.device(device)
     x = torch.randn(batch_size, *size, device=dev)
-    folded = build_path(copy.deepcopy(model).to(dev), x, "fold")
+    folded = _folded(model, x)
     work = {"model": lambda: folded(x)}
     for name, (conv, shape, counts) in layers.items():
         xs = channels_last(torch.randn(batch_size, *shape, device=dev))
@@ -453,15 +451,21 @@ def _no_grad(layer, x):
         layer(x)
 
 
+def _folded(model: nn.Module, x: torch.Tensor):
+    """A copy of ``model`` on ``x``'s device as the ``fold`` path runs it (batch norm folded,
+    channels-last): what a converted model is timed as."""
+    from ..speed.deploy import build_path  # (the inference paths use this package's rule)
+
+    return build_path(copy.deepcopy(model).to(x.device), x, "fold")
+
+
 def model_ms(models: Dict[str, nn.Module], size, batch_size: int, device: str,
              repeats: int = 5) -> Dict[str, float]:
     """ms per batch of each model in the ``fold`` path (batch norm folded, channels-last:
     what a converted model runs as), at ``batch_size`` on ``device``, timed side by side."""
-    from ..speed.deploy import build_path  # (the inference paths use this package's rule)
-
     dev = torch.device(device)
     x = torch.randn(batch_size, *size, device=dev)
-    built = {name: build_path(copy.deepcopy(m).to(dev), x, "fold") for name, m in models.items()}
+    built = {name: _folded(m, x) for name, m in models.items()}
     timings = interleaved({name: (lambda f=f: f(x)) for name, f in built.items()}, batch_size,
                           repeats=repeats, cuda=dev.type == "cuda", device=dev)
     return {name: 1000 * t.median_s for name, t in timings.items()}
