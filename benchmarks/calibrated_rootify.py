@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint, save_model
-from deeproots.config import TrainConfig
+from deeproots.config import BATCHNORMS, TrainConfig
 from deeproots.conversion import rootify
 from deeproots.conversion.checkpoint import CALIBRATION_IMAGES, convert_checkpoint
 from deeproots.training.loop import train
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--schedule", default="root-8")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
-    p.add_argument("--batchnorm", choices=("keep", "reestimate"), default="keep",
+    p.add_argument("--batchnorm", choices=BATCHNORMS, default="keep",
                    help="the conversion's batch norms: kept, or re-estimated (the default "
                         "before 2026-12-05, with a '+ batch norm' stage)")
     args = p.parse_args()

@@ -46,8 +46,8 @@ from ..models.layers import conv_layers
 from ..speed.timing import interleaved
 from ..text import format_table
 from .calibrate.assignment import assign_groups
-from .calibrate.passes import calibration_batches, forward, norm_after, prefixed
-from .calibrate.refit import place_constant, ridge_solve
+from .calibrate.passes import calibration_batches, forward, prefixed
+from .calibrate.refit import constant_home, place_constant, ridge_solve
 from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
@@ -307,8 +307,7 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
                            per_layer[site.name].params, times[1])
         fixed = sites_of[site.name]
         starts = prefixed([model], site.name, select_batches) or select_batches
-        norm = norm_after(model, conv, example)
-        intercept = conv.bias is not None or norm is not None
+        intercept, norm = constant_home(model, conv, example)
         for g in group_counts(site):
             rows, cols, _ = assign_groups(eq.score(), g, fix_rows=fixed.consumer is None,
                                           fix_cols=fixed.producer is None)

@@ -14,7 +14,8 @@ from ...errors import DeeprootsError
 from ...models.layers import conv_layers
 from .passes import input_of, norm_after, output_of
 
-__all__ = ["refit_pointwise", "refit_grouped", "place_constant", "MIN_PIXELS_PER_WEIGHT"]
+__all__ = ["refit_pointwise", "refit_grouped", "constant_home", "place_constant",
+           "MIN_PIXELS_PER_WEIGHT"]
 
 # A 1x1 conv downstream of the grouped ones, which the conversion did not change, is refit
 # only where the calibration images give it this many pixels (rows of the fit) for each
@@ -72,6 +73,17 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float, intercept: b
     return solution, 2 * (solution * xty).sum() - (solution * (xtx @ solution)).sum()
 
 
+def constant_home(model: nn.Module, conv: nn.Conv2d, x) -> Tuple[bool, Optional[nn.Module]]:
+    """Whether a fit of ``conv``'s output (in ``model``, run on ``x``) has a constant term,
+    and the batch norm that takes it (:func:`place_constant`): a conv with a bias has one
+    (None: the bias takes it); one without has one only where its output goes straight into
+    a batch norm, whose running mean takes it."""
+    if conv.bias is not None:
+        return True, None
+    norm = norm_after(model, conv, x)
+    return norm is not None, norm
+
+
 def place_constant(conv: nn.Conv2d, norm: Optional[nn.Module], const: torch.Tensor) -> None:
     """A fit's constant term: in ``conv``'s bias, or (a conv without one) taken off the
     running mean of the batch norm ``norm`` that reads its output, so the batch norm's
@@ -104,8 +116,7 @@ def refit_pointwise(dense: nn.Module, new: nn.Module, layer: str, batches,
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.stride != (1, 1):
         raise DeeprootsError(f"{layer}: only an ungrouped 1x1 conv of stride 1 is refit")
     batches = list(batches)
-    norm = None if conv.bias is not None else norm_after(new, conv, batches[0])
-    intercept = conv.bias is not None or norm is not None
+    intercept, norm = constant_home(new, conv, batches[0])
     d = conv.in_channels
     xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(d + 1, conv.out_channels, dtype=torch.float64)
@@ -145,8 +156,7 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
             conv.padding, str):
         return None
     batches = list(batches)
-    norm = None if conv.bias is not None else norm_after(new, conv, batches[0])
-    intercept = conv.bias is not None or norm is not None
+    intercept, norm = constant_home(new, conv, batches[0])
     g = conv.groups
     cin, cout = conv.in_channels // g, conv.out_channels // g
     d = cin * conv.kernel_size[0] * conv.kernel_size[1]
