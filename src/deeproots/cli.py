@@ -460,7 +460,7 @@ def cmd_rootify(args) -> int:
                                  f"checkpoint (RUN/best.pt) as the model; got {args.model!r}")
     for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
                         ("--calibration-images", args.calibration_images),
-                        ("--batchnorm", args.batchnorm if args.batchnorm != "keep" else None),
+                        ("--batchnorm", args.batchnorm),
                         ("--finetune-steps", args.finetune_steps or None),
                         ("--plot", args.plot)):
         if value is not None:
@@ -501,7 +501,7 @@ def _rootify_checkpoint(args, options) -> int:
                              "trained at (--image-size for a state_dict's images); leave it out")
     if args.plot is not None and not args.sensitivity:
         raise DeeprootsError("--plot draws --sensitivity's table; add --sensitivity")
-    if args.sensitivity and args.batchnorm != "keep":
+    if args.sensitivity and args.batchnorm not in (None, "keep"):
         raise DeeprootsError(f"--batchnorm {args.batchnorm} sets how a conversion treats the "
                              f"batch norms; --sensitivity prices each layer with them as they "
                              f"were: leave --batchnorm out, or convert (--schedule, --latency)")
@@ -513,7 +513,7 @@ def _rootify_checkpoint(args, options) -> int:
                   batch_size=args.batch_size, image_size=args.image_size,
                   download=not args.no_download)
     progress = None if args.json else _say
-    options = {**options, "batchnorm": args.batchnorm}
+    options = {**options, "batchnorm": args.batchnorm or "keep"}
     if args.sensitivity:
         return _rootify_sensitivity(args, common, options, progress)
     if args.frontier is not None:
@@ -995,7 +995,7 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--model", dest="from_model", metavar="FILE.py:FUNCTION",
                    help="for a checkpoint of a model of your own: the function that builds it")
-    p.add_argument("--batchnorm", choices=BATCHNORMS, default="keep",
+    p.add_argument("--batchnorm", choices=BATCHNORMS, default=None,
                    help="with a checkpoint: keep the trained batch-norm statistics (default: "
                         "the refit makes each layer compute what it did) or reestimate them "
                         "on the calibration images")

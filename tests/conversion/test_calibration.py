@@ -316,6 +316,8 @@ def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
      "--out calibrates a trained model: give a checkpoint"),
     (["rootify", "nin", "--schedule", "root-8", "--batchnorm", "reestimate"],
      "--batchnorm calibrates a trained model: give a checkpoint"),
+    (["rootify", "nin", "--schedule", "root-8", "--batchnorm", "keep"],  # the default, said
+     "--batchnorm calibrates a trained model: give a checkpoint"),
     (["rootify", "{dense}", "--sensitivity", "--batchnorm", "reestimate", "--data-dir",
       "{data}"], "--batchnorm reestimate sets how a conversion treats the batch norms"),
     (["train", "--init", "{tmp}/none.pt", "--data-dir", "{data}", "--out", "{tmp}/r"],
