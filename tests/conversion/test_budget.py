@@ -12,7 +12,7 @@ from deeproots.cli import main
 from deeproots.conversion.checkpoint import convert_checkpoint, read_trained
 from deeproots.conversion.search import predict
 from deeproots.conversion.sensitivity import LayerPrice, Option, Sensitivity
-from deeproots.errors import CheckpointError
+from deeproots.errors import CheckpointError, DeeprootsError
 from deeproots.training.checkpoint import load_checkpoint
 from deeproots.training.loop import train
 from helpers import run_cli, train_cfg, write_fashion_mnist, write_image_folder
@@ -176,9 +176,11 @@ def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(tr
     prices = Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
         layer("conv2a", 96, 192, 50.0, [(2, 10.0, 0.89)])])
     out = tmp_path / "new" / "f"
-    result = frontier(trained / "dense" / "best.pt", out=out, budgets=(0.05,), uniform=(2,),
-                      prices=prices, batch_size=8, data_dir=trained / "data",
-                      calibration_images_n=32)
+    said = []
+    result = frontier(trained / "dense" / "best.pt", out=out, budgets=(0.05, 0.05),
+                      uniform=(2,), prices=prices, batch_size=8, data_dir=trained / "data",
+                      calibration_images_n=32, progress=said.append)
+    assert said.count("latency 0.05") == 1  # a budget asked twice is converted once
     assert sorted(p.name for p in out.iterdir()) == ["frontier.json", "frontier.md",
                                                      "frontier.png"]
     assert list(result.unreachable) == ["0.05"]  # (100 - 50 + 10) / 100 at the cheapest,
@@ -241,6 +243,32 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys, arg
     assert rc == 2 and len(err) == 1, err
     assert phrase.format(**values) in err[0], err[0]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
+        trained, monkeypatch, kind):
+    """The cheapest a multiply-add or parameter budget can reach is counted, not measured:
+    the refusal comes before the pricing (minutes on a resnet50), and says what the rule's
+    own count of the model gives with nin's two groupable convs at the largest counts a
+    layer is priced at (powers of two to 64 that divide its channels: conv2a 96 -> 192 at
+    32, conv3a 192 -> 192 at 64)."""
+    import deeproots.conversion.checkpoint as ckpt
+
+    def no_pricing(*args, **kwargs):
+        raise AssertionError("priced a budget that no schedule reaches")
+
+    monkeypatch.setattr(ckpt, "layer_prices", no_pricing)
+    dense = deeproots.create_model("nin", in_channels=1)
+    dense.load_state_dict(load_checkpoint(trained / "dense" / "best.pt")["model"])
+    _, report = deeproots.rootify(dense, {"conv2a": 32, "conv3a": 64},
+                                  example_input=torch.zeros(1, 1, 8, 8))
+    assert report.groups == {"conv2a": 32, "conv3a": 64}
+    least = {"macs": report.macs_fraction, "params": report.params_fraction}[kind]
+    with pytest.raises(DeeprootsError, match=rf"no schedule brings {kind} to 0.01 .* the "
+                                             rf"cheapest reachable is {least:.3f} "):
+        convert_checkpoint(trained / "dense" / "best.pt", data_dir=trained / "data",
+                           calibration_images_n=32, batch_size=8, **{kind: 0.01})
 
 
 def test_a_state_dict_of_other_weights_is_refused_in_one_line(trained, tmp_path):

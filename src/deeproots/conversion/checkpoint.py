@@ -38,9 +38,10 @@ from ..training.evaluate import evaluate
 from .calibrate.passes import calibration_batches
 from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
-from .search import Plan, cheapest, check_fraction, choose, latency_scale, predict
-from .sensitivity import (GROUP_COUNTS, Sensitivity, layer_prices, model_ms, select_top1,
-                          selection_scores)
+from .search import (Plan, check_fraction, check_reachable, cheapest, choose, latency_scale,
+                     predict)
+from .sensitivity import (GROUP_COUNTS, Sensitivity, layer_prices, model_ms, most_saved,
+                          select_top1, selection_scores)
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
            "calibration_data", "Source", "open_source", "CALIBRATION_IMAGES", "EVAL_IMAGES",
@@ -399,6 +400,10 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
     trained, cal = source.trained, source.cal
     say = progress or (lambda text: None)
     if prices is None:
+        if kind != "latency":  # counted, not measured: refused before minutes of pricing
+            check_reachable(kind, fraction, *most_saved(
+                trained, cal.fit[:1], ignore=options.get("ignore", ()),
+                stem=options.get("stem", "input"))[kind])
         prices = layer_prices(trained, cal.fit, cal.select, batch_size=batch_size,
                               device=device, name=source.name, progress=progress,
                               ignore=options.get("ignore", ()),

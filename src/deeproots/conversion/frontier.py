@@ -130,6 +130,7 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
     started = time.perf_counter()
     for b in budgets:
         check_fraction("a frontier's latency budget", b)
+    budgets = list(dict.fromkeys(budgets))  # a budget asked twice is converted once
     check_device(device, "--frontier")
     folder = check_new_folder(out, FRONTIER_FILES + ("points",), overwrite=overwrite)
     say = progress or (lambda text: None)

@@ -26,7 +26,7 @@ from ..errors import DeeprootsError
 from .sensitivity import LayerPrice, Sensitivity
 
 __all__ = ["Plan", "choose", "predict", "cheapest", "latency_scale", "check_fraction",
-           "BUDGETS", "STEPS"]
+           "check_reachable", "BUDGETS", "STEPS"]
 
 BUDGETS = ("latency", "macs", "params")
 STEPS = 400  # the knapsack's resolution: the saving asked for, in this many steps
@@ -124,16 +124,25 @@ def choose(prices: Sensitivity, *, latency: Optional[float] = None,
     need = saving if saving is not None else total * (1 - fraction)
     best_saving = sum(max((_cost_saved(layer, o, budget, scale) for o in layer.options),
                           default=0) for layer in prices.layers)
-    if best_saving < need:
-        cheapest = (total - best_saving) / total
-        raise DeeprootsError(
-            f"no schedule brings {budget} to {fraction:g} of the dense model's: the cheapest "
-            f"reachable is {cheapest:.3f} (every groupable layer at its largest count"
-            + ("; the 1x1 convs, the stem and what is left dense keep the rest)" if budget !=
-               "latency" else "; a grouped conv is not much faster than a dense one here)")
-            + f". Accepted: {cheapest:.3f} or more")
+    check_reachable(budget, fraction, total, best_saving, need)
     groups = _knapsack(prices, budget, need, scale)
     return Plan(budget, fraction, groups, predict(prices, groups, scale))
+
+
+def check_reachable(budget: str, fraction: float, total: float, best_saving: float,
+                    need: Optional[float] = None) -> None:
+    """A one-line error unless saving ``best_saving`` of ``total`` (the most every groupable
+    layer at its largest count saves) meets ``need`` (default: ``total`` less ``fraction``
+    of it): the cheapest reachable, and why."""
+    need = total * (1 - fraction) if need is None else need
+    if best_saving < need:
+        least = (total - best_saving) / total
+        raise DeeprootsError(
+            f"no schedule brings {budget} to {fraction:g} of the dense model's: the cheapest "
+            f"reachable is {least:.3f} (every groupable layer at its largest count"
+            + ("; the 1x1 convs, the stem and what is left dense keep the rest)" if budget !=
+               "latency" else "; a grouped conv is not much faster than a dense one here)")
+            + f". Accepted: {least:.3f} or more")
 
 
 def cheapest(prices: Sensitivity, budget: str = "latency") -> Dict[str, int]:

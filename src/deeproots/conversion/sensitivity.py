@@ -51,7 +51,7 @@ from .calibrate.refit import constant_home, place_constant, ridge_solve
 from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
-__all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts",
+__all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts", "most_saved",
            "GROUP_COUNTS", "model_ms", "select_top1", "selection_scores"]
 
 GROUP_COUNTS = (2, 4, 8, 16, 32, 64)  # the counts a layer is priced at (those that divide it)
@@ -314,10 +314,8 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
             weight, const, unexplained = eq.refit(rows, cols, g, intercept)
             with _installed(conv, norm, weight, const if intercept else None):
                 got, kl, _ = _scores(model, starts, labels, dense)
-            bias = per_layer[site.name].params - conv.weight.numel()
-            price.options.append(Option(g, per_layer[site.name].macs // g,
-                                        conv.weight.numel() // g + bias, times[g],
-                                        unexplained, got, kl))
+            price.options.append(Option(g, *_grouped_costs(per_layer[site.name], conv, g),
+                                        times[g], unexplained, got, kl))
         result.layers.append(price)
         if progress is not None:
             progress(f"{site.name}: " + ", ".join(
@@ -325,6 +323,36 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
                 for o in price.options))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _grouped_costs(dense, conv: nn.Conv2d, g: int) -> Tuple[int, int]:
+    """A conv's multiply-adds and parameters per image at ``g`` groups, from its dense
+    costs (``dense``: its row of the model's profile); its bias is kept whole."""
+    bias = dense.params - conv.weight.numel()
+    return dense.macs // g, conv.weight.numel() // g + bias
+
+
+def most_saved(model: nn.Module, example: torch.Tensor, *, ignore: Sequence[str] = (),
+               stem: str = "input") -> Dict[str, Tuple[int, int]]:
+    """The model's multiply-adds and parameters per image, and the most that grouping can
+    save of each (every conv the rule could group at its largest count of
+    :data:`GROUP_COUNTS`), counted with no image seen: a multiply-add or parameter budget
+    checked before any layer is priced. ``{"macs": (total, saved), "params": (...)}``."""
+    from ..inspection.costs import profile
+
+    _, layers = groupable(model.eval(), example, ignore=ignore, stem=stem)
+    cost = profile(model, tuple(example.shape[1:]))
+    per_layer = {c.name: c for c in cost.layers}
+    convs = conv_layers(model)
+    saved = {"macs": 0, "params": 0}
+    for site in layers:
+        counts = group_counts(site)
+        if counts:
+            dense = per_layer[site.name]
+            macs, params = _grouped_costs(dense, convs[site.name], max(counts))
+            saved["macs"] += dense.macs - macs
+            saved["params"] += dense.params - params
+    return {"macs": (cost.macs, saved["macs"]), "params": (cost.params, saved["params"])}
 
 
 def _equations(model, convs, layers, batches) -> Dict[str, _Equations]:
