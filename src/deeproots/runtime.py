@@ -22,7 +22,8 @@ from .checks import check_device
 
 __all__ = ["check_device", "resolve_device", "allocator", "atomic_write", "write_text",
            "write_json", "to_json", "check_output_dir", "check_output_file", "openvino_refusal",
-           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC", "file_digest"]
+           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC", "file_digest", "bytes_free",
+           "check_batch_fits", "memory_size"]
 
 JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
             "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -53,6 +54,45 @@ def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda"))
             raise DeeprootsError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
                                  f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
+
+
+def bytes_free(device) -> Optional[int]:
+    """The memory free for tensors on ``device`` (a torch device or its name), in bytes: the
+    GPU's free memory, or the machine's available memory (``MemAvailable``); None where it
+    cannot be read."""
+    device = str(device)
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_size(n: float) -> str:
+    """``n`` bytes as a person reads it: GiB from 1 GiB, MiB from 1 MiB, else KiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def check_batch_fits(per_image: int, batch: int, device, doing: str) -> None:
+    """A one-line error when ``batch`` images of ``per_image`` bytes of activations (see
+    ``Profile.activation_bytes``) need more than ``device`` has free: on a CPU the kernel
+    would kill the process part-way, with no message. ``doing``: what the batch is for
+    (``"train nin"``, ``"time nin"``)."""
+    free = bytes_free(device)
+    if free and per_image * batch > free:
+        fits = max(1, free // max(1, per_image))
+        raise DeeprootsError(f"batch size {batch} needs about {memory_size(per_image * batch)} "
+                             f"of activations to {doing}; {memory_size(free)} is free on "
+                             f"{device}. The largest batch that fits is about {fits}")
 
 
 def file_digest(path: str) -> Optional[str]:

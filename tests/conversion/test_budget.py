@@ -271,6 +271,21 @@ def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
                            calibration_images_n=32, batch_size=8, **{kind: 0.01})
 
 
+def test_a_batch_too_large_to_time_is_refused_before_the_pricing(trained, monkeypatch):
+    """nin at 1x8x8 needs 4 x (64 + 3 x 192x8x8) = 147,712 bytes of activations an image
+    to time (its largest output: 192 channels at 8x8); with 512 KiB free, 3 images fit and a
+    batch of 8 (1.1 MiB) is refused in one line."""
+    import deeproots.runtime as R
+    from deeproots.conversion.checkpoint import price_checkpoint
+
+    monkeypatch.setattr(R, "bytes_free", lambda device: 2**19)
+    with pytest.raises(DeeprootsError, match=r"^batch size 8 needs about 1 MiB of activations "
+                                             r"to time nin; 512 KiB is free on cpu\. The "
+                                             r"largest batch that fits is about 3$"):
+        price_checkpoint(trained / "dense" / "best.pt", data_dir=trained / "data",
+                         calibration_images_n=32, batch_size=8)
+
+
 def test_a_state_dict_of_other_weights_is_refused_in_one_line(trained, tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match="its weights do not fit"):

@@ -140,3 +140,13 @@ def test_attention_counts_the_same_on_a_cpu_and_on_meta():
             + 2 * L * L * E                   # SDPA over 2 heads of 8
             + 16 * 10)
     assert real.macs == meta.macs == hand
+
+
+def test_activation_bytes_by_hand():
+    """Two 3x3 convs at 1x8x8: outputs of 4x8x8 = 256 and 2x8x8 = 128 values. Training
+    keeps every output four times over in float32: 16 x 384 = 6144 bytes; inference holds
+    the image (64 values) and three copies of the largest output: 4 x (64 + 768) = 3328."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1))
+    cost = profile(model, (1, 8, 8))
+    assert cost.activation_bytes(training=True) == 6144
+    assert cost.activation_bytes() == 3328

@@ -193,3 +193,21 @@ def test_layer_times_by_a_clock_that_ticks_once_a_call(monkeypatch):
     assert rows["conv1"]["macs"] == 2 * 6 * 6 * 4 * 3 * 9  # by hand: 2 images, 6x6 out
     assert model.conv1.weight.dtype == torch.float32  # timed a bf16 copy, not the model
     assert model.training  # and the caller's model is still in training mode
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU halves the batch instead")
+@pytest.mark.parametrize("layers", [False, True])
+def test_a_batch_the_cpu_has_no_memory_for_is_refused_before_it_runs(monkeypatch, layers):
+    """On a CPU the kernel kills a process that allocates more than there is, with no
+    message: nin at 3x32x32 needs 4 x (3072 + 3 x 192x32x32) = 2,371,584 bytes of
+    activations an image to time (Profile.activation_bytes), so with 100 MiB free 44 images
+    fit and 64 are refused in one line."""
+    import deeproots.runtime as R
+    from deeproots.speed.bench import bench_layers, bench_models
+
+    monkeypatch.setattr(R, "bytes_free", lambda device: 100 * 2**20)
+    bench = bench_layers if layers else bench_models
+    with pytest.raises(ValueError, match=r"batch size 64 needs about 145 MiB of activations "
+                                         r"to time nin; 100 MiB is free on cpu\. The largest "
+                                         r"batch that fits is about 44$"):
+        bench(["nin"], batch_size=64, device="cpu")

@@ -313,9 +313,9 @@ def test_bad_settings(data_dir, tmp_path, kwargs, message):
 
 
 def test_a_batch_too_large_for_memory_is_refused(data_dir, tmp_path, monkeypatch):
-    import deeproots.training.loop as T
+    import deeproots.runtime as R
 
-    monkeypatch.setattr(T, "_bytes_free", lambda device: 2 * 2**20)  # 2 MiB free
+    monkeypatch.setattr(R, "bytes_free", lambda device: 2 * 2**20)  # 2 MiB free
     with pytest.raises(ValueError, match=r"batch size 16 needs about \d+ MiB of activations to "
                                          r"train nin-root-4; 2 MiB is free on cpu. The "
                                          r"largest batch that fits is about \d+"):

@@ -43,6 +43,7 @@ from ..capture import capture
 from ..errors import DeeprootsError
 from ..layout import channels_last
 from ..models.layers import conv_layers
+from ..runtime import check_batch_fits
 from ..speed.timing import interleaved
 from ..text import format_table
 from .calibrate.assignment import assign_groups
@@ -286,6 +287,8 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
 
     size = tuple(example.shape[1:])
     cost = profile(model, size)
+    check_batch_fits(cost.activation_bytes(), batch_size, device,
+                     f"time {name or type(model).__name__}")  # before minutes of pricing
     per_layer = {c.name: c for c in cost.layers}
     top1, _, dense = _scores(model, select_batches, labels)
     equations = _equations(model, convs, layers, fit_batches)

@@ -83,6 +83,18 @@ class Profile:
         """Every parameter of the model, batch norm included."""
         return self.params + self.bn_params + self.other_params
 
+    def activation_bytes(self, training: bool = False, value_bytes: int = 4) -> int:
+        """About how much memory one image's activations take, in bytes: to train, every
+        conv and linear output kept four times over (its value, its gradient, a batch norm's
+        and an activation's copies); for inference, the image and three copies of the
+        largest output (a layer's input and output are alive together: nin's fold path
+        peaks at twice its largest output per image, measured on the CPU)."""
+        outputs = [math.prod(layer.output_shape) * layer.calls for layer in self.layers
+                   if layer.output_shape]
+        if training:
+            return 4 * value_bytes * sum(outputs)
+        return value_bytes * (math.prod(self.input_size) + 3 * max(outputs, default=0))
+
     def to_dict(self) -> dict:
         """A JSON-ready dict: totals, and per-layer rows under ``"layers"``."""
         d = asdict(self)

@@ -23,7 +23,7 @@ from ..models.layers import example_logits, layer_name
 from ..reproduction.tables import PAPER_TABLES, paper_timings
 from ..inspection.costs import parse_input_size, profile
 from ..models.registry import build_model, check_model_spec
-from ..runtime import allocator, resolve_device
+from ..runtime import allocator, check_batch_fits, resolve_device
 from ..training.step import TrainStep, make_optimizer
 from .paths import resolve_grouped_conv
 from ..text import format_table
@@ -164,13 +164,19 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     size = parse_input_size(input_size, first)
     if hasattr(first, "check_input"):
         first.check_input(torch.empty(1, *size, device="meta"))
-    x = torch.randn(batch_size, *size, device=device)
     # each model runs one image first: one line for a model that cannot be timed
-    classes = {n: example_logits(m, x[:1], n).shape[1] for n, m in models.items()}[names[0]]
+    classes = {n: example_logits(m, torch.zeros(1, *size, device=device), n).shape[1]
+               for n, m in models.items()}[names[0]]
+    costs = {n: profile(m, size) for n, m in models.items()}
+    if not device.startswith("cuda"):  # a GPU's batch that does not fit is halved instead
+        for n, cost in costs.items():
+            check_batch_fits(cost.activation_bytes(training="train" in modes), batch_size,
+                             device, ("train" if "train" in modes else "time") + f" {n}")
+    macs = {n: cost.macs for n, cost in costs.items()}
+    x = torch.randn(batch_size, *size, device=device)
     y = None
     if "train" in modes:  # labels in the model's class range
         y = torch.randint(0, classes, (batch_size,), device=device)
-    macs = {n: profile(m, size).macs for n, m in models.items()}
     cuda = device.startswith("cuda")
     rows = []
     for mode in modes:
@@ -373,6 +379,8 @@ def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
         size = parse_input_size(input_size, model)
         if hasattr(model, "check_input"):
             model.check_input(torch.empty(1, *size, device="meta"))
+        check_batch_fits(profile(model, size).activation_bytes(), batch_size, dev,
+                         f"time {name}")
         x = torch.randn(batch_size, *size, device=dev)
         for path in paths:
             result = layer_times(model, x, path, dtype=dtype, repeats=repeats, warmup=warmup)

@@ -42,7 +42,7 @@ from ..layout import Layout, choose_layout
 from ..models.layers import example_logits
 from ..models.registry import build_model, is_model, is_user_model, model_entry
 from ..plots import plot_training_curves
-from ..runtime import allocator, file_digest, write_json
+from ..runtime import allocator, check_batch_fits, file_digest, write_json
 from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, restore,
                          save_checkpoint, save_model, snapshot)
@@ -149,39 +149,15 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _bytes_free(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _check_batch(model: nn.Module, cost, per_rank: int, device: torch.device) -> None:
     """Refuse a batch that cannot train: one image per process with batch norm, or more
-    activations than the device has memory for (estimated: each conv and linear output
-    kept about four times over, float32, for the backward pass)."""
+    activations than the device has memory for (``Profile.activation_bytes``)."""
     if per_rank == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                              for m in model.modules()):
         raise DeeprootsError(f"batch size 1 per process cannot train {model.name}: batch norm "
                              f"needs at least 2 images; use --batch-size 2 or more")
-    per_image = 4 * 4 * sum(math.prod(layer.output_shape) * layer.calls
-                            for layer in cost.layers if layer.output_shape)
-    free = _bytes_free(device)
-    if free and per_image * per_rank > free:
-        fits = max(1, free // per_image)
-        raise DeeprootsError(f"batch size {per_rank} needs about {_size(per_image * per_rank)} "
-                             f"of activations to train {model.name}; {_size(free)} is free on "
-                             f"{device}. The largest batch that fits is about {fits}")
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    check_batch_fits(cost.activation_bytes(training=True), per_rank, device,
+                     f"train {model.name}")
 
 
 @dataclass
