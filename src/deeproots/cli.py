@@ -333,12 +333,12 @@ def cmd_plot_results(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .outputs import check_new_file
+    from .outputs import check_new_plot
 
     if args.plot:
         if not args.layers:
             raise DeeprootsError("--plot draws per-layer times: add --layers")
-        check_new_file(args.plot, "--plot", args.overwrite)  # before the timing it would lose
+        check_new_plot(args.plot, "--plot", args.overwrite)  # before the timing it would lose
     common = dict(device=args.device, threads=args.threads, dtype=args.dtype,
                   repeats=args.repeats, warmup=args.warmup, input_size=args.input_size)
     if args.paper:
@@ -591,9 +591,9 @@ def _rootify_sensitivity(args, common, options, progress) -> int:
             raise DeeprootsError(f"{flag}: --sensitivity prices each layer and converts "
                                  f"nothing; leave it out")
     if args.plot is not None:
-        from .outputs import check_new_file
+        from .outputs import check_new_plot
 
-        check_new_file(args.plot, "--plot", overwrite=args.overwrite)
+        check_new_plot(args.plot, "--plot", overwrite=args.overwrite)
     prices = price_checkpoint(args.model, progress=progress, ignore=options["ignore"],
                               stem=options["stem"], **common)
     if args.plot is not None:
@@ -848,7 +848,7 @@ def _parser_plot_costs(sub) -> None:
     p.add_argument("model_a")
     p.add_argument("model_b")
     p.add_argument("--input-size", type=_input_size, default=None)
-    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--out", required=True, help="the figure: a .png, .svg or .pdf file")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_plot_costs)
 
@@ -858,7 +858,7 @@ def _parser_plot_results(sub) -> None:
     p = sub.add_parser("plot-results", help="accuracy vs costs from summary.json files "
                        "(Figures 5, 8, 9)")
     p.add_argument("summaries", nargs="+", help="summary.json files of training runs")
-    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--out", required=True, help="the figure: a .png, .svg or .pdf file")
     p.add_argument("--curves", action="store_true", help="the runs' training curves side by "
                    "side instead (loss and learning rate against steps, test top-1 at each "
                    "epoch), from the metrics.jsonl beside each summary.json")
@@ -902,8 +902,8 @@ def _parser_bench(sub) -> None:
     _allocator_option(p)
     p.add_argument("--layers", action="store_true",
                    help=f"per-layer times instead (paths {', '.join(LAYER_PATHS)})")
-    p.add_argument("--plot", metavar="PNG", help="with --layers: a bar chart of where the "
-                   "time goes, by kind of layer")
+    p.add_argument("--plot", metavar="FILE", help="with --layers: a bar chart of where the "
+                   "time goes, by kind of layer (.png, .svg or .pdf)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
@@ -1014,7 +1014,8 @@ def _parser_rootify(sub) -> None:
                         "from the dense model")
     p.add_argument("--finetune-lr", type=_number, default=0.01,
                    help="with --finetune-steps: the learning rate (default 0.01)")
-    p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this PNG")
+    p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this file "
+                   "(.png, .svg or .pdf)")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--json", action="store_true", help="print JSON")
     _allocator_option(p)

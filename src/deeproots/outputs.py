@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import RunFolderError
+from .errors import DeeprootsError, RunFolderError
 from .runtime import check_output_dir, check_output_file
 
 __all__ = ["RUN_FILES", "RUN_MARKERS", "STUDY_FILES", "LOCK", "REPLACED", "check_new_file",
+           "check_new_plot", "plot_format", "PLOT_FORMATS",
            "check_new_folder"]
 
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.csv", "summary.json", "curves.png",
@@ -47,6 +48,27 @@ def check_new_file(path: Path | str, what: str = "--out", overwrite: bool = Fals
                              f"replaces it: give a path outside that folder, or another name")
     if path.exists() and not overwrite:
         raise RunFolderError(f"{what} {path} already exists; add --overwrite to replace it")
+    return path
+
+
+PLOT_FORMATS = ("png", "svg", "pdf")  # what a figure is written as, by its file's suffix
+
+
+def plot_format(path: Path | str, what: str = "--plot") -> str:
+    """The format a figure at ``path`` is written in, from its suffix (one of
+    :data:`PLOT_FORMATS`); a one-line error for another suffix or none."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise DeeprootsError(f"{what} {path}: a figure is written as "
+                             f"{', '.join('.' + f for f in PLOT_FORMATS)}, by the file's "
+                             f"suffix; got {('.' + suffix) if suffix else 'no suffix'}")
+    return suffix
+
+
+def check_new_plot(path: Path | str, what: str = "--plot", overwrite: bool = False) -> Path:
+    """:func:`check_new_file` for a figure, its suffix one of :data:`PLOT_FORMATS`."""
+    path = check_new_file(path, what, overwrite)
+    plot_format(path, what)
     return path
 
 

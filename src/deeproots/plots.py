@@ -1,5 +1,6 @@
-"""Every figure deeproots draws, each written atomically as a PNG: training curves, the
-paper's cost, accuracy and covariance figures, and where the time of a forward pass goes.
+"""Every figure deeproots draws, each written atomically (PNG, or SVG or PDF by its path's
+suffix): training curves, the paper's cost, accuracy and covariance figures, and where the
+time of a forward pass goes.
 Functions take data (histories, matrices, results) and a path; the numbers behind them come
 from :mod:`~deeproots.inspection.costs`, :mod:`~deeproots.inspection.covariance`, :mod:`~deeproots.speed.bench` and
 :mod:`~deeproots.training.loop`."""
@@ -15,14 +16,23 @@ import torch
 from .errors import DeeprootsError
 from .inspection.costs import profile
 from .models.registry import create_model, is_model, model_entry
-from .outputs import check_new_file
-from .training.folder import read_records, read_summary
+from .outputs import check_new_plot, plot_format
 from .runtime import atomic_write, check_output_file
 
-__all__ = ["plot_training_curves", "plot_run_curves", "read_records", "plot_covariance_pair",
+__all__ = ["plot_training_curves", "plot_run_curves", "plot_covariance_pair",
            "plot_matrix_grid", "plot_filters",
            "plot_costs", "plot_layer_times", "plot_results", "summarize_runs",
            "plot_accuracy_vs_cost"]
+
+
+def __getattr__(name: str):
+    # read_records is the run folder's (deeproots.training.folder), re-exported here; read
+    # when asked for, since importing deeproots.training draws on this module (its curves)
+    if name == "read_records":
+        from .training.folder import read_records
+
+        return read_records
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _plt():
@@ -36,12 +46,13 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path``, atomically (a crash leaves the old file or the
-    new one)."""
+    """Write ``fig`` at ``path`` in the format its suffix names (PNG, SVG or PDF),
+    atomically (a crash leaves the old file or the new one)."""
     path = check_output_file(path)
     try:
+        fmt = plot_format(path, "a figure's path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
     finally:
         _plt().close(fig)
     return path
@@ -85,7 +96,9 @@ def plot_run_curves(summaries: Sequence[Path], path: Path, *, overwrite: bool = 
     """Several runs side by side (``deeproots plot-results --curves``): each run's training
     loss and learning rate against steps, and its test top-1 at each epoch, read from the
     ``metrics.jsonl`` beside each ``summary.json``."""
-    path = check_new_file(path, overwrite=overwrite)
+    from .training.folder import read_records, read_summary  # (training imports this module)
+
+    path = check_new_plot(path, "--out", overwrite=overwrite)
     runs = []
     for s in summaries:
         s = Path(s)
@@ -173,7 +186,7 @@ def plot_costs(model_a: str, model_b: str, path: Path, input_size=None, *,
                overwrite: bool = False) -> Path:
     """Per-layer multiply-adds and parameters of two models side by side (Figure 15). An
     existing ``path`` is replaced only with ``overwrite`` (a run's own file never)."""
-    path = check_new_file(path, overwrite=overwrite)
+    path = check_new_plot(path, "--out", overwrite=overwrite)
     plt = _plt()
     costs = []
     for name in (model_a, model_b):
@@ -202,7 +215,7 @@ def plot_layer_times(results: Sequence, path: Path, *, overwrite: bool = False) 
     in 1x1 convs, dense and grouped spatial convs and the rest, each conv segment labelled
     with its GFLOP/s (``results``: :class:`deeproots.speed.bench.LayerTimes`, or their dicts as
     ``deeproots bench --layers --json`` writes them)."""
-    path = check_new_file(path, overwrite=overwrite)
+    path = check_new_plot(path, "--out", overwrite=overwrite)
     results = [r.to_dict() if hasattr(r, "to_dict") else r for r in results]
     plt = _plt()
     kinds = ["1x1 convs", "dense spatial convs", "grouped spatial convs", "grouped 1x1 convs",
@@ -248,6 +261,8 @@ def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
     """Training ``summary.json`` files grouped by model: ``macs``, ``params``, the number of
     runs ``n``, the ``mean`` test top-1 and its sample standard deviation ``std`` over the
     runs (0 for a single run), and the model's ``topology``."""
+    from .training.folder import read_summary  # (deeproots.training imports this module)
+
     runs: Dict[str, List[dict]] = {}
     for s in summaries:
         data = read_summary(s, ("model", "top1", "macs", "params"))
@@ -267,7 +282,7 @@ def plot_results(summaries: Sequence[Path], path: Path, *, overwrite: bool = Fal
     files; mean and standard deviation over seeds as error bars, root/tree/column in distinct
     markers (Figures 5, 8, 9). An existing ``path`` is replaced only with ``overwrite`` (a
     run's own file never)."""
-    path = check_new_file(path, overwrite=overwrite)  # before the summaries are read
+    path = check_new_plot(path, "--out", overwrite=overwrite)  # before the summaries are read
     return plot_accuracy_vs_cost(summarize_runs(summaries), path)
 
 

@@ -216,6 +216,8 @@ def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(tr
      "--finetune-steps fine-tunes the points of --frontier"),
     (["rootify", "{dense}", "--sensitivity", "--out", "{tmp}/x.pt"], "converts nothing"),
     (["rootify", "{dense}", "--schedule", "root-8", "--plot", "{tmp}/p.png"], "add --sensitivity"),
+    (["rootify", "{dense}", "--sensitivity", "--plot", "{tmp}/p.txt", "--data-dir", "{data}"],
+     "--plot {tmp}/p.txt: a figure is written as .png, .svg, .pdf"),
     (["rootify", "{dense}", "--schedule", "conv2a=four", "--data-dir", "{data}", "--out",
       "{tmp}/x.pt"], "--schedule takes LAYER=GROUPS (e.g. conv2a=8 or 'layer1.*.conv2=4'); "
                      "got 'conv2a=four'"),

@@ -53,6 +53,26 @@ def test_costs_figure_and_bad_outputs(tmp_path, capsys):
     assert "lies under the file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, magic", [
+    (["plot-costs", "nin", "nin-root-8", "--out", "c.svg"], b"<?xml"),
+    (["plot-results", "{summary}", "--out", "r.pdf"], b"%PDF"),
+])
+def test_a_plot_command_runs_in_a_process_of_its_own_in_the_format_its_suffix_names(
+        tmp_path, argv, magic):
+    """As a user runs them (a fresh process: nothing imported before, where deeproots.plots
+    and deeproots.training import each other), each writing the format of its --out's
+    suffix."""
+    import subprocess
+    import sys
+
+    summary = _summaries(tmp_path, [("nin", 0.9)])[0]
+    argv = [a.format(summary=summary) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "deeproots", *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / argv[-1]).read_bytes().startswith(magic)
+
+
 def test_filters_figure(tmp_path):
     from deeproots.inspection.covariance import first_layer_filters
 
