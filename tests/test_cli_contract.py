@@ -260,6 +260,10 @@ CASES = [
      "is corrupt"),
     ("export", ["x", "--checkpoint", "{ckpt}", "--format", "onnx", "--out", "{fresh}/m",
                 "--groups", "conv2a=2"], "--groups cannot change a trained checkpoint's model"),
+    ("export", ["{missing}/bst.pt", "--format", "pt2", "--out", "{fresh}/m.pt2"],
+     "checkpoint {missing}/bst.pt: no such file (export takes a model name"),
+    ("export", ["{ckpt}", "--format", "pt2", "--out", "{fresh}/m.pt2", "--groups", "conv2a=2"],
+     "--groups cannot change a trained checkpoint's model"),
     ("export", ["nin", "--format", "onnx", "--out", "{fresh}/m", "--batch-size", "0"],
      "--batch-size must be a whole number >= 1"),
     # outputs: nothing is replaced without being asked, a run's own files never
@@ -362,6 +366,23 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capsys, command, argv,
     assert _snapshot(world["run"]) == before
     assert not os.path.exists(os.path.join(world["missing"], "a", "last.pt"))
     assert os.listdir(world["fresh"]) == []  # a refused command leaves no file, whole or part
+
+
+def test_a_checkpoint_given_as_the_model_is_exported_as_eval_and_rootify_take_it(world,
+                                                                                  tmp_path):
+    """``deeproots export RUN/last.pt --format pt2`` (no model name, no --checkpoint): the
+    program computes what the trained model of the checkpoint does, at its 1x8x8 images."""
+    import torch
+
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    out = tmp_path / "m.pt2"
+    assert main(["export", world["ckpt"], "--format", "pt2", "--out", str(out)]) == 0
+    trained = model_from_checkpoint(load_checkpoint(world["ckpt"]), world["ckpt"]).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        got = torch.export.load(str(out)).module()(x)
+        assert torch.allclose(got, trained(x), rtol=1e-4, atol=1e-5)
 
 
 def test_json_into_a_closed_pipe_ends_quietly():

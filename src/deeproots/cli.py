@@ -719,9 +719,15 @@ def cmd_export(args) -> int:
     from .outputs import check_new_file
 
     if not args.checkpoint:
-        from .models.registry import check_model_spec
+        from .models.registry import check_model_spec, is_user_model
 
-        check_model_spec(args.model)  # a typo in the name first, as every command does
+        if not is_user_model(args.model) and os.path.isfile(args.model):
+            args.checkpoint = args.model  # a checkpoint as the model: as eval and rootify take it
+        elif _looks_like_a_file(args.model):  # a typo in a checkpoint's path, not a model name
+            raise DeeprootsError(f"checkpoint {args.model}: no such file (export takes a model "
+                                 f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
+        else:
+            check_model_spec(args.model)  # a typo in the name first, as every command does
     check_new_file(args.out, overwrite=args.overwrite)
     if args.checkpoint:
         ignored = [f for f, v in (("--num-classes", args.num_classes),
@@ -1026,8 +1032,9 @@ def _parser_export(sub) -> None:
     """``deeproots export``."""
     p = sub.add_parser("export", help="write a model for deployment: torch.export (.pt2), "
                        "an AOTInductor package, ONNX, or TorchScript (deprecated)")
-    p.add_argument("model", help="model name or FILE.py:FUNCTION (with --checkpoint: any "
-                                 "name for a registered model)")
+    p.add_argument("model", help="model name, FILE.py:FUNCTION, or a checkpoint file "
+                                 "(RUN/best.pt: the model it trained, as --checkpoint does; "
+                                 "with --checkpoint: any name for a registered model)")
     p.add_argument("--checkpoint", help="export the trained weights of this checkpoint")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
                    help="pt2: torch.export's ExportedProgram (torch.export.load); aoti: an "
