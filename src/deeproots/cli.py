@@ -266,10 +266,16 @@ def cmd_train(args) -> int:
         return 3
     if summary.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if summary.already_finished:
+        print(f"{summary.out}: the run had finished its {summary.epochs} "
+              f"epoch{'s' if summary.epochs != 1 else ''}; nothing "
+              f"trained or written (to train longer: deeproots train --resume --out "
+              f"{summary.out} --change epochs --epochs N)")
     print(f"{summary.model} on {summary.data}: top-1 {summary.top1:.4f}, top-5 "
           f"{summary.top5:.4f} after {summary.epochs} epochs ({summary.wall_s:.0f} s, "
           f"{summary.train_images_per_s:.0f} training img/s)")
-    print(f"wrote {summary.out}/: {', '.join(summary.files)}")
+    if not summary.already_finished:
+        print(f"wrote {summary.out}/: {', '.join(summary.files)}")
     return 0
 
 

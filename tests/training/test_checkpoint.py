@@ -62,6 +62,23 @@ def test_an_edited_checkpoint_is_refused_by_field_and_nothing_is_written(
         validate_state(torch.load(out / "last.pt", weights_only=True))
 
 
+def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(finished, tmp_path):
+    """The summary it wrote when it finished comes back, marked already finished, and every
+    file of the run keeps its bytes (the wall time grew by each resume's set-up before)."""
+    import json
+
+    out = _edited(finished, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    summary = train(TrainConfig(resume=True, out=str(out)))
+    assert summary.already_finished and summary.epochs == 1
+    written = json.loads(before["summary.json"])
+    assert (summary.top1, summary.wall_s) == (written["top1"], written["wall_s"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+    (out / "summary.json").unlink()  # stopped before the summary: it is written on resume
+    summary = train(TrainConfig(resume=True, out=str(out)))
+    assert not summary.already_finished and (out / "summary.json").is_file()
+
+
 def test_the_python_api_resumes_with_the_folder_alone(finished, tmp_path):
     out = _edited(finished, tmp_path)
     saved = load_checkpoint(out / "last.pt")["config"]

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -48,7 +48,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint
                          save_checkpoint, save_model, snapshot)
 from .data import DataSpec, build_loaders, sample_images
 from .evaluate import EvalResult, evaluate, load_for_eval
-from .folder import RUN_FILES, RunFolder
+from .folder import RUN_FILES, RunFolder, read_summary
 from .objectives import Distillation, GroupLasso
 from .records import LOG_EVERY_S, TensorBoard, progress, record_step
 from .run import default_out, open_run, resume_command
@@ -105,6 +105,8 @@ class TrainSummary:
     files: List[str] = field(default_factory=list)  # the run's files, as written
     kernel_notes: List[str] = field(default_factory=list)  # kernels dropped on first use
     learned_groups: Optional[dict] = None  # --learn-groups: weight kept, top-1 converted
+    # resumed after its last epoch: the summary it wrote then, nothing trained or written now
+    already_finished: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -519,6 +521,23 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
               f"{record['images_per_s']:.0f} img/s", flush=True)
 
 
+def _finished_already(run: _Run) -> Optional[TrainSummary]:
+    """A resumed run that had finished its epochs and written its summary: that summary,
+    marked ``already_finished`` (nothing is trained, and nothing rewritten: its wall time,
+    curves and --learn-groups conversion stay as they were). None otherwise, as when the
+    summary was never written (stopped between the last checkpoint and the summary)."""
+    if run.epoch < run.cfg.epochs or run.step:
+        return None
+    try:
+        saved = read_summary(run.folder.path / "summary.json")
+    except (OSError, DeeprootsError):
+        return None
+    known = {f.name for f in fields(TrainSummary)}
+    summary = TrainSummary(**{k: v for k, v in saved.items() if k in known})
+    summary.already_finished = True
+    return summary
+
+
 def _finish(run: _Run) -> TrainSummary:
     """The summary, written with the training curves."""
     history, final = run.history, (run.history[-1] if run.history else {})
@@ -611,6 +630,9 @@ def train(cfg: TrainConfig, callbacks: Optional[List[Callable[[dict], None]]] = 
     run = _setup(cfg, model, given, continue_if_possible)
     if run.state is not None:
         restore(run)
+        done = _finished_already(run)
+        if done is not None:
+            return done
     lock = run.folder.lock() if run.rank == 0 else _NoLock(run.folder)
     with lock:
         if run.rank == 0:  # judged again now that no other process can write here
