@@ -118,6 +118,9 @@ def _snapshot(folder):
 CASES = [
     ("list", ["zzz*"], "no model matches 'zzz*'"),
     ("profile", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
+    ("profile", ["nin", "--batch", "3"], "unrecognized arguments: --batch 3"),
+    ("rootify", ["nin", "--schedule", "root-8", "--latncy", "0.7"],
+     "unrecognized arguments: --latncy 0.7"),
     ("profile", ["nin", "--groups", "conv2a=5"], "5 groups do not divide"),
     ("profile", ["nin", "--groups", "conv2a"], "LAYER=GROUPS"),
     ("profile", ["nin", "--groups", "conv9=2"], "matches no conv layer"),

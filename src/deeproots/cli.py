@@ -1080,7 +1080,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser: "deeproots CMD: error: ...", as the rest
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         # Only a command typed at the shell is re-run with another allocator; a program
         # calling main() keeps its own process (and sets LD_PRELOAD itself if it wants).
