@@ -5,7 +5,7 @@ import pytest
 from torch import nn
 
 from deeproots.cli import main
-from deeproots.speed.roofline import HARDWARE, Hardware, roofline
+from deeproots.speed.roofline import HARDWARE, Hardware, format_roofline, roofline
 
 TOY = Hardware("toy", {"bfloat16": 100e12, "float32": 50e12, "float16": 100e12}, 1e12)
 
@@ -46,6 +46,17 @@ def test_the_data_sheet_roofs_and_overrides():
     model = OneConv().train()
     roofline(model, hardware=TOY)
     assert model.training and model.conv.weight.device.type == "cpu"  # untouched
+
+
+def test_a_cpus_small_peak_is_printed_in_its_digits_not_as_zero():
+    """A 2-core CPU's 76.1 GFLOP/s is 0.0761 TFLOP/s (it was printed as 0); a data sheet's
+    989 stays whole."""
+    cpu = Hardware("a small CPU", {"bfloat16": 7.61e10, "float32": 7.61e10,
+                                   "float16": 7.61e10}, 3.2e10)
+    head = format_roofline(roofline(OneConv(), hardware=cpu, batch_size=2)).splitlines()[0]
+    assert head.endswith("(peak 0.0761 TFLOP/s, 0.032 TB/s)"), head
+    head = format_roofline(roofline(OneConv(), hardware="h100", batch_size=2)).splitlines()[0]
+    assert head.endswith("(peak 989 TFLOP/s, 3.35 TB/s)"), head
 
 
 def test_root_networks_are_memory_bound_on_an_h100(capsys):

@@ -218,8 +218,10 @@ def format_roofline(r: Roofline, per_layer: bool = True) -> str:
             row += (f"{1e6 * x.measured_s:.1f}" if x.measured_s is not None else "",
                     f"{100 * x.fraction:.0f}%" if x.fraction else "")
         rows.append(row)
-    lines = [f"{r.model}: batch {r.batch_size}, {r.dtype} on {r.hardware} (peak "
-             f"{r.peak_flops / 1e12:.0f} TFLOP/s, {r.bandwidth / 1e12:.2f} TB/s)"]
+    peak = (f"{r.peak_flops / 1e12:.0f} TFLOP/s" if r.peak_flops >= 1e13 else
+            f"{r.peak_flops / 1e12:.3g} TFLOP/s")  # a CPU's: 0.0761, not 0
+    lines = [f"{r.model}: batch {r.batch_size}, {r.dtype} on {r.hardware} (peak {peak}, "
+             f"{r.bandwidth / 1e12:.3g} TB/s)"]
     if per_layer:
         lines.append(format_table(head, rows, align="llrrrl" + ("rr" if measured else "")))
     memory = sum(x.bound_s for x in r.layers if x.limit == "memory")
