@@ -201,6 +201,18 @@ def test_image_folder(tmp_path):
     assert loaders[2].num_classes == 2
 
 
+def test_a_val_class_the_training_split_lacks_is_refused(tmp_path):
+    """val/bird beside train's cat and dog: its images would take no label (they were left
+    out without a word, and a val split of other classes alone read as 'no images')."""
+    for split, names in (("train", ("cat", "dog")), ("val", ("cat", "bird"))):
+        for name in names:
+            _jpeg(tmp_path / split / name / "a.JPEG", (20, 20), (200, 10, 10))
+    with pytest.raises(D.DataError, match=r"val has class folders the training split does "
+                                          r"not: bird; the classes are the training split's "
+                                          r"\(2: cat, dog\)"):
+        D.build_loaders(f"imagefolder:{tmp_path}", batch_size=2, workers=0, image_size=16)
+
+
 def test_calibration_images_of_a_small_folder_are_its_files_unaugmented(tmp_path):
     """20 images and the training loader's batch of 256 (which drops its last partial
     batch): the sample is every image asked for, read as for evaluation (the file's pixels

@@ -489,6 +489,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.classes:
             raise DataError(f"{self.root} has no class sub-folders; expected "
                             f"{self.root}/<class>/<image>.JPEG")
+        if classes is not None:  # another split's classes: its images would go unlabelled
+            extra = sorted(d.name for d in self.root.iterdir()
+                           if d.is_dir() and d.name not in self.classes)
+            if extra:
+                raise DataError(f"{self.root} has class folders the training split does not: "
+                                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}; "
+                                f"the classes are the training split's "
+                                f"({len(self.classes)}: {', '.join(self.classes[:5])}"
+                                f"{' ...' if len(self.classes) > 5 else ''})")
         self.samples = [
             (p, i) for i, c in enumerate(self.classes) if (self.root / c).is_dir()
             for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
