@@ -777,7 +777,8 @@ def _checkpoint_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--batch-size", type=_whole("--batch-size"), default=batch_size)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=_whole("--workers", 0), default=4,
-                   help="image-folder decoding processes")
+                   help="image-folder decoding processes (default 4; at most the CPUs "
+                        "this process may use)")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--model", metavar="FILE.py:FUNCTION",
                    help="for a checkpoint of a model of your own: the function that "

@@ -97,7 +97,7 @@ class TrainConfig:
     aux_weight: float = _opt(0.3, "weight of GoogLeNet's auxiliary losses")
     seed: int = _opt(0, "random seed (data order, augmentation, initialisation)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    workers: int = _opt(4, "image-folder decoding processes")
+    workers: int = _opt(4, "image-folder decoding processes (at most the CPUs usable)")
     image_size: int = _opt(224, "crop size for image folders")
     limit_train_batches: Optional[int] = _opt(None, "batches per epoch (default: all)")
     limit_eval_batches: Optional[int] = _opt(None, "test batches (default: all)")

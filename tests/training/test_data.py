@@ -201,6 +201,24 @@ def test_image_folder(tmp_path):
     assert loaders[2].num_classes == 2
 
 
+def test_a_loader_starts_no_more_decoding_processes_than_there_are_cpus(tmp_path):
+    """--workers 64 on this machine: as many processes as the CPUs this process may use
+    (os.sched_getaffinity), and no warning from PyTorch about too many."""
+    import os
+    import warnings
+
+    for split in ("train", "val"):
+        _jpeg(tmp_path / split / "cat" / "a.JPEG", (20, 20), (200, 10, 10))
+        _jpeg(tmp_path / split / "cat" / "b.JPEG", (20, 20), (10, 10, 200))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, test, _ = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=2, workers=64,
+                                         image_size=16)
+        next(iter(train.batches()))
+    cpus = len(os.sched_getaffinity(0))
+    assert train.loader.num_workers == test.loader.num_workers == min(64, cpus)
+
+
 def test_a_val_class_the_training_split_lacks_is_refused(tmp_path):
     """val/bird beside train's cat and dog: its images would take no label (they were left
     out without a word, and a val split of other classes alone read as 'no images')."""

@@ -471,6 +471,15 @@ class TensorLoader:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as PyTorch's DataLoader counts them):
+    the most decoding processes a loader starts."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this platform (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/<image>`` files, classes in sorted order, as torchvision's ImageFolder.
 
@@ -677,6 +686,7 @@ class FolderLoader:
         self.dataset = dataset
         self.sampler = DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed,
                                           drop_last=train)
+        workers = min(workers, usable_cpus())  # more only contend (and PyTorch warns)
         self.loader = DataLoader(dataset, per_rank, sampler=self.sampler,
                                  num_workers=workers, drop_last=train,
                                  persistent_workers=workers > 0)
