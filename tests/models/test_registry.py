@@ -54,6 +54,21 @@ def test_bad_keyword_names_what_is_accepted():
         create_model("nin", num_clases=10)
 
 
+def test_timms_habits_are_understood():
+    """timm's in_chans builds the model in_channels does (and records it so); its default
+    pretrained=False is taken; pretrained=True, which deeproots has no weights for, is one
+    line saying how to get them."""
+    model = create_model("nin-root-8", pretrained=False, in_chans=1)
+    assert model.conv1a.conv.in_channels == 1
+    assert model.deeproots_cfg == {"name": "nin-root-8", "kwargs": {"in_channels": 1}}
+    with pytest.raises(ValueError, match=r"deeproots ships no pretrained weights \(nin-root-8: "
+                                         r"pretrained=True\); train them \(deeproots train "
+                                         r"nin-root-8\)"):
+        create_model("nin-root-8", pretrained=True)
+    with pytest.raises(ValueError, match="give in_channels or timm's in_chans, not both"):
+        create_model("nin", in_chans=1, in_channels=1)
+
+
 @pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"in_channels": -1}])
 def test_bad_sizes(kwargs):
     with pytest.raises(ValueError, match="whole number >= 1"):

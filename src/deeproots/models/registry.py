@@ -132,14 +132,30 @@ def _check_kwargs(entry: ModelEntry, kwargs: Dict[str, Any]) -> None:
                                  f"{value!r}")
 
 
-def create_model(name: str, **kwargs: Any) -> "nn.Module":
+TIMM_NAMES = {"in_chans": "in_channels"}  # timm's names for the same arguments
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> "nn.Module":
     """Build a registered model by name, e.g. ``create_model("nin-root-8", num_classes=10)``.
 
     Keyword arguments go to the family's constructor (``num_classes``, ``in_channels``,
-    ``groups`` for per-layer overrides, ...). The model carries ``model.name`` and
-    ``model.deeproots_cfg`` (name and arguments), which checkpoints use to rebuild it.
+    ``groups`` for per-layer overrides, ...); timm's ``in_chans`` is taken for
+    ``in_channels``, and ``pretrained=False`` as timm's default (deeproots ships no weights:
+    ``pretrained=True`` is a one-line error that says how to get them). The model carries
+    ``model.name`` and ``model.deeproots_cfg`` (name and arguments), which checkpoints use to
+    rebuild it.
     """
     entry = model_entry(name)
+    if pretrained:
+        raise DeeprootsError(
+            f"deeproots ships no pretrained weights ({entry.name}: pretrained={pretrained!r}); "
+            f"train them (deeproots train {entry.name}) and load the run's checkpoint: "
+            f"deeproots.training.checkpoint.model_from_checkpoint(load_checkpoint(RUN/best.pt))")
+    for timm_name, own in TIMM_NAMES.items():
+        if timm_name in kwargs:
+            if own in kwargs:
+                raise DeeprootsError(f"{entry.name}: give {own} or timm's {timm_name}, not both")
+            kwargs[own] = kwargs.pop(timm_name)
     _check_kwargs(entry, kwargs)
     model = entry.builder(**{**entry.kwargs, **kwargs})
     model.name = entry.name
