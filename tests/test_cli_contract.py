@@ -388,6 +388,20 @@ def test_a_checkpoint_given_as_the_model_is_exported_as_eval_and_rootify_take_it
         assert torch.allclose(got, trained(x), rtol=1e-4, atol=1e-5)
 
 
+def test_an_eval_batch_too_large_for_memory_is_one_line(world, capsys, monkeypatch):
+    """nin-root-4 at 1x8x8 needs 4 x (64 + 3 x 192x8x8) = 147,712 bytes an image to
+    evaluate; the 16 test images of the default batch (256, at most the split) need 2.25 MiB,
+    and with 1 MiB free 7 fit."""
+    import deeproots.runtime as R
+
+    monkeypatch.setattr(R, "bytes_free", lambda device: 2**20)
+    rc, err = run_cli(["eval", world["ckpt"], "--device", "cpu", "--data-dir", world["data"]],
+                      capsys)
+    assert rc == 2 and err.strip() == (
+        "deeproots eval: error: batch size 16 needs about 2 MiB of activations to evaluate "
+        "nin-root-4; 1 MiB is free on cpu. The largest batch that fits is about 7"), err
+
+
 def test_json_into_a_closed_pipe_ends_quietly():
     import subprocess
     import sys

@@ -12,9 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DeeprootsError
+from ..inspection.costs import profile
 from ..layout import Layout, choose_layout
 from ..models.layers import example_logits, main_logits
-from ..runtime import resolve_device
+from ..runtime import check_batch_fits, resolve_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import build_loaders
 from .distributed import all_sum
@@ -86,4 +87,8 @@ def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_di
     if spec.num_classes != classes:
         raise DeeprootsError(f"{checkpoint} has {classes} classes but {data} has "
                              f"{spec.num_classes}")
+    size = (spec.in_channels, spec.image_size, spec.image_size)
+    check_batch_fits(profile(model, size).activation_bytes(),
+                     min(batch_size, test_loader.num_samples), dev,
+                     f"evaluate {getattr(model, 'name', None) or type(model).__name__}")
     return model, test_loader, spec, state, dev
