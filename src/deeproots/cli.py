@@ -449,16 +449,12 @@ def cmd_rootify(args) -> int:
 
     from .conversion.rule import rootify
     from .inspection.costs import parse_input_size
-    from .models.registry import build_model, is_user_model
+    from .models.registry import build_model
 
     options = dict(ignore=args.ignore, macs=args.macs, params=args.params,
                    regroup=args.regroup, stem=args.stem, allow_depthwise=args.allow_depthwise)
-    source_is_checkpoint = not is_user_model(args.model) and os.path.isfile(args.model)
-    if source_is_checkpoint:
+    if _names_a_checkpoint(args.model, "rootify"):
         return _rootify_checkpoint(args, options)
-    if _looks_like_a_file(args.model):  # a typo in a checkpoint's path, not a model name
-        raise DeeprootsError(f"checkpoint {args.model}: no such file (rootify takes a model "
-                             f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
     for flag, value in (("--latency", args.latency), ("--sensitivity", args.sensitivity or None),
                         ("--frontier", args.frontier)):
         if value is not None:
@@ -483,6 +479,20 @@ def cmd_rootify(args) -> int:
     _, report = rootify(model, _schedule(args.schedule), example_input=x, **options)
     print(report.to_json(indent=2) if args.json else report.table())
     return 0
+
+
+def _names_a_checkpoint(spec: str, command: str) -> bool:
+    """Whether a command's model argument ``spec`` is a checkpoint file that exists (not a
+    model name or ``FILE.py:FUNCTION``); a one-line error where it names a file that does
+    not (a typo in a checkpoint's path, not a model name)."""
+    from .models.registry import is_user_model
+
+    if not is_user_model(spec) and os.path.isfile(spec):
+        return True
+    if _looks_like_a_file(spec):
+        raise DeeprootsError(f"checkpoint {spec}: no such file ({command} takes a model "
+                             f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
+    return False
 
 
 def _looks_like_a_file(text: str) -> bool:
@@ -725,13 +735,10 @@ def cmd_export(args) -> int:
     from .outputs import check_new_file
 
     if not args.checkpoint:
-        from .models.registry import check_model_spec, is_user_model
+        from .models.registry import check_model_spec
 
-        if not is_user_model(args.model) and os.path.isfile(args.model):
+        if _names_a_checkpoint(args.model, "export"):
             args.checkpoint = args.model  # a checkpoint as the model: as eval and rootify take it
-        elif _looks_like_a_file(args.model):  # a typo in a checkpoint's path, not a model name
-            raise DeeprootsError(f"checkpoint {args.model}: no such file (export takes a model "
-                                 f"name, FILE.py:FUNCTION, or a checkpoint file that exists)")
         else:
             check_model_spec(args.model)  # a typo in the name first, as every command does
     check_new_file(args.out, overwrite=args.overwrite)
@@ -1073,6 +1080,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_Parser)
     for add in COMMAND_PARSERS:
         add(sub)
+    parser.commands = sub.choices  # each command's own parser, by name: it says its errors
     return parser
 
 
@@ -1083,8 +1091,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser: "deeproots CMD: error: ...", as the rest
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         # Only a command typed at the shell is re-run with another allocator; a program
         # calling main() keeps its own process (and sets LD_PRELOAD itself if it wants).

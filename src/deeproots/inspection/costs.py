@@ -88,7 +88,7 @@ class Profile:
         conv and linear output kept four times over (its value, its gradient, a batch norm's
         and an activation's copies); for inference, the image and three copies of the
         largest output (a layer's input and output are alive together: nin's fold path
-        peaks at twice its largest output per image, measured on the CPU)."""
+        peaks at about twice its largest output per image, in a check by hand on the CPU)."""
         outputs = [math.prod(layer.output_shape) * layer.calls for layer in self.layers
                    if layer.output_shape]
         if training:

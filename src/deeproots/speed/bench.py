@@ -168,7 +168,8 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     classes = {n: example_logits(m, torch.zeros(1, *size, device=device), n).shape[1]
                for n, m in models.items()}[names[0]]
     costs = {n: profile(m, size) for n, m in models.items()}
-    if not device.startswith("cuda"):  # a GPU's batch that does not fit is halved instead
+    cuda = device.startswith("cuda")
+    if not cuda:  # a GPU's batch that does not fit is halved instead
         for n, cost in costs.items():
             check_batch_fits(cost.activation_bytes(training="train" in modes), batch_size,
                              device, ("train" if "train" in modes else "time") + f" {n}")
@@ -177,7 +178,6 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
     y = None
     if "train" in modes:  # labels in the model's class range
         y = torch.randint(0, classes, (batch_size,), device=device)
-    cuda = device.startswith("cuda")
     rows = []
     for mode in modes:
         for path, fmt in ([(p, None) for p in paths] if mode == "inference"
