@@ -29,6 +29,17 @@ def test_list_and_profile(capsys):
     assert "103,342,080" in capsys.readouterr().out
 
 
+def test_profile_without_the_classifier(capsys):
+    # --num-classes 0, timm's num_classes=0: resnet50 less its FC, by hand 2048 x 1000
+    # multiply-adds and 2048 x 1000 + 1000 params
+    assert main(["profile", "resnet50", "--num-classes", "0", "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert main(["profile", "resnet50", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["macs"] - bare["macs"] == 2048 * 1000
+    assert full["params"] - bare["params"] == 2048 * 1000 + 1000
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -24,11 +24,12 @@ _EXPORTS = {
     "convert": "models.layers", "apply_groups": "models.layers", "conv_layers": "models.layers",
     "optimize_for_inference": "speed.deploy", "export": "speed.export",
     "TrainConfig": "config", "rootify": "conversion.rule",
-    "TrainStep": "training.step",
+    "TrainStep": "training.step", "load_weights": "weights",
 }
 # the packages, by concern (docs/architecture.md), and the modules every part shares
 _MODULES = ("models", "conversion", "training", "speed", "inspection", "reproduction", "kernels",
-            "checks", "config", "errors", "layout", "numerics", "plots", "runtime", "text")
+            "checks", "config", "errors", "layout", "numerics", "plots", "runtime", "text",
+            "weights")
 # deeproots 0.1's module names: they forward to the new places, with a DeprecationWarning
 _MOVED = ("analysis", "bench", "calibration", "checkpoint", "costs", "data",
           "deploy", "finetune", "layers", "paper", "registry", "reproduce", "roofline",

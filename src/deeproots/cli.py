@@ -141,8 +141,9 @@ def _build(args):
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-classes", type=_whole("--num-classes"),
-                   help="classifier outputs (default: the model's)")
+    p.add_argument("--num-classes", type=_whole("--num-classes", 0),
+                   help="classifier outputs (default: the model's; 0: no classifier, the "
+                        "pooled features, as timm's num_classes=0)")
     p.add_argument("--in-channels", type=_whole("--in-channels"), help="image channels (default 3)")
     p.add_argument("--groups", nargs="+", action="extend", metavar="LAYER=G",
                    help="per-layer filter groups over the variant's schedule, e.g. conv2a=8 "
@@ -745,7 +746,7 @@ def cmd_export(args) -> int:
     if args.checkpoint:
         ignored = [f for f, v in (("--num-classes", args.num_classes),
                                   ("--in-channels", args.in_channels),
-                                  ("--groups", args.groups)) if v]
+                                  ("--groups", args.groups)) if v is not None]
         if ignored:
             raise DeeprootsError(f"{', '.join(ignored)} cannot change a trained checkpoint's "
                                  f"model; export --checkpoint takes the model it was trained as")

@@ -118,3 +118,24 @@ def test_filters_are_arranged_by_the_next_grouped_layer(tmp_path):
     assert A.first_layer_filters(deeproots.create_model("resnet50"))[2] == 1
     # NiN's conv1a feeds the ungrouped conv1b (192 -> 160): no grouping to show
     assert A.first_layer_filters(deeproots.create_model("nin-root-8"))[2] == 1
+
+
+def test_blocks_that_divide_no_ungrouped_pair_are_refused_before_the_pass(tmp_path,
+                                                                          monkeypatch):
+    """nin's pairs are 192x160, 160x96, 96x192, 192x192 (four) and 192x10, all ungrouped in
+    the orig model: 7 blocks divide none of them, so every score would be n/a; 5 divides 160
+    but not 192 nor 96. What divides one at least: 2, 3, 4, 6, 8, 12, 16, 24, 32, ..."""
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the covariance pass ran")
+
+    monkeypatch.setattr(A, "collect_pair_stats", no_pass)
+    model = deeproots.create_model("nin")
+    for blocks in (7, 5):
+        with pytest.raises(ValueError, match=rf"^blocks {blocks} divides the channels of none "
+                                             r"of the ungrouped layer pairs \(conv1a->conv1b "
+                                             r"192x160, conv1b->conv1c 160x96, conv1c->conv2a "
+                                             r"96x192 and 5 more\): none would be scored. "
+                                             r"Accepted: 1, 2, 3, 4, 6, 8, 12, 16, 24, "
+                                             r"\.\.\.$"):
+            A.analyze(model, [], tmp_path / "an", blocks=blocks)
+    assert not (tmp_path / "an").exists()

@@ -69,9 +69,10 @@ def test_timms_habits_are_understood():
         create_model("nin", in_chans=1, in_channels=1)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"in_channels": -1}])
-def test_bad_sizes(kwargs):
-    with pytest.raises(ValueError, match="whole number >= 1"):
+@pytest.mark.parametrize("kwargs, least", [({"num_classes": -1}, 0), ({"in_channels": 0}, 1)])
+def test_bad_sizes(kwargs, least):
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a whole number >= "
+                                         f"{least}; got {next(iter(kwargs.values()))}"):
         create_model("resnet50", **kwargs)
 
 
@@ -102,7 +103,7 @@ def test_schedule_rows_follow_the_stated_rules():
 
 
 def test_keyword_arguments_of_the_wrong_type_are_refused():
-    with pytest.raises(ValueError, match=r"googlenet: aux_logits must be True or False; got "
+    with pytest.raises(ValueError, match=r"googlenet: aux_logits must be True or False or None; got "
                                          r"'no'"):
         deeproots.create_model("googlenet", aux_logits="no")
     with pytest.raises(ValueError, match=r"nin: num_classes must be a whole number; got 10.5"):

@@ -239,6 +239,9 @@ def test_export_of_a_checkpoint(tmp_path, capsys):
     assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",
                  str(tmp_path / "y.onnx"), "--num-classes", "5"]) == 2
     assert "--num-classes cannot change a trained checkpoint's model" in capsys.readouterr().err
+    assert main(["export", "x", "--checkpoint", ckpt, "--format", "onnx", "--out",
+                 str(tmp_path / "y.onnx"), "--num-classes", "0"]) == 2  # 0 is a value too
+    assert "--num-classes cannot change a trained checkpoint's model" in capsys.readouterr().err
 
 
 def test_openvino_is_refused_under_jemalloc(monkeypatch, capsys):

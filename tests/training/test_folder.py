@@ -15,7 +15,7 @@ from deeproots.errors import DeeprootsError, RunFolderError
 from deeproots.training.folder import RunFolder, RunLock, check_new_file, lock_holder
 from deeproots.training.checkpoint import load_checkpoint
 from deeproots.training.loop import train
-from helpers import train_cfg, write_fashion_mnist
+from helpers import train_cfg, write_fashion_mnist, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,25 @@ def test_the_lock_is_reentrant_in_a_process_and_refuses_another(tmp_path):
     assert lock_holder(tmp_path) is None  # gone: stale, taken over
     with RunLock(tmp_path):
         pass
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    """A corrupt image met in the first batch: the --out folders the run made (two levels
+    here) are gone with it; a folder that was there before stays, and so does one with a
+    file of the user's in it."""
+    write_image_folder(tmp_path / "imgs", classes=2, per_class=2, size=8)
+    (tmp_path / "imgs" / "train" / "class0" / "0.png").write_bytes(b"not a png")
+    argv = ["train", "nin", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "8",
+            "--epochs", "1", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert "0.png is not a readable image" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main([*argv, "--out", str(tmp_path / "mine" / "run")]) == 2
+    assert os.listdir(tmp_path / "mine") == []
+    with RunLock(tmp_path / "mine" / "made") as lock:
+        (lock.folder / "notes.txt").write_text("the user's")
+    assert (tmp_path / "mine" / "made" / "notes.txt").exists()
 
 
 def test_a_runs_own_files_are_never_an_output(tmp_path):

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 
 from ..checks import check_whole
-from ..errors import CheckpointError, DeeprootsError, first_line
+from ..errors import CheckpointError, DeeprootsError
 from ..models.layers import example_logits
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
-from ..training.checkpoint import (NEEDED, load_checkpoint, load_weights_only,
-                                   model_from_checkpoint, save_model)
-from ..training.data import CALIBRATION_IMAGES, build_loaders, head, sample_split
+from ..training.checkpoint import NEEDED, load_checkpoint, model_from_checkpoint, save_model
+from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits, head,
+                             sample_split)
 from ..training.evaluate import evaluate
+from ..weights import fit_weights, load_weights_only, state_dict_of
 from .calibrate.passes import calibration_batches
 from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
@@ -102,7 +103,7 @@ def read_trained(checkpoint: Union[str, Path], model: Union[None, str, nn.Module
     if isinstance(raw, dict) and all(k in raw for k in NEEDED):
         state = load_checkpoint(checkpoint)
         return model_from_checkpoint(state, checkpoint, model).eval(), state
-    weights = _weights_of(raw)
+    weights = state_dict_of(raw)
     if weights is None:
         raise CheckpointError(f"{checkpoint} is neither a deeproots checkpoint nor a state_dict "
                               f"(a mapping of parameter names to tensors, or one under "
@@ -114,43 +115,10 @@ def read_trained(checkpoint: Union[str, Path], model: Union[None, str, nn.Module
     built = copy.deepcopy(model) if isinstance(model, nn.Module) else build_model(model)
     name = getattr(built, "name", None) or (model if isinstance(model, str) else
                                             type(built).__name__)
-    own = set(built.state_dict())
-    missing = [k for k in built.state_dict() if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint}: its weights do not fit {name}: "
-                              f"{_first(missing, 'missing')}"
-                              f"{'; ' if missing and unexpected else ''}"
-                              f"{_first(unexpected, 'unexpected')}")
-    try:
-        built.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint}: its weights do not fit {name} "
-                              f"({first_line(err)})") from None
+    fit_weights(built, weights, str(checkpoint), name)
     spec = resolve_model_spec(model) if isinstance(model, str) else name
     cfg = getattr(built, "deeproots_cfg", None) or {"name": spec, "kwargs": {}}
     return built.eval(), {"model_cfg": {**cfg, "name": spec}, "config": {}, "data": {}}
-
-
-def _weights_of(raw) -> Optional[dict]:
-    """The state_dict ``raw`` is or holds, or None."""
-    def is_weights(d):
-        return isinstance(d, dict) and d and all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
-
-    if is_weights(raw):
-        return raw
-    for key in ("state_dict", "model"):
-        if isinstance(raw, dict) and is_weights(raw.get(key)):
-            return raw[key]
-    return None
-
-
-def _first(keys, what: str) -> str:
-    if not keys:
-        return ""
-    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-    return f"{what} {', '.join(keys[:3])}{more}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +202,8 @@ def open_source(checkpoint: Union[str, Path], *, model=None, data: Optional[str]
     trained, source = read_trained(checkpoint, model)
     check_trained(trained, str(checkpoint))  # before the data is read
     name = source["model_cfg"]["name"]
+    check_data_fits(data or source.get("config", {}).get("data"), trained, str(checkpoint),
+                    "calibrate")
     cal = calibration_data(source, data=data, data_dir=data_dir, image_size=image_size,
                            fit_images=calibration_images_n, select_images=select_images,
                            eval_images=eval_images, download=download, name=str(checkpoint))
@@ -501,7 +471,8 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
     :data:`REFINE_ROUNDS` times, until it proposes a schedule already measured. Then each
     root-N from the least N up is timed until one is within the budget. Returns the measured
     proposals within the budget (give or take :data:`LATENCY_TOLERANCE`), best predicted
-    top-1 first (none within: the fastest measured), each ``(plan, timed)``, and the least
+    top-1 first (none within: the cheapest schedule if it is within, else a one-line
+    refusal naming what it measured), each ``(plan, timed)``, and the least
     root-N within the budget as ``(plan, timed)`` (none: an empty list), with the root-N
     before it where that missed the budget by less than the tolerance again."""
     trained, size = source.trained, source.cal.fit[:1].shape[1:]
@@ -521,20 +492,26 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
         return _checked(source, prices, say, lambda: choose(prices, latency=fraction,
                                                             scale=scale), batchnorm)
 
-    try:
-        plan = checked()
-    except DeeprootsError as err:  # the layers alone say no: does the whole model?
+    def cheapest_within():  # the cheapest schedule, measured: within the budget, or a refusal
         groups = cheapest(prices)
-        timed = build_and_time(groups)
+        key = tuple(sorted(groups.items()))
+        timed = measured[key][1] if key in measured else build_and_time(groups)
         say(f"the cheapest schedule measured {timed['latency_fraction']:.3f}")
         if timed["latency_fraction"] > limit:
-            raise DeeprootsError(f"{str(err).split(': the cheapest')[0]}: the cheapest "
-                                 f"schedule (every groupable layer at its largest count) "
-                                 f"measured {timed['latency_fraction']:.3f} on {device}. "
-                                 f"Accepted: {timed['latency_fraction']:.3f} or more") from None
+            raise DeeprootsError(
+                f"no schedule brings latency to {fraction:g} of the dense model's: the cheapest "
+                f"schedule (every groupable layer at its largest count) measured "
+                f"{timed['latency_fraction']:.3f} on {device}. Accepted: "
+                f"{timed['latency_fraction']:.3f} or more")
         plan = Plan("latency", fraction, groups, predict(prices, groups))
-        measured[tuple(sorted(groups.items()))] = (plan, timed)
-        scale = latency_scale(prices, groups, timed["latency_fraction"])
+        measured[key] = (plan, timed)
+        return plan, timed
+
+    try:
+        plan = checked()
+    except DeeprootsError:  # the layers alone say no: does the whole model?
+        plan, timed = cheapest_within()
+        scale = latency_scale(prices, plan.groups, timed["latency_fraction"])
         try:
             plan = checked(scale)
         except DeeprootsError:  # within the tolerance only: the cheapest it is
@@ -575,7 +552,8 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
         return within, uniform
     if uniform:
         return [], uniform
-    return [min(measured.values(), key=lambda pt: pt[1]["latency_fraction"])], []
+    # the layers' prices said yes and no measurement agreed: the whole model decides
+    return [cheapest_within()], []
 
 
 def _checked(source: Source, prices: Sensitivity, say, propose, batchnorm: str = "keep"

@@ -209,6 +209,20 @@ def first_layer_filters(model: nn.Module) -> Tuple[str, torch.Tensor, int]:
 # The whole analysis
 
 
+def _check_blocks(blocks: int, plain: List[Tuple[str, str, int, int]]) -> None:
+    """A one-line error where ``blocks`` (> 1) divides the channels of none of the ungrouped
+    pairs ``plain`` (a, b, channels of a, of b): every one of them would go unscored."""
+    if blocks == 1 or not plain or any(r % blocks == 0 and c % blocks == 0
+                                       for _, _, r, c in plain):
+        return
+    fits = [n for n in range(2, 65) if any(r % n == 0 and c % n == 0 for _, _, r, c in plain)]
+    shapes = ", ".join(f"{a}->{b} {r}x{c}" for a, b, r, c in plain[:3])
+    more = f" and {len(plain) - 3} more" if len(plain) > 3 else ""
+    raise DeeprootsError(f"blocks {blocks} divides the channels of none of the ungrouped layer "
+                         f"pairs ({shapes}{more}): none would be scored. Accepted: 1, "
+                         f"{', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''}")
+
+
 def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] = None,
             eps: float = 1e-5, blocks: int = 4, device=None, progress: bool = False,
             overwrite: bool = False) -> dict:
@@ -226,9 +240,11 @@ def analyze(model: nn.Module, batches, out: Path, *, max_batches: Optional[int] 
     pairs = adjacent_pairs(model)
     if not pairs:
         raise DeeprootsError("the model has no adjacent conv layers to analyse")
+    convs = conv_layers(model)
+    _check_blocks(blocks, [(a, b, convs[a].out_channels, convs[b].out_channels)
+                           for a, b in pairs if convs[b].groups == 1])
     stats = collect_pair_stats(model, batches, pairs, max_batches, device, progress)
     out.mkdir(parents=True, exist_ok=True)
-    convs = conv_layers(model)
     result = {"model": getattr(model, "name", type(model).__name__), "eps": eps,
               "pairs": {}}
     raw_grid, white_grid, corr_grid = {}, {}, {}

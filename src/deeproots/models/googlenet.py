@@ -15,7 +15,9 @@ Module names follow torchvision (``conv1``, ``conv2`` = 1x1, ``conv3`` = the pap
 
 In training mode with ``aux_logits=True`` the forward pass returns
 ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``, as torchvision does; in eval mode the
-logits alone.
+logits alone. ``num_classes=0`` builds no classifier and no auxiliary ones: the network
+returns its pooled features (4096 in the paper's layout, the 2x2x1024 its FC takes; 1024 in
+the standard one).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 from ..errors import DeeprootsError
-from ..checks import check_positive
+from ..checks import check_positive, check_whole
+from .head import ClassifierHead, fresh
 from .layers import ConvBNAct, InputCheck, apply_groups, init_weights
 from .registration import register_variants
 from .schedules import merge, resolve, variants
@@ -84,15 +87,15 @@ class InceptionAux(nn.Module):
         return self.fc2(self.dropout(self.relu(self.fc1(x))))
 
 
-class GoogLeNet(InputCheck, nn.Module):
+class GoogLeNet(ClassifierHead, InputCheck, nn.Module):
     """GoogLeNet with optional filter groups.
 
     Args:
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: none, the pooled features).
         in_channels: image channels.
         groups: ``{layer: groups}``, e.g. ``{"conv3": 8, "inception3?.branch2.1": 4}``.
         layout: ``"paper"`` (the costs of Table 6) or ``"standard"`` (torchvision's).
-        aux_logits: build the two auxiliary classifiers.
+        aux_logits: build the two auxiliary classifiers (default: when there are classes).
         dropout: dropout before the final classifier.
     """
 
@@ -102,27 +105,27 @@ class GoogLeNet(InputCheck, nn.Module):
         in_channels: int = 3,
         groups: Optional[Mapping[str, int]] = None,
         layout: str = "paper",
-        aux_logits: bool = True,
+        aux_logits: Optional[bool] = None,
         dropout: float = 0.4,
     ) -> None:
         super().__init__()
-        check_positive("num_classes", num_classes)
+        check_whole("num_classes", num_classes, 0)
         check_positive("in_channels", in_channels)
         if layout not in LAYOUTS:
             raise DeeprootsError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+        if aux_logits is None:
+            aux_logits = num_classes > 0
+        elif aux_logits and not num_classes:
+            raise DeeprootsError("aux_logits=True needs classes to predict, and num_classes=0 "
+                                 "builds no classifier: give num_classes >= 1 or "
+                                 "aux_logits=False")
         paper = layout == "paper"
         self.layout = layout
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.aux_logits = aux_logits
         self.default_input_size = (in_channels, 224, 224)
-        if paper:
-            # Fixed-size classifiers: the final FC wants the 2x2 left by the 7x7 pool of an 8x8
-            # map (inputs 207..238) and the auxiliary FCs a 5x5 pool of a 15..17 map (223..).
-            self.min_input_size, self.max_input_size = (223 if aux_logits else 207), 238
-            self.input_size_hint = "layout='standard' takes any size from 15 pixels"
-        else:
-            self.min_input_size = 15
+        self._set_input_sizes()
 
         def conv(cin, cout, k, stride=1):
             return ConvBNAct(cin, cout, k, stride, bias=paper, bn_affine=not paper)
@@ -144,10 +147,10 @@ class GoogLeNet(InputCheck, nn.Module):
         self.inception5b = Inception(*INCEPTION["5b"], conv=conv)
         if paper:
             self.avgpool = nn.AvgPool2d(7, 1)
-            fc_in = 1024 * 2 * 2
+            self.num_features = 1024 * 2 * 2
         else:
             self.avgpool = nn.AdaptiveAvgPool2d(1)
-            fc_in = 1024
+            self.num_features = 1024
         if aux_logits:
             def aux(cin):
                 if paper:
@@ -160,11 +163,40 @@ class GoogLeNet(InputCheck, nn.Module):
         else:
             self.aux1 = self.aux2 = None
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(fc_in, num_classes)
+        self.fc = self.classifier_for(num_classes)
         init_weights(self.modules())
         self.groups = apply_groups(self, groups)
 
-    def forward(self, x: torch.Tensor):
+    def _set_input_sizes(self) -> None:
+        if self.layout == "paper":
+            # Fixed-size classifiers: the final FC wants the 2x2 left by the 7x7 pool of an 8x8
+            # map (inputs 207..238) and the auxiliary FCs a 5x5 pool of a 15..17 map (223..).
+            self.min_input_size, self.max_input_size = (223 if self.aux_logits else 207), 238
+            self.input_size_hint = "layout='standard' takes any size from 15 pixels"
+        else:
+            self.min_input_size = 15
+
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new ``fc`` (see :class:`~deeproots.models.head.ClassifierHead`) and new last
+        layers of the auxiliary classifiers, for the same classes; with 0 classes the
+        auxiliary classifiers are removed (``aux_logits`` becomes False)."""
+        super().reset_classifier(num_classes, global_pool)
+        if not self.aux_logits:
+            return
+        if num_classes:
+            for aux in (self.aux1, self.aux2):
+                aux.fc2 = fresh(nn.Linear(aux.fc2.in_features, num_classes), aux.fc2)
+            return
+        self.aux1 = self.aux2 = None
+        self.aux_logits = False
+        self._set_input_sizes()
+        self.record_kwargs(aux_logits=False)
+
+    def _features(self, x: torch.Tensor):
+        """The last map, and the auxiliary classifiers' outputs (None unless training)."""
         self.check_input(x)
         x = self.maxpool1(self.conv1(x))
         x = self.maxpool2(self.conv3(self.conv2(x)))
@@ -175,9 +207,22 @@ class GoogLeNet(InputCheck, nn.Module):
         x = self.inception4d(self.inception4c(self.inception4b(x)))
         aux2 = self.aux2(x) if with_aux else None
         x = self.maxpool4(self.inception4e(x))
-        x = self.inception5b(self.inception5a(x))
-        x = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
-        return GoogLeNetOutputs(x, aux2, aux1) if with_aux else x
+        return self.inception5b(self.inception5a(x)), aux1, aux2
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of inception 5b (1024 channels; 8x8 in the paper's layout, 7x7 in the
+        standard one, for a 224x224 input)."""
+        return self._features(x)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average pool, flatten, dropout, then ``fc`` (skipped for ``pre_logits``)."""
+        x = self.dropout(torch.flatten(self.avgpool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor):
+        x, aux1, aux2 = self._features(x)
+        x = self.forward_head(x)
+        return x if aux1 is None else GoogLeNetOutputs(x, aux2, aux1)
 
 
 def googlenet(*, variant: str = "orig", groups: Optional[Mapping[str, int]] = None,

@@ -9,6 +9,9 @@ Layout (Caffe's NiN for CIFAR-10, with the paper's batch norm and no dropout):
 
 Pooling uses Caffe's ceil mode (32 -> 16 -> 8), convs have biases, and each conv but the last
 is followed by batch norm and ReLU. The last conv gives the class scores directly.
+With ``num_classes=0`` there is no conv3c: the network returns the 192 pooled features of
+conv3b (timm's convention; ``forward_head(x, pre_logits=True)`` returns the same from a
+network that has its classifier: conv3c is linear, so pooling before it changes nothing).
 Global pooling lets the network take any input of at least ``min_input_size`` pixels: 28x28
 one-channel Fashion-MNIST runs as it is with ``in_channels=1``.
 """
@@ -19,7 +22,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import check_positive, check_whole
+from .head import ClassifierHead
 from .layers import ConvBNAct, InputCheck, apply_groups, init_weights
 from .registration import register_variants
 from .schedules import merge, resolve, variants
@@ -27,16 +31,18 @@ from .schedules import merge, resolve, variants
 __all__ = ["NiN", "nin"]
 
 
-class NiN(InputCheck, nn.Module):
+class NiN(ClassifierHead, InputCheck, nn.Module):
     """Network-in-Network with optional filter groups.
 
     Args:
-        num_classes: number of output classes.
+        num_classes: number of output classes (0: none, the pooled features of conv3b).
         in_channels: image channels (3 for CIFAR-10, 1 for Fashion-MNIST).
         groups: ``{layer: groups}``, e.g. ``{"conv2a": 8, "conv3a": 4}`` (root-8).
     """
 
     min_input_size = 4  # pool2 needs a 2x2 map; smaller inputs leave it none
+    classifier_name = "conv3c"
+    num_features = 192
     default_input_size = (3, 32, 32)
 
     def __init__(
@@ -46,7 +52,7 @@ class NiN(InputCheck, nn.Module):
         groups: Optional[Mapping[str, int]] = None,
     ) -> None:
         super().__init__()
-        check_positive("num_classes", num_classes)
+        check_whole("num_classes", num_classes, 0)
         check_positive("in_channels", in_channels)
         self.in_channels = in_channels
         self.default_input_size = (in_channels, 32, 32)
@@ -62,16 +68,26 @@ class NiN(InputCheck, nn.Module):
         self.pool2 = nn.AvgPool2d(3, 2, ceil_mode=True)
         self.conv3a = block(192, 192, 3)
         self.conv3b = block(192, 192, 1)
-        self.conv3c = ConvBNAct(192, num_classes, 1, bias=True, bn=False, act=False)
+        self.conv3c = self.classifier_for(num_classes)
         self.pool3 = nn.AdaptiveAvgPool2d(1)
         init_weights(self.modules())
         self.groups = apply_groups(self, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return ConvBNAct(self.num_features, num_classes, 1, bias=True, bn=False, act=False)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 192-channel map of conv3b (8x8 for a 32x32 input)."""
         self.check_input(x)
         x = self.pool1(self.conv1c(self.conv1b(self.conv1a(x))))
         x = self.pool2(self.conv2c(self.conv2b(self.conv2a(x))))
-        x = self.conv3c(self.conv3b(self.conv3a(x)))
+        return self.conv3b(self.conv3a(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class scores: conv3c at every position, then the global average (as the paper
+        counts it); ``pre_logits``: the pooled features conv3c would take."""
+        if not pre_logits:
+            x = self.conv3c(x)
         return torch.flatten(self.pool3(x), 1)
 
 

@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 import typing
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from ..errors import DeeprootsError, first_line
 from ..runtime import file_digest
@@ -135,22 +135,28 @@ def _check_kwargs(entry: ModelEntry, kwargs: Dict[str, Any]) -> None:
 TIMM_NAMES = {"in_chans": "in_channels"}  # timm's names for the same arguments
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> "nn.Module":
+def create_model(name: str, pretrained: bool = False,
+                 checkpoint_path: Union[None, str, "os.PathLike[str]"] = None,
+                 **kwargs: Any) -> "nn.Module":
     """Build a registered model by name, e.g. ``create_model("nin-root-8", num_classes=10)``.
 
     Keyword arguments go to the family's constructor (``num_classes``, ``in_channels``,
     ``groups`` for per-layer overrides, ...); timm's ``in_chans`` is taken for
     ``in_channels``, and ``pretrained=False`` as timm's default (deeproots ships no weights:
-    ``pretrained=True`` is a one-line error that says how to get them). The model carries
-    ``model.name`` and ``model.deeproots_cfg`` (name and arguments), which checkpoints use to
-    rebuild it.
+    ``pretrained=True`` is a one-line error that says how to get them). ``checkpoint_path``,
+    as in timm: weights loaded from that file once the model is built (a state_dict, also
+    under ``"state_dict"`` or ``"model"``, as a deeproots checkpoint holds it; read with
+    ``weights_only=True``; :mod:`deeproots.weights`). ``num_classes=0`` builds the network
+    without its classifier (:mod:`deeproots.models.head`). The model carries ``model.name``
+    and ``model.deeproots_cfg`` (name and arguments), which checkpoints use to rebuild it.
     """
     entry = model_entry(name)
     if pretrained:
         raise DeeprootsError(
             f"deeproots ships no pretrained weights ({entry.name}: pretrained={pretrained!r}); "
             f"train them (deeproots train {entry.name}) and load the run's checkpoint: "
-            f"deeproots.training.checkpoint.model_from_checkpoint(load_checkpoint(RUN/best.pt))")
+            f"deeproots.training.checkpoint.model_from_checkpoint(load_checkpoint(RUN/best.pt)); "
+            f"weights of your own: checkpoint_path=FILE")
     for timm_name, own in TIMM_NAMES.items():
         if timm_name in kwargs:
             if own in kwargs:
@@ -160,6 +166,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> "nn.Modu
     model = entry.builder(**{**entry.kwargs, **kwargs})
     model.name = entry.name
     model.deeproots_cfg = {"name": entry.name, "kwargs": dict(kwargs)}
+    if checkpoint_path is not None:
+        from ..weights import load_weights  # torch: once a model is built
+
+        load_weights(model, checkpoint_path)
     return model
 
 

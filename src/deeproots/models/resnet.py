@@ -19,7 +19,8 @@ from typing import List, Mapping, Optional, Type, Union
 import torch
 from torch import nn
 
-from ..checks import check_positive
+from ..checks import check_positive, check_whole
+from .head import ClassifierHead
 from .layers import InputCheck, apply_groups, init_weights
 from .registration import register_variants
 from .schedules import merge, resolve, variants
@@ -91,12 +92,12 @@ class PreActBottleneck(nn.Module):
         return y + identity
 
 
-class ResNet(InputCheck, nn.Module):
+class ResNet(ClassifierHead, InputCheck, nn.Module):
     """A bottleneck ResNet with optional filter groups.
 
     Args:
         layers: blocks per stage, e.g. ``[3, 4, 6, 3]`` for ResNet-50.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs (0: none, the 2048 pooled features).
         in_channels: image channels.
         groups: ``{layer: groups}``, e.g. ``{"layer1.*.conv2": 8}``.
         preact: pre-activation blocks (ResNet-200 of Table 5) instead of the original ones.
@@ -116,7 +117,7 @@ class ResNet(InputCheck, nn.Module):
         stride_in_1x1: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        check_positive("num_classes", num_classes)
+        check_whole("num_classes", num_classes, 0)
         check_positive("in_channels", in_channels)
         self.in_channels = in_channels
         self.default_input_size = (in_channels, 224, 224)
@@ -142,17 +143,27 @@ class ResNet(InputCheck, nn.Module):
         # Pre-activation nets end with the BN-ReLU their last block left out.
         self.final_bn = nn.BatchNorm2d(inplanes) if preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(inplanes, num_classes)
+        self.num_features = inplanes
+        self.fc = self.classifier_for(num_classes)
         init_weights(self.modules())
         self.groups = apply_groups(self, groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def new_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of the last stage (2048 channels, 7x7 for a 224x224 input)."""
         self.check_input(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.preact:
             x = self.relu(self.final_bn(x))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then ``fc`` (skipped for ``pre_logits``)."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
 
 
 _DEPTHS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3], 200: [3, 24, 36, 3]}

@@ -29,9 +29,10 @@ from ..models.layers import apply_groups, conv_layers
 from ..models.registry import (build_model, is_model, is_user_model, model_source_digest,
                                resolve_model_spec)
 from ..runtime import atomic_write, file_digest, to_json
+from ..weights import load_weights_only
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "validate_state",
-           "snapshot", "restore", "load_weights_only",
+           "snapshot", "restore",
            "model_from_checkpoint", "config_from_checkpoint", "resume_config",
            "changes_of", "save_model", "NEEDED"]
 
@@ -69,36 +70,6 @@ def load_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} is not a deeproots checkpoint (it lacks "
                               f"{', '.join(missing)})")
     return state
-
-
-def load_weights_only(path: Path | str, map_location="cpu"):
-    """Whatever ``path`` holds, read with ``torch.load(weights_only=True)`` (tensors and
-    plain values only: a file from outside cannot run code). CheckpointError if it is
-    missing, empty, a folder, corrupt or unsafe."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. "
-                              f"{path}/last.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was never written "
-                              f"completely")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several kinds on truncated or foreign files
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [""]
-        if lines[0].startswith("Weights only load failed"):
-            reason = next((line for line in lines[1:] if not line.startswith(
-                ("Please file", "Check the documentation"))), "")
-            # keep torch's warning, never only its advice to turn weights_only off
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt, not a PyTorch file, or unsafe: torch's safe "
-                f"loader (weights_only=True) refused it ({reason}). Loading it with "
-                f"weights_only=False can result in arbitrary code execution; do that only for "
-                f"a file from a trusted source") from err
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file "
-                              f"({type(err).__name__}: {lines[0][:300]})") from err
 
 
 # ---------------------------------------------------------------------------------------------

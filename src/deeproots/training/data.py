@@ -136,6 +136,25 @@ def dataset_names() -> List[str]:
     return [*DATASETS, "imagefolder:PATH"]
 
 
+def check_data_fits(data: str, model, what: str, doing: str) -> None:
+    """For a dataset of :data:`DATASETS` (whose channels and classes are known before a file
+    is read or downloaded): a one-line DataError where ``model`` (``what``: how the message
+    names it) was built for other channels or classes, so that ``doing`` (e.g. "evaluate")
+    stops before the data is loaded. Models that do not say (a user's own) pass."""
+    name = next((k for k, d in DATASETS.items() if data == k or data in d.aliases), None)
+    if name is None:
+        return
+    spec = DATASETS[name].spec
+    channels, classes = getattr(model, "in_channels", None), getattr(model, "num_classes", None)
+    if isinstance(channels, int) and channels != spec.in_channels:
+        raise DataError(f"{what} takes {channels}-channel images and {name} has "
+                        f"{spec.in_channels}-channel ones: {doing} it on images like those it "
+                        f"was trained on")
+    if isinstance(classes, int) and classes and classes != spec.num_classes:
+        raise DataError(f"{what} has {classes} classes but {name} has {spec.num_classes}: "
+                        f"{doing} it on the data it was trained on")
+
+
 # ---------------------------------------------------------------------------------------------
 # Files: download with checksum, read the standard formats with clear errors.
 

@@ -17,7 +17,7 @@ from ..layout import Layout, choose_layout
 from ..models.layers import example_logits, main_logits
 from ..runtime import check_batch_fits, resolve_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import build_loaders
+from .data import build_loaders, check_data_fits
 from .distributed import all_sum
 
 __all__ = ["EvalResult", "evaluate", "load_for_eval"]
@@ -76,6 +76,7 @@ def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_di
     model = model_from_checkpoint(state, checkpoint, model).to(dev).eval()
     config = state["config"]
     data = data or config.get("data")
+    check_data_fits(data, model, str(checkpoint), "evaluate")  # before the data is read
     _, test_loader, spec = build_loaders(
         data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
         workers=workers, image_size=config.get("image_size", 224),

@@ -60,17 +60,21 @@ def lock_holder(folder: Path | str) -> Optional[int]:
 class RunLock:
     """``folder/.lock`` holding this process's PID while it writes the folder. Re-entrant
     within a process; a lock whose process is gone is stale and taken over; a lock held by
-    another live process is a :class:`RunFolderError` naming it."""
+    another live process is a :class:`RunFolderError` naming it. The folders the lock made
+    are removed with it where nothing else was written in them (a run that failed on its
+    first batch leaves no empty folder behind)."""
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
         self.path = self.folder / LOCK
         self._key = os.path.abspath(self.path)
+        self._made: List[Path] = []  # the folders acquire() created, deepest first
 
     def acquire(self) -> "RunLock":
         if _HELD.get(self._key):
             _HELD[self._key] += 1
             return self
+        self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -98,6 +102,12 @@ class RunLock:
         _HELD.pop(self._key, None)
         if _read_pid(self.path) == os.getpid():
             self.path.unlink(missing_ok=True)
+        for made in self._made:  # deepest first; a folder something was written in stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
