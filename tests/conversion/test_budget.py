@@ -52,6 +52,17 @@ def _values(trained, tmp_path):
             "tmp": tmp_path}
 
 
+def _timed_prices(conv2a, conv3a):
+    """Prices by hand for nin's two groupable layers (100 ms in all; conv2a 50 of them,
+    conv3a 20), each option (groups, ms left, top-1)."""
+    def layer(name, cin, cout, ms, options):
+        return LayerPrice(name, "4x4", "5x5", cin, cout, 1, 1, ms,
+                          [Option(g, 1, 1, t, 0.0, top1) for g, t, top1 in options])
+
+    return Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
+        layer("conv2a", 96, 192, 50.0, conv2a), layer("conv3a", 192, 192, 20.0, conv3a)])
+
+
 @pytest.mark.parametrize("name", ["w.pth", "wrapped.pth", "wrapped2.pth"])
 def test_a_state_dict_is_read_as_the_model_it_names(trained, name):
     model, fields = read_trained(trained / name, f"{trained / 'mine.py'}:nin_gray")
@@ -95,14 +106,7 @@ def test_a_latency_budget_is_measured_beside_the_dense_model(trained):
     takes the searched schedule, times it beside the dense model, and reports both."""
     state = load_checkpoint(trained / "dense" / "best.pt")
     dense = deeproots.create_model("nin", in_channels=1)
-
-    def layer(name, cin, cout, ms, options):
-        return LayerPrice(name, "4x4", "5x5", cin, cout, 1, 1, ms,
-                          [Option(g, 1, 1, t, 0.0, top1) for g, t, top1 in options])
-
-    prices = Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
-        layer("conv2a", 96, 192, 50.0, [(2, 10.0, 0.89), (4, 5.0, 0.5)]),
-        layer("conv3a", 192, 192, 20.0, [(2, 15.0, 0.6)])])
+    prices = _timed_prices([(2, 10.0, 0.89), (4, 5.0, 0.5)], [(2, 15.0, 0.6)])
     new, report, summary = convert_checkpoint(
         trained / "dense" / "best.pt", latency=0.6, prices=prices, batch_size=8,
         data_dir=trained / "data", calibration_images_n=32, stages=False)
@@ -136,13 +140,7 @@ def test_a_latency_budget_the_prices_allow_but_no_measurement_meets(trained, mon
     time, as if the budget were met)."""
     import deeproots.conversion.checkpoint as checkpoint
 
-    def layer(name, cin, cout, ms, options):
-        return LayerPrice(name, "4x4", "5x5", cin, cout, 1, 1, ms,
-                          [Option(g, 1, 1, t, 0.0, top1) for g, t, top1 in options])
-
-    prices = Sensitivity("nin", "cpu", 8, 32, 32, 0.9, 10, 10, 100.0, [
-        layer("conv2a", 96, 192, 50.0, [(2, 10.0, 0.89), (4, 5.0, 0.85)]),
-        layer("conv3a", 192, 192, 20.0, [(2, 15.0, 0.88)])])
+    prices = _timed_prices([(2, 10.0, 0.89), (4, 5.0, 0.85)], [(2, 15.0, 0.88)])
 
     def measure_latency(dense, new, size, batch_size, device, repeats=None):
         cheapest = new.conv2a.conv.groups == 4 and new.conv3a.conv.groups == 2
