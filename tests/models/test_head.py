@@ -124,3 +124,91 @@ def test_bad_reset_arguments():
     with pytest.raises(ValueError, match="global_pool must be None or 'avg'.*got 'max'"):
         model.reset_classifier(3, global_pool="max")
     assert model.num_classes == 10  # refused before anything changed
+
+
+# Each stage's map, by hand: channels from the architectures (NiN's conv1c, conv2c, conv3b;
+# ResNet-50's stem and four stages; GoogLeNet's conv1, conv3, inception 3b, 4e and 5b from
+# Szegedy et al.'s Table 1) and sizes from the strides (NiN 32 -> 16 -> 8 at 32 px, ceil-mode
+# pools; ResNet 64 px halved five times; GoogLeNet's standard layout 224 -> 112 ... 7).
+STAGES = [
+    ("nin", {}, (3, 32, 32), [(96, 32), (192, 16), (192, 8)]),
+    ("resnet50", {}, (3, 64, 64), [(64, 32), (256, 16), (512, 8), (1024, 4), (2048, 2)]),
+    ("googlenet", {"layout": "standard"}, (3, 224, 224),
+     [(64, 112), (192, 56), (480, 28), (832, 14), (1024, 7)]),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, size, maps", STAGES)
+def test_a_backbone_returns_each_stages_map(name, kwargs, size, maps):
+    torch.manual_seed(0)
+    full = create_model(name, num_classes=6, **kwargs).eval()
+    backbone = create_model(name, features_only=True, **kwargs).eval()
+    kept = {k: v for k, v in full.state_dict().items()
+            if not k.startswith(("aux1.", "aux2.", full.classifier_name + "."))}
+    backbone.load_state_dict(kept)  # strict: the network less its classifier
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        got = backbone(x)
+        last = full.forward_features(x)
+    assert [(m.shape[1], m.shape[2], m.shape[3]) for m in got] == [(c, s, s) for c, s in maps]
+    assert backbone.feature_info.channels() == [c for c, _ in maps]
+    torch.testing.assert_close(got[-1], last)
+    # each map is the output of the module feature_info names, seen by a forward hook
+    from deeproots.capture import capture
+
+    named = dict(full.named_modules())
+    modules = {m: named[m] for m in backbone.feature_info.module_name()}
+    with torch.no_grad(), capture(modules) as seen:
+        full(x)
+    for info, got_map in zip(backbone.feature_info, got):  # (resnet's relu: its first call)
+        torch.testing.assert_close(got_map, seen[info["module"]])
+
+
+def test_out_indices_and_intermediates():
+    model = create_model("resnet50", features_only=True, out_indices=(1, -1)).eval()
+    assert model.feature_info.reduction() == [4, 32]
+    assert model.deeproots_cfg["kwargs"] == {"num_classes": 0, "features_only": True,
+                                             "out_indices": [1, 4]}
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [256, 2048]
+    # rebuilt from its recorded arguments, it takes its own weights
+    again = create_model("resnet50", **model.deeproots_cfg["kwargs"])
+    again.load_state_dict(model.state_dict())
+    full = create_model("nin").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        last, maps = full.forward_intermediates(x, indices=2)  # the last two
+        early, first = full.forward_intermediates(x, indices=[0], stop_early=True)
+    assert [m.shape[1:] for m in maps] == [(192, 16, 16), (192, 8, 8)]
+    torch.testing.assert_close(last, maps[-1])
+    assert early is first[0] and first[0].shape[1:] == (96, 32, 32)
+
+
+def test_a_backbone_takes_a_whole_models_weights_and_exports():
+    import tempfile
+
+    source = create_model("nin", num_classes=10).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(source.state_dict(), f"{folder}/w.pth")
+        backbone = create_model("nin", features_only=True, out_indices=[2],
+                                checkpoint_path=f"{folder}/w.pth").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x)[0], source.forward_features(x))
+    program = torch.export.export(backbone, (x,))
+    torch.testing.assert_close(program.module()(x)[0], backbone(x)[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"out_indices": (1,)}, "out_indices=\\(1,\\) picks the maps of a backbone; add "
+                            "features_only=True"),
+    ({"features_only": True, "out_indices": (3,)}, "feature map indices must be stage "
+                                                   "numbers 0 to 2 \\(or -3 to -1\\); got \\(3,\\)"),
+    ({"features_only": True, "out_indices": 4}, "indices=4 asks for the last 4 of 3 feature "
+                                               "maps; accepted: 1 to 3"),
+    ({"features_only": 1}, "features_only must be True or False; got 1"),
+])
+def test_bad_backbone_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("nin", **kwargs)

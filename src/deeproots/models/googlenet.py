@@ -195,24 +195,27 @@ class GoogLeNet(ClassifierHead, InputCheck, nn.Module):
         self._set_input_sizes()
         self.record_kwargs(aux_logits=False)
 
-    def _features(self, x: torch.Tensor):
-        """The last map, and the auxiliary classifiers' outputs (None unless training)."""
-        self.check_input(x)
-        x = self.maxpool1(self.conv1(x))
-        x = self.maxpool2(self.conv3(self.conv2(x)))
-        x = self.maxpool3(self.inception3b(self.inception3a(x)))
-        x = self.inception4a(x)
-        with_aux = self.training and self.aux_logits
-        aux1 = self.aux1(x) if with_aux else None
-        x = self.inception4d(self.inception4c(self.inception4b(x)))
-        aux2 = self.aux2(x) if with_aux else None
-        x = self.maxpool4(self.inception4e(x))
-        return self.inception5b(self.inception5a(x)), aux1, aux2
+    stage_info = ((64, 2, "conv1"), (192, 4, "conv3"), (480, 8, "inception3b"),
+                  (832, 16, "inception4e"), (1024, 32, "inception5b"))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The map of inception 5b (1024 channels; 8x8 in the paper's layout, 7x7 in the
-        standard one, for a 224x224 input)."""
-        return self._features(x)[0]
+    def stages(self, aux: Optional[list] = None):
+        """conv1, then conv2-3, inception 3, 4 and 5, each after the pool before it (112,
+        56, 28, 15 or 14, 8 or 7 pixels for a 224x224 input, the paper's layout or the
+        standard one). With ``aux`` (a list), the auxiliary classifiers' outputs are
+        appended to it as inception 4 runs, in training mode."""
+        def four(x):
+            x = self.inception4a(self.maxpool3(x))
+            with_aux = aux is not None and self.training and self.aux_logits
+            if with_aux:
+                aux.append(self.aux1(x))
+            x = self.inception4d(self.inception4c(self.inception4b(x)))
+            if with_aux:
+                aux.append(self.aux2(x))
+            return self.inception4e(x)
+
+        return [self.conv1, lambda x: self.conv3(self.conv2(self.maxpool1(x))),
+                lambda x: self.inception3b(self.inception3a(self.maxpool2(x))), four,
+                lambda x: self.inception5b(self.inception5a(self.maxpool4(x)))]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Average pool, flatten, dropout, then ``fc`` (skipped for ``pre_logits``)."""
@@ -220,9 +223,14 @@ class GoogLeNet(ClassifierHead, InputCheck, nn.Module):
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor):
-        x, aux1, aux2 = self._features(x)
+        if self.out_indices is not None:  # a backbone: the maps (no classifier, no aux)
+            return super().forward(x)
+        self.check_input(x)
+        aux: list = []
+        for stage in self.stages(aux):
+            x = stage(x)
         x = self.forward_head(x)
-        return x if aux1 is None else GoogLeNetOutputs(x, aux2, aux1)
+        return GoogLeNetOutputs(x, aux[1], aux[0]) if aux else x
 
 
 def googlenet(*, variant: str = "orig", groups: Optional[Mapping[str, int]] = None,

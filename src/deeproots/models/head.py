@@ -1,4 +1,4 @@
-"""The classifier of a deeproots network, as timm exposes it.
+"""The classifier and the feature maps of a deeproots network, as timm exposes them.
 
 Every family (NiN, ResNet, GoogLeNet) splits its forward pass in two, with timm's names:
 ``forward_features(x)`` (the last feature map, before pooling) and ``forward_head(x,
@@ -10,10 +10,18 @@ no classifier: the network returns its pooled features.
 
 A reset is recorded in ``model.deeproots_cfg`` (the arguments a checkpoint rebuilds the model
 with), so a model trained after a reset saves and loads as what it now is.
+
+The feature maps: a family's forward pass is a list of stages (:meth:`ClassifierHead.stages`),
+each ending where the map is about to be downsampled; ``model.feature_info`` says each one's
+channels, reduction (its stride from the input, nominal) and module, and
+``forward_intermediates(x, indices)`` returns their outputs. ``create_model(name,
+features_only=True, out_indices=(...))`` builds a backbone whose forward pass returns those
+maps (a list; no classifier), for detection and segmentation heads. Plain Python over the
+stages, no hooks: it traces, compiles and exports as the network does.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,7 +30,21 @@ from ..checks import check_whole
 from ..errors import DeeprootsError
 from .layers import init_weights
 
-__all__ = ["ClassifierHead", "fresh"]
+__all__ = ["ClassifierHead", "FeatureInfo", "fresh"]
+
+
+class FeatureInfo(list):
+    """Each feature map's ``num_chs``, ``reduction`` and ``module`` (a list of dicts, as
+    timm's ``feature_info``), with timm's accessors."""
+
+    def channels(self) -> List[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> List[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> List[str]:
+        return [f["module"] for f in self]
 
 
 def fresh(new: nn.Module, like: Optional[nn.Module]) -> nn.Module:
@@ -45,8 +67,74 @@ class ClassifierHead:
     classifier_name: str = "fc"
     num_features: int
     num_classes: int
+    stage_info: Tuple[Tuple[int, int, str], ...] = ()  # (channels, reduction, module) a stage
+    out_indices: Optional[Tuple[int, ...]] = None  # set: a backbone returning these maps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:  # pragma: no cover
+        """The forward pass up to the classifier, as functions run one after the other."""
+        raise NotImplementedError
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """Every stage's map (a backbone's: the maps it returns)."""
+        picked = range(len(self.stage_info)) if self.out_indices is None else self.out_indices
+        return FeatureInfo({"num_chs": self.stage_info[i][0], "reduction": self.stage_info[i][1],
+                            "module": self.stage_info[i][2], "index": i} for i in picked)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map, before the pooling and the classifier."""
+        self.check_input(x)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Union[None, int, Sequence[int]] = None,
+                              stop_early: bool = False, intermediates_only: bool = False):
+        """The maps of the stages ``indices`` (default all; an int ``n``: the last ``n``;
+        negative indices count from the end), as timm's: ``(last map, [maps])``, or the maps
+        alone with ``intermediates_only``; ``stop_early`` runs no stage after the last one
+        asked for (then the first item is that stage's map)."""
+        picked = self._indices(indices)
+        self.check_input(x)
+        maps = []
+        last = max(picked) if (stop_early or intermediates_only) else len(self.stage_info) - 1
+        for i, stage in enumerate(self.stages()[:last + 1]):
+            x = stage(x)
+            if i in picked:
+                maps.append(x)
+        return maps if intermediates_only else (x, maps)
+
+    def _indices(self, indices) -> List[int]:
+        n = len(self.stage_info)
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 1 <= indices <= n:
+                raise DeeprootsError(f"indices={indices} asks for the last {indices} of "
+                                     f"{n} feature maps; accepted: 1 to {n}, or a list of "
+                                     f"stage numbers 0 to {n - 1}")
+            return list(range(n - indices, n))
+        picked = list(indices) if isinstance(indices, (list, tuple)) else [indices]
+        bad = [i for i in picked if isinstance(i, bool) or not isinstance(i, int)
+               or not -n <= i < n]
+        if bad or not picked:
+            raise DeeprootsError(f"feature map indices must be stage numbers 0 to {n - 1} (or "
+                                 f"-{n} to -1); got {indices!r}")
+        return sorted({i % n for i in picked})
+
+    def set_features_only(self, out_indices: Union[None, int, Sequence[int]] = None) -> None:
+        """Make this network a backbone: its forward pass returns the maps of the stages
+        ``out_indices`` (default all) as a list, and it has no classifier."""
+        picked = self._indices(out_indices)
+        if self.num_classes:
+            self.reset_classifier(0)
+        self.out_indices = tuple(picked)
+        self.record_kwargs(features_only=True, out_indices=list(picked))
+
+    def forward(self, x: torch.Tensor):
+        if self.out_indices is not None:
+            return self.forward_intermediates(x, list(self.out_indices), intermediates_only=True)
         return self.forward_head(self.forward_features(x))
 
     def new_classifier(self, num_classes: int) -> nn.Module:  # pragma: no cover - abstract

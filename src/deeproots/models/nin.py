@@ -43,6 +43,7 @@ class NiN(ClassifierHead, InputCheck, nn.Module):
     min_input_size = 4  # pool2 needs a 2x2 map; smaller inputs leave it none
     classifier_name = "conv3c"
     num_features = 192
+    stage_info = ((96, 1, "conv1c"), (192, 2, "conv2c"), (192, 4, "conv3b"))
     default_input_size = (3, 32, 32)
 
     def __init__(
@@ -76,12 +77,12 @@ class NiN(ClassifierHead, InputCheck, nn.Module):
     def new_classifier(self, num_classes: int) -> nn.Module:
         return ConvBNAct(self.num_features, num_classes, 1, bias=True, bn=False, act=False)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 192-channel map of conv3b (8x8 for a 32x32 input)."""
-        self.check_input(x)
-        x = self.pool1(self.conv1c(self.conv1b(self.conv1a(x))))
-        x = self.pool2(self.conv2c(self.conv2b(self.conv2a(x))))
-        return self.conv3b(self.conv3a(x))
+    def stages(self):
+        """conv1a-c (32x32 for a 32x32 input), pool1 and conv2a-c (16x16), pool2 and conv3a-b
+        (8x8): ``forward_features`` returns the last, conv3b's 192 channels."""
+        return [lambda x: self.conv1c(self.conv1b(self.conv1a(x))),
+                lambda x: self.conv2c(self.conv2b(self.conv2a(self.pool1(x)))),
+                lambda x: self.conv3b(self.conv3a(self.pool2(x)))]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Class scores: conv3c at every position, then the global average (as the paper

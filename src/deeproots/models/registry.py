@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 import typing
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ..errors import DeeprootsError, first_line
 from ..runtime import file_digest
@@ -137,6 +137,8 @@ TIMM_NAMES = {"in_chans": "in_channels"}  # timm's names for the same arguments
 
 def create_model(name: str, pretrained: bool = False,
                  checkpoint_path: Union[None, str, "os.PathLike[str]"] = None,
+                 features_only: bool = False,
+                 out_indices: Union[None, int, Sequence[int]] = None,
                  **kwargs: Any) -> "nn.Module":
     """Build a registered model by name, e.g. ``create_model("nin-root-8", num_classes=10)``.
 
@@ -147,8 +149,11 @@ def create_model(name: str, pretrained: bool = False,
     as in timm: weights loaded from that file once the model is built (a state_dict, also
     under ``"state_dict"`` or ``"model"``, as a deeproots checkpoint holds it; read with
     ``weights_only=True``; :mod:`deeproots.weights`). ``num_classes=0`` builds the network
-    without its classifier (:mod:`deeproots.models.head`). The model carries ``model.name``
-    and ``model.deeproots_cfg`` (name and arguments), which checkpoints use to rebuild it.
+    without its classifier (:mod:`deeproots.models.head`); ``features_only=True`` a backbone
+    whose forward pass returns the feature maps of the stages ``out_indices`` (default all;
+    ``model.feature_info`` says their channels and strides), the weights of
+    ``checkpoint_path`` loaded first. The model carries ``model.name`` and
+    ``model.deeproots_cfg`` (name and arguments), which checkpoints use to rebuild it.
     """
     entry = model_entry(name)
     if pretrained:
@@ -162,6 +167,12 @@ def create_model(name: str, pretrained: bool = False,
             if own in kwargs:
                 raise DeeprootsError(f"{entry.name}: give {own} or timm's {timm_name}, not both")
             kwargs[own] = kwargs.pop(timm_name)
+    if not isinstance(features_only, bool):
+        raise DeeprootsError(f"{entry.name}: features_only must be True or False; got "
+                             f"{features_only!r}")
+    if out_indices is not None and not features_only:
+        raise DeeprootsError(f"{entry.name}: out_indices={out_indices!r} picks the maps of a "
+                             f"backbone; add features_only=True")
     _check_kwargs(entry, kwargs)
     model = entry.builder(**{**entry.kwargs, **kwargs})
     model.name = entry.name
@@ -170,6 +181,8 @@ def create_model(name: str, pretrained: bool = False,
         from ..weights import load_weights  # torch: once a model is built
 
         load_weights(model, checkpoint_path)
+    if features_only:
+        model.set_features_only(out_indices)
     return model
 
 

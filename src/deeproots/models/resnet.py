@@ -151,14 +151,19 @@ class ResNet(ClassifierHead, InputCheck, nn.Module):
     def new_classifier(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The map of the last stage (2048 channels, 7x7 for a 224x224 input)."""
-        self.check_input(x)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        if self.preact:
-            x = self.relu(self.final_bn(x))
-        return x
+    stage_info = ((64, 2, "relu"), (256, 4, "layer1"), (512, 8, "layer2"),
+                  (1024, 16, "layer3"), (2048, 32, "layer4"))
+
+    def stages(self):
+        """The stem (112x112 for a 224x224 input), then each stage of blocks (56, 28, 14 and
+        7): ``forward_features`` returns the last, 2048 channels (pre-activation nets: after
+        their final batch norm and ReLU)."""
+        def last(x):
+            x = self.layer4(x)
+            return self.relu(self.final_bn(x)) if self.preact else x
+
+        return [lambda x: self.relu(self.bn1(self.conv1(x))),
+                lambda x: self.layer1(self.maxpool(x)), self.layer2, self.layer3, last]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global average pool, then ``fc`` (skipped for ``pre_logits``)."""
