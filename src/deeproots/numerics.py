@@ -25,7 +25,14 @@ def tolerance(dtype: torch.dtype, cuda: bool = True) -> float:
 def disagreement(got, want, dtype: torch.dtype) -> Optional[str]:
     """Why ``got`` does not agree with the native ``want`` (shape, non-finite values where
     the native ones are finite, or the largest difference beyond :func:`tolerance`), or
-    None."""
+    None. Lists or tuples of tensors (a backbone's maps) agree where each one does."""
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            what = f"{len(got)} outputs" if isinstance(got, (list, tuple)) else \
+                type(got).__name__
+            return f"{what}, native {len(want)} outputs"
+        return next((f"output {i}: {why}" for i, (g, w) in enumerate(zip(got, want))
+                     if (why := disagreement(g, w, dtype)) is not None), None)
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         return f"output of shape {shape}, native {tuple(want.shape)}"

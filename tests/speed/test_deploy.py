@@ -96,6 +96,33 @@ def test_every_export_format_computes_what_the_eager_model_does(tmp_path, capsys
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic
 
 
+def test_a_backbone_runs_fast_and_exports_its_maps(tmp_path):
+    """A features_only backbone returns a list of maps: every CPU path optimize_for_inference
+    builds here, and every export format read back, give each map as the eager backbone
+    does (the ONNX graph's outputs named map0, map1, map2)."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model = trained_like("nin-root-8", features_only=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    fast = optimize_for_inference(model, x, repeats=1)
+    assert fast.skipped == {} and len(fast.timings) >= 3  # fold, script, dispatch at least
+    for path in fast.timings:
+        maps = build_path(model, x, path)(x)
+        assert isinstance(maps, list) and len(maps) == 3, path
+        for got, want in zip(maps, ref):
+            _close(got, want)
+    for fmt in ("pt2", "onnx", "torchscript"):
+        export(model, x[:1], tmp_path / f"m.{fmt}", fmt)
+        maps = load_exported(tmp_path / f"m.{fmt}", fmt)(x)
+        assert len(maps) == 3
+        for got, want in zip(maps, ref):
+            _close(got, want, EXPORT_TOLERANCE[fmt])
+    assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == [
+        "map0", "map1", "map2"]
+
+
 def test_the_onnx_exporter_is_the_recommended_one_and_the_legacy_one_a_fallback(
         tmp_path, monkeypatch, capsys):
     pytest.importorskip("onnxscript")

@@ -371,12 +371,10 @@ def main_logits(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def example_logits(model: nn.Module, x: torch.Tensor, name: Optional[str] = None
-                   ) -> torch.Tensor:
-    """The class scores ``model`` gives for the batch ``x`` (eval mode, no gradients; the
-    model is put back in the mode it was in). A one-line DeeprootsError for a model that
-    cannot run this batch (a forward that takes other inputs, a shape it refuses) or that
-    does not return class scores (a tensor, or GoogLeNet's tuple of them)."""
+def example_output(model: nn.Module, x: torch.Tensor, name: Optional[str] = None):
+    """What ``model`` returns for the batch ``x`` (eval mode, no gradients; the model is put
+    back in the mode it was in). A one-line DeeprootsError for a model that cannot run this
+    batch (a forward that takes other inputs, a shape it refuses)."""
     name = name or getattr(model, "name", type(model).__name__)
     was_training = model.training
     model.eval()
@@ -391,6 +389,16 @@ def example_logits(model: nn.Module, x: torch.Tensor, name: Optional[str] = None
                              f"model one tensor of images (N, C, H, W)") from None
     finally:
         model.train(was_training)
+    return out
+
+
+def example_logits(model: nn.Module, x: torch.Tensor, name: Optional[str] = None
+                   ) -> torch.Tensor:
+    """The class scores ``model`` gives for the batch ``x`` (:func:`example_output`). A
+    one-line DeeprootsError for a model that cannot run this batch or that does not return
+    class scores (a tensor, or GoogLeNet's tuple of them)."""
+    name = name or getattr(model, "name", type(model).__name__)
+    out = example_output(model, x, name)
     logits = main_logits(out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = (f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)

@@ -133,6 +133,19 @@ def openvino_compile(onnx: bytes, dtype: torch.dtype, **config):
         "PERFORMANCE_HINT": "LATENCY", **config})
 
 
+def as_float(out):
+    """A model's output in float32: a tensor, or each of a list or tuple of them (a
+    backbone's maps)."""
+    if isinstance(out, (list, tuple)):
+        return type(out)(o.float() for o in out)
+    return out.float()
+
+
+def _one_or_all(outputs: list):
+    """An exported graph's outputs as the model gave them: one tensor, or a list."""
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 def build_path(model: nn.Module, example: torch.Tensor, path: str,
                dtype: torch.dtype = torch.float32) -> FastModel:
     """One inference path for ``model``; ``example`` is a batch of the size it will run.
@@ -141,7 +154,7 @@ def build_path(model: nn.Module, example: torch.Tensor, path: str,
     check = getattr(model, "check_input", None)
     if path == "eager":
         m = copy.deepcopy(model).eval().to(dtype)
-        return FastModel(_no_grad(lambda x: m(x.to(dtype)).float()), path, check=check)
+        return FastModel(_no_grad(lambda x: as_float(m(x.to(dtype)))), path, check=check)
     folded = fold_batchnorm(model)
     if PATHS_TABLE[path].triton:
         return _kernel_path(folded, example, path, dtype, check)
@@ -156,7 +169,7 @@ def _torch_path(folded, dtype):
 
 def _fold(folded, example, dtype):
     folded, cl = _torch_path(folded, dtype)
-    return _no_grad(lambda x: folded(cl(x)).float())
+    return _no_grad(lambda x: as_float(folded(cl(x))))
 
 
 def _script(folded, example, dtype):
@@ -168,8 +181,10 @@ def _script(folded, example, dtype):
     folded, cl = _torch_path(folded, dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        # a backbone returns its maps as a list, always as many: the trace holds
+        warnings.filterwarnings("ignore", "Encountering a list at the output of the tracer")
         frozen = torch.jit.freeze(torch.jit.trace(folded, cl(example), check_trace=False))
-    return _no_grad(lambda x: frozen(cl(x)).float())
+    return _no_grad(lambda x: as_float(frozen(cl(x))))
 
 
 def _compile(folded, example, dtype):
@@ -182,7 +197,7 @@ def _compile(folded, example, dtype):
         # freezing constant-folds the weights into the graph; set for our compiles alone,
         # never for the rest of the process
         with inductor_config.patch(freezing=True):
-            return compiled(cl(x)).float()
+            return as_float(compiled(cl(x)))
 
     return _no_grad(run_compiled)
 
@@ -195,12 +210,14 @@ def _onnxruntime(folded, example, dtype):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(onnx_bytes(folded, example), options,
                                    providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
+    return lambda x: _one_or_all([torch.from_numpy(o) for o in session.run(
+        None, {"input": x.detach().cpu().numpy()})])
 
 
 def _openvino(folded, example, dtype):
     compiled = openvino_compile(onnx_bytes(folded, example), dtype)
-    return lambda x: torch.from_numpy(compiled(x.detach().cpu().numpy())[0].copy())
+    return lambda x: _one_or_all([torch.from_numpy(o.copy()) for o in compiled(
+        x.detach().cpu().numpy()).values()])
 
 
 def _aoti_runner(folded: nn.Module, example: torch.Tensor):
@@ -245,7 +262,7 @@ def _kernel_path(folded, example, path, dtype, check) -> FastModel:
     make = modules.TritonConv2d if path in ("triton", "fused") else modules.DispatchConv2d
     net, left = modules.replace_convs(folded, make)
     cl = lambda x: channels_last(x.to(dtype))  # noqa: E731
-    run = _no_grad(lambda x: net(cl(x)).float())
+    run = _no_grad(lambda x: as_float(net(cl(x))))
     if path == "cudagraph":
         run = CudaGraphed(run)
     notes = [f"{len(fused)} blocks fused (conv + ReLU + 1x1 conv; each runs fused "
@@ -311,6 +328,8 @@ class CudaGraphed:
         graph, static_x, static_y = self.graphs[key]
         static_x.copy_(x)
         graph.replay()
+        if isinstance(static_y, (list, tuple)):  # a backbone's maps
+            return type(static_y)(y.clone() for y in static_y)
         return static_y.clone()
 
 
@@ -366,7 +385,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor,
         model.check_input(example_input)
     reference = copy.deepcopy(model).eval()
     with torch.inference_mode():
-        want = reference(example_input).float()
+        want = as_float(reference(example_input))
     built: Dict[str, FastModel] = {}
     skipped: Dict[str, str] = {}
     for p in paths:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import EXPORT_FORMATS
 from ..errors import DeeprootsError
-from ..models.layers import example_logits
+from ..models.layers import example_output
 from ..runtime import atomic_write
 from ..outputs import check_new_file
 from .fold import check_module, fold_batchnorm
@@ -58,20 +58,38 @@ def onnx_exporter(wanted: str = "auto") -> str:
     return "dynamo" if _installed("onnxscript") else "legacy"
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") -> bytes:
-    """``model`` as an ONNX graph, input ``input`` and output ``logits`` (batch size
+def output_names(model: nn.Module, example: torch.Tensor) -> List[str]:
+    """The names an exported graph gives ``model``'s outputs: ``logits`` for one tensor (or
+    GoogLeNet's tuple, whose first item is the logits), ``map0``, ``map1``, ... for a list
+    of them (a backbone's feature maps); a one-line error for anything else."""
+    out = example_output(model, example)
+    if isinstance(out, torch.Tensor) or (isinstance(out, tuple) and out and
+                                         isinstance(out[0], torch.Tensor)):
+        return ["logits"]
+    if isinstance(out, list) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return [f"map{i}" for i in range(len(out))]
+    raise DeeprootsError(f"{getattr(model, 'name', type(model).__name__)} returns a "
+                         f"{type(out).__name__} for a batch of shape {tuple(example.shape)}; "
+                         f"export takes a model that returns a tensor, or a list of them")
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto",
+               names: Optional[List[str]] = None) -> bytes:
+    """``model`` as an ONNX graph, input ``input`` and outputs ``names`` (default
+    :func:`output_names`: ``logits``, or a backbone's ``map0``, ``map1``, ...; batch size
     dynamic), by :func:`onnx_exporter`'s choice. ``legacy`` names the nodes by their module
     paths, which per-layer OpenVINO timing reads."""
     import logging
     import warnings
 
+    names = names or output_names(model, example)
     if onnx_exporter(exporter) == "legacy":
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(model, (example,), buf, dynamo=False, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={
-                                  "input": {0: "batch"}, "logits": {0: "batch"}})
+                              output_names=names, dynamic_axes={
+                                  "input": {0: "batch"}, **{n: {0: "batch"} for n in names}})
         return buf.getvalue()
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -81,7 +99,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto") 
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (_traceable_example(example),), dynamo=True,
                                         verbose=False, input_names=["input"],
-                                        output_names=["logits"], optimize=True,
+                                        output_names=names, optimize=True,
                                         dynamic_shapes=({0: _batch_dim()},))
     finally:
         quiet.setLevel(level)
@@ -148,7 +166,7 @@ def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,
     exporter = onnx_exporter(onnx_exporter_name) if fmt == "onnx" else None
     if hasattr(model, "check_input"):
         model.check_input(example_input)
-    example_logits(model, example_input)  # one line for a model that cannot be exported
+    names = output_names(model, example_input)  # one line for a model that cannot be exported
     folded = fold_batchnorm(model)
     notes = []
     if fmt == "pt2":
@@ -161,7 +179,7 @@ def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,
         if exporter == "legacy":
             notes.append("onnx: the legacy (TorchScript-based) exporter, as onnxscript is not "
                          "installed; pip install onnxscript for the one PyTorch recommends")
-        data = onnx_bytes(folded, example_input, exporter)
+        data = onnx_bytes(folded, example_input, exporter, names)
         atomic_write(out, lambda f: f.write(data))
     else:
         import warnings
@@ -170,6 +188,8 @@ def export(model: nn.Module, example_input: torch.Tensor, out, fmt: str, *,
                      "aoti are what it recommends")
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
+            # a backbone returns its maps as a list, always as many: the trace holds
+            warnings.filterwarnings("ignore", "Encountering a list at the output of the tracer")
             frozen = torch.jit.freeze(torch.jit.trace(folded, example_input, check_trace=False))
             atomic_write(out, lambda f: torch.jit.save(frozen, f))
     return notes
@@ -208,7 +228,11 @@ def load_exported(path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
         import onnxruntime as ort  # optional package
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+        def run(x):
+            outs = [torch.from_numpy(o) for o in session.run(None, {"input": x.numpy()})]
+            return outs[0] if len(outs) == 1 else outs
+        return run
     import warnings
 
     with warnings.catch_warnings():
