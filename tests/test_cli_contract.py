@@ -166,6 +166,9 @@ CASES = [
     ("eval", ["{corrupt}"], "is corrupt"),
     ("eval", ["{folder}"], "is a folder, not a checkpoint file"),
     ("eval", ["{ckpt}", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    ("profile", ["{ckpt}", "--groups", "conv2a=2"],
+     "--groups cannot change a trained checkpoint's model; profile CHECKPOINT takes the model"),
+    ("bench", ["{missing}/bst.pt"], "checkpoint {missing}/bst.pt: no such file (bench takes"),
     # a named dataset of other images: refused before its files are looked for or downloaded
     ("eval", ["{ckpt}", "--data", "cifar10", "--data-dir", "{folder}"],
      "takes 1-channel images and cifar10 has 3-channel ones: evaluate it on images like"),
@@ -461,3 +464,31 @@ def test_a_defect_inside_deeproots_keeps_its_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'a bug'" in err
     assert "internal error" in err and "please report it" in err
+
+
+def test_profile_bench_and_roofline_take_a_checkpoint_as_its_trained_model(world, capsys):
+    """The run is nin-root-4 trained on 1x8x8 images: each command counts and times that
+    model (its groups, its channels, its size), labelled by the checkpoint's path; a model
+    name at --input-size 1,8,8 is built for one channel, as these commands have no
+    --in-channels."""
+    import json
+
+    import deeproots
+
+    trained = deeproots.profile(deeproots.create_model("nin-root-4", in_channels=1), (1, 8, 8))
+    assert main(["profile", world["ckpt"], "--json"]) == 0
+    counted = json.loads(capsys.readouterr().out)
+    assert counted["input_size"] == [1, 8, 8] and counted["macs"] == trained.macs
+    assert counted["params"] == trained.params
+    assert main(["bench", world["ckpt"], "nin", "--input-size", "1,8,8", "--batch-size", "4",
+                 "--repeats", "1", "--warmup", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == [world["ckpt"], "nin"]
+    dense = deeproots.profile(deeproots.create_model("nin", in_channels=1), (1, 8, 8)).macs
+    assert rows[1]["ideal_speedup"] == pytest.approx(trained.macs / dense)
+    assert main(["roofline", world["ckpt"], "--device", "h100", "--batch-size", "2",
+                 "--json"]) == 0
+    (line,) = json.loads(capsys.readouterr().out)
+    assert line["model"] == world["ckpt"]
+    assert sum(layer["macs"] for layer in line["layers"]) == pytest.approx(
+        2 * trained.macs, rel=0.01)

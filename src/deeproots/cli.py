@@ -226,8 +226,12 @@ def cmd_profile(args) -> int:
 
     from .inspection.costs import profile
 
-    with torch.device("meta"):
-        model = _build(args)
+    if _names_a_checkpoint(args.model, "profile"):
+        _no_model_options(args, "profile CHECKPOINT")
+        model = _trained_model(args.model)
+    else:
+        with torch.device("meta"):
+            model = _build(args)
     cost = profile(model, args.input_size, training=args.training)
     print(cost.to_json(indent=2) if args.json else cost.table(per_layer=args.per_layer))
     return 0
@@ -365,7 +369,8 @@ def cmd_bench(args) -> int:
                              f"on CPU)")
     # each path's rows printed as soon as they are measured: a long bench shows what it has
     show = None if args.json else (lambda rows: print(format_bench(rows) + "\n", flush=True))
-    rows = bench_models(args.models, batch_size=args.batch_size or 128, paths=args.path,
+    rows = bench_models(_models_or_checkpoints(args.models, "bench", args.input_size),
+                        batch_size=args.batch_size or 128, paths=args.path,
                         modes=args.mode, compile=args.compile, grouped_conv=args.grouped_conv,
                         detail=args.detail, memory_formats=args.memory_format, on_rows=show,
                         **common)
@@ -399,7 +404,9 @@ def _bench_layers(args, common) -> int:
         return _bench_train_layers(args, common)
 
     show = None if args.json else (lambda r: print(format_layer_times(r) + "\n", flush=True))
-    results = bench_layers(args.models, paths=args.path, batch_size=args.batch_size or 128,
+    results = bench_layers(_models_or_checkpoints(args.models, "bench", args.input_size),
+                           paths=args.path,
+                           batch_size=args.batch_size or 128,
                            on_result=show, **common)
     if args.json:
         _print_json([r.to_dict() for r in results])
@@ -414,25 +421,22 @@ def _bench_layers(args, common) -> int:
 def _bench_train_layers(args, common) -> int:
     import torch
 
-    from .speed.bench import format_train_layer_times, train_layer_times
+    from .speed.bench import (check_models, format_train_layer_times, models_to_time,
+                              train_layer_times)
     from .inspection.costs import parse_input_size
-    from .models.registry import build_model, check_model_spec
     from .runtime import resolve_device
 
     if args.mode != ["train"] or args.plot or len(args.memory_format) > 1:
         raise DeeprootsError("--mode train --layers times one training step per layer: give "
                              "--mode train alone, one --memory-format and no --plot")
-    if not args.models:
-        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
-    for name in args.models:
-        check_model_spec(name)
+    specs = _models_or_checkpoints(args.models, "bench", args.input_size)
+    check_models(specs)
     device = resolve_device(args.device, accepted=("cpu", "cuda"))
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
-    for name in args.models:
-        torch.manual_seed(0)
-        model = build_model(name).to(device)
+    for model in models_to_time(specs, device).values():
+        model.train()
         size = parse_input_size(args.input_size, model)
         x = torch.randn(args.batch_size or 128, *size, device=device)
         result = train_layer_times(model, x, args.memory_format[0], repeats=args.repeats,
@@ -505,6 +509,54 @@ def _looks_like_a_file(text: str) -> bool:
         return False
     return os.sep in text or text.endswith((".pt", ".pth", ".ckpt", ".bin", ".tar",
                                              ".safetensors"))
+
+
+def _trained_model(path: str, user_spec: Optional[str] = None):
+    """The model of the checkpoint ``path`` (its weights, its groups), named by the path and
+    sized as it was trained (``default_input_size``: Fashion-MNIST's 1x28x28, not the
+    model's 3x32x32), as profile, bench, roofline and export take it in a model's place.
+    ``user_spec``: the ``FILE.py:FUNCTION`` of a model of your own."""
+    from .training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    state = load_checkpoint(path)
+    model = model_from_checkpoint(state, path, user_spec,
+                                  how="pass its FILE.py:FUNCTION (--model where the command "
+                                      "has it)")
+    trained = state.get("data") if isinstance(state.get("data"), dict) else {}
+    if trained.get("image_size"):
+        model.default_input_size = (int(trained.get("in_channels", model.in_channels)),
+                                    int(trained["image_size"]), int(trained["image_size"]))
+    model.name = path
+    return model
+
+
+def _no_model_options(args, command: str) -> None:
+    """A one-line error where a checkpoint's model is given options that would change it."""
+    given = [f for f, v in (("--num-classes", getattr(args, "num_classes", None)),
+                            ("--in-channels", getattr(args, "in_channels", None)),
+                            ("--groups", getattr(args, "groups", None))) if v is not None]
+    if given:
+        raise DeeprootsError(f"{', '.join(given)} cannot change a trained checkpoint's model; "
+                             f"{command} takes the model it was trained as")
+
+
+def _models_or_checkpoints(specs, command: str, input_size=None) -> list:
+    """Each of ``specs`` as bench and roofline take it: a checkpoint file as its trained
+    model (:func:`_trained_model`); a model name or FILE.py:FUNCTION as it is, or, where
+    ``--input-size C,H,W`` names C channels, built for C-channel images (nin at 1,28,28:
+    Fashion-MNIST's), as these commands have no --in-channels."""
+    from .models.registry import build_model, check_model_spec
+
+    out = []
+    for spec in specs:
+        if _names_a_checkpoint(spec, command):
+            out.append(_trained_model(spec))
+        elif isinstance(input_size, tuple) and len(input_size) == 3:
+            check_model_spec(spec)
+            out.append(build_model(spec, in_channels=input_size[0]))
+        else:
+            out.append(spec)
+    return out
 
 
 def _rootify_checkpoint(args, options) -> int:
@@ -689,7 +741,8 @@ def cmd_roofline(args) -> int:
     hardware = measure_cpu() if args.device == "cpu" else HARDWARE[args.device]
     results = [roofline(m, hardware=hardware, dtype=args.dtype, batch_size=args.batch_size,
                         input_size=args.input_size, peak_tflops=args.peak_tflops,
-                        bandwidth_tbs=args.bandwidth_tbs) for m in args.models]
+                        bandwidth_tbs=args.bandwidth_tbs)
+               for m in _models_or_checkpoints(args.models, "roofline", args.input_size)]
     if args.measure:
         _measure_roofline(args, results)
     if args.json:
@@ -744,23 +797,11 @@ def cmd_export(args) -> int:
             check_model_spec(args.model)  # a typo in the name first, as every command does
     check_new_file(args.out, overwrite=args.overwrite)
     if args.checkpoint:
-        ignored = [f for f, v in (("--num-classes", args.num_classes),
-                                  ("--in-channels", args.in_channels),
-                                  ("--groups", args.groups)) if v is not None]
-        if ignored:
-            raise DeeprootsError(f"{', '.join(ignored)} cannot change a trained checkpoint's "
-                                 f"model; export --checkpoint takes the model it was trained as")
-        from .training.checkpoint import load_checkpoint, model_from_checkpoint
+        _no_model_options(args, "export --checkpoint")
         from .models.registry import is_user_model
 
-        state = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(state, args.checkpoint,
-                                      args.model if is_user_model(args.model) else None)
-        trained = state.get("data") if isinstance(state.get("data"), dict) else {}
-        if args.input_size is None and trained.get("image_size"):
-            # the size the run was trained at (Fashion-MNIST: 1x28x28), not the model's default
-            args.input_size = (int(trained.get("in_channels", model.in_channels)),
-                               int(trained["image_size"]), int(trained["image_size"]))
+        model = _trained_model(args.checkpoint,
+                               args.model if is_user_model(args.model) else None)
     else:
         model = _build(args)
     size = parse_input_size(args.input_size, model)

@@ -309,7 +309,8 @@ def test_learn_groups_trains_a_groupable_model_and_converts_it(trained):
       "--calibration-images", "32"],
      "schedule root-1 groups no conv of NiN"),
     (["rootify", "{dense}", "--schedule", "root-8", "--data", "cifar10", "--data-dir",
-      "{data}", "--calibration-images", "32", "--no-download"], "cifar-10"),
+      "{data}", "--calibration-images", "32", "--no-download"],
+     "takes 1-channel images and cifar10 has 3-channel ones"),  # before its files are sought
     (["rootify", "{dense}", "--schedule", "root-8", "--data-dir", "{data}",
       "--calibration-images", "100000"], "100000 calibration images asked for"),
     (["rootify", "nin", "--schedule", "root-8", "--out", "{tmp}/x.pt"],

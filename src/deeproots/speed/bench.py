@@ -8,7 +8,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -93,7 +93,34 @@ def _check_dtype(dtype: str) -> None:
     check_choice("dtype", dtype, DTYPES)
 
 
-def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "cpu",
+def check_models(specs: Sequence[Union[str, nn.Module]]) -> None:
+    """A one-line error for no model, or a name that is not one, before anything is built."""
+    if not specs:
+        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
+    for spec in specs:
+        if not isinstance(spec, nn.Module):
+            check_model_spec(spec)
+
+
+def models_to_time(specs: Sequence[Union[str, nn.Module]], device) -> Dict[str, nn.Module]:
+    """Each model to time, by its label, in eval mode on ``device``: a registered name or
+    ``FILE.py:FUNCTION`` built with seed 0, or a module of the caller's (a trained or
+    converted model) copied, so theirs is left as it was; labelled by its ``name``."""
+    models: Dict[str, nn.Module] = {}
+    for spec in specs:
+        if isinstance(spec, nn.Module):
+            label = getattr(spec, "name", None) or type(spec).__name__
+            model = copy.deepcopy(spec)
+        else:
+            torch.manual_seed(0)
+            label, model = spec, build_model(spec)
+        while label in models:  # the same model twice, or two of one name
+            label += "'"
+        models[label] = model.eval().to(device)
+    return models
+
+
+def bench_models(names: Sequence[Union[str, nn.Module]], *, batch_size: int = 128, device: str = "cpu",
                  threads: Optional[int] = None, dtype: str = "float32",
                  paths: Sequence[str] = ("fold",), modes: Sequence[str] = ("inference",),
                  repeats: int = 10, warmup: int = 3, input_size=None,
@@ -112,11 +139,9 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
     GFLOP/s count the backward pass as twice the forward. A batch that runs out of GPU memory
     is halved and tried again, as timm's benchmark does; the rows say so in ``notes``.
     ``on_rows`` is called with the rows of each path and mode as soon as they are measured
-    (a long bench shows what it has, and a run stopped part-way keeps it)."""
-    if not names:
-        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
-    for name in names:
-        check_model_spec(name)  # unknown names fail before anything is built
+    (a long bench shows what it has, and a run stopped part-way keeps it). ``names``: model
+    names, ``FILE.py:FUNCTION``, or modules (:func:`models_to_time`)."""
+    check_models(names)  # unknown names fail before anything is built
     check_positive("batch size", batch_size)
     _check_dtype(dtype)
     for p in paths:
@@ -158,8 +183,8 @@ def bench_models(names: Sequence[str], *, batch_size: int = 128, device: str = "
 def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, input_size,
            train_options, detail, memory_formats=("auto",), on_rows=None,
            notes_so_far=()) -> List[BenchRow]:
-    torch.manual_seed(0)
-    models = {n: build_model(n).eval().to(device) for n in names}
+    models = models_to_time(names, device)
+    names = list(models)
     first = models[names[0]]
     size = parse_input_size(input_size, first)
     if hasattr(first, "check_input"):
@@ -355,27 +380,23 @@ def layer_times(model: nn.Module, example: torch.Tensor, path: str = "fold", *,
                       threads=torch.get_num_threads(), allocator=allocator())
 
 
-def bench_layers(names: Sequence[str], *, paths: Sequence[str] = ("fold",),
+def bench_layers(names: Sequence[Union[str, nn.Module]], *, paths: Sequence[str] = ("fold",),
                  batch_size: int = 128, device: str = "cpu", threads: Optional[int] = None,
                  dtype: str = "float32", repeats: int = 5, warmup: int = 2, input_size=None,
                  on_result: Optional[Callable[[LayerTimes], None]] = None) -> List[LayerTimes]:
-    """:func:`layer_times` of each named model (built with seed 0) on each path, on a random
-    batch; ``on_result`` is called as each one is ready (to print it)."""
+    """:func:`layer_times` of each model (:func:`models_to_time`: names built with seed 0, or
+    modules) on each path, on a random batch; ``on_result`` is called as each one is ready
+    (to print it)."""
     for path in paths:
         if path not in LAYER_PATHS:
             raise DeeprootsError(f"--layers times paths {', '.join(LAYER_PATHS)}; got {path!r}")
-    if not names:
-        raise DeeprootsError("name at least one model to time (deeproots list shows them)")
-    for name in names:
-        check_model_spec(name)
+    check_models(names)
     check_positive("batch size", batch_size)
     dev = resolve_device(device, accepted=("cpu", "cuda"))
     if threads is not None:
         torch.set_num_threads(check_positive("threads", threads))
     results = []
-    for name in names:
-        torch.manual_seed(0)
-        model = build_model(name).eval().to(dev)
+    for name, model in models_to_time(names, dev).items():
         size = parse_input_size(input_size, model)
         if hasattr(model, "check_input"):
             model.check_input(torch.empty(1, *size, device="meta"))
