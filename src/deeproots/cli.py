@@ -329,7 +329,8 @@ def cmd_analyze(args) -> int:
 def cmd_plot_costs(args) -> int:
     from .plots import plot_costs
 
-    out = plot_costs(args.model_a, args.model_b, args.out, args.input_size,
+    out = plot_costs(*_models_or_checkpoints([args.model_a, args.model_b], "plot-costs",
+                                             args.input_size), args.out, args.input_size,
                      overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from .errors import DeeprootsError
 from .inspection.costs import profile
-from .models.registry import create_model, is_model, model_entry
+from .models.registry import build_model, is_model, model_entry
 from .outputs import check_new_plot, plot_format
 from .runtime import atomic_write, check_output_file
 
@@ -96,11 +96,12 @@ def plot_run_curves(summaries: Sequence[Path], path: Path, *, overwrite: bool = 
     """Several runs side by side (``deeproots plot-results --curves``): each run's training
     loss and learning rate against steps, and its test top-1 at each epoch, read from the
     ``metrics.jsonl`` beside each ``summary.json``."""
-    from .training.folder import read_records, read_summary  # (training imports this module)
+    from .training.folder import find_summaries, read_records, read_summary  # (training
+    # imports this module)
 
     path = check_new_plot(path, "--out", overwrite=overwrite)
     runs = []
-    for s in summaries:
+    for s in find_summaries(summaries):
         s = Path(s)
         if not s.is_file():
             raise DeeprootsError(f"{s} is not a deeproots summary.json (no such file)")
@@ -182,16 +183,20 @@ def plot_filters(name: str, w: torch.Tensor, groups: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_costs(model_a: str, model_b: str, path: Path, input_size=None, *,
+def plot_costs(model_a, model_b, path: Path, input_size=None, *,
                overwrite: bool = False) -> Path:
-    """Per-layer multiply-adds and parameters of two models side by side (Figure 15). An
-    existing ``path`` is replaced only with ``overwrite`` (a run's own file never)."""
+    """Per-layer multiply-adds and parameters of two models side by side (Figure 15): each a
+    model name, ``FILE.py:FUNCTION`` or a module. An existing ``path`` is replaced only with
+    ``overwrite`` (a run's own file never)."""
     path = check_new_plot(path, "--out", overwrite=overwrite)
     plt = _plt()
     costs = []
-    for name in (model_a, model_b):
-        with torch.device("meta"):
-            costs.append(profile(create_model(name), input_size))
+    for model in (model_a, model_b):
+        if isinstance(model, str):
+            with torch.device("meta"):
+                model = build_model(model)
+        costs.append(profile(model, input_size))
+    model_a, model_b = (c.model for c in costs)
     layers = [layer.name for layer in costs[0].layers]
     index = np.arange(len(layers))
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.25 * len(layers) + 3), 7), sharex=True)
@@ -261,10 +266,10 @@ def summarize_runs(summaries: Sequence[Path]) -> Dict[str, dict]:
     """Training ``summary.json`` files grouped by model: ``macs``, ``params``, the number of
     runs ``n``, the ``mean`` test top-1 and its sample standard deviation ``std`` over the
     runs (0 for a single run), and the model's ``topology``."""
-    from .training.folder import read_summary  # (deeproots.training imports this module)
+    from .training.folder import find_summaries, read_summary  # (training imports this)
 
     runs: Dict[str, List[dict]] = {}
-    for s in summaries:
+    for s in find_summaries(summaries):
         data = read_summary(s, ("model", "top1", "macs", "params"))
         runs.setdefault(data["model"], []).append(data)
     out = {}

@@ -41,6 +41,38 @@ def test_results_are_averaged_over_seeds_by_hand(tmp_path):
         plots.summarize_runs([bad])
 
 
+def test_folders_of_runs_are_read_as_their_summaries(tmp_path):
+    """A run's folder is its summary.json; a study's folder (runs/NAME/summary.json) or a
+    sweep's (NAME/summary.json) every summary under it; a folder of none is one line."""
+    study = tmp_path / "study"
+    for i, (model, acc) in enumerate([("nin", 0.90), ("nin", 0.92), ("nin-root-8", 0.91)]):
+        run = study / "runs" / f"{model}-seed{i}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_bytes(_summaries(tmp_path, [(model, acc)])[0].read_bytes())
+    runs = plots.summarize_runs([study])
+    assert runs["nin"]["n"] == 2 and runs["nin"]["mean"] == pytest.approx(0.91)
+    assert plots.summarize_runs([study / "runs"])["nin-root-8"]["n"] == 1
+    assert plots.summarize_runs([study / "runs" / "nin-seed0"]) == {
+        "nin": {"macs": runs["nin"]["macs"], "params": runs["nin"]["params"], "n": 1,
+                "mean": 0.90, "std": 0.0, "topology": "orig"}}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty holds no summary.json: give a run's folder, "
+                                         "a folder of runs"):
+        plots.summarize_runs([tmp_path / "empty"])
+
+
+def test_costs_of_a_checkpoint_are_its_models(tmp_path, capsys):
+    """plot-costs takes a checkpoint as the model it holds, as profile does."""
+    from deeproots.training.checkpoint import save_model
+
+    model = deeproots.create_model("nin-root-8", in_channels=1)
+    save_model(tmp_path / "c.pt", model, {"model_cfg": model.deeproots_cfg, "config": {},
+                                          "data": {"image_size": 28, "in_channels": 1}})
+    assert main(["plot-costs", str(tmp_path / "c.pt"), "nin", "--input-size", "1,28,28",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    assert _is_png(tmp_path / "c.png")
+
+
 def test_costs_figure_and_bad_outputs(tmp_path, capsys):
     assert _is_png(plots.plot_costs("nin", "nin-root-8", tmp_path / "costs.png"))
     assert main(["plot-costs", "nin", "nin-root-8", "--out", str(tmp_path)]) == 2

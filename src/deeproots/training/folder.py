@@ -296,6 +296,7 @@ def _count(v) -> bool:
 
 
 # what every summary.json a finished run writes holds, and the check of each
+SUMMARY = "summary.json"  # a finished run's summary, in its folder
 SUMMARY_FIELDS = {
     "model": lambda v: isinstance(v, str) and bool(v), "data": lambda v: isinstance(v, str),
     "top1": lambda v: _number(v) and 0 <= v <= 1, "top5": lambda v: _number(v) and 0 <= v <= 1,
@@ -305,6 +306,25 @@ SUMMARY_FIELDS = {
 # the fields of each kind of record in metrics.jsonl that a figure reads
 RECORD_FIELDS = {"step": ("step", "train_loss", "lr"),
                  "epoch": ("epoch", "train_loss", "lr", "test_top1")}
+
+
+def find_summaries(paths: Sequence[Path | str]) -> List[Path]:
+    """The ``summary.json`` files ``paths`` name: a file as it is; a run's folder, its
+    summary; a folder of runs (a study's, a sweep's), every summary one or two levels down,
+    in name order. A one-line :class:`RunFolderError` for a folder that holds none."""
+    found: List[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.is_dir():
+            found.append(path)  # read_summary says what is wrong with it, if anything
+            continue
+        inside = [path / SUMMARY] if (path / SUMMARY).is_file() else sorted(
+            [*path.glob(f"*/{SUMMARY}"), *path.glob(f"*/*/{SUMMARY}")])
+        if not inside:
+            raise RunFolderError(f"{path} holds no {SUMMARY}: give a run's folder, a folder of "
+                                 f"runs (a study's), or summary.json files")
+        found += inside
+    return found
 
 
 def read_summary(path: Path | str, fields: Sequence[str] = tuple(SUMMARY_FIELDS)) -> dict:
