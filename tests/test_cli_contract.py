@@ -231,6 +231,8 @@ CASES = [
     ("study", ["--report", "{folder}"], "holds no study"),
     ("study", [], "name a model family to study"),
     ("study", ["nin", "--out", "{run}"], "is not empty and holds no study"),
+    ("train", ["nin", "--out", "{list_study}"], "holds a study (manifest.json); its runs are "
+                                                "the study's"),
     ("roofline", ["nin-rot-8"], "unknown model 'nin-rot-8'"),
     ("roofline", ["nin", "--device", "v100"], "invalid choice: 'v100'"),
     ("roofline", ["nin", "--peak-tflops", "0"], "peak_tflops must be a finite number from 0.001"),
