@@ -725,7 +725,8 @@ def cmd_study(args) -> int:
             return 128 + stop.signum
     print(report.table())
     if report.missing:
-        print(f"not finished: {', '.join(report.missing)}")
+        print(f"not finished: {', '.join(report.missing)} (deeproots study {report.family} "
+              f"--out {report.out} --seeds {report.seeds} trains them)")
     if report.corrupt:
         print(f"summary unreadable, run again by the study: {', '.join(report.corrupt)}")
     for line in report.foreign:

@@ -176,12 +176,49 @@ def test_a_tiny_study_end_to_end_and_its_resume(data_dir, tmp_path):
         L.open_run = real_open
 
 
+def test_a_study_is_continued_with_its_own_settings_and_variants(data_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """``deeproots study nin --out S --seeds 3``, nothing else, on a study of root-4 run with
+    1 epoch, batch 16, its own data folder and 2 seeds: the third seed of its two models is
+    trained with those settings (not every variant with 10 epochs and batch 128, and not
+    refused as another study); a seed asked for of one variant alone is named as not
+    finished, with the command that finishes it."""
+    import deeproots.training.loop as L
+
+    out = tmp_path / "study"
+    run_study("nin", variants=["root-4"], seeds=2, epochs=1, out=out, progress=False,
+              data_dir=data_dir, batch_size=16, device="cpu", download=False,
+              limit_train_batches=1)
+    before = json.loads((out / "manifest.json").read_text())
+    opened, real_open = [], L.open_run
+
+    def spy(cfg, **kwargs):
+        opened.append((cfg.model, cfg.seed, cfg.epochs, cfg.batch_size))
+        return real_open(cfg, **kwargs)
+
+    monkeypatch.setattr(L, "open_run", spy)
+    assert main(["study", "nin", "--out", str(out), "--seeds", "3", "--no-progress"]) == 0
+    assert sorted(opened) == [("nin", 2, 1, 16), ("nin-root-4", 2, 1, 16)]
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["models"] == before["models"] and after["settings"] == before["settings"]
+    assert after["seeds"] == [0, 1, 2]
+    capsys.readouterr()
+    assert main(["study", "nin", "--out", str(out), "--seeds", "1", "--variants", "root-8",
+                 "--no-progress"]) == 0  # root-8 at seed 0 only, in a study of 3 seeds
+    assert (f"not finished: nin-root-8-seed1, nin-root-8-seed2 (deeproots study nin --out "
+            f"{out} --seeds 3 trains them)") in capsys.readouterr().out
+
+
 def test_bad_studies(data_dir, tmp_path, capsys):
     out = tmp_path / "s"
     _fake_study(out, {"nin": [0.9]})
+    # the data not given is the study's own; the epochs given differ from its own
     with pytest.raises(ValueError, match=r"holds a study of nin on cifar10 with 2 epochs; this "
-                                         r"one is nin on fashion-mnist with 1 epochs"):
+                                         r"one is nin on cifar10 with 1 epochs"):
         run_study("nin", seeds=1, epochs=1, out=out, variants=["root-2"], data_dir=data_dir)
+    with pytest.raises(ValueError, match=r"holds a study of nin on cifar10 with 2 epochs; this "
+                                         r"one is nin on fashion-mnist with 2 epochs"):
+        run_study("nin", seeds=1, data="fashion-mnist", out=out, data_dir=data_dir)
     with pytest.raises(ValueError, match="seeds must be a whole number >= 1; got 0"):
         run_study("nin", seeds=0, out=tmp_path / "t")
     with pytest.raises(ValueError, match="a study sets seed itself"):

@@ -41,6 +41,7 @@ __all__ = ["run_study", "study_report", "StudyReport", "VariantStats", "welch",
 TOPOLOGIES = ("root", "tree", "col")
 # TrainConfig settings a study fixes itself
 STUDY_SETTINGS = ("model", "out", "seed", "resume", "overwrite", "change", "progress")
+DEFAULT_DATA, DEFAULT_EPOCHS = "fashion-mnist", 10  # a new study's, where not given
 # where the paper reports each family's accuracy: (dataset, column)
 PAPER_ACCURACY = {"nin": ("cifar10", "Accuracy"), "resnet50": ("imagefolder", "Top-1 Acc."),
                   "googlenet": ("imagefolder", "Top-1 Acc.")}
@@ -131,6 +132,7 @@ class StudyReport:
     epochs: int
     variants: List[VariantStats] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)  # runs not finished
+    seeds: int = 0  # the seeds every variant is run with (the manifest's)
     corrupt: List[str] = field(default_factory=list)  # summaries that could not be read
     foreign: List[str] = field(default_factory=list)  # folders holding another run
     held: List[str] = field(default_factory=list)  # runs another process was training
@@ -241,7 +243,8 @@ def study_report(out: Path | str) -> StudyReport:
     out = Path(out)
     manifest = _manifest(out)
     family, data, epochs = manifest["family"], manifest["data"], manifest["epochs"]
-    report = StudyReport(family, data, epochs, wall_s=manifest.get("wall_s", 0.0), out=str(out))
+    report = StudyReport(family, data, epochs, wall_s=manifest.get("wall_s", 0.0), out=str(out),
+                         seeds=len(manifest["seeds"]))
     runs: Dict[str, List[dict]] = {}
     for model in manifest["models"]:
         for seed in manifest["seeds"]:
@@ -340,25 +343,40 @@ def _manifest(out: Path) -> dict:
     return manifest
 
 
-def run_study(family: str, *, data: str = "fashion-mnist", seeds: int = 3,
-              variants: Optional[Sequence[str]] = None, epochs: int = 10,
+def run_study(family: str, *, data: Optional[str] = None, seeds: int = 3,
+              variants: Optional[Sequence[str]] = None, epochs: Optional[int] = None,
               out: Optional[Path | str] = None, progress: Optional[bool] = None,
               **train_settings) -> StudyReport:
     """Train every (variant, seed) of the study as an ordinary run in ``out``, skipping
     finished runs and resuming interrupted ones, then write and return the report.
     ``train_settings`` are further :class:`TrainConfig` fields (``lr``, ``batch_size``,
-    ``device``, ``data_dir``, ...), the same for every run."""
+    ``device``, ``data_dir``, ...), the same for every run. A study ``out`` holds already
+    is continued with its own settings (``data``, ``epochs`` and the rest) and its own
+    variants wherever they are not given; a new one takes every variant, Fashion-MNIST and
+    10 epochs where they are not."""
     check_positive("seeds", seeds)
-    check_positive("epochs", epochs)
-    models = study_variants(family, variants)
+    models = study_variants(family, variants) if variants is not None else None
     fixed = [k for k in train_settings if k in STUDY_SETTINGS]
     known = {f.name for f in fields(TrainConfig)}
     unknown = [k for k in train_settings if k not in known]
     if fixed or unknown:
         raise DeeprootsError(f"a study sets {', '.join(fixed or unknown)} itself"
                              if fixed else f"unknown training settings: {', '.join(unknown)}")
-    out = Path(out) if out else Path("studies") / f"{family}-{data.split(':')[0]}"
+    name = f"{family}-{(data or DEFAULT_DATA).split(':')[0]}"
+    out = Path(out) if out else Path("studies") / name
     check_output_dir(out)
+    if (out / "manifest.json").exists():  # a study to continue: its own settings by default
+        saved = _manifest(out)
+        train_settings = {**{k: v for k, v in saved.get("settings", {}).items()
+                             if k not in ("data", "epochs")}, **train_settings}
+        data = saved["data"] if data is None else data
+        epochs = saved["epochs"] if epochs is None else epochs
+        if models is None and saved["family"] == family:  # its own variants, none added
+            models = list(saved["models"])
+    models = study_variants(family, None) if models is None else models
+    data = DEFAULT_DATA if data is None else data
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
+    check_positive("epochs", epochs)
     settings = {"epochs": epochs, "data": data, **train_settings}
     TrainConfig(model=family, **settings).check()  # every setting, before anything runs
     manifest = _claim(out, family, data, epochs, models, list(range(seeds)), settings)
