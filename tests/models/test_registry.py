@@ -8,6 +8,19 @@ from deeproots import create_model, list_models
 from deeproots.models.layers import GroupsError
 
 
+def test_list_models_takes_timms_arguments():
+    # nin's 13 names and resnet50's 7, less the 16-group ones (nin-root-16, nin-tree-16,
+    # nin-col-16, resnet50-root-16)
+    names = list_models(["nin*", "resnet50*"], exclude_filters=["*-16"])
+    assert len(names) == 13 + 7 - 4 and not any(n.endswith("-16") for n in names)
+    assert list_models("nin-root*", exclude_filters="*-2") == ["nin-root-4", "nin-root-8",
+                                                               "nin-root-16"]
+    assert list_models(pretrained=True) == []  # deeproots ships no weights
+    with pytest.raises(ValueError, match="exclude_filters must be a string such as 'nin\\*' "
+                                         "or a list of them; got 3"):
+        list_models(exclude_filters=3)
+
+
 def test_list_models_in_natural_order():
     assert list_models("resnet50*") == ["resnet50"] + [
         f"resnet50-root-{n}" for n in (2, 4, 8, 16, 32, 64)]

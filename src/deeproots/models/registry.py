@@ -49,13 +49,29 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def list_models(pattern: str = "*") -> List[str]:
-    """Registered model names matching a shell-style ``pattern``, in natural order
-    (``root-8`` before ``root-16``)."""
-    if not isinstance(pattern, str):
-        raise DeeprootsError(f"pattern must be a string such as 'nin*'; got {pattern!r}")
-    pattern = normalise(pattern)
-    return sorted((n for n in _registry() if fnmatch.fnmatchcase(n, pattern)),
+def _patterns(value, what: str) -> List[str]:
+    """A shell-style pattern or a list of them, normalised; a one-line error otherwise."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise DeeprootsError(f"{what} must be a string such as 'nin*' or a list of them; got "
+                             f"{value!r}")
+    return [normalise(p) for p in items]
+
+
+def list_models(pattern: Union[str, Sequence[str]] = "*", *,
+                exclude_filters: Union[str, Sequence[str]] = (),
+                pretrained: bool = False) -> List[str]:
+    """Registered model names matching a shell-style ``pattern`` (or any of a list of them),
+    less those matching ``exclude_filters``, in natural order (``root-8`` before
+    ``root-16``), with timm's arguments: ``pretrained=True`` asks for the models that have
+    pretrained weights, and deeproots ships none (an empty list)."""
+    patterns, excluded = _patterns(pattern, "pattern"), _patterns(exclude_filters,
+                                                                  "exclude_filters")
+    if pretrained:
+        return []
+    return sorted((n for n in _registry()
+                   if any(fnmatch.fnmatchcase(n, p) for p in patterns)
+                   and not any(fnmatch.fnmatchcase(n, p) for p in excluded)),
                   key=_natural_key)
 
 
