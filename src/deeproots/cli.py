@@ -524,9 +524,10 @@ def _trained_model(path: str, user_spec: Optional[str] = None):
                                   how="pass its FILE.py:FUNCTION (--model where the command "
                                       "has it)")
     trained = state.get("data") if isinstance(state.get("data"), dict) else {}
-    if trained.get("image_size"):
-        model.default_input_size = (int(trained.get("in_channels", model.in_channels)),
-                                    int(trained["image_size"]), int(trained["image_size"]))
+    channels = trained.get("in_channels", getattr(model, "in_channels", None))
+    if trained.get("image_size") and channels:
+        model.default_input_size = (int(channels), int(trained["image_size"]),
+                                    int(trained["image_size"]))
     model.name = path
     return model
 
