@@ -212,3 +212,25 @@ def test_a_backbone_takes_a_whole_models_weights_and_exports():
 def test_bad_backbone_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_model("nin", **kwargs)
+
+
+def test_a_backbone_drops_the_stages_after_its_last_map():
+    """out_indices (1, 2) of resnet50 keep the stem, layer1 and layer2 alone: their
+    parameters, summed from the whole network's by module name; googlenet's stage 0 is conv1
+    alone, 7x7x3x64 weights and 64 biases by hand. Later maps cannot be asked for."""
+    full = create_model("resnet50-root-8")
+    kept = sum(p.numel() for name, p in full.named_parameters()
+               if name.split(".")[0] in ("conv1", "bn1", "layer1", "layer2"))
+    backbone = create_model("resnet50-root-8", features_only=True, out_indices=(1, 2)).eval()
+    assert sum(p.numel() for p in backbone.parameters()) == kept
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = backbone(x)
+        torch.testing.assert_close(backbone.forward_features(x), maps[-1])
+    assert [m.shape[1] for m in maps] == [256, 512]
+    again = create_model("resnet50-root-8", **backbone.deeproots_cfg["kwargs"])
+    again.load_state_dict(backbone.state_dict())  # strict: rebuilt as it was
+    with pytest.raises(ValueError, match=r"stage numbers 0 to 2 \(or -3 to -1\); got \[4\]"):
+        backbone.forward_intermediates(x, indices=[4])
+    stem = create_model("googlenet", features_only=True, out_indices=(0,))
+    assert sum(p.numel() for p in stem.parameters()) == 7 * 7 * 3 * 64 + 64

@@ -197,6 +197,10 @@ class GoogLeNet(ClassifierHead, InputCheck, nn.Module):
 
     stage_info = ((64, 2, "conv1"), (192, 4, "conv3"), (480, 8, "inception3b"),
                   (832, 16, "inception4e"), (1024, 32, "inception5b"))
+    stage_modules = (("conv1",), ("maxpool1", "conv2", "conv3"),
+                     ("maxpool2", "inception3a", "inception3b"),
+                     ("maxpool3", *(f"inception4{c}" for c in "abcde")),
+                     ("maxpool4", "inception5a", "inception5b"))
 
     def stages(self, aux: Optional[list] = None):
         """conv1, then conv2-3, inception 3, 4 and 5, each after the pool before it (112,

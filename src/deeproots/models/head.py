@@ -68,6 +68,7 @@ class ClassifierHead:
     num_features: int
     num_classes: int
     stage_info: Tuple[Tuple[int, int, str], ...] = ()  # (channels, reduction, module) a stage
+    stage_modules: Tuple[Tuple[str, ...], ...] = ()  # the modules each stage alone runs
     out_indices: Optional[Tuple[int, ...]] = None  # set: a backbone returning these maps
 
     def stages(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:  # pragma: no cover
@@ -82,9 +83,10 @@ class ClassifierHead:
                             "module": self.stage_info[i][2], "index": i} for i in picked)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last map, before the pooling and the classifier."""
+        """The last map, before the pooling and the classifier (a backbone's: its last
+        stage's)."""
         self.check_input(x)
-        for stage in self.stages():
+        for stage in self.stages()[:len(self.stage_info)]:
             x = stage(x)
         return x
 
@@ -125,10 +127,17 @@ class ClassifierHead:
 
     def set_features_only(self, out_indices: Union[None, int, Sequence[int]] = None) -> None:
         """Make this network a backbone: its forward pass returns the maps of the stages
-        ``out_indices`` (default all) as a list, and it has no classifier."""
+        ``out_indices`` (default all) as a list, and it has no classifier; the stages after
+        the last one asked for are dropped (their modules become ``nn.Identity``), as timm
+        drops them."""
         picked = self._indices(out_indices)
         if self.num_classes:
             self.reset_classifier(0)
+        kept = max(picked) + 1
+        for names in self.stage_modules[kept:]:
+            for name in names:
+                setattr(self, name, nn.Identity())
+        self.stage_info = self.stage_info[:kept]
         self.out_indices = tuple(picked)
         self.record_kwargs(features_only=True, out_indices=list(picked))
 

@@ -44,6 +44,8 @@ class NiN(ClassifierHead, InputCheck, nn.Module):
     classifier_name = "conv3c"
     num_features = 192
     stage_info = ((96, 1, "conv1c"), (192, 2, "conv2c"), (192, 4, "conv3b"))
+    stage_modules = (("conv1a", "conv1b", "conv1c"), ("pool1", "conv2a", "conv2b", "conv2c"),
+                     ("pool2", "conv3a", "conv3b"))
     default_input_size = (3, 32, 32)
 
     def __init__(

@@ -153,6 +153,9 @@ class ResNet(ClassifierHead, InputCheck, nn.Module):
 
     stage_info = ((64, 2, "relu"), (256, 4, "layer1"), (512, 8, "layer2"),
                   (1024, 16, "layer3"), (2048, 32, "layer4"))
+    # (the stem's ReLU module also ends a pre-activation net: it is kept)
+    stage_modules = (("conv1", "bn1"), ("maxpool", "layer1"), ("layer2",), ("layer3",),
+                     ("layer4", "final_bn"))
 
     def stages(self):
         """The stem (112x112 for a 224x224 input), then each stage of blocks (56, 28, 14 and
