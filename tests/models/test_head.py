@@ -234,3 +234,27 @@ def test_a_backbone_drops_the_stages_after_its_last_map():
         backbone.forward_intermediates(x, indices=[4])
     stem = create_model("googlenet", features_only=True, out_indices=(0,))
     assert sum(p.numel() for p in stem.parameters()) == 7 * 7 * 3 * 64 + 64
+
+
+def test_pretrained_cfg_says_what_timm_prepares_images_by(tmp_path):
+    """A model built here: its size, classes, first conv and classifier, as module paths of
+    its state_dict. Loaded from a checkpoint of a Fashion-MNIST run: also the mean and std
+    its images were normalised with, 72.94 and 90.02 on 0..255 (the dataset's), on timm's
+    0..1 scale, at 1x28x28, uncropped."""
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint, save_model
+
+    model = create_model("nin-root-8", num_classes=10)
+    cfg = model.pretrained_cfg
+    assert cfg == {"architecture": "nin-root-8", "num_classes": 10, "input_size": (3, 32, 32),
+                   "first_conv": "conv1a.conv", "classifier": "conv3c"}
+    assert f"{cfg['first_conv']}.weight" in model.state_dict() and model.default_cfg == cfg
+    gray = create_model("nin-root-8", num_classes=10, in_channels=1)
+    save_model(tmp_path / "c.pt", gray, {"model_cfg": gray.deeproots_cfg, "config": {},
+                                         "data": {"name": "fashion-mnist", "in_channels": 1,
+                                                  "image_size": 28, "mean": (72.94,),
+                                                  "std": (90.02,)}})
+    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).pretrained_cfg
+    assert loaded["input_size"] == (1, 28, 28) and loaded["crop_pct"] == 1.0
+    assert loaded["mean"] == pytest.approx((72.94 / 255,))
+    assert loaded["std"] == pytest.approx((90.02 / 255,))
+    assert create_model("resnet50").pretrained_cfg["first_conv"] == "conv1"

@@ -125,6 +125,39 @@ class ClassifierHead:
                                  f"-{n} to -1); got {indices!r}")
         return sorted({i % n for i in picked})
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """What timm's ``resolve_data_config(model=...)`` reads to prepare images for this
+        network: ``input_size``, ``num_classes``, ``first_conv``, ``classifier``, and, for a
+        model loaded from a deeproots checkpoint (``trained_on``: the data of its run), the
+        ``mean`` and ``std`` its inputs were normalised with (on timm's 0..1 scale), the
+        interpolation and the centre crop of its evaluation. A model not trained here says
+        nothing of them (timm then takes ImageNet's). A value set (as timm's builders set
+        it) is kept and returned instead."""
+        if getattr(self, "_pretrained_cfg", None) is not None:
+            return self._pretrained_cfg
+        cfg = {"architecture": getattr(self, "name", type(self).__name__),
+               "num_classes": self.num_classes, "input_size": tuple(self.default_input_size),
+               "first_conv": next((n for n, m in self.named_modules()
+                                   if isinstance(m, nn.Conv2d)), None),
+               "classifier": self.classifier_name}
+        data = getattr(self, "trained_on", None)
+        if isinstance(data, dict) and data.get("mean") and data.get("std"):
+            folder = str(data.get("name", "")).startswith("imagefolder:")
+            cfg.update(mean=tuple(m / 255 for m in data["mean"]),
+                       std=tuple(v / 255 for v in data["std"]), interpolation="bilinear",
+                       crop_pct=0.875 if folder else 1.0, trained_on=data.get("name"))
+            if data.get("image_size"):
+                size = int(data["image_size"])
+                cfg["input_size"] = (int(data.get("in_channels", self.in_channels)), size, size)
+        return cfg
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, value: dict) -> None:
+        self._pretrained_cfg = value
+
+    default_cfg = pretrained_cfg  # timm's older name
+
     def set_features_only(self, out_indices: Union[None, int, Sequence[int]] = None) -> None:
         """Make this network a backbone: its forward pass returns the maps of the stages
         ``out_indices`` (default all) as a list, and it has no classifier; the stages after

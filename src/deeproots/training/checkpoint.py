@@ -202,6 +202,8 @@ def model_from_checkpoint(state: dict, path: Path | str = "the checkpoint",
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: its weights do not fit the model its config names "
                               f"({first_line(err)})") from err
+    if isinstance(state.get("data"), dict) and state["data"]:
+        model.trained_on = dict(state["data"])  # what its inputs were (pretrained_cfg)
     return model
 
 
