@@ -57,11 +57,13 @@ def fresh(new: nn.Module, like: Optional[nn.Module]) -> nn.Module:
 
 
 class ClassifierHead:
-    """Mixin: timm's classifier API over a family's ``forward_features``/``forward_head``.
+    """Mixin: timm's classifier and feature API over a family's stages and head.
 
     Subclasses set ``classifier_name`` (the attribute holding the classifier),
-    ``num_features`` and ``num_classes``, and define ``forward_features``, ``forward_head``
-    and ``new_classifier(num_classes)`` (a classifier of ``num_classes >= 1`` outputs).
+    ``num_features``, ``num_classes``, ``stage_info`` and ``stage_modules``, and define
+    ``stages()``, ``forward_head`` and ``new_classifier(num_classes)`` (a classifier of
+    ``num_classes >= 1`` outputs); the forward pass, the features, the intermediates, the
+    resets and the backbones come from here.
     """
 
     classifier_name: str = "fc"
