@@ -234,6 +234,9 @@ def test_a_backbone_drops_the_stages_after_its_last_map():
         backbone.forward_intermediates(x, indices=[4])
     stem = create_model("googlenet", features_only=True, out_indices=(0,))
     assert sum(p.numel() for p in stem.parameters()) == 7 * 7 * 3 * 64 + 64
+    with pytest.raises(ValueError, match="a backbone \\(features_only\\) returns feature maps "
+                                         "and has no classifier to reset to 5 classes"):
+        backbone.reset_classifier(5)
 
 
 def test_pretrained_cfg_says_what_timm_prepares_images_by(tmp_path):

@@ -197,6 +197,10 @@ class ClassifierHead:
         network returns its pooled features). ``global_pool``: None or ``"avg"``, the one
         pooling deeproots' networks have."""
         check_whole("num_classes", num_classes, 0)
+        if self.out_indices is not None and num_classes:
+            raise DeeprootsError(f"a backbone (features_only) returns feature maps and has no "
+                                 f"classifier to reset to {num_classes} classes; build the "
+                                 f"network without features_only for one")
         if global_pool not in (None, "avg"):
             raise DeeprootsError(f"global_pool must be None or 'avg' (deeproots' networks pool "
                                  f"by the average); got {global_pool!r}")
