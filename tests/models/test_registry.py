@@ -80,6 +80,11 @@ def test_timms_habits_are_understood():
         create_model("nin-root-8", pretrained=True)
     with pytest.raises(ValueError, match="give in_channels or timm's in_chans, not both"):
         create_model("nin", in_chans=1, in_channels=1)
+    assert create_model("googlenet", drop_rate=0.2).dropout.p == 0.2
+    with pytest.raises(ValueError, match="resnet50 has no dropout for timm's drop_rate \\(got "
+                                         "drop_rate=0.2\\); accepted keyword arguments: "
+                                         "groups, preact"):
+        create_model("resnet50", drop_rate=0.2)
 
 
 @pytest.mark.parametrize("kwargs, least", [({"num_classes": -1}, 0), ({"in_channels": 0}, 1)])

@@ -148,7 +148,8 @@ def _check_kwargs(entry: ModelEntry, kwargs: Dict[str, Any]) -> None:
                                  f"{value!r}")
 
 
-TIMM_NAMES = {"in_chans": "in_channels"}  # timm's names for the same arguments
+# timm's names for the same arguments (drop_rate: the dropout before the classifier)
+TIMM_NAMES = {"in_chans": "in_channels", "drop_rate": "dropout"}
 
 
 def create_model(name: str, pretrained: bool = False,
@@ -160,7 +161,8 @@ def create_model(name: str, pretrained: bool = False,
 
     Keyword arguments go to the family's constructor (``num_classes``, ``in_channels``,
     ``groups`` for per-layer overrides, ...); timm's ``in_chans`` is taken for
-    ``in_channels``, and ``pretrained=False`` as timm's default (deeproots ships no weights:
+    ``in_channels`` and its ``drop_rate`` for ``dropout`` (GoogLeNet's), and
+    ``pretrained=False`` as timm's default (deeproots ships no weights:
     ``pretrained=True`` is a one-line error that says how to get them). ``checkpoint_path``,
     as in timm: weights loaded from that file once the model is built (a state_dict, also
     under ``"state_dict"`` or ``"model"``, as a deeproots checkpoint holds it; read with
@@ -182,6 +184,10 @@ def create_model(name: str, pretrained: bool = False,
         if timm_name in kwargs:
             if own in kwargs:
                 raise DeeprootsError(f"{entry.name}: give {own} or timm's {timm_name}, not both")
+            if own not in _accepted_kwargs(entry):
+                raise DeeprootsError(f"{entry.name} has no {own} for timm's {timm_name} "
+                                     f"(got {timm_name}={kwargs[timm_name]!r}); accepted "
+                                     f"keyword arguments: {', '.join(_accepted_kwargs(entry))}")
             kwargs[own] = kwargs.pop(timm_name)
     if not isinstance(features_only, bool):
         raise DeeprootsError(f"{entry.name}: features_only must be True or False; got "
