@@ -166,6 +166,12 @@ CASES = [
     ("eval", ["{corrupt}"], "is corrupt"),
     ("eval", ["{folder}"], "is a folder, not a checkpoint file"),
     ("eval", ["{ckpt}", "--batch-size", "0"], "--batch-size must be a whole number >= 1"),
+    ("profile", ["nin", "--out-indices", "1"],
+     "--out-indices picks the feature maps of a backbone: add --features-only"),
+    ("profile", ["{mine}:small", "--features-only"],
+     "--features-only makes a deeproots model a backbone;"),
+    ("export", ["nin", "--features-only", "--out-indices", "3", "--format", "onnx", "--out",
+                "{fresh}/b.onnx"], "feature map indices must be stage numbers 0 to 2"),
     ("profile", ["{ckpt}", "--groups", "conv2a=2"],
      "--groups cannot change a trained checkpoint's model; profile CHECKPOINT takes the model"),
     ("bench", ["{missing}/bst.pt"], "checkpoint {missing}/bst.pt: no such file (bench takes"),
@@ -494,3 +500,34 @@ def test_profile_bench_and_roofline_take_a_checkpoint_as_its_trained_model(world
     assert line["model"] == world["ckpt"]
     assert sum(layer["macs"] for layer in line["layers"]) == pytest.approx(
         2 * trained.macs, rel=0.01)
+
+
+def test_a_backbone_from_the_command_line(world, tmp_path, capsys):
+    """profile and export --features-only: resnet50's stem and layer1 alone, their parameters
+    summed from the whole network's by module name; the trained checkpoint's stages 1 and 2
+    exported to ONNX, each map what the trained model's intermediates are."""
+    import json
+
+    import torch
+
+    import deeproots
+    from deeproots.speed.export import load_exported
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    assert main(["profile", "resnet50", "--features-only", "--out-indices", "1",
+                 "--json"]) == 0
+    full = deeproots.create_model("resnet50")  # profile counts conv weights (no batch norm)
+    kept = sum(m.weight.numel() for n, m in full.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and n.split(".")[0] in ("conv1", "layer1"))
+    assert json.loads(capsys.readouterr().out)["params"] == kept
+    out = tmp_path / "b.onnx"
+    assert main(["export", world["ckpt"], "--features-only", "--out-indices", "1", "2",
+                 "--format", "onnx", "--out", str(out)]) == 0
+    trained = model_from_checkpoint(load_checkpoint(world["ckpt"]), world["ckpt"]).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        want = trained.forward_intermediates(x, [1, 2], intermediates_only=True)
+    got = load_exported(out, "onnx")(x)
+    assert [tuple(g.shape) for g in got] == [tuple(w.shape) for w in want]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -133,10 +133,40 @@ def _build(args):
     kwargs = {k: getattr(args, k) for k in ("num_classes", "in_channels")
               if getattr(args, k, None) is not None}
     groups = _groups(getattr(args, "groups", None))
-    if groups and not is_user_model(args.model):
-        return build_model(args.model, **kwargs, groups=groups)
+    backbone = _backbone_options(args)
+    if is_user_model(args.model) and backbone:
+        raise DeeprootsError(f"--features-only makes a deeproots model a backbone; "
+                             f"{args.model} is a model of your own, built as it is")
+    if (groups or backbone) and not is_user_model(args.model):
+        return build_model(args.model, **kwargs, **({"groups": groups} if groups else {}),
+                           **backbone)
     model = build_model(args.model, **kwargs)
     apply_groups(model, groups)
+    return model
+
+
+def _backbone_options(args) -> dict:
+    """``--features-only`` and ``--out-indices`` as create_model's arguments (none given:
+    {}); --out-indices alone is one line."""
+    features_only = getattr(args, "features_only", False)
+    out_indices = getattr(args, "out_indices", None)
+    if out_indices is not None and not features_only:
+        raise DeeprootsError("--out-indices picks the feature maps of a backbone: add "
+                             "--features-only")
+    if not features_only:
+        return {}
+    return {"features_only": True, "out_indices": out_indices}
+
+
+def _as_backbone(model, args, what: str):
+    """A checkpoint's model made the backbone ``--features-only`` asks for (as it is
+    otherwise)."""
+    backbone = _backbone_options(args)
+    if backbone:
+        if not hasattr(model, "set_features_only"):
+            raise DeeprootsError(f"--features-only makes a deeproots model a backbone; {what} "
+                                 f"holds a model of your own")
+        model.set_features_only(backbone["out_indices"])
     return model
 
 
@@ -148,6 +178,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", nargs="+", action="extend", metavar="LAYER=G",
                    help="per-layer filter groups over the variant's schedule, e.g. conv2a=8 "
                         "(may be repeated; a layer named twice takes the last value)")
+    p.add_argument("--features-only", action="store_true",
+                   help="a backbone returning its stages' feature maps, as timm's "
+                        "features_only=True (with a checkpoint too)")
+    p.add_argument("--out-indices", type=int, nargs="+", metavar="I",
+                   help="with --features-only: the stages whose maps it returns (default all; "
+                        "-1 the last)")
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -228,7 +264,7 @@ def cmd_profile(args) -> int:
 
     if _names_a_checkpoint(args.model, "profile"):
         _no_model_options(args, "profile CHECKPOINT")
-        model = _trained_model(args.model)
+        model = _as_backbone(_trained_model(args.model), args, args.model)
     else:
         with torch.device("meta"):
             model = _build(args)
@@ -803,8 +839,9 @@ def cmd_export(args) -> int:
         _no_model_options(args, "export --checkpoint")
         from .models.registry import is_user_model
 
-        model = _trained_model(args.checkpoint,
-                               args.model if is_user_model(args.model) else None)
+        model = _as_backbone(_trained_model(args.checkpoint, args.model
+                                            if is_user_model(args.model) else None),
+                             args, args.checkpoint)
     else:
         model = _build(args)
     size = parse_input_size(args.input_size, model)
