@@ -40,6 +40,19 @@ def test_profile_without_the_classifier(capsys):
     assert full["params"] - bare["params"] == 2048 * 1000 + 1000
 
 
+def test_deeproots_alone_lists_its_commands(capsys):
+    """`deeproots` with nothing after it: the commands and what each does, exit 0 (it was
+    argparse's "the following arguments are required: COMMAND", exit 2)."""
+    from deeproots.cli import COMMAND_PARSERS
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: deeproots")
+    listed = {line.split()[0] for line in out.splitlines()  # a command's line: 4 spaces in
+              if line.startswith("    ") and not line.startswith("     ")}
+    assert listed == {p.__name__[len("_parser_"):].replace("_", "-") for p in COMMAND_PARSERS}
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -1171,6 +1171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `deeproots` alone: the commands, not argparse's "required: COMMAND"
+        parser.print_help()
+        return 0
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the command's own parser: "deeproots CMD: error: ...", as the rest
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
