@@ -209,6 +209,25 @@ def test_a_study_is_continued_with_its_own_settings_and_variants(data_dir, tmp_p
             f"{out} --seeds 3 trains them)") in capsys.readouterr().out
 
 
+def test_a_study_started_with_a_relative_data_dir_continues_from_anywhere(data_dir, tmp_path,
+                                                                          monkeypatch):
+    """--data-dir given relative to where the study started is kept as the folder it named:
+    the study continues from another folder with --out alone."""
+    import os
+
+    monkeypatch.chdir(os.path.dirname(data_dir))
+    out = tmp_path / "study"
+    assert main(["study", "nin", "--variants", "root-4", "--seeds", "1", "--epochs", "1",
+                 "--data-dir", os.path.basename(data_dir), "--batch-size", "16",
+                 "--limit-train-batches", "1", "--device", "cpu", "--no-download",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["settings"]["data_dir"] == data_dir
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["study", "nin", "--out", str(out), "--seeds", "2", "--no-progress"]) == 0
+    assert (out / "runs" / "nin-root-4-seed1" / "summary.json").exists()
+
+
 def test_bad_studies(data_dir, tmp_path, capsys):
     out = tmp_path / "s"
     _fake_study(out, {"nin": [0.9]})

@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -377,6 +378,8 @@ def run_study(family: str, *, data: Optional[str] = None, seeds: int = 3,
     data = DEFAULT_DATA if data is None else data
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     check_positive("epochs", epochs)
+    if isinstance(train_settings.get("data_dir"), str):  # a study continued from elsewhere
+        train_settings["data_dir"] = os.path.abspath(train_settings["data_dir"])
     settings = {"epochs": epochs, "data": data, **train_settings}
     TrainConfig(model=family, **settings).check()  # every setting, before anything runs
     manifest = _claim(out, family, data, epochs, models, list(range(seeds)), settings)
