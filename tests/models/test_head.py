@@ -16,7 +16,7 @@ CASES = [
     ("nin", {}, (3, 32, 32), (192, 8, 8), 192),
     ("resnet50", {}, (3, 64, 64), (2048, 2, 2), 2048),
     ("googlenet", {}, (3, 224, 224), (1024, 8, 8), 4096),
-    ("googlenet", {"layout": "standard"}, (3, 224, 224), (1024, 7, 7), 1024),
+    ("googlenet", {"layout": "standard"}, (3, 64, 64), (1024, 2, 2), 1024),
 ]
 
 
@@ -78,7 +78,7 @@ def test_reset_classifier_fits_new_classes_and_rebuilds(name):
     head = model.get_classifier()
     assert all(p.dtype == torch.float64 for p in head.parameters())
     assert model.num_classes == 3 and model.deeproots_cfg["kwargs"]["num_classes"] == 3
-    size = (3, 224, 224) if name == "googlenet" else (3, 32, 32)
+    size = (3, 224, 224) if name == "googlenet" else (3, 32, 32)  # (the paper layout's)
     model.eval()
     with torch.no_grad():
         assert model(torch.randn(1, *size, dtype=torch.float64)).shape == (1, 3)
@@ -97,16 +97,19 @@ def test_reset_to_0_then_back():
 
 
 def test_googlenet_auxiliary_classifiers_follow_the_classes():
-    model = create_model("googlenet", num_classes=10).train()
+    model = create_model("googlenet", num_classes=10, layout="standard").train()
     model.reset_classifier(4)
-    out = model(torch.randn(2, 3, 224, 224))
+    out = model(torch.randn(2, 3, 64, 64))
     assert isinstance(out, GoogLeNetOutputs)
     assert [o.shape for o in out] == [(2, 4)] * 3
     model.reset_classifier(0)  # no classes: the auxiliary classifiers go with the classifier
     assert model.aux1 is None and model.aux2 is None and not model.aux_logits
-    assert model.deeproots_cfg["kwargs"] == {"num_classes": 0, "aux_logits": False}
-    assert model.min_input_size == 207  # the paper layout's final pool alone now limits it
-    assert model(torch.randn(2, 3, 210, 210)).shape == (2, 4096)
+    assert model.deeproots_cfg["kwargs"] == {"layout": "standard", "num_classes": 0,
+                                             "aux_logits": False}
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1024)
+    paper = create_model("googlenet", num_classes=10)
+    paper.reset_classifier(0)
+    assert paper.min_input_size == 207  # the paper layout's final pool alone now limits it
 
 
 def test_googlenet_without_classes_builds_no_auxiliary_ones():
@@ -129,12 +132,12 @@ def test_bad_reset_arguments():
 # Each stage's map, by hand: channels from the architectures (NiN's conv1c, conv2c, conv3b;
 # ResNet-50's stem and four stages; GoogLeNet's conv1, conv3, inception 3b, 4e and 5b from
 # Szegedy et al.'s Table 1) and sizes from the strides (NiN 32 -> 16 -> 8 at 32 px, ceil-mode
-# pools; ResNet 64 px halved five times; GoogLeNet's standard layout 224 -> 112 ... 7).
+# pools; ResNet 64 px halved five times; GoogLeNet's standard layout 64 -> 32 ... 2).
 STAGES = [
     ("nin", {}, (3, 32, 32), [(96, 32), (192, 16), (192, 8)]),
     ("resnet50", {}, (3, 64, 64), [(64, 32), (256, 16), (512, 8), (1024, 4), (2048, 2)]),
-    ("googlenet", {"layout": "standard"}, (3, 224, 224),
-     [(64, 112), (192, 56), (480, 28), (832, 14), (1024, 7)]),
+    ("googlenet", {"layout": "standard"}, (3, 64, 64),
+     [(64, 32), (192, 16), (480, 8), (832, 4), (1024, 2)]),
 ]
 
 
