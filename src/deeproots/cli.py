@@ -133,16 +133,12 @@ def _build(args):
     kwargs = {k: getattr(args, k) for k in ("num_classes", "in_channels")
               if getattr(args, k, None) is not None}
     groups = _groups(getattr(args, "groups", None))
-    backbone = _backbone_options(args)
-    if is_user_model(args.model) and backbone:
-        raise DeeprootsError(f"--features-only makes a deeproots model a backbone; "
-                             f"{args.model} is a model of your own, built as it is")
-    if (groups or backbone) and not is_user_model(args.model):
-        return build_model(args.model, **kwargs, **({"groups": groups} if groups else {}),
-                           **backbone)
-    model = build_model(args.model, **kwargs)
-    apply_groups(model, groups)
-    return model
+    if groups and not is_user_model(args.model):
+        model = build_model(args.model, **kwargs, groups=groups)
+    else:
+        model = build_model(args.model, **kwargs)
+        apply_groups(model, groups)
+    return _as_backbone(model, args, args.model)
 
 
 def _backbone_options(args) -> dict:
@@ -159,13 +155,14 @@ def _backbone_options(args) -> dict:
 
 
 def _as_backbone(model, args, what: str):
-    """A checkpoint's model made the backbone ``--features-only`` asks for (as it is
-    otherwise)."""
+    """``model`` (built from a name, or a checkpoint's) made the backbone
+    ``--features-only`` asks for (as it is otherwise); ``what``: how the refusal names a
+    model of your own."""
     backbone = _backbone_options(args)
     if backbone:
         if not hasattr(model, "set_features_only"):
             raise DeeprootsError(f"--features-only makes a deeproots model a backbone; {what} "
-                                 f"holds a model of your own")
+                                 f"gives a model of your own")
         model.set_features_only(backbone["out_indices"])
     return model
 
@@ -583,14 +580,13 @@ def _models_or_checkpoints(specs, command: str, input_size=None) -> list:
     model (:func:`_trained_model`); a model name or FILE.py:FUNCTION as it is, or, where
     ``--input-size C,H,W`` names C channels, built for C-channel images (nin at 1,28,28:
     Fashion-MNIST's), as these commands have no --in-channels."""
-    from .models.registry import build_model, check_model_spec
+    from .models.registry import build_model
 
     out = []
     for spec in specs:
         if _names_a_checkpoint(spec, command):
             out.append(_trained_model(spec))
         elif isinstance(input_size, tuple) and len(input_size) == 3:
-            check_model_spec(spec)
             out.append(build_model(spec, in_channels=input_size[0]))
         else:
             out.append(spec)

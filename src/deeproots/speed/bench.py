@@ -120,7 +120,8 @@ def models_to_time(specs: Sequence[Union[str, nn.Module]], device) -> Dict[str, 
     return models
 
 
-def bench_models(names: Sequence[Union[str, nn.Module]], *, batch_size: int = 128, device: str = "cpu",
+def bench_models(names: Sequence[Union[str, nn.Module]], *, batch_size: int = 128,
+                 device: str = "cpu",
                  threads: Optional[int] = None, dtype: str = "float32",
                  paths: Sequence[str] = ("fold",), modes: Sequence[str] = ("inference",),
                  repeats: int = 10, warmup: int = 3, input_size=None,

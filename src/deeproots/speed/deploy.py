@@ -34,7 +34,7 @@ from ..errors import DeeprootsError, first_line
 from ..layout import channels_last
 from ..numerics import disagreement
 from ..runtime import openvino_refusal
-from .export import aoti_package, aoti_refusal, exported_program, onnx_bytes
+from .export import aoti_package, aoti_refusal, exported_program, one_or_all, onnx_bytes
 from .fold import check_module, fold_batchnorm
 from .timing import interleaved
 
@@ -141,11 +141,6 @@ def as_float(out):
     return out.float()
 
 
-def _one_or_all(outputs: list):
-    """An exported graph's outputs as the model gave them: one tensor, or a list."""
-    return outputs[0] if len(outputs) == 1 else outputs
-
-
 def build_path(model: nn.Module, example: torch.Tensor, path: str,
                dtype: torch.dtype = torch.float32) -> FastModel:
     """One inference path for ``model``; ``example`` is a batch of the size it will run.
@@ -210,13 +205,13 @@ def _onnxruntime(folded, example, dtype):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(onnx_bytes(folded, example), options,
                                    providers=["CPUExecutionProvider"])
-    return lambda x: _one_or_all([torch.from_numpy(o) for o in session.run(
+    return lambda x: one_or_all([torch.from_numpy(o) for o in session.run(
         None, {"input": x.detach().cpu().numpy()})])
 
 
 def _openvino(folded, example, dtype):
     compiled = openvino_compile(onnx_bytes(folded, example), dtype)
-    return lambda x: _one_or_all([torch.from_numpy(o.copy()) for o in compiled(
+    return lambda x: one_or_all([torch.from_numpy(o.copy()) for o in compiled(
         x.detach().cpu().numpy()).values()])
 
 

@@ -61,8 +61,9 @@ def onnx_exporter(wanted: str = "auto") -> str:
 def output_names(model: nn.Module, example: torch.Tensor) -> List[str]:
     """The names an exported graph gives ``model``'s outputs: ``logits`` for one tensor (or
     GoogLeNet's tuple, whose first item is the logits), ``map0``, ``map1``, ... for a list
-    of them (a backbone's feature maps); a one-line error for anything else."""
-    out = example_output(model, example)
+    of them (a backbone's feature maps); a one-line error for anything else. One image of
+    ``example`` is run: the structure is the same at every batch size."""
+    out = example_output(model, example[:1])
     if isinstance(out, torch.Tensor) or (isinstance(out, tuple) and out and
                                          isinstance(out[0], torch.Tensor)):
         return ["logits"]
@@ -71,6 +72,11 @@ def output_names(model: nn.Module, example: torch.Tensor) -> List[str]:
     raise DeeprootsError(f"{getattr(model, 'name', type(model).__name__)} returns a "
                          f"{type(out).__name__} for a batch of shape {tuple(example.shape)}; "
                          f"export takes a model that returns a tensor, or a list of them")
+
+
+def one_or_all(outputs: list):
+    """An exported graph's outputs as the model returned them: one tensor, or a list."""
+    return outputs[0] if len(outputs) == 1 else outputs
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, exporter: str = "auto",
@@ -228,11 +234,8 @@ def load_exported(path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
         import onnxruntime as ort  # optional package
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(x):
-            outs = [torch.from_numpy(o) for o in session.run(None, {"input": x.numpy()})]
-            return outs[0] if len(outs) == 1 else outs
-        return run
+        return lambda x: one_or_all([torch.from_numpy(o)
+                                     for o in session.run(None, {"input": x.numpy()})])
     import warnings
 
     with warnings.catch_warnings():

@@ -136,12 +136,18 @@ def dataset_names() -> List[str]:
     return [*DATASETS, "imagefolder:PATH"]
 
 
+def dataset_name(data: str) -> Optional[str]:
+    """The :data:`DATASETS` name ``data`` gives (its own, or an alias such as ``fmnist``), or
+    None (an image folder, or no dataset of the table)."""
+    return next((k for k, d in DATASETS.items() if data == k or data in d.aliases), None)
+
+
 def check_data_fits(data: str, model, what: str, doing: str) -> None:
     """For a dataset of :data:`DATASETS` (whose channels and classes are known before a file
     is read or downloaded): a one-line DataError where ``model`` (``what``: how the message
     names it) was built for other channels or classes, so that ``doing`` (e.g. "evaluate")
     stops before the data is loaded. Models that do not say (a user's own) pass."""
-    name = next((k for k, d in DATASETS.items() if data == k or data in d.aliases), None)
+    name = dataset_name(data)
     if name is None:
         return
     spec = DATASETS[name].spec
@@ -600,7 +606,7 @@ def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cp
     ``PATH/train`` and ``PATH/val``)."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir} does not exist or is not a folder")
-    name = next((k for k, d in DATASETS.items() if data == k or data in d.aliases), None)
+    name = dataset_name(data)
     if name == "fashion-mnist":
         train = load_fashion_mnist(data_dir, "train", download_ok)
         test = load_fashion_mnist(data_dir, "test", download_ok)

@@ -157,7 +157,8 @@ class RunFolder:
         if (self.path / STUDY_FILES[0]).exists():  # manifest.json: the study's folder
             raise RunFolderError(f"--out {self.path} holds a study ({STUDY_FILES[0]}); its "
                                  f"runs are the study's, in {self.path / 'runs'}: give another "
-                                 f"--out (deeproots study FAMILY --out {self.path} adds variants and seeds to it)")
+                                 f"--out (deeproots study FAMILY --out {self.path} adds "
+                                 f"variants and seeds to it)")
         held = self.files()
         if held and not overwrite:
             raise RunFolderError(f"--out {self.path} already holds a run ({', '.join(held)}); "

@@ -366,8 +366,8 @@ def run_study(family: str, *, data: Optional[str] = None, seeds: int = 3,
     name = f"{family}-{(data or DEFAULT_DATA).split(':')[0]}"
     out = Path(out) if out else Path("studies") / name
     check_output_dir(out)
-    if (out / "manifest.json").exists():  # a study to continue: its own settings by default
-        saved = _manifest(out)
+    saved = _manifest(out) if (out / "manifest.json").exists() else None
+    if saved is not None:  # a study to continue: its own settings by default
         train_settings = {**{k: v for k, v in saved.get("settings", {}).items()
                              if k not in ("data", "epochs")}, **train_settings}
         data = saved["data"] if data is None else data
@@ -382,7 +382,7 @@ def run_study(family: str, *, data: Optional[str] = None, seeds: int = 3,
         train_settings["data_dir"] = os.path.abspath(train_settings["data_dir"])
     settings = {"epochs": epochs, "data": data, **train_settings}
     TrainConfig(model=family, **settings).check()  # every setting, before anything runs
-    manifest = _claim(out, family, data, epochs, models, list(range(seeds)), settings)
+    manifest = _claim(out, saved, family, data, epochs, models, list(range(seeds)), settings)
     # seed-major: a study cut short still has every variant, with fewer seeds
     todo = [(m, s) for s in range(seeds) for m in models]
     done = sum(_finished(out, m, s, epochs, data) for m, s in todo)
@@ -421,12 +421,13 @@ def run_study(family: str, *, data: Optional[str] = None, seeds: int = 3,
     return report
 
 
-def _claim(out: Path, family, data, epochs, models, seeds, settings) -> dict:
-    """The study's manifest: written for a new study; for an existing one, checked to be the
-    same study (family, data, epochs), with new variants or seeds added."""
+def _claim(out: Path, manifest: Optional[dict], family, data, epochs, models, seeds,
+           settings) -> dict:
+    """The study's manifest: written for a new study; for an existing one (``manifest``, as
+    read), checked to be the same study (family, data, epochs), with new variants or seeds
+    added."""
     path = out / "manifest.json"
-    if path.exists():
-        manifest = _manifest(out)
+    if manifest is not None:
         for key, value in (("family", family), ("data", data), ("epochs", epochs)):
             if manifest.get(key) != value:
                 raise DeeprootsError(f"{out} holds a study of {manifest.get('family')} on "
