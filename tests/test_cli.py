@@ -40,6 +40,23 @@ def test_profile_without_the_classifier(capsys):
     assert full["params"] - bare["params"] == 2048 * 1000 + 1000
 
 
+def test_input_size_names_the_image_channels(capsys):
+    """``--input-size 1,28,28`` builds the model for one channel, as timm's scripts read it
+    (it was refused: "Build it with in_channels=1", advice for Python): resnet50's stem
+    loses 2 input channels of 64 7x7 filters, by hand 64 x 2 x 49 weights and, at 14x14,
+    as many multiply-adds a pixel; disagreeing with --in-channels is one line."""
+    assert main(["profile", "resnet50", "--input-size", "1,28,28", "--json"]) == 0
+    gray = json.loads(capsys.readouterr().out)
+    assert main(["profile", "resnet50", "--input-size", "3,28,28", "--json"]) == 0
+    rgb = json.loads(capsys.readouterr().out)
+    assert rgb["params"] - gray["params"] == 64 * 2 * 49
+    assert rgb["macs"] - gray["macs"] == 64 * 2 * 49 * 14 * 14
+    assert main(["profile", "resnet50", "--input-size", "1,28,28", "--in-channels", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "deeproots profile: error: --in-channels 3 and --input-size 1,28,28 disagree on the "
+        "image channels: give one of them, or the same C in both")
+
+
 def test_deeproots_alone_lists_its_commands(capsys):
     """`deeproots` with nothing after it: the commands and what each does, exit 0 (it was
     argparse's "the following arguments are required: COMMAND", exit 2)."""

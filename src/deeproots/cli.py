@@ -132,6 +132,9 @@ def _build(args):
 
     kwargs = {k: getattr(args, k) for k in ("num_classes", "in_channels")
               if getattr(args, k, None) is not None}
+    channels = _input_channels(getattr(args, "input_size", None), kwargs.get("in_channels"))
+    if channels is not None:
+        kwargs["in_channels"] = channels
     groups = _groups(getattr(args, "groups", None))
     if groups and not is_user_model(args.model):
         model = build_model(args.model, **kwargs, groups=groups)
@@ -171,7 +174,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_whole("--num-classes", 0),
                    help="classifier outputs (default: the model's; 0: no classifier, the "
                         "pooled features, as timm's num_classes=0)")
-    p.add_argument("--in-channels", type=_whole("--in-channels"), help="image channels (default 3)")
+    p.add_argument("--in-channels", type=_whole("--in-channels"),
+                   help="image channels (default: the C of --input-size C,H,W, else 3)")
     p.add_argument("--groups", nargs="+", action="extend", metavar="LAYER=G",
                    help="per-layer filter groups over the variant's schedule, e.g. conv2a=8 "
                         "(may be repeated; a layer named twice takes the last value)")
@@ -488,7 +492,6 @@ def cmd_rootify(args) -> int:
 
     from .conversion.rule import rootify
     from .inspection.costs import parse_input_size
-    from .models.registry import build_model
 
     options = dict(ignore=args.ignore, macs=args.macs, params=args.params,
                    regroup=args.regroup, stem=args.stem, allow_depthwise=args.allow_depthwise)
@@ -511,7 +514,7 @@ def cmd_rootify(args) -> int:
         raise DeeprootsError("one of the arguments --schedule --macs --params is required "
                              "(with a trained checkpoint also --latency, --sensitivity or "
                              "--frontier)")
-    model = build_model(args.model)
+    model = _for_input(args.model, args.input_size)
     if args.input_size is None and getattr(model, "default_input_size", None) is None:
         raise DeeprootsError(f"{args.model} has no default input size; give --input-size C,H,W")
     x = torch.zeros(1, *parse_input_size(args.input_size, model))
@@ -580,17 +583,36 @@ def _models_or_checkpoints(specs, command: str, input_size=None) -> list:
     model (:func:`_trained_model`); a model name or FILE.py:FUNCTION as it is, or, where
     ``--input-size C,H,W`` names C channels, built for C-channel images (nin at 1,28,28:
     Fashion-MNIST's), as these commands have no --in-channels."""
-    from .models.registry import build_model
-
     out = []
     for spec in specs:
         if _names_a_checkpoint(spec, command):
             out.append(_trained_model(spec))
-        elif isinstance(input_size, tuple) and len(input_size) == 3:
-            out.append(build_model(spec, in_channels=input_size[0]))
+        elif _input_channels(input_size) is not None:
+            out.append(_for_input(spec, input_size))
         else:
             out.append(spec)
     return out
+
+
+def _for_input(spec: str, input_size=None):
+    """The model ``spec`` names (a model name or FILE.py:FUNCTION) built for the images of
+    ``--input-size`` (:func:`_input_channels`); for commands with no --in-channels."""
+    from .models.registry import build_model
+
+    channels = _input_channels(input_size)
+    return build_model(spec, **({} if channels is None else {"in_channels": channels}))
+
+
+def _input_channels(input_size, in_channels: Optional[int] = None) -> Optional[int]:
+    """The image channels a named model is built for: ``--in-channels``, else the C of
+    ``--input-size C,H,W`` (nin at 1,28,28: Fashion-MNIST's; as timm's scripts read
+    ``--input-size``), else None (the model's own); the two disagreeing is one line."""
+    given = input_size[0] if isinstance(input_size, tuple) and len(input_size) == 3 else None
+    if in_channels is not None and given is not None and in_channels != given:
+        raise DeeprootsError(f"--in-channels {in_channels} and --input-size "
+                             f"{','.join(map(str, input_size))} disagree on the image channels: "
+                             f"give one of them, or the same C in both")
+    return in_channels if in_channels is not None else given
 
 
 def _rootify_checkpoint(args, options) -> int:
@@ -706,8 +728,9 @@ def _rootify_sensitivity(args, common, options, progress) -> int:
     if args.json:
         _print_json(prices.to_dict())
         return 0
-    print(prices.table())
-    print(f"priced in {prices.seconds:.0f} s" + (f"; drew {args.plot}" if args.plot else ""))
+    print(prices.table())  # (its last line: how long the pricing took)
+    if args.plot:
+        print(f"drew {args.plot}")
     return 0
 
 

@@ -188,10 +188,14 @@ def test_sensitivity_prints_each_layers_price_and_draws_it(trained, tmp_path, ca
                  "--batch-size", "8", "--plot", str(plot), "--json"]) == 0
     prices = json.loads(capsys.readouterr().out)
     assert [layer["layer"] for layer in prices["layers"]] == ["conv2a", "conv3a"]
+    # every count from 2 to 64 that divides both channel counts, by hand: nin's conv2a reads
+    # 96 channels and writes 192, conv3a 192 and 192 (not the powers of two alone)
+    by_hand = {"conv2a": [2, 3, 4, 6, 8, 12, 16, 24, 32, 48],
+               "conv3a": [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]}
     for layer in prices["layers"]:
-        counts = [o["groups"] for o in layer["options"]]
-        assert counts == [g for g in (2, 4, 8, 16, 32, 64)
-                          if layer["in_channels"] % g == 0 and layer["out_channels"] % g == 0]
+        assert (layer["in_channels"], layer["out_channels"]) == (
+            (96, 192) if layer["layer"] == "conv2a" else (192, 192))
+        assert [o["groups"] for o in layer["options"]] == by_hand[layer["layer"]]
         for o in layer["options"]:  # the costs by hand: a grouped conv, 1/g of the dense one
             assert o["macs"] == layer["macs"] // o["groups"]
             assert 0 <= o["top1"] <= 1 and o["unexplained"] >= -1e-6
@@ -309,8 +313,8 @@ def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
     """The cheapest a multiply-add or parameter budget can reach is counted, not measured:
     the refusal comes before the pricing (minutes on a resnet50), and says what the rule's
     own count of the model gives with nin's two groupable convs at the largest counts a
-    layer is priced at (powers of two to 64 that divide its channels: conv2a 96 -> 192 at
-    32, conv3a 192 -> 192 at 64)."""
+    layer is priced at (the largest to 64 that divides both its channel counts: conv2a
+    96 -> 192 at 48, conv3a 192 -> 192 at 64)."""
     import deeproots.conversion.checkpoint as ckpt
 
     def no_pricing(*args, **kwargs):
@@ -319,9 +323,9 @@ def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
     monkeypatch.setattr(ckpt, "layer_prices", no_pricing)
     dense = deeproots.create_model("nin", in_channels=1)
     dense.load_state_dict(load_checkpoint(trained / "dense" / "best.pt")["model"])
-    _, report = deeproots.rootify(dense, {"conv2a": 32, "conv3a": 64},
+    _, report = deeproots.rootify(dense, {"conv2a": 48, "conv3a": 64},
                                   example_input=torch.zeros(1, 1, 8, 8))
-    assert report.groups == {"conv2a": 32, "conv3a": 64}
+    assert report.groups == {"conv2a": 48, "conv3a": 64}
     least = {"macs": report.macs_fraction, "params": report.params_fraction}[kind]
     with pytest.raises(DeeprootsError, match=rf"no schedule brings {kind} to 0.01 .* the "
                                              rf"cheapest reachable is {least:.3f} "):
@@ -404,3 +408,19 @@ def test_a_budget_converts_the_search_and_the_best_root_n_and_keeps_the_more_acc
     assert [c["chosen"] for c in summary.candidates] == [not uniform_better, uniform_better]
     assert new.conv2a.conv.groups == (2 if uniform_better else 1)
     assert summary.predicted == predict(prices, chosen)
+
+
+def test_the_sensitivity_table_says_once_how_long_it_took(trained, tmp_path, capsys,
+                                                          monkeypatch):
+    """The table's last line is its time; the command printed it a second time."""
+    import deeproots.conversion.checkpoint as checkpoint
+
+    prices = _timed_prices([(2, 40.0, 0.89)], [(2, 15.0, 0.88)])
+    prices.seconds = 12.0
+    monkeypatch.setattr(checkpoint, "price_checkpoint", lambda *a, **k: prices)
+    plot = tmp_path / "s.svg"
+    assert main(["rootify", str(trained / "dense" / "best.pt"), "--sensitivity",
+                 "--data-dir", str(trained / "data"), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if "priced in" in line] == ["priced in 12 s"]
+    assert out[-1] == f"drew {plot}" and plot.read_text().lstrip().startswith("<?xml")

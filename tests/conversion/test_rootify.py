@@ -348,3 +348,23 @@ def test_the_command_takes_per_layer_groups_as_a_budget_prints_them(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deeproots rootify: error: --schedule takes LAYER=GROUPS (e.g. conv2a=8 or "
                    "'layer1.*.conv2=4'); got 'conv2a=four'"]
+
+
+def test_the_command_builds_a_named_model_for_the_channels_of_its_input_size(capsys):
+    """``rootify resnet50 --input-size 1,28,28`` (Fashion-MNIST's images) builds resnet50 for
+    one channel, as bench and roofline do: the command has no --in-channels, and the
+    refusal it gave advised building the model with in_channels=1. By hand at 28x28: the
+    stem (7x7, stride 2) reads 1 channel at 14x14 (1 x 64 x 49 x 196 multiply-adds), the
+    max pool halves it to 7x7 for layer1, layer2 runs at 4x4, layer3 at 2x2 and layer4 at
+    1x1; root-8 gives them 8, 4, 2 and 1 groups."""
+    import json
+
+    from deeproots.cli import main
+
+    assert main(["rootify", "resnet50", "--schedule", "root-8", "--input-size", "1,28,28",
+                 "--json"]) == 0
+    rows = {r["layer"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert rows["conv1"]["macs_before"] == 1 * 64 * 7 * 7 * 14 * 14
+    for stage, (side, groups) in enumerate([(7, 8), (4, 4), (2, 2), (1, 1)], 1):
+        row = rows[f"layer{stage}.0.conv2"]
+        assert (row["resolution"], row["groups_after"]) == (f"{side}x{side}", groups)

@@ -231,6 +231,29 @@ def test_a_val_class_the_training_split_lacks_is_refused(tmp_path):
         D.build_loaders(f"imagefolder:{tmp_path}", batch_size=2, workers=0, image_size=16)
 
 
+def test_hidden_folders_are_not_classes_and_an_empty_class_is_refused(tmp_path):
+    """Jupyter's train/.ipynb_checkpoints (here holding a copy of an image) was class 0, an
+    output never asked for, and every label shifted by one from what the folder names say;
+    an empty class folder was an output never taught. torchvision's ImageFolder refuses
+    the empty one; the hidden one is skipped."""
+    for split in ("train", "val"):
+        _jpeg(tmp_path / split / "cat" / "a.JPEG", (20, 20), (200, 10, 10))
+        _jpeg(tmp_path / split / "dog" / "b.JPEG", (20, 20), (10, 10, 200))
+    _jpeg(tmp_path / "train" / ".ipynb_checkpoints" / "a-checkpoint.JPEG", (20, 20), (0, 0, 0))
+    _jpeg(tmp_path / "val" / ".ipynb_checkpoints" / "b-checkpoint.JPEG", (20, 20), (0, 0, 0))
+    train_set = D.ImageFolderDataset(tmp_path / "train", size=8)
+    assert train_set.classes == ["cat", "dog"]
+    assert [(p.name, label) for p, label in train_set.samples] == [("a.JPEG", 0), ("b.JPEG", 1)]
+    _, _, spec = D.build_loaders(f"imagefolder:{tmp_path}", batch_size=1, workers=0,
+                                 image_size=8)
+    assert spec.num_classes == 2  # the val split's hidden folder is no stray class either
+    (tmp_path / "train" / "emu").mkdir()
+    (tmp_path / "train" / "emu" / "notes.txt").write_text("to do")
+    with pytest.raises(D.DataError, match=r"train has class folders with no image \(.jpg, "
+                                          r".*\): emu; remove them or add their images$"):
+        D.ImageFolderDataset(tmp_path / "train", size=8)
+
+
 def test_calibration_images_of_a_small_folder_are_its_files_unaugmented(tmp_path):
     """20 images and the training loader's batch of 256 (which drops its last partial
     batch): the sample is every image asked for, read as for evaluation (the file's pixels

@@ -41,7 +41,7 @@ from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
 from .search import (Plan, check_fraction, check_reachable, cheapest, choose, latency_scale,
                      predict)
-from .sensitivity import (GROUP_COUNTS, Sensitivity, layer_prices, model_ms, most_saved,
+from .sensitivity import (ROOT_COUNTS, Sensitivity, layer_prices, model_ms, most_saved,
                           select_top1, selection_scores)
 
 __all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
@@ -432,7 +432,7 @@ def _uniform_groups(source: Source, n: int, options
 def _best_uniform(source: Source, prices: Sensitivity, kind: str, fraction: float, options):
     """The root-N of least N whose multiply-adds (or parameters) are within ``fraction`` of
     the dense model's, as ``[(plan, {})]``; none when none is."""
-    for n in GROUP_COUNTS:
+    for n in ROOT_COUNTS:
         groups, report, _ = _uniform_groups(source, n, options)
         if getattr(report, f"{kind}_fraction") <= fraction:
             return [(Plan(kind, fraction, groups, predict(prices, groups)), {})]
@@ -531,7 +531,7 @@ def _search_latency(source: Source, prices: Sensitivity, fraction: float, option
         except DeeprootsError:
             break
     uniform, near = [], None
-    for n in GROUP_COUNTS:
+    for n in ROOT_COUNTS:
         groups, _, structure = _uniform_groups(source, n, options)
         key = tuple(sorted(groups.items()))
         if key in measured:  # a proposal already: it stays one

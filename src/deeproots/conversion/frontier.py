@@ -29,7 +29,7 @@ from ..text import format_table
 from .checkpoint import (LATENCY_TOLERANCE, SELECT_IMAGES, Source, check_device,
                          convert_checkpoint, measure_latencies, measure_latency, open_source)
 from .search import check_fraction
-from .sensitivity import GROUP_COUNTS, Sensitivity, layer_prices
+from .sensitivity import ROOT_COUNTS, Sensitivity, layer_prices
 
 __all__ = ["Point", "Frontier", "frontier", "FRONTIER_BUDGETS", "FRONTIER_FILES"]
 
@@ -117,7 +117,7 @@ class Frontier:
 
 def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
              budgets: Sequence[float] = FRONTIER_BUDGETS,
-             uniform: Sequence[int] = GROUP_COUNTS, data: Optional[str] = None,
+             uniform: Sequence[int] = ROOT_COUNTS, data: Optional[str] = None,
              data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
              calibration_images_n: Optional[int] = None, image_size: Optional[int] = None,
              finetune_steps: int = 0, finetune_lr: float = 0.01, overwrite: bool = False,

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..capture import capture
 from ..errors import DeeprootsError
 from ..layout import channels_last
-from ..models.layers import conv_layers
+from ..models.layers import common_divisors, conv_layers
 from ..runtime import check_batch_fits
 from ..speed.timing import interleaved
 from ..text import format_table
@@ -53,9 +53,10 @@ from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
 __all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts", "most_saved",
-           "GROUP_COUNTS", "model_ms", "select_top1", "selection_scores"]
+           "MAX_GROUPS", "ROOT_COUNTS", "model_ms", "select_top1", "selection_scores"]
 
-GROUP_COUNTS = (2, 4, 8, 16, 32, 64)  # the counts a layer is priced at (those that divide it)
+MAX_GROUPS = 64  # a layer is priced at every count from 2 to this that divides its channels
+ROOT_COUNTS = (2, 4, 8, 16, 32, 64)  # the uniform root-N schedules compared with (the paper's)
 FIT_ROWS = 131072  # input patches a layer's normal equations are summed over, at most
 RIDGE = 1e-4
 KL_FLOOR = 1e-4  # nats: a divergence below this is taken as this when measuring a ratio to it
@@ -182,9 +183,11 @@ class Sensitivity:
 
 
 def group_counts(site: ConvSite) -> List[int]:
-    """The counts :data:`GROUP_COUNTS` that divide both of a conv's channel counts."""
-    return [g for g in GROUP_COUNTS
-            if site.in_channels % g == 0 and site.out_channels % g == 0]
+    """The counts a conv is priced at: every whole number from 2 to :data:`MAX_GROUPS` that
+    divides both its channel counts (the counts the rule can give it; 96 -> 192 channels:
+    2, 3, 4, 6, 8, 12, 16, 24, 32, 48)."""
+    return [g for g in common_divisors(site.in_channels, site.out_channels)
+            if 2 <= g <= MAX_GROUPS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
                  stem: str = "input", repeats: int = 5, name: str = "",
                  progress: Optional[Callable[[str], None]] = None) -> Sensitivity:
     """The :class:`Sensitivity` of ``model`` (trained, eval mode; not changed): every conv
-    the rule could group, at every count of :data:`GROUP_COUNTS` that divides it, priced
+    the rule could group, at every count :func:`group_counts` gives it, priced
     on the calibration images ``fit`` (a tensor or batches), the labelled ``select`` images
     (images, labels), and timings at ``batch_size`` on ``device``. ``progress`` is called
     with a line as each layer is done."""
@@ -339,7 +342,7 @@ def most_saved(model: nn.Module, example: torch.Tensor, *, ignore: Sequence[str]
                stem: str = "input") -> Dict[str, Tuple[int, int]]:
     """The model's multiply-adds and parameters per image, and the most that grouping can
     save of each (every conv the rule could group at its largest count of
-    :data:`GROUP_COUNTS`), counted with no image seen: a multiply-add or parameter budget
+    :func:`group_counts`), counted with no image seen: a multiply-add or parameter budget
     checked before any layer is priced. ``{"macs": (total, saved), "params": (...)}``."""
     from ..inspection.costs import profile
 

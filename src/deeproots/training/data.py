@@ -518,14 +518,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist; expected "
                             f"{self.root}/<class>/<image>.JPEG")
-        self.classes = list(classes) if classes is not None else sorted(
-            d.name for d in self.root.iterdir() if d.is_dir())
+        # hidden folders (Jupyter's .ipynb_checkpoints, a sync tool's) are not classes
+        folders = sorted(d.name for d in self.root.iterdir()
+                         if d.is_dir() and not d.name.startswith("."))
+        self.classes = list(classes) if classes is not None else folders
         if not self.classes:
             raise DataError(f"{self.root} has no class sub-folders; expected "
                             f"{self.root}/<class>/<image>.JPEG")
         if classes is not None:  # another split's classes: its images would go unlabelled
-            extra = sorted(d.name for d in self.root.iterdir()
-                           if d.is_dir() and d.name not in self.classes)
+            extra = [name for name in folders if name not in self.classes]
             if extra:
                 raise DataError(f"{self.root} has class folders the training split does not: "
                                 f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}; "
@@ -539,6 +540,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise DataError(f"{self.root} has class folders but no images "
                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        if classes is None:  # the training split: a class with no image is an output never
+            found = {label for _, label in self.samples}  # taught (torchvision refuses it too)
+            empty = [c for i, c in enumerate(self.classes) if i not in found]
+            if empty:
+                raise DataError(f"{self.root} has class folders with no image "
+                                f"({', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}"
+                                f"{' ...' if len(empty) > 5 else ''}; remove them or add "
+                                f"their images")
         self.size, self.train = size, train
 
     def __len__(self) -> int:

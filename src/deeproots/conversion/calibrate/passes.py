@@ -212,6 +212,15 @@ def sampled_inputs(model, paths, x) -> Dict[str, torch.Tensor]:
     return {p: t.detach() for p, t in got.items()}
 
 
+def output_pixels(model: nn.Module, paths: Sequence[str], x) -> Dict[str, int]:
+    """Each named conv's output pixels an image (H x W) when ``model`` runs the calibration
+    batch ``x``: the rows each image gives its fit."""
+    convs = conv_layers(model)
+    with capture({p: convs[p] for p in paths}) as got, torch.no_grad():
+        forward(model, x)
+    return {p: t.shape[2] * t.shape[3] for p, t in got.items()}
+
+
 CACHE_BYTES = 2 << 30  # the dense targets kept from one pass, at most (else one pass each)
 
 

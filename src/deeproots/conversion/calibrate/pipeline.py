@@ -60,8 +60,8 @@ from ...layout import channels_last
 from ...models.layers import block_diagonal_weight, conv_layers, regroup
 from .assignment import assign_groups, kept_fraction, order_of
 from .batchnorm import reestimate_batchnorm
-from .passes import (activation_energy, dense_outputs, first_reached, norms_before, prefixed,
-                     reached_convs, sampled_inputs)
+from .passes import (activation_energy, dense_outputs, first_reached, norms_before,
+                     output_pixels, prefixed, reached_convs, sampled_inputs)
 from .refit import MIN_PIXELS_PER_WEIGHT, refit_grouped, refit_pointwise
 from .report import CalibrationReport, LayerCalibration
 from .sites import RootSite, fold_permutations, root_sites
@@ -198,6 +198,8 @@ def refit(c: Conversion) -> nn.Module:
         reached = reached_convs(c.new, c.batches[0])
         targets = sorted(set(targets) | {n for n in c.order if n in reached}, key=reached.index)
     rows = {row.layer: row for row in c.report.layers}
+    roots = {c.sites[row.layer].consumer for row in c.report.layers}
+    _underdetermined(c, [n for n in targets if n in rows or n in roots])
     cached = dense_outputs(c.dense, targets, c.batches) or {}  # the targets, in one pass
     reestimate = c.batchnorm == "reestimate"
     for name in targets:
@@ -208,7 +210,6 @@ def refit(c: Conversion) -> nn.Module:
                 c.dense, c.new, name, c.batches, c.ridge, c.out_orders.get(name),
                 cached.get(name))
             continue
-        roots = {c.sites[row.layer].consumer for row in c.report.layers}
         unexplained = refit_pointwise(c.dense, c.new, name, c.batches, c.ridge,
                                       c.out_orders.get(name), cached.get(name),
                                       0 if name in roots else MIN_PIXELS_PER_WEIGHT)
@@ -222,6 +223,25 @@ def refit(c: Conversion) -> nn.Module:
     if targets and reestimate:
         reestimate_batchnorm(c.new, c.batches, keep=c.keep)  # those after the last refit
     return copy.deepcopy(c.new)
+
+
+def _underdetermined(c: Conversion, refit: List[str]) -> None:
+    """The report's ``underdetermined``: each of the convs refit whatever the count (the
+    grouped ones and the 1x1 each root module mixes them with) whose calibration pixels are
+    fewer than the weights each of its filters is fit with (and a constant): the fit then
+    memorises the calibration images, and the energy it leaves unexplained is measured on
+    them alone (3 images of 28x28 px leave nin's conv3a, 4 groups at 7x7, 147 pixels for
+    433 weights: 0.00% unexplained, 0.60 top-1 from 0.89)."""
+    if not refit:
+        return
+    convs = conv_layers(c.new)
+    for name, pixels in output_pixels(c.new, refit, c.batches[0]).items():
+        conv = convs[name]
+        weights = (conv.in_channels // conv.groups * conv.kernel_size[0]
+                   * conv.kernel_size[1] + 1)
+        if pixels * c.report.images < weights:
+            c.report.underdetermined[name] = (pixels * c.report.images, weights,
+                                              -(-MIN_PIXELS_PER_WEIGHT * weights // pixels))
 
 
 def _refit_targets(c: Conversion) -> List[str]:

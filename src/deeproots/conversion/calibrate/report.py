@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ...text import format_table
+from .refit import MIN_PIXELS_PER_WEIGHT
 
 __all__ = ["LayerCalibration", "CalibrationReport"]
 
@@ -41,6 +42,9 @@ class CalibrationReport:
     batchnorm: str = "keep"  # the trained statistics kept, or "reestimate"
     refits: Dict[str, float] = field(default_factory=dict)  # 1x1 conv -> unexplained energy
     kept: List[str] = field(default_factory=list)  # 1x1 convs too few pixels left as they were
+    # conv -> (calibration pixels, weights a filter fits, images that give 8 pixels a weight)
+    # where the pixels are fewer than the weights (refit all the same)
+    underdetermined: Dict[str, Tuple[int, int, int]] = field(default_factory=dict)
     stages: Dict[str, Optional[float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -66,6 +70,15 @@ class CalibrationReport:
         if self.kept:
             lines.append(f"not refit, too few calibration pixels for their weights (add "
                          f"calibration images to refit them): {', '.join(self.kept)}")
+        if self.underdetermined:
+            worst = max(n for _, _, n in self.underdetermined.values())
+            lines.append(
+                "refit from fewer calibration pixels than the weights a filter fits (the fit "
+                "memorises these images; its unexplained share is measured on them): " +
+                ", ".join(f"{name} {pixels:,} pixels for {weights:,} weights"
+                          for name, (pixels, weights, _) in self.underdetermined.items()) +
+                f". --calibration-images {worst:,} or more gives each of them "
+                f"{MIN_PIXELS_PER_WEIGHT} pixels a weight")
         fixed = [f"{c.layer}: {c.fixed}" for c in self.layers if c.fixed]
         if fixed:
             lines += ["channel orders kept:"] + [f"  {f}" for f in fixed]
