@@ -188,10 +188,9 @@ def test_sensitivity_prints_each_layers_price_and_draws_it(trained, tmp_path, ca
                  "--batch-size", "8", "--plot", str(plot), "--json"]) == 0
     prices = json.loads(capsys.readouterr().out)
     assert [layer["layer"] for layer in prices["layers"]] == ["conv2a", "conv3a"]
-    # every count from 2 to 64 that divides both channel counts, by hand: nin's conv2a reads
-    # 96 channels and writes 192, conv3a 192 and 192 (not the powers of two alone)
-    by_hand = {"conv2a": [2, 3, 4, 6, 8, 12, 16, 24, 32, 48],
-               "conv3a": [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]}
+    # the powers of two to 64 that divide both channel counts, by hand: nin's conv2a reads
+    # 96 channels and writes 192, conv3a 192 and 192
+    by_hand = {"conv2a": [2, 4, 8, 16, 32], "conv3a": [2, 4, 8, 16, 32, 64]}
     for layer in prices["layers"]:
         assert (layer["in_channels"], layer["out_channels"]) == (
             (96, 192) if layer["layer"] == "conv2a" else (192, 192))
@@ -313,8 +312,8 @@ def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
     """The cheapest a multiply-add or parameter budget can reach is counted, not measured:
     the refusal comes before the pricing (minutes on a resnet50), and says what the rule's
     own count of the model gives with nin's two groupable convs at the largest counts a
-    layer is priced at (the largest to 64 that divides both its channel counts: conv2a
-    96 -> 192 at 48, conv3a 192 -> 192 at 64)."""
+    layer is priced at (the largest power of two to 64 that divides both its channel
+    counts: conv2a 96 -> 192 at 32, conv3a 192 -> 192 at 64)."""
     import deeproots.conversion.checkpoint as ckpt
 
     def no_pricing(*args, **kwargs):
@@ -323,9 +322,9 @@ def test_a_budget_no_schedule_counts_to_is_refused_before_any_layer_is_priced(
     monkeypatch.setattr(ckpt, "layer_prices", no_pricing)
     dense = deeproots.create_model("nin", in_channels=1)
     dense.load_state_dict(load_checkpoint(trained / "dense" / "best.pt")["model"])
-    _, report = deeproots.rootify(dense, {"conv2a": 48, "conv3a": 64},
+    _, report = deeproots.rootify(dense, {"conv2a": 32, "conv3a": 64},
                                   example_input=torch.zeros(1, 1, 8, 8))
-    assert report.groups == {"conv2a": 48, "conv3a": 64}
+    assert report.groups == {"conv2a": 32, "conv3a": 64}
     least = {"macs": report.macs_fraction, "params": report.params_fraction}[kind]
     with pytest.raises(DeeprootsError, match=rf"no schedule brings {kind} to 0.01 .* the "
                                              rf"cheapest reachable is {least:.3f} "):

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..capture import capture
 from ..errors import DeeprootsError
 from ..layout import channels_last
-from ..models.layers import common_divisors, conv_layers
+from ..models.layers import conv_layers
 from ..runtime import check_batch_fits
 from ..speed.timing import interleaved
 from ..text import format_table
@@ -53,10 +53,11 @@ from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
 __all__ = ["Option", "LayerPrice", "Sensitivity", "layer_prices", "group_counts", "most_saved",
-           "MAX_GROUPS", "ROOT_COUNTS", "model_ms", "select_top1", "selection_scores"]
+           "ROOT_COUNTS", "model_ms", "select_top1", "selection_scores"]
 
-MAX_GROUPS = 64  # a layer is priced at every count from 2 to this that divides its channels
-ROOT_COUNTS = (2, 4, 8, 16, 32, 64)  # the uniform root-N schedules compared with (the paper's)
+# the counts a layer is priced at (those that divide its channels), and the uniform root-N
+# schedules a budget and a frontier compare with: the paper's
+ROOT_COUNTS = (2, 4, 8, 16, 32, 64)
 FIT_ROWS = 131072  # input patches a layer's normal equations are summed over, at most
 RIDGE = 1e-4
 KL_FLOOR = 1e-4  # nats: a divergence below this is taken as this when measuring a ratio to it
@@ -183,11 +184,13 @@ class Sensitivity:
 
 
 def group_counts(site: ConvSite) -> List[int]:
-    """The counts a conv is priced at: every whole number from 2 to :data:`MAX_GROUPS` that
-    divides both its channel counts (the counts the rule can give it; 96 -> 192 channels:
-    2, 3, 4, 6, 8, 12, 16, 24, 32, 48)."""
-    return [g for g in common_divisors(site.in_channels, site.out_channels)
-            if 2 <= g <= MAX_GROUPS]
+    """The counts a conv is priced at: those of :data:`ROOT_COUNTS` that divide both its
+    channel counts. (Every divisor from 2 to 64 was tried, 2026-12-06: on nin, 96 -> 192
+    and 192 -> 192 channels, it doubles the options, the search chose none of the new ones
+    that beat a power of two, and a `--latency 0.7` conversion took 158 s instead of about
+    110, past issue 30's two minutes; docs/conversion.md.)"""
+    return [g for g in ROOT_COUNTS
+            if site.in_channels % g == 0 and site.out_channels % g == 0]
 
 
 # ---------------------------------------------------------------------------------------------
