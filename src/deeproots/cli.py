@@ -700,6 +700,11 @@ def _print_budget(summary) -> None:
              for c in summary.candidates], align="llrrr"))
     from .conversion.checkpoint import LATENCY_TOLERANCE
 
+    from .speed.timing import contention_note
+
+    loaded = contention_note(summary.measured.get("others"), "the schedules")
+    if loaded:
+        print(loaded)
     measured = summary.measured.get("latency_fraction")
     if kind == "latency" and measured is not None and measured > fraction * (
             1 + LATENCY_TOLERANCE):

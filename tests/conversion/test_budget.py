@@ -423,3 +423,33 @@ def test_the_sensitivity_table_says_once_how_long_it_took(trained, tmp_path, cap
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if "priced in" in line] == ["priced in 12 s"]
     assert out[-1] == f"drew {plot}" and plot.read_text().lstrip().startswith("<?xml")
+
+
+def test_times_taken_on_a_loaded_machine_say_so(monkeypatch, capsys):
+    """A latency measured while other processes held half the CPUs (a training run beside
+    it moved nin root-4 from 0.66 to 0.80 of the dense model's time on this project's
+    machine) is flagged where it is shown: the budget's report, the frontier's table, the
+    price table; a quiet one (2%) is not."""
+    from types import SimpleNamespace
+
+    import deeproots.conversion.checkpoint as checkpoint
+    from deeproots.cli import _print_budget
+    from deeproots.conversion.frontier import Frontier
+
+    monkeypatch.setattr(checkpoint, "model_ms", lambda models, *a, **k: (
+        {"": 2.0, "ma": 1.5}, 0.5))
+    timed = checkpoint.measure_latencies(None, {"a": None}, (1, 8, 8), 4, "cpu")["a"]
+    assert timed == {"ms_dense": 2.0, "ms": 1.5, "latency_fraction": 0.75, "others": 0.5}
+    note = "other processes used 50% of the CPUs while the {} were timed"
+    summary = SimpleNamespace(budget={"kind": "latency", "fraction": 0.8},
+                              groups={"conv2a": 4}, measured={"macs_fraction": 0.5, **timed},
+                              predicted={"latency_fraction": 0.7}, candidates=[])
+    prices = _timed_prices([(2, 10.0, 0.89)], [(2, 15.0, 0.6)])
+    front = Frontier("nin", "fashion-mnist", "cpu", 8, 0.9)
+    for others, shown in ((0.5, True), (0.02, False)):
+        summary.measured["others"] = front.others = prices.others = others
+        _print_budget(summary)
+        out = capsys.readouterr().out
+        assert (note.format("schedules") in out) is shown
+        assert (note.format("points") in front.table()) is shown
+        assert (note.format("layers") in prices.table()) is shown

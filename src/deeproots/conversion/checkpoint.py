@@ -607,12 +607,14 @@ def measure_latency(dense: nn.Module, new: nn.Module, size, batch_size: int, dev
 def measure_latencies(dense: nn.Module, models: Dict[str, nn.Module], size, batch_size: int,
                       device: str, repeats: int = 10) -> Dict[str, Dict[str, float]]:
     """Each of ``models`` and the dense model timed side by side in one session, as
-    :func:`measure_latency` times one: for each name its ``ms``, the dense ``ms_dense`` and
-    its ``latency_fraction``."""
-    ms = model_ms({"": dense, **{f"m{name}": m for name, m in models.items()}}, size,
-                  batch_size, device, repeats)
+    :func:`measure_latency` times one: for each name its ``ms``, the dense ``ms_dense``, its
+    ``latency_fraction`` and, where it is known, ``others``: the share of the CPUs other
+    processes used meanwhile (a loaded machine's ratios are not a quiet one's)."""
+    ms, others = model_ms({"": dense, **{f"m{name}": m for name, m in models.items()}}, size,
+                          batch_size, device, repeats)
     return {name: {"ms_dense": ms[""], "ms": ms[f"m{name}"],
-                   "latency_fraction": ms[f"m{name}"] / ms[""]} for name in models}
+                   "latency_fraction": ms[f"m{name}"] / ms[""],
+                   **({} if others is None else {"others": others})} for name in models}
 
 
 def price_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None,

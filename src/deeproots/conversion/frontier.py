@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from ..errors import DeeprootsError
 from ..outputs import check_new_folder
 from ..runtime import write_json, write_text
+from ..speed.timing import contention_note
 from ..text import format_table
 from .checkpoint import (LATENCY_TOLERANCE, SELECT_IMAGES, Source, check_device,
                          convert_checkpoint, measure_latencies, measure_latency, open_source)
@@ -74,6 +75,7 @@ class Frontier:
     finetune_steps: int = 0
     seconds: float = 0.0
     out: Optional[str] = None
+    others: Optional[float] = None  # other processes' share of the CPUs in the timing session
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +114,7 @@ class Frontier:
                  f"of the dense model's measured beside it",
                  format_table(head, rows, align="l" + "r" * (len(head) - 1))]
         lines += [f"latency {k}: not reached ({v})" for k, v in self.unreachable.items()]
+        lines += filter(None, [contention_note(self.others, "the points")])
         return "\n".join(lines)
 
 
@@ -179,6 +182,7 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
         for i, p in enumerate(result.points):
             t = timed[str(i)]
             p.ms, p.ms_dense, p.latency_fraction = t["ms"], t["ms_dense"], t["latency_fraction"]
+        result.others = next(iter(timed.values())).get("others")
     if finetune_steps:
         _finetune(result, source, [m for m, _ in seen], folder, finetune_steps, finetune_lr,
                   device, data_dir, say)

@@ -44,7 +44,7 @@ from ..errors import DeeprootsError
 from ..layout import channels_last
 from ..models.layers import conv_layers
 from ..runtime import check_batch_fits
-from ..speed.timing import interleaved
+from ..speed.timing import contention_note, interleaved
 from ..text import format_table
 from .calibrate.assignment import assign_groups
 from .calibrate.passes import calibration_batches, forward, prefixed
@@ -117,6 +117,7 @@ class Sensitivity:
     # calibrated pipeline (batch norms re-estimated, its 1x1 refit): filled by a budgeted
     # conversion as it checks the layers its search proposes (see :meth:`kl_of`)
     verified: Dict[str, float] = field(default_factory=dict)
+    others: Optional[float] = None  # other processes' share of the CPUs while it was timed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +181,7 @@ class Sensitivity:
             f"({self.macs:,} MACs, {self.params:,} params, {self.ms:.1f} ms a batch of "
             f"{self.batch_size} on {self.device}, fold path)",
             format_table(head, rows, align="llrrrrrrrr"),
+            *filter(None, [contention_note(self.others, "the layers")]),
             f"priced in {self.seconds:.0f} s"])
 
 
@@ -300,12 +302,12 @@ def layer_prices(model: nn.Module, fit, select: Tuple[torch.Tensor, torch.Tensor
     equations = _equations(model, convs, layers, fit_batches)
     sites_of = root_sites(model, [s.name for s in layers])
     shapes = _input_shapes(model, convs, layers, example)
-    dense_ms, conv_ms = _times(model, size, {s.name: (convs[s.name], shapes[s.name],
-                                                      group_counts(s)) for s in layers},
-                               batch_size, device, repeats)
+    dense_ms, conv_ms, others = _times(model, size, {s.name: (convs[s.name], shapes[s.name],
+                                                              group_counts(s)) for s in layers},
+                                       batch_size, device, repeats)
     result = Sensitivity(name or type(model).__name__, str(device), batch_size,
                          sum(len(b) for b in fit_batches), len(images), top1, cost.macs,
-                         cost.params, dense_ms)
+                         cost.params, dense_ms, others=others)
     for site in layers:
         conv = convs[site.name]
         eq = equations[site.name]
@@ -458,12 +460,13 @@ class _installed:
 
 def _times(model: nn.Module, size, layers: Dict[str, Tuple[nn.Conv2d, tuple, Sequence[int]]],
            batch_size: int, device: str, repeats: int
-           ) -> Tuple[float, Dict[str, Dict[int, float]]]:
+           ) -> Tuple[float, Dict[str, Dict[int, float]], Optional[float]]:
     """ms per batch of the whole ``model`` in the ``fold`` path, and of each of ``layers``
     (name: conv, its input's shape, its counts) dense (1) and at each count (channels-last,
     with a bias as after batch norm is folded), all timed side by side in one session: a
     schedule's predicted time is the model's less its layers' savings, and a change in the
-    machine's speed between two sessions (5-10% on a shared CPU) would move that ratio."""
+    machine's speed between two sessions (5-10% on a shared CPU) would move that ratio. Last,
+    the share of the CPUs other processes used meanwhile."""
     dev = torch.device(device)
     x = torch.randn(batch_size, *size, device=dev)
     folded = _folded(model, x)
@@ -479,7 +482,7 @@ def _times(model: nn.Module, size, layers: Dict[str, Tuple[nn.Conv2d, tuple, Seq
                           device=dev)
     ms = {key: 1000 * t.median_s for key, t in timings.items()}
     return ms["model"], {name: {g: ms[f"{name}@{g}"] for g in (1, *counts)}
-                         for name, (_, _, counts) in layers.items()}
+                         for name, (_, _, counts) in layers.items()}, timings["model"].others
 
 
 def _no_grad(layer, x):
@@ -496,12 +499,14 @@ def _folded(model: nn.Module, x: torch.Tensor):
 
 
 def model_ms(models: Dict[str, nn.Module], size, batch_size: int, device: str,
-             repeats: int = 5) -> Dict[str, float]:
+             repeats: int = 5) -> Tuple[Dict[str, float], Optional[float]]:
     """ms per batch of each model in the ``fold`` path (batch norm folded, channels-last:
-    what a converted model runs as), at ``batch_size`` on ``device``, timed side by side."""
+    what a converted model runs as), at ``batch_size`` on ``device``, timed side by side;
+    and the share of the CPUs other processes used meanwhile (:class:`OthersShare`)."""
     dev = torch.device(device)
     x = torch.randn(batch_size, *size, device=dev)
     built = {name: _folded(m, x) for name, m in models.items()}
     timings = interleaved({name: (lambda f=f: f(x)) for name, f in built.items()}, batch_size,
                           repeats=repeats, cuda=dev.type == "cuda", device=dev)
-    return {name: 1000 * t.median_s for name, t in timings.items()}
+    return ({name: 1000 * t.median_s for name, t in timings.items()},
+            next(iter(timings.values())).others)

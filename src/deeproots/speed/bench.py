@@ -29,7 +29,7 @@ from .paths import resolve_grouped_conv
 from ..text import format_table
 from ..capture import capture, hooks
 from ..layout import channels_last, choose_layout
-from .timing import Mark, UNRELIABLE_SPREAD, Timing, interleaved
+from .timing import Mark, UNRELIABLE_SPREAD, Timing, contention_note, interleaved
 
 __all__ = ["Timing", "interleaved", "train_step_fn", "step_phases", "BenchRow", "bench_models",
            "bench_paper", "format_bench", "LayerTimes", "layer_times", "bench_layers",
@@ -81,6 +81,7 @@ class BenchRow:
     phases_ms: Dict[str, float] = field(default_factory=dict)  # train --detail: ms per batch
     compile_s: Optional[float] = None  # train with compile: the first step, compiling
     notes: List[str] = field(default_factory=list)  # e.g. a batch halved after running out
+    others: Optional[float] = None  # other processes' share of the CPUs while it was timed
 
     def to_dict(self) -> dict:
         """A flat JSON-ready dict (the paper's timings as ``paper_*`` keys)."""
@@ -243,7 +244,8 @@ def _bench(names, batch_size, device, dtype, paths, modes, repeats, warmup, inpu
                     allocator=allocator(), fallbacks=fallbacks[n],
                     notes=[f"{n} ({path}): {note}" for note in notes[n]],
                     phases_ms=phases.get(n, {}),
-                    compile_s=steps[n].compile_s if mode == "train" else None))
+                    compile_s=steps[n].compile_s if mode == "train" else None,
+                    others=t.others))
             if on_rows is not None:
                 group = rows[-len(names):]
                 on_rows([replace(r, notes=list(notes_so_far) + r.notes) for r in group])
@@ -297,6 +299,10 @@ def format_bench(rows: List[BenchRow]) -> str:
     notes += [f"{r.model} ({r.path}): unreliable, the repeats spread {100 * r.spread:.0f}% of "
               f"their median; run with more --repeats on a quieter machine"
               for r in rows if r.spread > UNRELIABLE_SPREAD]
+    loaded = max((r.others for r in rows if r.others is not None), default=None)
+    note = contention_note(loaded)
+    if note:
+        notes.append(note)
     return "\n".join([title, format_table(head, body, align="lllrrrrr" + "r" * len(parts)),
                       f"allocator: {r0.allocator}", *notes])
 

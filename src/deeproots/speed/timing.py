@@ -1,24 +1,30 @@
 """The one way deeproots measures speed: workloads interleaved in one process (A, B, A, B,
 ...) after a warm-up, so drift in the machine's speed hits every workload alike, and the
-median of the repeats reported with its spread. The ground floor under ``bench`` and
-``deploy``."""
+median of the repeats reported with its spread, and the share of the CPUs other processes
+held meanwhile (:class:`OthersShare`: drift is evened out, another process's load is not).
+The ground floor under ``bench`` and ``deploy``."""
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from ..checks import check_positive, check_whole
 
-__all__ = ["Timing", "interleaved", "Mark", "UNRELIABLE_SPREAD", "EVENT_MIN_S", "EVENT_MAX_CALLS"]
+__all__ = ["Timing", "interleaved", "Mark", "UNRELIABLE_SPREAD", "EVENT_MIN_S", "EVENT_MAX_CALLS",
+           "OthersShare", "CONTENDED", "contention_note"]
 
 WARMUP_S_GPU = 1.0  # the least warm-up, in seconds, whatever the rounds asked for
 WARMUP_S_CPU = 0.5
 UNRELIABLE_SPREAD = 0.5  # (max - min) / median above which a figure is flagged
+CONTENDED = 0.10  # other processes' share of this process's CPUs while timing, above which
+# the figures are flagged: on this project's 2-core machine a training run beside the timing
+# moved nin root-4's time from 0.67 of the dense model's to 0.80 (docs/speed.md)
 
 
 @dataclass
@@ -28,6 +34,7 @@ class Timing:
     name: str
     seconds: List[float]
     images: int
+    others: Optional[float] = None  # other processes' share of the CPUs while it was timed
 
     @property
     def median_s(self) -> float:
@@ -50,6 +57,68 @@ class Timing:
         """The repeats and the derived figures, JSON-ready."""
         return {**asdict(self), "median_s": self.median_s, "spread": self.spread,
                 "ms_per_image": self.ms_per_image}
+
+
+class OthersShare:
+    """How much of the CPUs this process may run on went to other processes (and, in a
+    virtual machine, to other guests: the time the hypervisor stole) while the ``with``
+    block ran: their busy time in ``/proc/stat`` less this process's own CPU time, over the
+    block's wall time and the number of those CPUs. ``share`` is None where it cannot be
+    known (no ``/proc/stat``, or a block too short for its 10 ms ticks to count).
+
+        with OthersShare() as load:
+            ...                           # the timed work
+        load.share                        # e.g. 0.48: a training run beside it
+    """
+
+    MIN_CPU_S = 1.0  # the block's wall time x CPUs below which no share is given
+
+    def __init__(self, stat: str = "/proc/stat"):
+        self.stat = stat
+        self.share: Optional[float] = None
+
+    def __enter__(self) -> "OthersShare":
+        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else []
+        self._busy = busy_cpu_s(self._cpus, self.stat)
+        self._own = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = busy_cpu_s(self._cpus, self.stat)
+        wall = time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall * len(self._cpus) < self.MIN_CPU_S:
+            return
+        others = (busy - self._busy) - (time.process_time() - self._own)
+        self.share = min(1.0, max(0.0, others / (wall * len(self._cpus))))
+
+
+def busy_cpu_s(cpus: Sequence[int], stat: str = "/proc/stat") -> Optional[float]:
+    """Seconds the CPUs ``cpus`` have spent busy since boot (user, nice, system, irq,
+    softirq and steal time of their ``cpuN`` lines in ``stat``), or None where it cannot
+    be read."""
+    wanted = {f"cpu{c}" for c in cpus}
+    try:
+        with open(stat) as f:
+            lines = [line.split() for line in f if line.startswith("cpu")]
+        ticks = sum(sum(int(v) for i, v in enumerate(fields[1:9]) if i not in (3, 4))
+                    for fields in lines if fields[0] in wanted)
+    except (OSError, ValueError):
+        return None
+    if not wanted or not any(fields[0] in wanted for fields in lines):
+        return None
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def contention_note(share: Optional[float], what: str = "these figures") -> Optional[str]:
+    """One line for a timing taken while other processes held more than :data:`CONTENDED`
+    of the CPUs, or None."""
+    if share is None or share <= CONTENDED:
+        return None
+    return (f"other processes used {100 * share:.0f}% of the CPUs while {what} were timed: "
+            f"a loaded machine, whose ratios differ from a quiet one's; time again when "
+            f"nothing else runs")
 
 
 EVENT_MIN_S = 1e-3  # a GPU timing interval at least this long: host launch latency
@@ -97,10 +166,11 @@ def interleaved(workloads: Dict[str, Callable[[], None]], images: int, repeats: 
             per_pair[name] = max(1, min(EVENT_MAX_CALLS, math.ceil(EVENT_MIN_S / max(one,
                                                                                      1e-9))))
     seconds: Dict[str, List[float]] = {name: [] for name in workloads}
-    for _ in range(repeats):
-        for name, fn in workloads.items():
-            seconds[name].append(_time_call(fn, sync, events, gpu, per_pair[name]))
-    return {name: Timing(name, s, images) for name, s in seconds.items()}
+    with OthersShare() as load:
+        for _ in range(repeats):
+            for name, fn in workloads.items():
+                seconds[name].append(_time_call(fn, sync, events, gpu, per_pair[name]))
+    return {name: Timing(name, s, images, load.share) for name, s in seconds.items()}
 
 
 def _time_call(fn: Callable[[], None], sync: Callable[[], None], events: bool,
