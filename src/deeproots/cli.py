@@ -341,6 +341,13 @@ def cmd_eval(args) -> int:
     else:
         print(f"{state['model_cfg']['name']} on {spec.name} ({result.n} images): top-1 "
               f"{result.top1:.4f}, top-5 {result.top5:.4f}, loss {result.loss:.4f}")
+        trained_on = (state.get("data") or {}).get("name")
+        if spec.name.startswith("imagefolder:") and trained_on not in (None, spec.name):
+            print(f"(its images read as {trained_on}'s were: {spec.in_channels} channel"
+                  f"{'s' if spec.in_channels > 1 else ''} at {spec.image_size}x"
+                  f"{spec.image_size}, normalised with its mean "
+                  f"{', '.join(f'{m:g}' for m in spec.mean)} and std "
+                  f"{', '.join(f'{v:g}' for v in spec.std)})")
     return 0
 
 

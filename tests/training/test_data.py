@@ -328,3 +328,59 @@ def test_tensor_loader_is_reproducible_resumable_and_shards_exactly():
         r.set_epoch(2)
     for (x, y), (x0, y0), (x1, y1) in zip(a, *[r.batches() for r in ranks]):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+
+
+
+def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, capsys):
+    """A nin trained on one-channel Fashion-MNIST files, evaluated on an image folder of the
+    same test images saved as PNG (half greyscale, half RGB with equal channels): the
+    folder is read as the model takes its images (timm's input_img_mode "L" for a
+    one-channel model, the model's size, the mean and std it was trained with, the whole
+    image), so its top-1 is that of the test images given to the model by hand. It used to
+    be read as 224 px RGB with ImageNet's mean: "nin was built for 1-channel input ...
+    Build it with in_channels=3". A conversion reads such a folder the same way."""
+    from deeproots.conversion.checkpoint import convert_checkpoint
+    from deeproots.training.evaluate import evaluate, load_for_eval
+    from deeproots.training.loop import train
+    from helpers import train_cfg
+
+    written = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=24, size=8)
+    train(train_cfg(tmp_path / "fm", tmp_path / "run", model="nin", epochs=1))
+    folder = tmp_path / "mine"
+    for split, (xs, ys) in (("train", written["train"]), ("val", written["t10k"])):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            (folder / split / str(y)).mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray(x, "L")
+            (img if i % 2 else img.convert("RGB")).save(folder / split / str(y) / f"{i}.png")
+    for c in range(4, 10):  # nin has 10 outputs, the rule uses 0-3: the rest one image each
+        (folder / "train" / str(c)).mkdir()
+        Image.fromarray(written["train"][0][0], "L").save(folder / "train" / str(c) / "x.png")
+    ckpt = tmp_path / "run" / "best.pt"
+    model, loader, spec, _, _ = load_for_eval(ckpt, data=f"imagefolder:{folder}", workers=0)
+    assert (spec.in_channels, spec.image_size, spec.mean, spec.std) == (1, 8, (72.94,), (90.02,))
+    got = evaluate(model, loader)
+    images, labels = written["t10k"]
+    with torch.no_grad():
+        logits = model((torch.from_numpy(images).float()[:, None] - 72.94) / 90.02)
+    by_hand = (logits.argmax(1) == torch.from_numpy(labels).long()).float().mean().item()
+    assert got.n == len(labels) and got.top1 == pytest.approx(by_hand)
+    from deeproots.cli import main
+
+    assert main(["eval", str(ckpt), "--data", f"imagefolder:{folder}", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"top-1 {by_hand:.4f}" in out
+    assert ("its images read as fashion-mnist's were: 1 channel at 8x8, normalised with its "
+            "mean 72.94 and std 90.02") in out
+    _, _, summary = convert_checkpoint(ckpt, "root-4", data=f"imagefolder:{folder}",
+                                       calibration_images_n=16, stages=False)
+    assert summary.top1_before == pytest.approx(by_hand)
+    # a fine-tune on the folder reads it the same way, and its model says so (timm's cfg)
+    from deeproots.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    train(train_cfg(tmp_path / "fm", tmp_path / "ft", model=None, init=str(ckpt),
+                    data=f"imagefolder:{folder}", epochs=1, batch_size=8, workers=0))
+    state = load_checkpoint(tmp_path / "ft" / "best.pt")
+    assert {k: state["data"][k] for k in ("in_channels", "image_size", "mean", "crop_fraction")
+            } == {"in_channels": 1, "image_size": 8, "mean": (72.94,), "crop_fraction": 1.0}
+    cfg = model_from_checkpoint(state, "ft").pretrained_cfg
+    assert cfg["input_size"] == (1, 8, 8) and cfg["crop_pct"] == 1.0

@@ -32,8 +32,8 @@ from ..models.layers import example_logits
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
 from ..training.checkpoint import NEEDED, load_checkpoint, model_from_checkpoint, save_model
-from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits, head,
-                             sample_split)
+from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits, folder_like,
+                             head, sample_split)
 from ..training.evaluate import evaluate
 from ..weights import fit_weights, load_weights_only, state_dict_of
 from .calibrate.passes import calibration_batches
@@ -150,11 +150,12 @@ def calibration_data(source: dict, *, data: Optional[str], data_dir=None,
     if not data:
         raise DeeprootsError(f"{name} records no data it was trained on: give --data (e.g. "
                              f"fashion-mnist or imagefolder:DIR, the images to calibrate on)")
-    size = image_size or config.get("image_size") or 224
+    trained_on = source.get("data") if isinstance(source.get("data"), dict) else {}
+    like = folder_like(trained_on)  # an image folder read as its images were
+    size = image_size or (like or {}).get("image_size") or config.get("image_size") or 224
     train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
                                       batch_size=256, image_size=size, download_ok=download,
-                                      workers=0)
-    trained_on = source.get("data") if isinstance(source.get("data"), dict) else {}
+                                      workers=0, like=like)
     if trained_on.get("in_channels") not in (None, spec.in_channels):
         raise DeeprootsError(f"{name} was trained on {trained_on['in_channels']}-channel "
                              f"images ({trained_on.get('name', 'its data')}); {data} has "

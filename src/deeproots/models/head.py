@@ -148,7 +148,8 @@ class ClassifierHead:
             folder = str(data.get("name", "")).startswith("imagefolder:")
             cfg.update(mean=tuple(m / 255 for m in data["mean"]),
                        std=tuple(v / 255 for v in data["std"]), interpolation="bilinear",
-                       crop_pct=0.875 if folder else 1.0, trained_on=data.get("name"))
+                       crop_pct=data.get("crop_fraction", 0.875 if folder else 1.0),
+                       trained_on=data.get("name"))
             if data.get("image_size"):
                 size = int(data["image_size"])
                 cfg["input_size"] = (int(data.get("in_channels", self.in_channels)), size, size)

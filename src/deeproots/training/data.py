@@ -47,6 +47,7 @@ __all__ = [
     "load_cifar10",
     "load_fashion_mnist",
     "ImageFolderDataset",
+    "folder_like",
     "TensorLoader",
     "FolderLoader",
     "random_crop_flip",
@@ -65,7 +66,9 @@ class DataSpec:
     """What a model and the augmentation need to know of a dataset.
 
     ``mean`` and ``std`` are per channel, on the 0..255 scale; ``pad`` is the zero padding of
-    the random crop (the paper's 4 pixels for CIFAR-10), ``flip`` random mirroring."""
+    the random crop (the paper's 4 pixels for CIFAR-10), ``flip`` random mirroring;
+    ``crop_fraction`` the share of an evaluation image's short side kept (an image folder's
+    centre crop, 0.875; a dataset's images are whole)."""
 
     name: str
     num_classes: int
@@ -75,6 +78,7 @@ class DataSpec:
     std: Tuple[float, ...]
     pad: int = 4
     flip: bool = True
+    crop_fraction: float = 1.0
 
     def normalize(self, images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """uint8 [N, C, H, W] -> mean-subtracted, std-scaled float on the same device."""
@@ -509,11 +513,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """``root/<class>/<image>`` files, classes in sorted order, as torchvision's ImageFolder.
 
     Training: random-resized crop (scale 0.08-1, aspect 3/4-4/3) to ``size`` and a random
-    flip. Evaluation: resize the short side to ``size / 0.875`` and take the centre crop.
-    Items are (uint8 [3, size, size], label)."""
+    flip. Evaluation: resize the short side to ``size / crop_fraction`` and take the centre
+    crop. Items are (uint8 [channels, size, size], label): each image read as RGB, or as
+    greyscale (Pillow's "L") for ``channels=1``, as timm reads images for a one-channel
+    model."""
 
     def __init__(self, root: Path | str, size: int = 224, train: bool = True,
-                 classes: Optional[Sequence[str]] = None):
+                 classes: Optional[Sequence[str]] = None, channels: int = 3,
+                 crop_fraction: float = 0.875):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist; expected "
@@ -549,6 +556,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                 f"{' ...' if len(empty) > 5 else ''}; remove them or add "
                                 f"their images")
         self.size, self.train = size, train
+        self.channels, self.crop_fraction = channels, crop_fraction
+        self.mode = {1: "L", 3: "RGB"}[channels]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -559,11 +568,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-                x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+                img = img.convert(self.mode)
+                x = torch.from_numpy(np.asarray(img).copy()).reshape(
+                    img.size[1], img.size[0], -1).permute(2, 0, 1)
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path} is not a readable image ({err})") from err
-        x = random_resized_crop(x, self.size) if self.train else center_crop(x, self.size)
+        x = random_resized_crop(x, self.size) if self.train else center_crop(
+            x, self.size, self.crop_fraction)
         if self.train and torch.rand(()) < 0.5:
             x = x.flip(2)
         return x, label
@@ -609,10 +620,13 @@ def center_crop(x: torch.Tensor, size: int, crop_fraction: float = 0.875) -> tor
 def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cpu",
                   seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 4,
                   image_size: int = 224, limit_train_batches: Optional[int] = None,
-                  limit_eval_batches: Optional[int] = None, download_ok: bool = True):
+                  limit_eval_batches: Optional[int] = None, download_ok: bool = True,
+                  like: Optional[dict] = None):
     """Train and test loaders and the :class:`DataSpec` for ``data``: a name of
     :data:`DATASETS` (``fashion-mnist``, ``cifar10``) or ``imagefolder:PATH`` (with
-    ``PATH/train`` and ``PATH/val``)."""
+    ``PATH/train`` and ``PATH/val``). ``like``: the data a trained model's images were
+    prepared as (a checkpoint's ``data``: :func:`folder_like`); an image folder is then read
+    the same way: its channels, mean and std and its centre crop."""
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data-dir {data_dir} does not exist or is not a folder")
     name = dataset_name(data)
@@ -626,7 +640,7 @@ def build_loaders(data: str, *, data_dir=None, batch_size: int = 128, device="cp
     elif isinstance(data, str) and data.startswith("imagefolder:"):
         return _folder_loaders(Path(data.split(":", 1)[1]), batch_size, seed, rank,
                                world_size, workers, image_size, limit_train_batches,
-                               limit_eval_batches)
+                               limit_eval_batches, like)
     else:
         raise DeeprootsError(f"unknown data {data!r}; accepted: {', '.join(dataset_names())}")
     # the table's spec, sized as the files really are (small test files, resized copies)
@@ -705,7 +719,8 @@ def _read(train, spec: "DataSpec", pick: torch.Tensor) -> Tuple[torch.Tensor, to
                 train.labels[where].to("cpu"))
     # an image folder: the same files read as for evaluation (no random crop or flip)
     plain = ImageFolderDataset(train.dataset.root, train.dataset.size, train=False,
-                               classes=train.dataset.classes)
+                               classes=train.dataset.classes, channels=train.dataset.channels,
+                               crop_fraction=train.dataset.crop_fraction)
     items = [plain[int(i)] for i in pick]
     return (spec.normalize(torch.stack([x for x, _ in items])),
             torch.tensor([y for _, y in items], dtype=torch.int64))
@@ -754,13 +769,38 @@ class FolderLoader:
                 yield self.spec.normalize(x), y
 
 
+def folder_like(trained_on: Optional[dict]) -> Optional[dict]:
+    """How an image folder is read for a model whose images were prepared as ``trained_on``
+    (a checkpoint's ``data``): its channels, the mean and std it was normalised with, its
+    image size, and its centre crop (a named dataset's images are whole: 1.0; an image
+    folder's 0.875), as timm reads them from a model's ``pretrained_cfg``; None where it
+    says nothing of them."""
+    if not isinstance(trained_on, dict) or trained_on.get("in_channels") not in (1, 3):
+        return None
+    channels = trained_on["in_channels"]
+    mean, std = trained_on.get("mean"), trained_on.get("std")
+    if not (mean and std and len(mean) == len(std) == channels):
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (None, None)
+    if mean is None:
+        return None
+    folder = str(trained_on.get("name", "")).startswith("imagefolder:")
+    return {"name": trained_on.get("name"), "in_channels": channels, "mean": tuple(mean),
+            "std": tuple(std), "image_size": trained_on.get("image_size"),
+            "crop_fraction": trained_on.get("crop_fraction", 0.875 if folder else 1.0)}
+
+
 def _folder_loaders(root, batch_size, seed, rank, world_size, workers, image_size,
-                    limit_train, limit_eval):
-    train_set = ImageFolderDataset(root / "train", image_size, train=True)
+                    limit_train, limit_eval, like=None):
+    like = like or {}
+    channels, crop = like.get("in_channels", 3), like.get("crop_fraction", 0.875)
+    train_set = ImageFolderDataset(root / "train", image_size, train=True, channels=channels,
+                                   crop_fraction=crop)  # (its evaluation-style reads)
     test_set = ImageFolderDataset(root / "val", image_size, train=False,
-                                  classes=train_set.classes)
-    spec = DataSpec(f"imagefolder:{root}", len(train_set.classes), 3, image_size,
-                    IMAGENET_MEAN, IMAGENET_STD, pad=0, flip=False)
+                                  classes=train_set.classes, channels=channels,
+                                  crop_fraction=crop)
+    spec = DataSpec(f"imagefolder:{root}", len(train_set.classes), channels, image_size,
+                    like.get("mean", IMAGENET_MEAN), like.get("std", IMAGENET_STD), pad=0,
+                    flip=False, crop_fraction=crop)
     common = dict(spec=spec, batch_size=batch_size, seed=seed, rank=rank,
                   world_size=world_size, workers=workers)
     return (FolderLoader(train_set, train=True, limit_batches=limit_train, **common),

@@ -17,7 +17,7 @@ from ..layout import Layout, choose_layout
 from ..models.layers import example_logits, main_logits
 from ..runtime import check_batch_fits, resolve_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import build_loaders, check_data_fits
+from .data import build_loaders, check_data_fits, folder_like
 from .distributed import all_sum
 
 __all__ = ["EvalResult", "evaluate", "load_for_eval"]
@@ -77,10 +77,12 @@ def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_di
     config = state["config"]
     data = data or config.get("data")
     check_data_fits(data, model, str(checkpoint), "evaluate")  # before the data is read
+    like = folder_like(state.get("data"))  # an image folder read as its images were
     _, test_loader, spec = build_loaders(
         data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
-        workers=workers, image_size=config.get("image_size", 224),
-        limit_eval_batches=limit_eval_batches, download_ok=download)
+        workers=workers, image_size=(like or {}).get("image_size")
+        or config.get("image_size", 224), limit_eval_batches=limit_eval_batches,
+        download_ok=download, like=like)
     classes = getattr(model, "num_classes", None)
     if classes is None:  # a model of the user's own: count its outputs
         classes = example_logits(model, torch.zeros(
