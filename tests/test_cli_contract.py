@@ -147,7 +147,7 @@ CASES = [
     ("train", ["nin", "--momentum", "1.5", "--out", "{missing}/a"], "momentum must be from 0 to below 1"),
     ("train", ["nin", "--workers", "-1", "--out", "{missing}/a"], "workers must be a whole number >= 0"),
     ("train", ["nin", "--schedule", "linear"], "invalid choice: 'linear'"),
-    ("train", ["nin", "--device", "tpu", "--out", "{missing}/a"], "device must be auto, cpu or cuda; got 'tpu'"),
+    ("train", ["nin", "--device", "tpu", "--out", "{missing}/a"], "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     ("train", ["nin", "--data", "mnist", "--out", "{missing}/a"], "unknown data 'mnist'"),
     ("train", ["nin", "--data-dir", "{missing}", "--out", "{missing}/a"], "does not exist"),
     ("train", ["nin", "--data-dir", "{data}", "--out", "{file}"], "is a file; give a folder"),
@@ -183,7 +183,7 @@ CASES = [
     ("rootify", ["{ckpt}", "--data", "cifar10", "--schedule", "root-8", "--out", "{fresh}/c.pt"],
      "takes 1-channel images and cifar10 has 3-channel ones: calibrate it on images like"),
     ("eval", ["{ckpt}", "--data", "mnist", "--device", "cpu"], "unknown data 'mnist'"),
-    ("eval", ["{ckpt}", "--device", "tpu"], "device must be auto, cpu or cuda"),
+    ("eval", ["{ckpt}", "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
     ("eval", ["{ckpt}", "--data-dir", "{missing}", "--device", "cpu"], "does not exist"),
     ("analyze", ["{ckpt}", "--out", "{file}"], "is a file; give a folder"),
     ("analyze", ["{ckpt}", "--out", "{missing}/an", "--eps", "nan", "--device", "cpu"],
@@ -206,7 +206,7 @@ CASES = [
     ("bench", ["nin", "--threads", "0"], "--threads must be a whole number >= 1"),
     ("bench", ["nin", "--repeats", "0"], "--repeats must be a whole number >= 1"),
     ("bench", ["nin", "--warmup", "-1"], "--warmup must be a whole number >= 0"),
-    ("bench", ["nin", "--device", "tpu"], "device must be cpu or cuda; got 'tpu'"),
+    ("bench", ["nin", "--device", "tpu"], "device must be cpu, cuda or cuda:N; got 'tpu'"),
     ("bench", ["nin", "--path", "tvm"], "invalid choice: 'tvm'"),
     ("bench", ["nin", "--dtype", "float16"], "invalid choice: 'float16'"),
     ("bench", ["--paper", "resnet200"], "invalid choice: 'resnet200'"),
@@ -363,7 +363,7 @@ CASES = [
     ("rootify", ["{missing}/bst.pt", "--schedule", "root-8"], "bst.pt: no such file"),
     # names, choices and devices are refused before any data is looked for
     ("train", ["nin", "--device", "cuda:x", "--out", "{missing}/a", "--data-dir", "{missing}"],
-     "device must be auto, cpu or cuda"),
+     "device must be auto, cpu, cuda or cuda:N"),
 ]
 COMMANDS = sorted({c for c, _, _ in CASES})
 

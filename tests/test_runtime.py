@@ -20,10 +20,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 def test_device_names():
     check_device("cuda:1")
-    with pytest.raises(ValueError, match="device must be auto, cpu or cuda; got 'tpu'"):
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N; got 'tpu'"):
         check_device("tpu")
-    with pytest.raises(ValueError, match="device must be cpu or cuda; got 'auto'"):
+    with pytest.raises(ValueError, match="device must be cpu, cuda or cuda:N; got 'auto'"):
         check_device("auto", accepted=("cpu", "cuda"))
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N; got 'cpu:1'"):
+        check_device("cpu:1")  # the help's cuda:N named in the message, as it is accepted
 
 
 def test_a_batch_that_does_not_fit_names_the_largest_that_does(monkeypatch):

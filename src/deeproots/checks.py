@@ -83,7 +83,8 @@ def check_device(name: Any, accepted: Sequence[str] = ("auto", "cpu", "cuda")) -
     if isinstance(name, str) and (name in accepted or (
             "cuda" in accepted and name.startswith("cuda:") and name[5:].isdigit())):
         return name
-    raise DeeprootsError(f"device must be {listed(accepted)}; got {name!r}")
+    shown = [*accepted, "cuda:N"] if "cuda" in accepted else list(accepted)
+    raise DeeprootsError(f"device must be {listed(shown)}; got {name!r}")
 
 
 def check_groups_mapping(groups: Any) -> Mapping[str, int]:

@@ -1008,7 +1008,7 @@ def _parser_bench(sub) -> None:
     p.add_argument("--paper", choices=TIMED_TABLES,
                    help="time every variant of that table of the paper and show its CPU and "
                         "GPU speedups beside ours")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_whole("--threads"), help="CPU threads (default: torch's)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--path", nargs="+", default=["fold"], choices=PATHS,

@@ -187,7 +187,7 @@ def test_bench_rows():
 @pytest.mark.parametrize("argv, message", [
     (["bench", "nin-rot-8"], "unknown model 'nin-rot-8'"),
     (["bench", "nin", "--device", "cuda"], "no CUDA GPU"),
-    (["bench", "nin", "--device", "tpu"], "device must be cpu or cuda; got 'tpu'"),
+    (["bench", "nin", "--device", "tpu"], "device must be cpu, cuda or cuda:N; got 'tpu'"),
 ])
 def test_bench_errors(capsys, argv, message):
     if "cuda" in argv and torch.cuda.is_available():

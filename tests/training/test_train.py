@@ -297,7 +297,7 @@ def test_googlenets_auxiliary_losses_by_hand():
     ({"epochs": 0}, "epochs must be a whole number >= 1; got 0"),
     ({"batch_size": -2}, "batch_size must be"),
     ({"schedule": "linear"}, "schedule must be one of cosine, step; got 'linear'"),
-    ({"device": "tpu"}, "device must be auto, cpu or cuda; got 'tpu'"),
+    ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     ({"data": "mnist"}, "unknown data 'mnist'; accepted: fashion-mnist, cifar10"),
     ({"batch_size": 1000}, "batch size 1000 is larger than the training set"),
     ({"lr": math.inf}, "lr must be a finite number > 0; got inf"),
