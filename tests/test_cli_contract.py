@@ -175,6 +175,13 @@ CASES = [
     ("profile", ["{ckpt}", "--groups", "conv2a=2"],
      "--groups cannot change a trained checkpoint's model; profile CHECKPOINT takes the model"),
     ("bench", ["{missing}/bst.pt"], "checkpoint {missing}/bst.pt: no such file (bench takes"),
+    # a trained model's channels are its data's: --input-size C,H,W cannot change them (it was
+    # "Build it with in_channels=3", advice a trained model cannot take)
+    ("profile", ["{ckpt}", "--input-size", "3,8,8"],
+     "--input-size 3,8,8: {ckpt} was trained on 1-channel images (fashion-mnist); give 1,H,W"),
+    ("export", ["{ckpt}", "--format", "pt2", "--out", "{fresh}/c.pt2", "--input-size", "3,8,8"],
+     "--input-size 3,8,8: {ckpt} was trained on 1-channel images (fashion-mnist); give 1,H,W"),
+    ("bench", ["{ckpt}", "--input-size", "3,8,8"], "{ckpt} was trained on 1-channel images"),
     # a named dataset of other images: refused before its files are looked for or downloaded
     ("eval", ["{ckpt}", "--data", "cifar10", "--data-dir", "{folder}"],
      "takes 1-channel images and cifar10 has 3-channel ones: evaluate it on images like"),

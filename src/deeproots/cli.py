@@ -265,7 +265,8 @@ def cmd_profile(args) -> int:
 
     if _names_a_checkpoint(args.model, "profile"):
         _no_model_options(args, "profile CHECKPOINT")
-        model = _as_backbone(_trained_model(args.model), args, args.model)
+        model = _as_backbone(_trained_model(args.model, input_size=args.input_size), args,
+                             args.model)
     else:
         with torch.device("meta"):
             model = _build(args)
@@ -555,11 +556,12 @@ def _looks_like_a_file(text: str) -> bool:
                                              ".safetensors"))
 
 
-def _trained_model(path: str, user_spec: Optional[str] = None):
+def _trained_model(path: str, user_spec: Optional[str] = None, input_size=None):
     """The model of the checkpoint ``path`` (its weights, its groups), named by the path and
     sized as it was trained (``default_input_size``: Fashion-MNIST's 1x28x28, not the
     model's 3x32x32), as profile, bench, roofline and export take it in a model's place.
-    ``user_spec``: the ``FILE.py:FUNCTION`` of a model of your own."""
+    ``user_spec``: the ``FILE.py:FUNCTION`` of a model of your own. ``input_size``: the
+    command's ``--input-size``, whose C (of C,H,W) must be the channels it was trained on."""
     from .training.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(path)
@@ -568,6 +570,12 @@ def _trained_model(path: str, user_spec: Optional[str] = None):
                                       "has it)")
     trained = state.get("data") if isinstance(state.get("data"), dict) else {}
     channels = trained.get("in_channels", getattr(model, "in_channels", None))
+    given = _input_channels(input_size)
+    if given is not None and channels and given != channels:
+        on = f" ({trained['name']})" if trained.get("name") else ""
+        raise DeeprootsError(f"--input-size {','.join(map(str, input_size))}: {path} was "
+                             f"trained on {channels}-channel images{on}; give "
+                             f"{channels},H,W or H,W")
     if trained.get("image_size") and channels:
         model.default_input_size = (int(channels), int(trained["image_size"]),
                                     int(trained["image_size"]))
@@ -593,7 +601,7 @@ def _models_or_checkpoints(specs, command: str, input_size=None) -> list:
     out = []
     for spec in specs:
         if _names_a_checkpoint(spec, command):
-            out.append(_trained_model(spec))
+            out.append(_trained_model(spec, input_size=input_size))
         elif _input_channels(input_size) is not None:
             out.append(_for_input(spec, input_size))
         else:
@@ -871,8 +879,8 @@ def cmd_export(args) -> int:
         from .models.registry import is_user_model
 
         model = _as_backbone(_trained_model(args.checkpoint, args.model
-                                            if is_user_model(args.model) else None),
-                             args, args.checkpoint)
+                                            if is_user_model(args.model) else None,
+                                            args.input_size), args, args.checkpoint)
     else:
         model = _build(args)
     size = parse_input_size(args.input_size, model)
