@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from deeproots import create_model, profile
 from deeproots.models import GoogLeNetOutputs
+from deeproots.errors import DeeprootsError
 
 # (name, build arguments, input, the last map's shape and the pooled features, by hand:
 # nin 32 -> 16 -> 8 at conv3b's 192 channels; resnet50 64 -> 2 after five halvings at 2048;
@@ -259,8 +260,15 @@ def test_pretrained_cfg_says_what_timm_prepares_images_by(tmp_path):
                                          "data": {"name": "fashion-mnist", "in_channels": 1,
                                                   "image_size": 28, "mean": (72.94,),
                                                   "std": (90.02,)}})
-    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt")).pretrained_cfg
+    trained = model_from_checkpoint(load_checkpoint(tmp_path / "c.pt"))
+    loaded = trained.pretrained_cfg
     assert loaded["input_size"] == (1, 28, 28) and loaded["crop_pct"] == 1.0
+    # an RGB batch to it: its data named, not "Build it with in_channels=3" (it is trained)
+    with pytest.raises(DeeprootsError, match=r"^nin-root-8 was trained on 1-channel images "
+                                             r"\(fashion-mnist\); got 3 channels"):
+        trained(torch.zeros(1, 3, 28, 28))
+    with pytest.raises(DeeprootsError, match="Build it with in_channels=3"):
+        gray(torch.zeros(1, 3, 28, 28))  # built here: it can be built again
     assert loaded["mean"] == pytest.approx((72.94 / 255,))
     assert loaded["std"] == pytest.approx((90.02 / 255,))
     assert create_model("resnet50").pretrained_cfg["first_conv"] == "conv1"

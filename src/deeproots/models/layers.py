@@ -346,6 +346,14 @@ class InputCheck:
             )
         _, c, h, w = x.shape
         if c != self.in_channels:
+            data = getattr(self, "trained_on", None)  # a model loaded from a checkpoint
+            if isinstance(data, dict) and data:
+                raise DeeprootsError(
+                    f"{name} was trained on {self.in_channels}-channel images"
+                    + (f" ({data['name']})" if data.get("name") else "")
+                    + f"; got {c} channels (shape {tuple(x.shape)}): give it images like "
+                    f"those (its pretrained_cfg says how they were prepared)"
+                )
             raise DeeprootsError(
                 f"{name} was built for {self.in_channels}-channel input; got {c} channels "
                 f"(shape {tuple(x.shape)}). Build it with in_channels={c} to accept this."
