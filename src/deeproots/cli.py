@@ -328,7 +328,7 @@ def _load_for_eval(args, limit_eval_batches=None):
     return load_for_eval(args.checkpoint, data=args.data, data_dir=args.data_dir,
                          batch_size=args.batch_size, device=args.device, workers=args.workers,
                          limit_eval_batches=limit_eval_batches, download=not args.no_download,
-                         model=args.model)
+                         model=args.model, mean=args.mean, std=args.std)
 
 
 def cmd_eval(args) -> int:
@@ -512,6 +512,7 @@ def cmd_rootify(args) -> int:
                                  f"checkpoint (RUN/best.pt) as the model; got {args.model!r}")
     for flag, value in (("--data", args.data), ("--out", args.out), ("--model", args.from_model),
                         ("--calibration-images", args.calibration_images),
+                        ("--mean", args.mean), ("--std", args.std),
                         ("--batchnorm", args.batchnorm),
                         ("--finetune-steps", args.finetune_steps or None),
                         ("--plot", args.plot)):
@@ -651,7 +652,7 @@ def _rootify_checkpoint(args, options) -> int:
     common = dict(data=args.data, data_dir=args.data_dir, model=args.from_model,
                   calibration_images_n=args.calibration_images, device=args.device,
                   batch_size=args.batch_size, image_size=args.image_size,
-                  download=not args.no_download)
+                  mean=args.mean, std=args.std, download=not args.no_download)
     progress = None if args.json else _say
     options = {**options, "batchnorm": args.batchnorm or "keep"}
     if args.sensitivity:
@@ -911,6 +912,17 @@ def _checkpoint_options(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--model", metavar="FILE.py:FUNCTION",
                    help="for a checkpoint of a model of your own: the function that "
                         "builds it (deeproots never runs code named in a checkpoint)")
+    _normalisation_options(p, "")
+
+
+def _normalisation_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """--mean and --std (timm's names and 0..1 scale): how an image folder's images are
+    normalised for a trained model, where its checkpoint does not say (a state_dict)."""
+    for flag, what in (("--mean", "mean"), ("--std", "standard deviation")):
+        p.add_argument(flag, type=_number, nargs="+", metavar="V",
+                       help=f"{prefix}with --data imagefolder:DIR: the {what} its images are "
+                            f"normalised with, per channel on the 0..1 scale (as timm takes "
+                            f"it; default: what the model was trained with, else ImageNet's)")
 
 
 def _parser_list(sub) -> None:
@@ -1148,8 +1160,9 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--batch-size", type=_whole("--batch-size"), default=128,
                    help="with a checkpoint: the batch its time is measured at (default 128)")
     p.add_argument("--image-size", type=_whole("--image-size", 8), default=None,
-                   help="with a checkpoint: the images' size (default: the run's, or 224 "
-                        "for image folders)")
+                   help="with a checkpoint: the images' size (default: the size its images "
+                        "were trained at; 224 for a state_dict's)")
+    _normalisation_options(p, "with a checkpoint and ")
     p.add_argument("--finetune-steps", type=_whole("--finetune-steps"), default=0,
                    help="with --frontier: fine-tune each point this many steps, distilled "
                         "from the dense model")

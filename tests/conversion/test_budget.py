@@ -290,9 +290,19 @@ def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(tr
       "fashion-mnist", "--data-dir", "{data}", "--out", "{tmp}/x.pt"],
      "its weights do not fit {mine}: missing conv2a.conv.weight; unexpected "
      "conv2a.kernel.weight"),
+    # a one-channel model of your own: its images read in greyscale, but their mean unknown
     (["rootify", "{sd}", "--model", "{mine}", "--schedule", "root-8", "--data",
       "imagefolder:{imgs}", "--image-size", "8", "--out", "{tmp}/x.pt"],
-     "was built for 1-channel input; got 3 channels"),
+     "the model reads 1-channel images and nothing says how its images were normalised; "
+     "give --mean and --std"),
+    (["rootify", "{sd}", "--model", "{mine}", "--schedule", "root-8", "--data",
+      "imagefolder:{imgs}", "--mean", "0.5", "0.5", "--std", "0.25", "--out", "{tmp}/x.pt"],
+     "--mean takes 1 number on the 0..1 scale (the model reads 1-channel images); got 0.5 0.5"),
+    (["rootify", "{dense}", "--schedule", "root-8", "--data-dir", "{data}", "--mean", "0.5",
+      "--std", "0.25", "--out", "{tmp}/x.pt"],
+     "--mean and --std set how an image folder's images are normalised; fashion-mnist's"),
+    (["rootify", "nin", "--schedule", "root-8", "--mean", "0.5"],
+     "--mean calibrates a trained model: give a checkpoint"),
     (["rootify", "{sd}", "--model", "{mine}", "--frontier", "0.9", "--finetune-steps", "2",
       "--data-dir", "{data}", "--data", "fashion-mnist", "--out", "{tmp}/f"],
      "--finetune-steps distils from the dense model's deeproots checkpoint"),
@@ -453,3 +463,18 @@ def test_times_taken_on_a_loaded_machine_say_so(monkeypatch, capsys):
         assert (note.format("schedules") in out) is shown
         assert (note.format("points") in front.table()) is shown
         assert (note.format("layers") in prices.table()) is shown
+
+
+def test_a_one_channel_model_of_your_own_on_your_images_with_their_mean(trained, tmp_path):
+    """A state_dict of a one-channel model and a folder of RGB images: read in greyscale at
+    the size asked, normalised with the --mean and --std given (0..1, as timm takes them),
+    and the converted checkpoint records it, so that eval reads the folder the same way."""
+    out = tmp_path / "x.pt"
+    assert main(["rootify", str(trained / "w.pth"), "--model", f"{trained / 'mine.py'}:nin_gray",
+                 "--schedule", "root-4", "--data", f"imagefolder:{trained / 'imgs'}",
+                 "--image-size", "8", "--mean", "0.286", "--std", "0.353", "--out", str(out),
+                 "--calibration-images", "8", "--allocator", "system"]) == 0
+    data = load_checkpoint(out)["data"]
+    assert data["in_channels"] == 1 and data["image_size"] == 8
+    assert data["mean"] == pytest.approx((0.286 * 255,)) and data["std"] == pytest.approx(
+        (0.353 * 255,))

@@ -371,6 +371,14 @@ def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, c
     assert f"top-1 {by_hand:.4f}" in out
     assert ("its images read as fashion-mnist's were: 1 channel at 8x8, normalised with its "
             "mean 72.94 and std 90.02") in out
+    # --mean and --std (timm's 0..1 scale) over the model's own: the images as normalised
+    x = torch.from_numpy(images).float()[:, None]
+    with torch.no_grad():
+        other = (model((x - 127.5) / 63.75).argmax(1) == torch.from_numpy(labels).long())
+    _, loader2, spec2, _, _ = load_for_eval(ckpt, data=f"imagefolder:{folder}", workers=0,
+                                            mean=[0.5], std=[0.25])
+    assert (spec2.mean, spec2.std) == ((127.5,), (63.75,))
+    assert evaluate(model, loader2).top1 == pytest.approx(other.float().mean().item())
     _, _, summary = convert_checkpoint(ckpt, "root-4", data=f"imagefolder:{folder}",
                                        calibration_images_n=16, stages=False)
     assert summary.top1_before == pytest.approx(by_hand)

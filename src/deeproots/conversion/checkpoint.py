@@ -28,12 +28,12 @@ from torch import nn
 
 from ..checks import check_whole
 from ..errors import CheckpointError, DeeprootsError
-from ..models.layers import example_logits
+from ..models.layers import example_logits, input_channels
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
 from ..training.checkpoint import NEEDED, load_checkpoint, model_from_checkpoint, save_model
-from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits, folder_like,
-                             head, sample_split)
+from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits,
+                             check_normalisation, folder_like, head, sample_split)
 from ..training.evaluate import evaluate
 from ..weights import fit_weights, load_weights_only, state_dict_of
 from .calibrate.passes import calibration_batches
@@ -142,16 +142,21 @@ class Calibration:
 def calibration_data(source: dict, *, data: Optional[str], data_dir=None,
                      image_size: Optional[int] = None, fit_images: Optional[int] = None,
                      select_images: int = 0, eval_images: Optional[int] = EVAL_IMAGES,
-                     download: bool = True, name: str = "the model") -> Calibration:
+                     download: bool = True, name: str = "the model",
+                     channels: Optional[int] = None, mean=None, std=None) -> Calibration:
     """The images a conversion of the model ``source`` describes reads: by default of the
-    data it was trained on (a state_dict's model names none: ``data`` then needed)."""
+    data it was trained on (a state_dict's model names none: ``data`` then needed); an image
+    folder read as its images were (:func:`~deeproots.training.data.folder_like`:
+    ``channels``, the model's own; ``mean``/``std``, on the 0..1 scale, over its data's)."""
     config = source.get("config", {})
     data = data or config.get("data")
     if not data:
         raise DeeprootsError(f"{name} records no data it was trained on: give --data (e.g. "
                              f"fashion-mnist or imagefolder:DIR, the images to calibrate on)")
+    check_normalisation(data, mean, std)
     trained_on = source.get("data") if isinstance(source.get("data"), dict) else {}
-    like = folder_like(trained_on)  # an image folder read as its images were
+    like = folder_like(trained_on, channels=channels, mean=mean,
+                       std=std)  # an image folder read as its images were
     size = image_size or (like or {}).get("image_size") or config.get("image_size") or 224
     train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
                                       batch_size=256, image_size=size, download_ok=download,
@@ -194,7 +199,7 @@ def open_source(checkpoint: Union[str, Path], *, model=None, data: Optional[str]
                 data_dir=None, image_size: Optional[int] = None,
                 calibration_images_n: Optional[int] = None, select_images: int = 0,
                 eval_images: Optional[int] = EVAL_IMAGES, download: bool = True,
-                top1: bool = True) -> Source:
+                top1: bool = True, mean=None, std=None) -> Source:
     """The trained model of ``checkpoint`` (:func:`read_trained`), checked convertible, the
     images of ``data`` (:func:`calibration_data`) checked to fit it, and its test top-1
     (``top1``; else NaN)."""
@@ -207,7 +212,8 @@ def open_source(checkpoint: Union[str, Path], *, model=None, data: Optional[str]
                     "calibrate")
     cal = calibration_data(source, data=data, data_dir=data_dir, image_size=image_size,
                            fit_images=calibration_images_n, select_images=select_images,
-                           eval_images=eval_images, download=download, name=str(checkpoint))
+                           eval_images=eval_images, download=download, name=str(checkpoint),
+                           channels=input_channels(trained), mean=mean, std=std)
     logits = example_logits(trained, cal.fit[:1], name)
     if logits.shape[1] != cal.spec.num_classes:
         raise DeeprootsError(f"{checkpoint} has {logits.shape[1]} classes but {cal.data} has "
@@ -224,7 +230,7 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
                        out: Union[None, str, Path] = None, overwrite: bool = False,
                        model: Union[None, str, nn.Module] = None, stages: bool = True,
                        download: bool = True, device: str = "cpu", batch_size: int = 128,
-                       image_size: Optional[int] = None,
+                       image_size: Optional[int] = None, mean=None, std=None,
                        prices: Optional[Sensitivity] = None, progress=None,
                        source: Optional[Source] = None,
                        **rootify_options) -> Tuple[nn.Module, RootifyReport,
@@ -239,7 +245,9 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
     ``out`` if given (a deeproots checkpoint of the converted model, its schedule in it).
     ``model``: for a state_dict or a model of your own, its name, ``FILE.py:FUNCTION`` or
     the module. ``source``: a :func:`open_source` already read (several conversions of one
-    model: the frontier). Returns the model, the report and the summary."""
+    model: the frontier). ``mean``/``std``: how an image folder's images are normalised (the
+    0..1 scale; default: as the model's were). Returns the model, the report and the
+    summary."""
     started = time.perf_counter()
     budget = _budget(schedule, latency, rootify_options)
     if budget and budget[0] == "latency":
@@ -250,7 +258,7 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
         source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
                              image_size=image_size, calibration_images_n=calibration_images_n,
                              select_images=SELECT_IMAGES if budget else 0,
-                             eval_images=eval_images, download=download)
+                             eval_images=eval_images, download=download, mean=mean, std=std)
     cal = source.cal
     measured: Dict[str, float] = {}
     evaluating = [0.0]  # seconds spent evaluating stages, not converting
@@ -620,7 +628,7 @@ def measure_latencies(dense: nn.Module, models: Dict[str, nn.Module], size, batc
 
 def price_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None,
                      data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
-                     image_size: Optional[int] = None,
+                     image_size: Optional[int] = None, mean=None, std=None,
                      calibration_images_n: Optional[int] = None, download: bool = True,
                      progress=None, ignore=(), stem: str = "input") -> Sensitivity:
     """Each groupable layer's price (:func:`~deeproots.conversion.sensitivity.layer_prices`)
@@ -631,7 +639,7 @@ def price_checkpoint(checkpoint: Union[str, Path], *, data: Optional[str] = None
     source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
                          image_size=image_size, calibration_images_n=calibration_images_n,
                          select_images=SELECT_IMAGES, eval_images=1, download=download,
-                         top1=False)
+                         top1=False, mean=mean, std=std)
     return layer_prices(source.trained, source.cal.fit, source.cal.select,
                         batch_size=batch_size, device=device, name=source.name,
                         progress=progress, ignore=ignore, stem=stem)

@@ -123,6 +123,7 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
              uniform: Sequence[int] = ROOT_COUNTS, data: Optional[str] = None,
              data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
              calibration_images_n: Optional[int] = None, image_size: Optional[int] = None,
+             mean=None, std=None,
              finetune_steps: int = 0, finetune_lr: float = 0.01, overwrite: bool = False,
              download: bool = True, prices: Optional[Sensitivity] = None,
              progress=None, **rootify_options) -> Frontier:
@@ -139,6 +140,7 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
     say = progress or (lambda text: None)
     source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
                          image_size=image_size, calibration_images_n=calibration_images_n,
+                         mean=mean, std=std,
                          select_images=SELECT_IMAGES)
     if finetune_steps and not source.fields.get("config"):
         raise DeeprootsError(f"--finetune-steps distils from the dense model's deeproots "

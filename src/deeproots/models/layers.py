@@ -22,6 +22,7 @@ from ..errors import DeeprootsError, first_line
 from ..checks import GroupsError, check_groups_mapping
 
 __all__ = [
+    "input_channels",
     "ConvBNAct",
     "GroupsError",
     "apply_groups",
@@ -87,6 +88,16 @@ def conv_layers(model: nn.Module) -> Dict[str, nn.Conv2d]:
     """All ``nn.Conv2d`` modules of ``model`` (subclasses too), keyed by :func:`layer_name`,
     in model order; a conv the model reaches by several paths once, by its first."""
     return {layer_name(p): m for p, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def input_channels(model: nn.Module) -> Optional[int]:
+    """The image channels ``model`` reads: its ``in_channels`` where it says (a deeproots
+    model), else its first conv's (a model of your own), else None."""
+    said = getattr(model, "in_channels", None)
+    if isinstance(said, int):
+        return said
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def module_paths(model: nn.Module) -> Dict[int, list]:

@@ -48,6 +48,7 @@ __all__ = [
     "load_fashion_mnist",
     "ImageFolderDataset",
     "folder_like",
+    "check_normalisation",
     "TensorLoader",
     "FolderLoader",
     "random_crop_flip",
@@ -769,30 +770,65 @@ class FolderLoader:
                 yield self.spec.normalize(x), y
 
 
-def folder_like(trained_on: Optional[dict]) -> Optional[dict]:
-    """How an image folder is read for a model whose images were prepared as ``trained_on``
-    (a checkpoint's ``data``): its channels, the mean and std it was normalised with, its
-    image size, and its centre crop (a named dataset's images are whole: 1.0; an image
-    folder's 0.875), as timm reads them from a model's ``pretrained_cfg``; None where it
-    says nothing of them."""
-    if not isinstance(trained_on, dict) or trained_on.get("in_channels") not in (1, 3):
-        return None
-    channels = trained_on["in_channels"]
-    mean, std = trained_on.get("mean"), trained_on.get("std")
-    if not (mean and std and len(mean) == len(std) == channels):
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (None, None)
-    if mean is None:
-        return None
-    folder = str(trained_on.get("name", "")).startswith("imagefolder:")
-    return {"name": trained_on.get("name"), "in_channels": channels, "mean": tuple(mean),
-            "std": tuple(std), "image_size": trained_on.get("image_size"),
-            "crop_fraction": trained_on.get("crop_fraction", 0.875 if folder else 1.0)}
+def check_normalisation(data: Optional[str], mean, std) -> None:
+    """``--mean``/``--std`` set how an image folder's images are normalised: a one-line
+    error where ``data`` is a named dataset (normalised as its table says)."""
+    if (mean is not None or std is not None) and not str(data or "").startswith(
+            "imagefolder:"):
+        raise DataError(f"--mean and --std set how an image folder's images are normalised; "
+                        f"{data}'s are normalised as its models were trained: leave them out")
+
+
+def folder_like(trained_on: Optional[dict], *, channels: Optional[int] = None,
+                mean: Optional[Sequence[float]] = None,
+                std: Optional[Sequence[float]] = None) -> Optional[dict]:
+    """How an image folder is read for a trained model, as timm reads images from a model's
+    ``pretrained_cfg``: the channels, mean and std, image size and centre crop its images
+    were prepared with (``trained_on``: a checkpoint's ``data``; a named dataset's images
+    are whole, 1.0; an image folder's 0.875). ``channels``: the model's own, where its
+    checkpoint names no data (a state_dict); ``mean``/``std``: given on timm's 0..1 scale
+    (``--mean``/``--std``; one value for every channel), over what it was trained with. None
+    where nothing is known (a folder is then read as RGB with ImageNet's mean and std); a
+    one-channel model of unknown data without ``mean`` and ``std``: mean None, refused when
+    a folder is read."""
+    data = trained_on if isinstance(trained_on, dict) else {}
+    c = data.get("in_channels") or channels
+    if c not in (1, 3):
+        if mean is None and std is None:
+            return None
+        c = 3
+    given = {}
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        values = tuple(float(v) for v in values)
+        if len(values) not in (1, c) or not all(math.isfinite(v) for v in values) or (
+                name == "std" and min(values) <= 0):
+            counts = "1 number" if c == 1 else f"1 or {c} numbers"
+            raise DataError(f"--{name} takes {counts} on the 0..1 scale (the model reads "
+                            f"{c}-channel images){', above 0' if name == 'std' else ''}; got "
+                            f"{' '.join(f'{v:g}' for v in values)}")
+        given[name] = tuple(255 * v for v in (values * c if len(values) == 1 else values))
+    own_mean, own_std = data.get("mean"), data.get("std")
+    if not (own_mean and own_std and len(own_mean) == len(own_std) == c):
+        own_mean, own_std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else (None, None)
+    folder = str(data.get("name", "")).startswith("imagefolder:")
+    mean_, std_ = given.get("mean", own_mean), given.get("std", own_std)
+    return {"name": data.get("name"), "in_channels": c,
+            "mean": None if mean_ is None else tuple(mean_),
+            "std": None if std_ is None else tuple(std_),
+            "image_size": data.get("image_size"),
+            "crop_fraction": data.get("crop_fraction", 0.875 if folder or not data else 1.0)}
 
 
 def _folder_loaders(root, batch_size, seed, rank, world_size, workers, image_size,
                     limit_train, limit_eval, like=None):
     like = like or {}
     channels, crop = like.get("in_channels", 3), like.get("crop_fraction", 0.875)
+    if like and (like.get("mean") is None or like.get("std") is None):
+        raise DataError(f"imagefolder:{root}: the model reads {channels}-channel images and "
+                        f"nothing says how its images were normalised; give --mean and --std "
+                        f"(on the 0..1 scale, as timm takes them)")
     train_set = ImageFolderDataset(root / "train", image_size, train=True, channels=channels,
                                    crop_fraction=crop)  # (its evaluation-style reads)
     test_set = ImageFolderDataset(root / "val", image_size, train=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -14,10 +14,10 @@ from torch.nn import functional as F
 from ..errors import DeeprootsError
 from ..inspection.costs import profile
 from ..layout import Layout, choose_layout
-from ..models.layers import example_logits, main_logits
+from ..models.layers import example_logits, input_channels, main_logits
 from ..runtime import check_batch_fits, resolve_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import build_loaders, check_data_fits, folder_like
+from .data import build_loaders, check_data_fits, check_normalisation, folder_like
 from .distributed import all_sum
 
 __all__ = ["EvalResult", "evaluate", "load_for_eval"]
@@ -67,17 +67,22 @@ def evaluate(model: nn.Module, loader, device=None, layout: Optional[Layout] = N
 def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_dir=None,
                   batch_size: int = 256, device: str = "auto", workers: int = 4,
                   limit_eval_batches: Optional[int] = None, download: bool = True,
-                  model: Union[None, str, nn.Module] = None):
+                  model: Union[None, str, nn.Module] = None,
+                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
     """The model of ``checkpoint`` on its device (eval mode), and the test split of ``data``
-    (default: the data it was trained on). Returns ``(model, test_loader, spec, state,
-    device)``. ``model``: for a model of your own, its ``FILE.py:FUNCTION`` or the module."""
+    (default: the data it was trained on; an image folder read as its images were:
+    :func:`~deeproots.training.data.folder_like`, ``mean``/``std`` on the 0..1 scale over
+    what it was trained with). Returns ``(model, test_loader, spec, state, device)``.
+    ``model``: for a model of your own, its ``FILE.py:FUNCTION`` or the module."""
     dev = resolve_device(device)
     state = load_checkpoint(checkpoint, map_location=dev)
     model = model_from_checkpoint(state, checkpoint, model).to(dev).eval()
     config = state["config"]
     data = data or config.get("data")
     check_data_fits(data, model, str(checkpoint), "evaluate")  # before the data is read
-    like = folder_like(state.get("data"))  # an image folder read as its images were
+    check_normalisation(data, mean, std)
+    like = folder_like(state.get("data"), channels=input_channels(model), mean=mean,
+                       std=std)  # an image folder read as its images were
     _, test_loader, spec = build_loaders(
         data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
         workers=workers, image_size=(like or {}).get("image_size")
