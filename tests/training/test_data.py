@@ -392,3 +392,21 @@ def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, c
             } == {"in_channels": 1, "image_size": 8, "mean": (72.94,), "crop_fraction": 1.0}
     cfg = model_from_checkpoint(state, "ft").pretrained_cfg
     assert cfg["input_size"] == (1, 8, 8) and cfg["crop_pct"] == 1.0
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (pixels 0 to 63,000): Pillow's convert, as torchvision's ImageFolder
+    reads it, clips every pixel over 255 to white; the folder reads v / 257, rounded, in
+    greyscale and in RGB. Floating-point pixels (a mode F TIFF) have no range: one line."""
+    pixels = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "x.png")
+    assert Image.open(tmp_path / "a" / "x.png").mode == "I;16"
+    want = torch.from_numpy(np.rint(pixels / 257).astype(np.uint8))
+    for channels in (1, 3):
+        got, _ = D.ImageFolderDataset(tmp_path, size=8, train=False, channels=channels,
+                                      crop_fraction=1.0)[0]
+        assert got.shape == (channels, 8, 8) and torch.equal(got, want.expand(channels, 8, 8))
+    Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "a" / "y.tiff")
+    with pytest.raises(D.DataError, match="y.tiff holds floating-point pixels"):
+        D.ImageFolderDataset(tmp_path, size=8, train=False)[1]

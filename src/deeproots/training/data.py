@@ -569,7 +569,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)
+                img = eight_bit(img, path).convert(self.mode)
                 x = torch.from_numpy(np.asarray(img).copy()).reshape(
                     img.size[1], img.size[0], -1).permute(2, 0, 1)
         except (UnidentifiedImageError, OSError) as err:
@@ -579,6 +579,29 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.train and torch.rand(()) < 0.5:
             x = x.flip(2)
         return x, label
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit greyscale modes
+# (and its 32-bit one, which older Pillows open 16-bit PNGs as)
+
+
+def eight_bit(img, path):
+    """A Pillow image whose pixels are more than 8 bits (a 16-bit PNG or TIFF) scaled to
+    8-bit greyscale (65535 -> 255: v / 257, rounded), where Pillow's own ``convert`` clips
+    every value over 255 to white (torchvision's ImageFolder reads them so); an image of
+    floats, which have no fixed range, is a one-line DataError. Others as they are."""
+    from PIL import Image
+
+    if img.mode == "F":
+        raise DataError(f"{path} holds floating-point pixels (Pillow mode F), which have no "
+                        f"fixed range to read as 8 bits; save it as an 8- or 16-bit image")
+    if img.mode not in SIXTEEN_BIT:
+        return img
+    a = np.asarray(img).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"{path} holds 32-bit pixels from {a.min()} to {a.max()}, outside "
+                        f"16 bits; save it as an 8- or 16-bit image")
+    return Image.fromarray(np.rint(a / 257).astype(np.uint8), "L")
 
 
 def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
