@@ -410,3 +410,14 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "a" / "y.tiff")
     with pytest.raises(D.DataError, match="y.tiff holds floating-point pixels"):
         D.ImageFolderDataset(tmp_path, size=8, train=False)[1]
+
+
+def test_an_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):
+    """Pillow refuses an image over twice MAX_IMAGE_PIXELS (a decompression bomb) with an
+    error that is not an OSError: it was a traceback from a loader worker."""
+    (tmp_path / "a").mkdir()
+    Image.new("L", (20, 20)).save(tmp_path / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 400 pixels: over twice the limit
+    with pytest.raises(D.DataError, match=r"big.png is too large to read \(Image size \(400 "
+                                          r"pixels\) exceeds limit of 200 pixels"):
+        D.ImageFolderDataset(tmp_path, size=8, train=False)[0]

@@ -574,6 +574,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     img.size[1], img.size[0], -1).permute(2, 0, 1)
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path} is not a readable image ({err})") from err
+        except Image.DecompressionBombError as err:  # over twice Pillow's MAX_IMAGE_PIXELS
+            raise DataError(f"{path} is too large to read ({err}); resize it, or raise "
+                            f"PIL.Image.MAX_IMAGE_PIXELS if you trust it") from err
         x = random_resized_crop(x, self.size) if self.train else center_crop(
             x, self.size, self.crop_fraction)
         if self.train and torch.rand(()) < 0.5:
