@@ -99,6 +99,16 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
     workers: int = _opt(4, "image-folder decoding processes (at most the CPUs usable)")
     image_size: int = _opt(224, "crop size for image folders")
+    in_channels: Optional[int] = _opt(None, "with an image folder: read its images with this "
+                                      "many channels, 1 (greyscale: timm's --in-chans 1 with "
+                                      "--input-img-mode L; give --mean and --std) or 3 (the "
+                                      "default); the model is built for them")
+    mean: Optional[List[float]] = _opt(None, "with an image folder: the mean its images are "
+                                       "normalised with, per channel on the 0..1 scale (as "
+                                       "timm takes it; default ImageNet's)", nargs="+",
+                                       metavar="V")
+    std: Optional[List[float]] = _opt(None, "with an image folder: the standard deviation, "
+                                      "likewise", nargs="+", metavar="V")
     limit_train_batches: Optional[int] = _opt(None, "batches per epoch (default: all)")
     limit_eval_batches: Optional[int] = _opt(None, "test batches (default: all)")
     resume: bool = _opt(False, "continue the run in --out with its own settings "
@@ -133,12 +143,29 @@ class TrainConfig:
     progress: Optional[bool] = _opt(None, "no progress bar", flag="--no-progress", const=False)
     download: bool = _opt(True, "never download data", flag="--no-download", const=False)
 
+    def _check_folder_reading(self) -> None:
+        """in_channels, mean and std read an image folder, for a new model."""
+        given = [f"--{n.replace('_', '-')}" for n in ("in_channels", "mean", "std")
+                 if getattr(self, n) is not None]
+        if given and not str(self.data).startswith("imagefolder:"):
+            many = len(given) > 1
+            raise DeeprootsError(f"{' and '.join(given)} set{'' if many else 's'} how an image "
+                                 f"folder's images are read; {self.data}'s are read as its "
+                                 f"table says: leave {'them' if many else 'it'} out")
+        if self.in_channels is not None and self.in_channels not in (1, 3):
+            raise DeeprootsError(f"in_channels must be 1 (greyscale) or 3 (RGB); got "
+                                 f"{self.in_channels!r}")
+        if self.in_channels is not None and self.init:
+            raise DeeprootsError("in_channels sets a new model's image channels; a fine-tune "
+                                 "(--init) reads its images as its model's were: leave it out")
+
     def check(self) -> "TrainConfig":
         """ValueError for settings that cannot work, naming the value and what is accepted,
         or that would be ignored (a setting of an option not given)."""
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         check_positive("image_size", self.image_size)
+        self._check_folder_reading()
         check_optional_positive("limit_train_batches", self.limit_train_batches)
         check_optional_positive("limit_eval_batches", self.limit_eval_batches)
         check_number("lr", self.lr, strict=True)
@@ -199,7 +226,8 @@ RESUMABLE_SETTINGS = ("model", "rootify", "init", "distill", "distill_temperatur
                       "distill_weight", "learn_groups", "group_lasso", "data", "epochs",
                       "batch_size", "lr", "momentum", "weight_decay", "schedule",
                       "warmup_epochs", "step_milestones", "step_gamma", "aux_weight", "seed",
-                      "image_size", "limit_train_batches", "memory_format")
+                      "image_size", "in_channels", "mean", "std", "limit_train_batches",
+                      "memory_format")
 
 
 def _comparable(value: Any) -> Any:

@@ -421,3 +421,36 @@ def test_an_image_over_pillows_size_limit_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(D.DataError, match=r"big.png is too large to read \(Image size \(400 "
                                           r"pixels\) exceeds limit of 200 pixels"):
         D.ImageFolderDataset(tmp_path, size=8, train=False)[0]
+
+
+
+def test_a_greyscale_folder_trains_a_one_channel_model(tmp_path):
+    """train --in-channels 1 --mean --std on an image folder (timm's --in-chans 1, its
+    --input-img-mode L): a nin of one input channel, its images read in greyscale and
+    normalised with the mean and std given (0..1), recorded in the run so that eval reads
+    them so; without --mean and --std, one line and nothing written. At 7 px the 8 px files
+    are cropped, not resized (7 / 0.875 = 8): pixels by hand from Pillow's "L"."""
+    from deeproots.config import TrainConfig
+    from deeproots.training.checkpoint import load_checkpoint
+    from deeproots.training.loop import train
+
+    written = write_image_folder(tmp_path / "imgs", classes=2, per_class=4, size=8)
+    common = dict(model="nin", data=f"imagefolder:{tmp_path / 'imgs'}", epochs=1,
+                  batch_size=4, image_size=7, device="cpu", workers=0, progress=False,
+                  in_channels=1)
+    with pytest.raises(D.DataError, match="reads 1-channel images and nothing says how its "
+                                          "images were normalised; give --mean and --std"):
+        train(TrainConfig(out=str(tmp_path / "none"), **common))
+    assert not (tmp_path / "none").exists()
+    train(TrainConfig(out=str(tmp_path / "run"), mean=[0.5], std=[0.25], **common))
+    state = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert state["model"]["conv1a.conv.weight"].shape[1] == 1
+    assert state["data"]["mean"] == (127.5,) and state["data"]["std"] == (63.75,)
+    _, test, spec = D.build_loaders(f"imagefolder:{tmp_path / 'imgs'}", batch_size=8,
+                                    workers=0, image_size=7, like=D.folder_like(state["data"]))
+    x, _ = next(test.batches())
+    files = [p for p, _ in test.dataset.samples]  # the evaluation order
+    for i in range(len(files)):
+        grey = np.asarray(Image.open(files[i]).convert("L"), dtype=np.float32)[:7, :7]
+        assert torch.allclose(x[i, 0], torch.from_numpy((grey - 127.5) / 63.75), atol=1e-6)
+    assert len(written) == 16

@@ -305,6 +305,13 @@ def test_googlenets_auxiliary_losses_by_hand():
     ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
     ({"seed": 2**64}, "seed must be a whole number from 0 to 9223372036854775807"),
     ({"model": "resnet50", "batch_size": 1}, "batch size 1 per process cannot train resnet50"),
+    ({"in_channels": 1}, "--in-channels sets how an image folder's images are read; "
+                         "fashion-mnist's are read as its table says: leave it out"),
+    ({"mean": [0.5], "std": [0.2]}, "--mean and --std set how an image folder's images are"),
+    ({"data": "imagefolder:x", "in_channels": 2},
+     r"in_channels must be 1 \(greyscale\) or 3 \(RGB\); got 2"),
+    ({"data": "imagefolder:x", "in_channels": 1, "init": "x.pt"},
+     "in_channels sets a new model's image channels; a fine-tune"),
 ])
 def test_bad_settings(data_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -267,9 +267,12 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None,
                changes=opened.changes, grouped_conv=opened.grouped_conv)
     run.rank, run.world = distributed.setup(device)
     torch.manual_seed(cfg.seed)
-    # a fine-tune on an image folder reads it as its model's images were (a resumed one as
-    # its first epoch did)
-    like = folder_like((run.state or run.init_state or {}).get("data")) if cfg.init else None
+    # an image folder: a fine-tune reads it as its model's images were (a resumed one as its
+    # first epoch did); --in-channels, --mean and --std as given
+    like = None
+    if cfg.init or cfg.in_channels or cfg.mean or cfg.std:
+        like = folder_like((run.state or run.init_state or {}).get("data") if cfg.init
+                           else None, channels=cfg.in_channels, mean=cfg.mean, std=cfg.std)
     run.train_loader, run.test_loader, run.spec = build_loaders(
         cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, rank=run.rank, world_size=run.world, workers=cfg.workers,
