@@ -478,3 +478,35 @@ def test_a_one_channel_model_of_your_own_on_your_images_with_their_mean(trained,
     assert data["in_channels"] == 1 and data["image_size"] == 8
     assert data["mean"] == pytest.approx((0.286 * 255,)) and data["std"] == pytest.approx(
         (0.353 * 255,))
+
+
+def test_a_frontier_answers_a_budget_with_the_best_it_measured_within_it():
+    """The ten-epoch nin's frontier of 2026-12-06 at 0.6, by hand: the search had timed
+    root-4 over the budget and returned root-16's schedule (0.9191, measured 0.564); in the
+    final session root-4 (0.9325) measured 0.578, within 0.6: the budget's point becomes
+    root-4's, its model too, its prediction the table's for that schedule. 0.8, which
+    root-2 (0.9358) does not beat, stays as it was."""
+    from deeproots.conversion.frontier import Frontier, Point, reselect
+
+    def point(label, kind, groups, top1, latency, budget=None):
+        return Point(label, kind, groups, top1, latency, 10 * latency, 10.0, 0.5, 0.5, budget,
+                     0.55 if kind == "searched" else None)
+
+    r16, r4, r2 = {"conv2a": 16, "conv3a": 8}, {"conv2a": 4, "conv3a": 2}, {"conv2a": 2}
+    result = Frontier("nin", "fashion-mnist", "cpu", 128, 0.9374, [
+        point("latency 0.8", "searched", dict(r2), 0.9358, 0.768, 0.8),
+        point("latency 0.6", "searched", dict(r16), 0.9191, 0.564, 0.6),
+        point("root-2", "uniform", r2, 0.9358, 0.798), point("root-4", "uniform", r4, 0.9325,
+                                                             0.578),
+        point("root-16", "uniform", r16, 0.9191, 0.522)])
+    seen = ["m0.8", "m0.6", "m-root-2", "m-root-4", "m-root-16"]
+    prices = _timed_prices([(2, 40.0, 0.93), (4, 30.0, 0.92), (16, 10.0, 0.9)],
+                           [(2, 15.0, 0.93), (8, 10.0, 0.9)])
+    reselect(result, seen, prices)
+    at6 = result.points[1]
+    assert (at6.label, at6.kind, at6.budget, at6.groups) == ("latency 0.6", "searched", 0.6, r4)
+    assert (at6.top1, at6.latency_fraction, at6.chosen) == (0.9325, 0.578, "final session")
+    assert at6.predicted_latency == pytest.approx((100 - 20 - 5) / 100)  # 50->30, 20->15 ms
+    assert seen == ["m0.8", "m-root-4", "m-root-2", "m-root-4", "m-root-16"]
+    assert result.points[0].groups == r2 and result.points[0].chosen is None
+    assert "latency 0.6 (a root-N within it here)" in result.table()
