@@ -74,6 +74,22 @@ def test_optimize_for_inference_picks_the_fastest_measured():
         _close(fast(x), model(x))
 
 
+def test_the_fastest_path_chosen_on_a_loaded_machine_says_so(monkeypatch):
+    """Paths timed while other processes held 40% of the CPUs: the choice stands (it is the
+    fastest measured) and its notes say the machine was loaded; at 5%, nothing."""
+    import deeproots.speed.deploy as deploy
+    from deeproots.speed.timing import Timing
+
+    model, x = trained_like("nin-root-8"), torch.randn(2, 3, 32, 32)
+    for others, said in ((0.4, True), (0.05, False)):
+        monkeypatch.setattr(deploy, "interleaved", lambda work, images, repeats: {
+            p: Timing(p, [0.002 if p == "script" else 0.003], images, others) for p in work})
+        fast = optimize_for_inference(model, x, ["fold", "script"], repeats=1)
+        assert fast.path == "script"
+        assert any("other processes used 40% of the CPUs while the paths were timed" in n
+                   for n in fast.notes) is said
+
+
 # each format against the eager model: (tolerance, what the file's reader is)
 EXPORT_TOLERANCE = {"pt2": 1e-5, "onnx": 1e-4, "torchscript": 1e-5, "aoti": 1e-4}
 
