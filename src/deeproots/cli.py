@@ -346,7 +346,7 @@ def cmd_eval(args) -> int:
         if spec.name.startswith("imagefolder:") and trained_on not in (None, spec.name):
             print(f"(its images read as {trained_on}'s were: {spec.in_channels} channel"
                   f"{'s' if spec.in_channels > 1 else ''} at {spec.image_size}x"
-                  f"{spec.image_size}, normalised with its mean "
+                  f"{spec.image_size}, normalised with mean "
                   f"{', '.join(f'{m:g}' for m in spec.mean)} and std "
                   f"{', '.join(f'{v:g}' for v in spec.std)})")
     return 0
@@ -715,7 +715,6 @@ def _print_budget(summary) -> None:
               f"{c['predicted_top1']:.4f}", f"{c['select_top1']:.4f}")
              for c in summary.candidates], align="llrrr"))
     from .conversion.checkpoint import LATENCY_TOLERANCE
-
     from .speed.timing import contention_note
 
     loaded = contention_note(summary.measured.get("others"), "the schedules")

@@ -369,7 +369,7 @@ def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, c
     assert main(["eval", str(ckpt), "--data", f"imagefolder:{folder}", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert f"top-1 {by_hand:.4f}" in out
-    assert ("its images read as fashion-mnist's were: 1 channel at 8x8, normalised with its "
+    assert ("its images read as fashion-mnist's were: 1 channel at 8x8, normalised with "
             "mean 72.94 and std 90.02") in out
     # --mean and --std (timm's 0..1 scale) over the model's own: the images as normalised
     x = torch.from_numpy(images).float()[:, None]
