@@ -338,7 +338,9 @@ def cmd_eval(args) -> int:
     result = evaluate(model, test_loader, device)
     if args.json:
         _print_json({**result.to_dict(), "model": state["model_cfg"]["name"], "data": spec.name,
-                     "checkpoint": str(args.checkpoint), "epoch": state.get("epoch")})
+                     "checkpoint": str(args.checkpoint), "epoch": state.get("epoch"),
+                     "read_as": {k: getattr(spec, k) for k in (
+                         "in_channels", "image_size", "mean", "std", "crop_fraction")}})
     else:
         print(f"{state['model_cfg']['name']} on {spec.name} ({result.n} images): top-1 "
               f"{result.top1:.4f}, top-5 {result.top5:.4f}, loss {result.loss:.4f}")

@@ -371,6 +371,13 @@ def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, c
     assert f"top-1 {by_hand:.4f}" in out
     assert ("its images read as fashion-mnist's were: 1 channel at 8x8, normalised with "
             "mean 72.94 and std 90.02") in out
+    assert main(["eval", str(ckpt), "--data", f"imagefolder:{folder}", "--workers", "0",
+                 "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["read_as"] == {
+        "in_channels": 1, "image_size": 8, "mean": [72.94], "std": [90.02],
+        "crop_fraction": 1.0}
     # --mean and --std (timm's 0..1 scale) over the model's own: the images as normalised
     x = torch.from_numpy(images).float()[:, None]
     with torch.no_grad():
