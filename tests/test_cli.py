@@ -1,5 +1,6 @@
 """The command line, run in-process as a user would type it."""
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,16 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().endswith("False") and "--resume" in done.stdout
+
+
+def test_a_conversions_progress_lines_carry_the_seconds_since_the_command_started(capsys):
+    """rootify's progress lines ("... conv2a: ...") say when each step ended, so that where a
+    conversion's minutes go can be read off them."""
+    import time
+
+    import deeproots.cli as cli
+
+    cli._STARTED[0] = time.perf_counter() - 12.34
+    cli._say("conv2a: 2 groups +0.40")
+    assert re.fullmatch(r"\.\.\.   12\.[34] s  conv2a: 2 groups \+0\.40\n",
+                        capsys.readouterr().err)

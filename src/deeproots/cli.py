@@ -26,6 +26,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
 
@@ -683,8 +684,13 @@ def _rootify_checkpoint(args, options) -> int:
     return 0
 
 
+_STARTED = [time.perf_counter()]  # the command's start (main sets it): progress lines' clock
+
+
 def _say(text: str) -> None:
-    print(f"... {text}", file=sys.stderr, flush=True)
+    """A progress line of a long conversion, with the seconds since the command started."""
+    print(f"... {time.perf_counter() - _STARTED[0]:6.1f} s  {text}", file=sys.stderr,
+          flush=True)
 
 
 def _print_budget(summary) -> None:
@@ -1221,6 +1227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status."""
+    _STARTED[0] = time.perf_counter()
     parser = build_parser()
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)

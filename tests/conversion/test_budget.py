@@ -125,10 +125,14 @@ def test_a_latency_budget_is_measured_beside_the_dense_model(trained, monkeypatc
     monkeypatch.setattr(checkpoint, "measure_latencies", lambda dense, models, *a, **k: {
         name: by_macs(dense, m, *a, **k) for name, m in models.items()})
     prices = _timed_prices([(2, 10.0, 0.89), (4, 5.0, 0.5)], [(2, 15.0, 0.6)])
+    said = []
     new, report, summary = convert_checkpoint(
         trained / "dense" / "best.pt", latency=0.6, prices=prices, batch_size=8,
-        data_dir=trained / "data", calibration_images_n=32, stages=False)
+        data_dir=trained / "data", calibration_images_n=32, stages=False, progress=said.append)
     chosen = {k: g for k, g in summary.groups.items() if g > 1}
+    assert not [line for line in said if "nan" in line]  # a lone candidate: no "top-1 nan"
+    assert any(("the only candidate" in line) is (len(summary.candidates) == 1)
+               for line in said if "predicted top-1" in line or "selection top-1" in line)
     assert summary.measured.items() >= by_macs(dense, new, (1, 8, 8), 8, "cpu").items()
     assert summary.measured["latency_fraction"] <= 0.6 * 1.05  # within the budget
     assert summary.predicted == predict(prices, chosen)

@@ -414,8 +414,10 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
         rows.append({"kind": how, "groups": dict(plan.groups),
                      "predicted_top1": plan.predicted["top1"], "select_top1": top1,
                      **({"latency_fraction": timed["latency_fraction"]} if timed else {})})
-        say(f"{how} {_label(plan.groups)}: selection top-1 {top1:.4f} (predicted "
-            f"{plan.predicted['top1']:.4f})")
+        say(f"{how} {_label(plan.groups)}: " + (
+            f"selection top-1 {top1:.4f} (predicted {plan.predicted['top1']:.4f})"
+            if len(candidates) > 1 else f"converted, the only candidate (predicted top-1 "
+                                        f"{plan.predicted['top1']:.4f})"))
         if best is None or top1 > best[0]:  # a tie keeps the searched proposal
             best = (top1, new, report, plan, timed, shown)
     _, new, report, plan, timed, shown = best
