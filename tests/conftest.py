@@ -13,6 +13,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _threads_per_worker():
+    """Under pytest-xdist, each worker's share of the CPUs as its torch threads: two workers
+    of two threads each on the 2-core machine oversubscribe it, and OpenMP's spinning
+    threads then wait on each other (resnet200's forward and backward: 1 s alone, 31 s in
+    the suite; the suite 5 to 10 minutes from one hour to the next)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, usable // workers))
+
+
+_threads_per_worker()
+
+
 def _interpret_without_overflow_checks():
     """The interpreter checks every integer add and multiply of a kernel for int32 overflow
     (an int64 recomputation and an assert per operation): 8x the time of a kernel test
