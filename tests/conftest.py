@@ -18,11 +18,11 @@ def _threads_per_worker():
     of two threads each on the 2-core machine oversubscribe it, and OpenMP's spinning
     threads then wait on each other (resnet200's forward and backward: 1 s alone, 31 s in
     the suite; the suite 5 to 10 minutes from one hour to the next)."""
+    from deeproots.training.data import usable_cpus
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
     if workers > 1:
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, usable // workers))
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 _threads_per_worker()

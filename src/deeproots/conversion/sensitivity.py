@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from ..capture import capture
 from ..errors import DeeprootsError
 from ..layout import channels_last
-from ..models.layers import conv_layers
+from ..models.layers import common_divisors, conv_layers
 from ..runtime import check_batch_fits
 from ..speed.timing import contention_note, interleaved
 from ..text import format_table
@@ -191,8 +191,8 @@ def group_counts(site: ConvSite) -> List[int]:
     and 192 -> 192 channels, it doubles the options, the search chose none of the new ones
     that beat a power of two, and a `--latency 0.7` conversion took 158 s instead of about
     110, past issue 30's two minutes; docs/conversion.md.)"""
-    return [g for g in ROOT_COUNTS
-            if site.in_channels % g == 0 and site.out_channels % g == 0]
+    return [g for g in common_divisors(site.in_channels, site.out_channels)
+            if g in ROOT_COUNTS]
 
 
 # ---------------------------------------------------------------------------------------------

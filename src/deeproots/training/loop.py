@@ -269,10 +269,8 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None,
     torch.manual_seed(cfg.seed)
     # an image folder: a fine-tune reads it as its model's images were (a resumed one as its
     # first epoch did); --in-channels, --mean and --std as given
-    like = None
-    if cfg.init or cfg.in_channels or cfg.mean or cfg.std:
-        like = folder_like((run.state or run.init_state or {}).get("data") if cfg.init
-                           else None, channels=cfg.in_channels, mean=cfg.mean, std=cfg.std)
+    like = folder_like((run.state or run.init_state or {}).get("data") if cfg.init else None,
+                       channels=cfg.in_channels, mean=cfg.mean, std=cfg.std)
     run.train_loader, run.test_loader, run.spec = build_loaders(
         cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, rank=run.rank, world_size=run.world, workers=cfg.workers,
