@@ -403,9 +403,9 @@ def main() -> None:
                    metavar="NAME", help="of the feature part's variants, these alone "
                    "(default: all)")
     args = p.parse_args()
-    from deeproots.runtime import reexec_with_jemalloc
+    from deeproots.runtime import use_fast_allocator
 
-    reexec_with_jemalloc(sys.argv[1:], "auto", script=HERE)  # as the commands run
+    use_fast_allocator(sys.argv[1:], "auto", script=HERE)  # as the commands run
     given = dict(c.split("=", 1) for c in args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)

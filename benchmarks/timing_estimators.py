@@ -27,9 +27,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="as measure_latency's (10)")
     p.add_argument("--schedules", nargs="+", default=["root-2", "root-4", "root-8"])
     args = p.parse_args()
-    from deeproots.runtime import reexec_with_jemalloc
+    from deeproots.runtime import use_fast_allocator
 
-    reexec_with_jemalloc(sys.argv[1:], "auto", script=HERE)  # as the commands run
+    use_fast_allocator(sys.argv[1:], "auto", script=HERE)  # as the commands run
     import torch
 
     import deeproots

@@ -467,7 +467,7 @@ def test_the_allocator_keeps_a_users_preload(monkeypatch):
     monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: seen.update(env))
     monkeypatch.setenv("LD_PRELOAD", "/opt/mine.so")
     monkeypatch.delenv("MALLOC_CONF", raising=False)
-    runtime.reexec_with_jemalloc(["list"], "auto")
+    runtime.use_fast_allocator(["list"], "auto")
     assert seen["LD_PRELOAD"] == "/lib/libjemalloc.so.2 /opt/mine.so"
     assert "dirty_decay_ms:-1" in seen["MALLOC_CONF"]
 

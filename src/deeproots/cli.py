@@ -38,10 +38,10 @@ from .config import (BATCHNORMS, COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMAT
                      MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
 from .reproduction.tables import PAPER_TABLES, TIMED_TABLES
+from .runtime import ALLOCATORS
 
 __all__ = ["main", "build_parser"]
 
-ALLOCATORS = ("auto", "jemalloc", "system")
 FINETUNE_EPOCHS, FINETUNE_LR = 1, 0.01  # train --init's defaults: a fraction of a training
 OVERWRITE_HELP = "replace the file if it exists (a run's own files are never replaced)"
 
@@ -965,9 +965,11 @@ def _parser_table(sub) -> None:
 
 def _allocator_option(p) -> None:
     """``--allocator``: the heavy commands re-run themselves under jemalloc where it is
-    installed (a conversion of nin: 61 s -> 34 s on the 2-core CPU; docs/speed.md)."""
+    installed, else tell glibc's malloc to keep freed memory (a conversion of nin: 35 s ->
+    23 s on the 2-core CPU; docs/speed.md)."""
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
-                   help="auto: jemalloc where installed (apt-get install libjemalloc2)")
+                   help="auto: jemalloc where installed (apt-get install libjemalloc2), else "
+                        "glibc's malloc keeping freed memory; system: as the process started")
 
 
 def _parser_train(sub) -> None:
@@ -1241,9 +1243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Only a command typed at the shell is re-run with another allocator; a program
         # calling main() keeps its own process (and sets LD_PRELOAD itself if it wants).
         if from_command_line and getattr(args, "allocator", None) is not None:
-            from .runtime import reexec_with_jemalloc
+            from .runtime import use_fast_allocator
 
-            reexec_with_jemalloc(argv, args.allocator, getattr(args, "path", None) or ())
+            use_fast_allocator(argv, args.allocator, getattr(args, "path", None) or ())
         return args.func(args) or 0
     except BrokenPipeError:  # `deeproots ... | head` closed the pipe: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -2,7 +2,7 @@
 allocator, and how to write a file so that a crash never leaves half of it.
 
 Torch is imported only inside :func:`resolve_device`, so that the command line can re-run
-itself under jemalloc (:func:`reexec_with_jemalloc`) before paying for ``import torch``.
+itself under jemalloc (:func:`use_fast_allocator`) before paying for ``import torch``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from .checks import check_device
 
 __all__ = ["check_device", "resolve_device", "allocator", "atomic_write", "write_text",
            "write_json", "to_json", "check_output_dir", "check_output_file", "openvino_refusal",
-           "jemalloc_path", "reexec_with_jemalloc", "JEMALLOC", "file_digest", "bytes_free",
+           "jemalloc_path", "use_fast_allocator", "keep_freed_memory", "ALLOCATORS",
+           "JEMALLOC", "file_digest", "bytes_free",
            "check_batch_fits", "memory_size"]
 
 JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -32,6 +33,11 @@ JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
 # them back to the kernel and page-faulting them in again on every batch
 JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,"
                  "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+# --allocator: auto (jemalloc where installed, else glibc keeping freed memory), jemalloc,
+# glibc (malloc told to keep freed memory: keep_freed_memory), system (as the process started)
+ALLOCATORS = ("auto", "jemalloc", "glibc", "system")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
+_KEPT = []  # set once keep_freed_memory has told glibc's malloc to keep freed memory
 
 
 def resolve_device(name: str, accepted: Sequence[str] = ("auto", "cpu", "cuda")):
@@ -108,8 +114,40 @@ def file_digest(path: str) -> Optional[str]:
 
 
 def allocator() -> str:
-    """``"jemalloc"`` when this process preloads it (LD_PRELOAD), else ``"system"``."""
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    """``"jemalloc"`` when this process preloads it (LD_PRELOAD), ``"glibc-kept"`` once
+    :func:`keep_freed_memory` has tuned glibc's malloc, else ``"system"``."""
+    if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+        return "jemalloc"
+    return "glibc-kept" if _KEPT else "system"
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc, in this process, to keep the memory it frees instead of handing
+    it back to the kernel: no allocation served by ``mmap`` (each large tensor would be
+    unmapped when freed and page-faulted in again on the next batch) and no trimming of
+    the heap (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``). What
+    jemalloc with PyTorch's ``MALLOC_CONF`` does, where jemalloc is not installed (a
+    conversion of nin: 35 s -> 23 s, the system time 24 s -> 2 s; docs/speed.md); the
+    process keeps its peak memory until it exits. Returns False (nothing done) where the C
+    library is not glibc or jemalloc is preloaded."""
+    if _KEPT:
+        return True
+    if allocator() == "jemalloc" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return False
+    _KEPT.append(True)
+    return True
 
 
 def openvino_refusal() -> Optional[str]:
@@ -126,26 +164,35 @@ def jemalloc_path() -> Optional[str]:
     return next((p for p in JEMALLOC if os.path.exists(p)), None)
 
 
-def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = (),
-                         script: Optional[str] = None) -> None:
-    """Re-run this command in place (exec) with jemalloc preloaded, when ``wanted`` is
-    ``"jemalloc"``, or ``"auto"`` where it is installed; returns when nothing is to be done.
-    A user's own ``LD_PRELOAD`` is kept (jemalloc goes in front of it). ``paths`` are the
-    inference paths the command will run: OpenVINO needs the system allocator. ``script``:
-    a Python file run with ``argv`` (a benchmark) instead of ``deeproots ARGV``.
-    docs/speed.md has the figures."""
+def use_fast_allocator(argv: List[str], wanted: str, paths: Sequence[str] = (),
+                       script: Optional[str] = None) -> None:
+    """The allocator ``wanted`` (:data:`ALLOCATORS`) for this command: ``"jemalloc"`` (or
+    ``"auto"`` where it is installed) re-runs the command in place (exec) with jemalloc
+    preloaded; ``"glibc"`` (or ``"auto"`` without jemalloc) keeps glibc's malloc and tells
+    it to keep freed memory (:func:`keep_freed_memory`); ``"system"`` changes nothing. A
+    user's own ``LD_PRELOAD`` is kept (jemalloc goes in front of it). ``paths`` are the
+    inference paths the command will run: OpenVINO aborts under jemalloc, so ``"auto"``
+    keeps glibc for it. ``script``: a Python file run with ``argv`` (a benchmark) instead
+    of ``deeproots ARGV``. docs/speed.md has the figures."""
     if wanted == "system" or allocator() == "jemalloc":
         return
+    if wanted == "glibc":
+        if not keep_freed_memory():
+            raise DeeprootsError("--allocator glibc: this process's C library is not glibc "
+                                 "(or its malloc takes no mallopt); use --allocator auto or "
+                                 "system")
+        return
+    lib = jemalloc_path()
     if "openvino" in paths:
         if wanted == "jemalloc":
             raise DeeprootsError("--path openvino cannot run under jemalloc (OpenVINO aborts with "
-                                 "'double free or corruption'); use --allocator system")
-        return  # auto: OpenVINO needs the system allocator
-    lib = jemalloc_path()
+                                 "'double free or corruption'); use --allocator glibc or system")
+        lib = None  # auto: OpenVINO needs glibc's malloc
     if lib is None:
         if wanted == "jemalloc":
             raise DeeprootsError("--allocator jemalloc: libjemalloc.so.2 not found in "
                                  f"{', '.join(JEMALLOC)}; on Debian: apt-get install libjemalloc2")
+        keep_freed_memory()
         return
     preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
     env = dict(os.environ, LD_PRELOAD=preload,
@@ -154,6 +201,17 @@ def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = ()
     sys.stderr.flush()
     command = [script] if script else ["-m", "deeproots"]
     os.execve(sys.executable, [sys.executable, *command, *argv], env)
+
+
+def reexec_with_jemalloc(argv: List[str], wanted: str, paths: Sequence[str] = (),
+                         script: Optional[str] = None) -> None:
+    """The old name of :func:`use_fast_allocator` (for this release, with a
+    DeprecationWarning)."""
+    import warnings
+
+    warnings.warn("deeproots.runtime.reexec_with_jemalloc is now use_fast_allocator (the old "
+                  "name goes in the next release)", DeprecationWarning, stacklevel=2)
+    use_fast_allocator(argv, wanted, paths, script)
 
 
 def _disk_error(err: BaseException) -> Optional[OSError]:
