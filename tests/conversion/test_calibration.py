@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import deeproots
 from deeproots.conversion.calibrate import assign_groups, calibrate, fold_permutations, refit_grouped, refit_pointwise, root_sites
-from deeproots.models.layers import block_diagonal_weight, regroup
+from deeproots.models.layers import block_diagonal_weight, conv_layers, regroup
 from deeproots.cli import main
 from deeproots.training.objectives import GroupLasso, distillation_loss
 from deeproots.training.checkpoint import load_checkpoint
@@ -474,3 +474,42 @@ def test_a_refit_from_fewer_pixels_than_its_weights_is_named_with_the_images_it_
     x = torch.randn(71, 1, 28, 28)
     _, report = rootify(model, "root-8", example_input=x[:1], calibration=x)
     assert report.calibration.underdetermined == {}
+
+
+def test_conversions_sharing_the_dense_passes_compute_what_each_alone_computes():
+    """A budgeted conversion checks layers converted alone, then converts its candidates,
+    all of one model on one set of images: given as DensePasses, what the trained model
+    computes (each conv's input energy, the layers before the first grouped conv, the refit
+    targets) is computed once, and each conversion is the one it was without them (the
+    same weights, the same outputs). Counted by a hook on the trained copy's first conv:
+    three passes over the images in each check, one batch in the conversion after them."""
+    from deeproots.conversion.calibrate import DensePasses, calibration_batches
+
+    model = trained_like("nin", in_channels=1)
+    before = copy.deepcopy(model.state_dict())
+    images = torch.randn(96, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    passes = DensePasses(model, images)
+    ran = []
+    first = conv_layers(passes.dense)["conv1a"]
+    first.register_forward_hook(lambda m, a, out: ran.append(len(a[0])))
+    for changes in ({"conv3a": 2}, {"conv2a": 4}):  # the checks
+        shared, _ = calibrate(model, changes, passes.batches(), refit="root", dense=passes)
+        alone, _ = calibrate(model, changes, calibration_batches(images), refit="root")
+        for k, v in alone.state_dict().items():
+            assert torch.allclose(shared.state_dict()[k], v, rtol=1e-5, atol=1e-6), k
+    ran.clear()
+    shared, report = deeproots.rootify(model, {"conv2a": 4, "conv3a": 2},
+                                       example_input=images[:1], calibration=passes)
+    # the trained copy's first layer ran on one batch (the sampled inputs the report's output
+    # energy is measured on), not on every batch for each pass as a conversion alone does
+    assert ran == [len(passes.batches()[0])]
+    alone, report_alone = deeproots.rootify(model, {"conv2a": 4, "conv3a": 2},
+                                            example_input=images[:1], calibration=images)
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(shared(x), alone(x), rtol=1e-4, atol=1e-5)
+    assert report.calibration.refits == pytest.approx(report_alone.calibration.refits)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="made for another model"):
+        calibrate(trained_like("nin", in_channels=1), {"conv3a": 2}, passes.batches(),
+                  dense=passes)

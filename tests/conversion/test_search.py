@@ -275,8 +275,11 @@ def test_the_search_runs_again_when_a_proposed_layer_measures_costlier_than_pric
     converted = []
     measured = {"a": 1.0, "b": 40.0, "c": 1.0}
 
-    def calibrate(model, changes, batches, refit, batchnorm):
+    passes = SimpleNamespace(batches=lambda: [])
+
+    def calibrate(model, changes, batches, refit, batchnorm, dense):
         assert refit == "root" and batchnorm == "keep" and len(changes) == 1
+        assert dense is passes  # every check shares the dense model's passes
         converted.append(dict(changes))
         return dict(changes), None
 
@@ -292,7 +295,7 @@ def test_the_search_runs_again_when_a_proposed_layer_measures_costlier_than_pric
     monkeypatch.setattr(checkpoint, "selection_scores", selection_scores)
     source = SimpleNamespace(trained=None, cal=SimpleNamespace(
         select=(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)),
-        fit=torch.zeros(2, 3, 4, 4)))
+        fit=torch.zeros(2, 3, 4, 4)), dense_passes=lambda: passes)
     assert choose(prices, macs=0.6).groups == {"a": 2, "b": 4}
     plan = checkpoint._checked(source, prices, lambda text: None,
                                lambda: choose(prices, macs=0.6))

@@ -36,7 +36,7 @@ from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits,
                              check_normalisation, folder_like, head, sample_split)
 from ..training.evaluate import evaluate
 from ..weights import fit_weights, load_weights_only, state_dict_of
-from .calibrate.passes import calibration_batches
+from .calibrate import DensePasses
 from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
 from .search import (Plan, check_fraction, check_reachable, cheapest, choose, latency_scale,
@@ -185,7 +185,8 @@ def calibration_data(source: dict, *, data: Optional[str], data_dir=None,
 class Source:
     """A trained model and what a conversion of it reads: the model (eval mode), the
     checkpoint's fields describing it, its name, the images (:class:`Calibration`) and its
-    test top-1 before conversion."""
+    test top-1 before conversion; and what the trained model computes on the calibration
+    images, kept for every conversion of it (:meth:`dense_passes`)."""
 
     checkpoint: str
     trained: nn.Module
@@ -193,6 +194,15 @@ class Source:
     name: str
     cal: Calibration
     top1_before: float
+    passes: Optional[DensePasses] = field(default=None, repr=False)
+
+    def dense_passes(self) -> DensePasses:
+        """The calibration images with the trained model's passes over them, made on first
+        use and shared by every conversion of this source (the layer checks, the candidates,
+        a frontier's points): what the trained model computes is computed once."""
+        if self.passes is None:
+            self.passes = DensePasses(self.trained, self.cal.fit)
+        return self.passes
 
 
 def open_source(checkpoint: Union[str, Path], *, model=None, data: Optional[str] = None,
@@ -281,7 +291,8 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
         measured.update(stage_table)
     else:
         new, report = rootify(source.trained, schedule, example_input=cal.fit[:1],
-                              calibration=cal.fit, on_stage=stage if stages else None,
+                              calibration=source.dense_passes(),
+                              on_stage=stage if stages else None,
                               **rootify_options)
         plan, timed = None, {}
     seconds = time.perf_counter() - started - evaluating[0]
@@ -408,7 +419,7 @@ def _convert_to_budget(source: Source, budget, prices, options, stage_top1, devi
         on_stage = None if stage_top1 is None else (
             lambda name, m, shown=shown: shown.append((name, m)))
         new, report = rootify(trained, as_mapping(plan.groups), example_input=cal.fit[:1],
-                              calibration=cal.fit, on_stage=on_stage, **options)
+                              calibration=source.dense_passes(), on_stage=on_stage, **options)
         top1 = select_top1(new, cal.select) if len(candidates) > 1 else float("nan")
         plan.predicted = predict(prices, plan.groups)  # the layers alone, as the table says
         rows.append({"kind": how, "groups": dict(plan.groups),
@@ -580,17 +591,17 @@ def _checked(source: Source, prices: Sensitivity, say, propose, batchnorm: str =
     recomputes the batch norms, which on a model whose statistics drifted in training
     made a layer cost three times its price (a one-epoch resnet50's layer4)."""
     plan = propose()
-    reference = batches = None
+    reference = None
     for _ in range(CHECK_ROUNDS):
         todo = [(k, g) for k, g in plan.groups.items() if f"{k}@{g}" not in prices.verified]
         if not todo:
             break
         if reference is None:  # read once, and only when something is to be checked
             reference = selection_scores(source.trained, source.cal.select)[2]
-            batches = calibration_batches(source.cal.fit)
+        passes = source.dense_passes()
         for layer, g in todo:
-            alone, _ = calibrate(source.trained, {layer: g}, batches, refit="root",
-                                 batchnorm=batchnorm)
+            alone, _ = calibrate(source.trained, {layer: g}, passes.batches(), refit="root",
+                                 batchnorm=batchnorm, dense=passes)
             kl = selection_scores(alone, source.cal.select, reference)[1]
             prices.verified[f"{layer}@{g}"] = kl
             priced = next(o.kl for p in prices.layers if p.layer == layer

@@ -31,7 +31,7 @@ from torch import nn
 from ..capture import hooks
 from ..errors import DeeprootsError
 from ..checks import check_choice, check_groups_mapping, check_number
-from .calibrate import CalibrationReport, calibrate, calibration_batches
+from .calibrate import CalibrationReport, DensePasses, calibrate, calibration_batches
 from ..config import BATCHNORMS, STEMS
 from ..inspection.costs import parse_input_size, profile
 from ..models.layers import (GroupsError, apply_groups, block_diagonal_weight, common_divisors,
@@ -370,7 +370,9 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             ``on_stage(name, model)`` is called with each stage's model, to evaluate it;
             ``refit_grouped=False`` refits only the 1x1 convs; ``batchnorm``: ``"keep"``
             the trained running statistics (default) or ``"reestimate"`` them on the
-            calibration images.
+            calibration images. Several conversions of one model: give the images as
+            ``DensePasses(model, images)`` (:mod:`deeproots.conversion.calibrate`),
+            and what the trained model computes on them is computed once for all.
 
     Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
     gain, ...) is regrouped in place, and one that would compute something else regrouped
@@ -399,9 +401,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         if not changes:
             raise DeeprootsError(f"schedule {schedule} groups no conv of "
                                  f"{type(model).__name__} here: {_why_nothing(sites, plan)}")
+        dense = calibration if isinstance(calibration, DensePasses) else None
         new, calibrated = calibrate(model, changes, calibration_batches(calibration),
                                     stages=on_stage, grouped=refit_grouped,
-                                    batchnorm=batchnorm)
+                                    batchnorm=batchnorm, dense=dense)
         init = "calibrated"
     else:
         new = _regrouped(model, changes, init, convs)

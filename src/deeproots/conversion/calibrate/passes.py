@@ -2,9 +2,11 @@
 a tensor or a loader, each conv's input energy, the forward order of its layers, passes
 stopped at the layer a stage is fitting (:func:`deeproots.capture.run_until`), and passes
 that start at the first grouped conv, the trained layers before it computed once
-(:class:`Prefixed`)."""
+(:class:`Prefixed`); and what the trained model computes kept for several conversions of it
+(:class:`DensePasses`)."""
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,11 +14,12 @@ from torch import fx, nn
 
 from ...capture import Stop, capture, fx_graph, hooks, run_until
 from ...errors import DeeprootsError
+from ...layout import channels_last
 from ...models.layers import conv_layers, layer_name
 
 __all__ = ["calibration_batches", "activation_energy", "Prefixed", "prefixed", "forward",
            "input_of", "output_of", "norm_after", "forward_order", "reached_convs",
-           "first_reached", "norms_before", "sampled_inputs", "dense_outputs"]
+           "first_reached", "norms_before", "sampled_inputs", "dense_outputs", "DensePasses"]
 
 
 def calibration_batches(data, batch_size: int = 256) -> List[torch.Tensor]:
@@ -244,3 +247,73 @@ def dense_outputs(model: nn.Module, paths: Sequence[str], batches
         for p in paths:
             out[p].append(seen[p])
     return out
+
+
+class DensePasses:
+    """The trained model's half of the calibration passes, kept for several calibrated
+    conversions of one model on one set of calibration images (a budgeted conversion checks
+    layers converted alone, then converts its candidates; a frontier converts at every
+    budget): the model's channels-last copy (``dense``, never changed) and the batches, each
+    conv's input energy, the values before each first grouped conv (:class:`Prefixed`), and
+    each refit target's outputs (within :data:`CACHE_BYTES` in all), each computed the first
+    time a conversion asks for it. Pass it as the calibration data
+    (``rootify(model, schedule, calibration=passes)``, ``calibrate(model, changes,
+    passes.batches(), dense=passes)``); it answers for ``model`` alone."""
+
+    def __init__(self, model: nn.Module, data):
+        self.source = model
+        self.dense = channels_last(copy.deepcopy(model).eval())
+        self._batches = [channels_last(b) for b in calibration_batches(data)]
+        self._energy: Dict[str, torch.Tensor] = {}
+        self._prefix: Dict[str, list] = {}  # first grouped conv -> each batch's dense values
+        self._outputs: Dict[str, List[torch.Tensor]] = {}
+        self._bytes = 0
+
+    def batches(self) -> List[torch.Tensor]:
+        """The calibration batches (channels-last)."""
+        return self._batches
+
+    def check(self, model: nn.Module) -> None:
+        """A ValueError unless these are ``model``'s passes."""
+        if model is not self.source:
+            raise ValueError("these DensePasses were made for another model: make one for "
+                             "each model converted")
+
+    def energy(self, paths: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """Each named conv's input energy (:func:`activation_energy`) in the trained model."""
+        todo = [p for p in paths if p not in self._energy]
+        if todo:
+            self._energy.update(activation_energy(self.dense, todo, self._batches))
+        return {p: self._energy[p] for p in paths if p in self._energy}
+
+    def prefixed(self, new: nn.Module, first: str) -> Optional[list]:
+        """The batches as :class:`Prefixed` ones for :attr:`dense` and ``new`` (a copy being
+        converted), starting at conv ``first``: the trained model's prefix computed once for
+        every conversion that groups ``first`` first; None when a model cannot be traced."""
+        if first not in self._prefix:
+            mine = prefixed([self.dense], first, self._batches)
+            if mine is None:
+                return None
+            self._prefix[first] = [item.envs[id(self.dense)] for item in mine]
+        out = prefixed([new], first, self._batches)
+        if out is None:
+            return None
+        for item, env in zip(out, self._prefix[first]):
+            item.envs[id(self.dense)] = env
+        return out
+
+    def outputs(self, paths: Sequence[str], batches) -> Optional[Dict[str, List[torch.Tensor]]]:
+        """The trained model's outputs of the named convs on every batch (:func:`dense_outputs`,
+        ``batches`` these passes' own, prefixed or not), those asked before kept; None when
+        the new ones would not fit in what :data:`CACHE_BYTES` leaves."""
+        todo = [p for p in paths if p not in self._outputs]
+        if todo:
+            got = dense_outputs(self.dense, todo, batches)
+            if got is None:
+                return None
+            size = sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
+            if self._bytes + size > CACHE_BYTES:
+                return {**{p: self._outputs[p] for p in paths if p in self._outputs}, **got}
+            self._outputs.update(got)
+            self._bytes += size
+        return {p: self._outputs[p] for p in paths}

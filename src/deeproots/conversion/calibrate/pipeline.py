@@ -60,8 +60,8 @@ from ...layout import channels_last
 from ...models.layers import block_diagonal_weight, conv_layers, regroup
 from .assignment import assign_groups, kept_fraction, order_of
 from .batchnorm import reestimate_batchnorm
-from .passes import (activation_energy, dense_outputs, first_reached, norms_before,
-                     output_pixels, prefixed, reached_convs, sampled_inputs)
+from .passes import (DensePasses, activation_energy, dense_outputs, first_reached,
+                     norms_before, output_pixels, prefixed, reached_convs, sampled_inputs)
 from .refit import MIN_PIXELS_PER_WEIGHT, refit_grouped, refit_pointwise
 from .report import CalibrationReport, LayerCalibration
 from .sites import RootSite, fold_permutations, root_sites
@@ -95,6 +95,7 @@ class Conversion:
     out_orders: Dict[str, torch.Tensor] = field(default_factory=dict)  # where permuted
     in_orders: Dict[str, torch.Tensor] = field(default_factory=dict)
     keep: List[nn.Module] = field(default_factory=list)  # batch norms before the first
+    passes: Optional[DensePasses] = None  # the dense side kept across conversions, if given
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def cut(c: Conversion) -> nn.Module:
     in the report); from here on the passes start at the first grouped conv, the trained
     layers before it computed once."""
     first = first_reached(c.new, c.order, c.batches[0])
-    fast = prefixed([c.dense, c.new], first, c.batches)
+    fast = (c.passes.prefixed(c.new, first) if c.passes is not None
+            else prefixed([c.dense, c.new], first, c.batches))
     c.keep = norms_before(c.new, first, c.batches[0])
     if fast is not None:
         c.batches = fast
@@ -200,7 +202,8 @@ def refit(c: Conversion) -> nn.Module:
     rows = {row.layer: row for row in c.report.layers}
     roots = {c.sites[row.layer].consumer for row in c.report.layers}
     _underdetermined(c, [n for n in targets if n in rows or n in roots])
-    cached = dense_outputs(c.dense, targets, c.batches) or {}  # the targets, in one pass
+    cached = (c.passes.outputs(targets, c.batches) if c.passes is not None  # the targets,
+              else dense_outputs(c.dense, targets, c.batches)) or {}  # in one pass
     reestimate = c.batchnorm == "reestimate"
     for name in targets:
         if reestimate:
@@ -272,8 +275,8 @@ STAGES = ("block-diagonal", "+ permutation", "+ batch norm", "+ refit")  # those
 
 def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
               stages: Optional[Callable[[str, nn.Module], None]] = None, ridge: float = 1e-4,
-              refit: str = "all", grouped: bool = True, batchnorm: str = "keep"
-              ) -> Tuple[nn.Module, CalibrationReport]:
+              refit: str = "all", grouped: bool = True, batchnorm: str = "keep",
+              dense: Optional[DensePasses] = None) -> Tuple[nn.Module, CalibrationReport]:
     """``model`` (trained, dense in the layers ``changes`` names) converted to those groups
     by the stages of :data:`PIPELINE`, on the calibration ``batches``; ``model`` itself is
     not changed. ``stages``, if given, is called with each shown stage's name and model (a
@@ -281,12 +284,16 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     ``refit``: ``"all"`` (every ungrouped 1x1 conv from the first grouped conv on) or
     ``"root"`` (the one right after each grouped conv); ``grouped``: refit the grouped convs
     too; ``batchnorm``: ``"keep"`` the trained running statistics or ``"reestimate"`` them
-    (stage 3). Returns the converted model and its report."""
+    (stage 3); ``dense``: the trained model's passes kept from earlier conversions of
+    ``model`` on these ``batches`` (:class:`~.passes.DensePasses`; its ``batches()``).
+    Returns the converted model and its report."""
     check_choice("refit", refit, REFITS)
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     check_trained(model)
+    if dense is not None:
+        dense.check(model)
     started, evaluating = time.perf_counter(), 0.0
-    c = _conversion(model, changes, batches, ridge, refit, grouped, batchnorm)
+    c = _conversion(model, changes, batches, ridge, refit, grouped, batchnorm, dense)
     for stage in PIPELINE:
         if stage.reference and stages is None:
             continue
@@ -299,21 +306,28 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     return c.new, c.report
 
 
-def _conversion(model, changes, batches, ridge, refit, grouped, batchnorm) -> Conversion:
+def _conversion(model, changes, batches, ridge, refit, grouped, batchnorm, passes=None
+                ) -> Conversion:
     """The conversion's start: both models and the batches channels-last (the calibration
     passes run twice as fast so on a CPU), the convs to group, their neighbours (one
-    trace), their inputs' energy and a batch of their inputs."""
-    dense, new = (channels_last(copy.deepcopy(model).eval()) for _ in range(2))
-    batches = [channels_last(b) for b in batches]
+    trace), their inputs' energy and a batch of their inputs. ``passes``: the dense side
+    kept from earlier conversions (its copy of the trained model and its batches used)."""
+    new = channels_last(copy.deepcopy(model).eval())
+    if passes is not None:
+        dense, batches = passes.dense, passes.batches()
+    else:
+        dense = channels_last(copy.deepcopy(model).eval())
+        batches = [channels_last(b) for b in batches]
     c = Conversion(dense, new, dict(changes), batches,
                    CalibrationReport(images=sum(len(b) for b in batches), batchnorm=batchnorm),
-                   ridge, refit, grouped, batchnorm)
+                   ridge, refit, grouped, batchnorm, passes=passes)
     c.order = [n for n in conv_layers(new) if n in changes]
     for name in c.order:
         if conv_layers(new)[name].groups != 1:
             raise DeeprootsError(f"{name} is already in {conv_layers(new)[name].groups} groups: "
                                  f"calibrated conversion groups dense convs (regroup=False)")
-    c.energy = activation_energy(dense, c.order, batches)
+    c.energy = (passes.energy(c.order) if passes is not None
+                else activation_energy(dense, c.order, batches))
     c.sites = root_sites(new, c.order)
     c.inputs = sampled_inputs(dense, c.order, batches[0])
     return c
