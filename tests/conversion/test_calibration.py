@@ -513,3 +513,22 @@ def test_conversions_sharing_the_dense_passes_compute_what_each_alone_computes()
     with pytest.raises(ValueError, match="made for another model"):
         calibrate(trained_like("nin", in_channels=1), {"conv3a": 2}, passes.batches(),
                   dense=passes)
+
+
+def test_a_calibrated_conversion_counts_its_costs_at_the_calibration_images_size():
+    """Calibrated on 16x16 images, the report counts the model at 1x16x16 (the profile of
+    the converted model at that size), not at the model's default 32x32; and a model of
+    your own with no default size needs no example_input when calibration images are
+    given."""
+    model = trained_like("nin", in_channels=1)
+    images = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    new, report = deeproots.rootify(model, "root-4", calibration=images)
+    assert report.input_size == (1, 16, 16)
+    assert report.macs_after == deeproots.profile(new, (1, 16, 16)).macs
+    mine = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10)).eval()
+    new, report = deeproots.rootify(mine, "root-2", calibration=images)
+    assert report.groups["3"] == 2 and new[3].groups == 2
+    assert report.macs_after == deeproots.profile(new, (1, 16, 16)).macs

@@ -343,8 +343,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     Args:
         schedule: ``"root-N"``, ``"tree-N"``, ``"col-N"``, or a mapping of layer names
             (shell patterns) or resolutions (``"56x56"``) to groups.
-        example_input: a batch the model takes (default: zeros of the model's
-            ``default_input_size``); its forward pass finds the convs and their resolutions.
+        example_input: a batch the model takes (default: the first calibration image where
+            ``calibration`` is given, else zeros of the model's ``default_input_size``); its
+            forward pass finds the convs and their resolutions, and the report counts the
+            costs at its size.
         ignore: layer names or patterns to leave as they are.
         macs, params: instead of a schedule, a budget: the smallest ``root-N`` that brings the
             model to at most this fraction of its multiply-adds (or parameters).
@@ -382,6 +384,9 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     _check_options(model, schedule, init, calibration, stem, macs, params)
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     _check_arguments(model, schedule, ignore, macs, params)  # before any forward pass
+    batches = None if calibration is None else calibration_batches(calibration)
+    if example_input is None and batches is not None:  # counted at the images' size
+        example_input = batches[0][:1]
     example_input = _example(model, example_input)
     size = tuple(example_input.shape[1:])
     sites = trace_convs(model, example_input)
@@ -402,7 +407,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             raise DeeprootsError(f"schedule {schedule} groups no conv of "
                                  f"{type(model).__name__} here: {_why_nothing(sites, plan)}")
         dense = calibration if isinstance(calibration, DensePasses) else None
-        new, calibrated = calibrate(model, changes, calibration_batches(calibration),
+        new, calibrated = calibrate(model, changes, batches,
                                     stages=on_stage, grouped=refit_grouped,
                                     batchnorm=batchnorm, dense=dense)
         init = "calibrated"
