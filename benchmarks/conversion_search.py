@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deeproots.runtime import ALLOCATORS
+
 HERE = os.path.abspath(__file__)
+ALLOCATOR = ["auto"]  # --allocator: this script's and each deeproots command's
 BUDGETS = (0.8, 0.7, 0.6)
 
 
@@ -182,8 +185,8 @@ def _groups(groups: dict) -> str:
 # --- part 2: wall time against depth --------------------------------------------------------
 def _cli(*argv) -> float:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "deeproots", *argv], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-m", "deeproots", *argv, "--allocator",
+                           ALLOCATOR[0]], capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"deeproots {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
     return time.perf_counter() - started
@@ -394,6 +397,9 @@ def main() -> None:
     p.add_argument("--nin-epochs", type=int, default=1, help="the dense nin's epochs, where "
                    "it is trained here (the fine-tunes take a tenth of its steps)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
+                   help="this script's and each deeproots command's (as deeproots --allocator; "
+                        "glibc: a machine without jemalloc)")
     p.add_argument("--variants", nargs="+", metavar="LR,WEIGHT,T,WARMUP",
                    default=["0.01,0.5,4,0.005", "0.003,0.5,4,0", "0.01,0.9,4,0",
                             "0.003,1,1,0", "0.001,0.9,4,0", "0.03,0.9,4,0.005"],
@@ -403,9 +409,12 @@ def main() -> None:
                    metavar="NAME", help="of the feature part's variants, these alone "
                    "(default: all)")
     args = p.parse_args()
-    from deeproots.runtime import use_fast_allocator
+    from deeproots.runtime import allocator, use_fast_allocator
 
-    use_fast_allocator(sys.argv[1:], "auto", script=HERE)  # as the commands run
+    ALLOCATOR[0] = args.allocator
+    use_fast_allocator(sys.argv[1:], args.allocator, script=HERE)  # as the commands run
+    print(f"allocator: {allocator()} (each deeproots command: --allocator {args.allocator})",
+          file=sys.stderr, flush=True)
     given = dict(c.split("=", 1) for c in args.checkpoint)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)

@@ -513,6 +513,10 @@ def test_conversions_sharing_the_dense_passes_compute_what_each_alone_computes()
     with pytest.raises(ValueError, match="made for another model"):
         calibrate(trained_like("nin", in_channels=1), {"conv3a": 2}, passes.batches(),
                   dense=passes)
+    with torch.no_grad():  # a step of training, in place: the passes are stale
+        conv_layers(model)["conv1a"].weight.mul_(1.5)
+    with pytest.raises(ValueError, match="weights changed since its DensePasses were made"):
+        deeproots.rootify(model, "root-4", example_input=images[:1], calibration=passes)
 
 
 def test_a_calibrated_conversion_counts_its_costs_at_the_calibration_images_size():

@@ -255,13 +255,15 @@ class DensePasses:
     layers converted alone, then converts its candidates; a frontier converts at every
     budget): the model's channels-last copy (``dense``, never changed) and the batches, each
     conv's input energy, the values before each first grouped conv (:class:`Prefixed`), and
-    each refit target's outputs (within :data:`CACHE_BYTES` in all), each computed the first
-    time a conversion asks for it. Pass it as the calibration data
-    (``rootify(model, schedule, calibration=passes)``, ``calibrate(model, changes,
-    passes.batches(), dense=passes)``); it answers for ``model`` alone."""
+    each refit target's outputs, each computed the first time a conversion asks for it and
+    kept while they fit in :data:`CACHE_BYTES` in all (past it, computed for that conversion
+    alone, as without them). Pass it as the calibration data (``rootify(model, schedule,
+    calibration=passes)``, ``calibrate(model, changes, passes.batches(), dense=passes)``);
+    it answers for ``model`` alone, as it was when they were made."""
 
     def __init__(self, model: nn.Module, data):
         self.source = model
+        self._state = _versions(model)
         self.dense = channels_last(copy.deepcopy(model).eval())
         self._batches = [channels_last(b) for b in calibration_batches(data)]
         self._energy: Dict[str, torch.Tensor] = {}
@@ -274,10 +276,20 @@ class DensePasses:
         return self._batches
 
     def check(self, model: nn.Module) -> None:
-        """A ValueError unless these are ``model``'s passes."""
+        """A ValueError unless these are ``model``'s passes, and its weights and buffers have
+        not changed in place since (a training step, ``load_state_dict``)."""
         if model is not self.source:
             raise ValueError("these DensePasses were made for another model: make one for "
                              "each model converted")
+        if _versions(model) != self._state:
+            raise ValueError("the model's weights changed since its DensePasses were made: "
+                             "make them again")
+
+    def _keep(self, size: int) -> bool:
+        if self._bytes + size > CACHE_BYTES:
+            return False
+        self._bytes += size
+        return True
 
     def energy(self, paths: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Each named conv's input energy (:func:`activation_energy`) in the trained model."""
@@ -290,30 +302,40 @@ class DensePasses:
         """The batches as :class:`Prefixed` ones for :attr:`dense` and ``new`` (a copy being
         converted), starting at conv ``first``: the trained model's prefix computed once for
         every conversion that groups ``first`` first; None when a model cannot be traced."""
-        if first not in self._prefix:
+        envs = self._prefix.get(first)
+        if envs is None:
             mine = prefixed([self.dense], first, self._batches)
             if mine is None:
                 return None
-            self._prefix[first] = [item.envs[id(self.dense)] for item in mine]
+            envs = [item.envs[id(self.dense)] for item in mine]
+            if self._keep(sum(_nbytes(v) for _, env in envs for v in env.values())):
+                self._prefix[first] = envs
         out = prefixed([new], first, self._batches)
         if out is None:
             return None
-        for item, env in zip(out, self._prefix[first]):
+        for item, env in zip(out, envs):
             item.envs[id(self.dense)] = env
         return out
 
     def outputs(self, paths: Sequence[str], batches) -> Optional[Dict[str, List[torch.Tensor]]]:
         """The trained model's outputs of the named convs on every batch (:func:`dense_outputs`,
         ``batches`` these passes' own, prefixed or not), those asked before kept; None when
-        the new ones would not fit in what :data:`CACHE_BYTES` leaves."""
+        the new ones would take more than :data:`CACHE_BYTES` (one pass each then)."""
         todo = [p for p in paths if p not in self._outputs]
+        got: Dict[str, List[torch.Tensor]] = {}
         if todo:
             got = dense_outputs(self.dense, todo, batches)
             if got is None:
                 return None
-            size = sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
-            if self._bytes + size > CACHE_BYTES:
-                return {**{p: self._outputs[p] for p in paths if p in self._outputs}, **got}
-            self._outputs.update(got)
-            self._bytes += size
-        return {p: self._outputs[p] for p in paths}
+            if self._keep(sum(_nbytes(t) for ts in got.values() for t in ts)):
+                self._outputs.update(got)
+        return {p: self._outputs[p] if p in self._outputs else got[p] for p in paths}
+
+
+def _nbytes(value) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _versions(model: nn.Module) -> Tuple[int, ...]:
+    """Each weight's and buffer's in-place version counter: any in-place change moves one."""
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
