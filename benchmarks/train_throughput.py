@@ -6,6 +6,7 @@ backward, optimizer) against where its multiply-adds are.
     python benchmarks/train_throughput.py                          # nin family, batch 128
     python benchmarks/train_throughput.py --family resnet50        # small batch, 3x112x112
     python benchmarks/train_throughput.py --compile --repeats 5
+    python benchmarks/train_throughput.py --allocator glibc         # as deeproots --allocator
 
 NiN's batches are real Fashion-MNIST images (1x28x28) when the dataset is found, random ones
 otherwise; ResNet's are random 3x112x112 images (their values do not change a step's time).
@@ -15,13 +16,15 @@ the ratio of multiply-adds.
 """
 import argparse
 import copy
+import os
 import platform
+import sys
 
 import torch
 
 import deeproots
 from deeproots.speed.bench import step_phases, train_step_fn
-from deeproots.runtime import allocator
+from deeproots.runtime import ALLOCATORS, allocator, use_fast_allocator
 from deeproots.layout import choose_layout
 from deeproots.text import format_table
 from deeproots.speed.timing import interleaved
@@ -54,7 +57,10 @@ def main():
     p.add_argument("--layouts", nargs="+", default=["contiguous", "channels-last"],
                    choices=["contiguous", "channels-last"])
     p.add_argument("--compile", action="store_true", help="also torch.compile the step")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="system",
+                   help="as deeproots --allocator (default: this process's, as started)")
     args = p.parse_args()
+    use_fast_allocator(sys.argv[1:], args.allocator, script=os.path.abspath(__file__))
     names, batch, shape = FAMILIES[args.family]
     names, batch = args.models or names, args.batch_size or batch
     torch.set_num_threads(args.threads)
