@@ -97,8 +97,10 @@ def test_openvino_keeps_glibc_and_glibc_is_refused_where_there_is_none(monkeypat
     real = runtime.keep_freed_memory
     monkeypatch.setattr(runtime, "jemalloc_path", lambda: "/lib/libjemalloc.so.2")
     monkeypatch.setattr(runtime.os, "execve", lambda *a: pytest.fail("re-ran under jemalloc"))
-    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: "kept")
+    kept = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: kept.append(1) or True)
     runtime.use_fast_allocator(["bench", "nin"], "auto", paths=("openvino",))  # no exec
+    assert kept == [1]  # glibc kept instead
     with pytest.raises(DeeprootsError, match="--path openvino cannot run under jemalloc .* "
                                              "use --allocator glibc or system"):
         runtime.use_fast_allocator(["bench", "nin"], "jemalloc", paths=("openvino",))
