@@ -493,7 +493,7 @@ def test_conversions_sharing_the_dense_passes_compute_what_each_alone_computes()
     first = conv_layers(passes.dense)["conv1a"]
     first.register_forward_hook(lambda m, a, out: ran.append(len(a[0])))
     for changes in ({"conv3a": 2}, {"conv2a": 4}):  # the checks
-        shared, _ = calibrate(model, changes, passes.batches(), refit="root", dense=passes)
+        shared, _ = calibrate(model, changes, passes, refit="root")
         alone, _ = calibrate(model, changes, calibration_batches(images), refit="root")
         for k, v in alone.state_dict().items():
             assert torch.allclose(shared.state_dict()[k], v, rtol=1e-5, atol=1e-6), k
@@ -511,8 +511,7 @@ def test_conversions_sharing_the_dense_passes_compute_what_each_alone_computes()
     assert report.calibration.refits == pytest.approx(report_alone.calibration.refits)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="made for another model"):
-        calibrate(trained_like("nin", in_channels=1), {"conv3a": 2}, passes.batches(),
-                  dense=passes)
+        calibrate(trained_like("nin", in_channels=1), {"conv3a": 2}, passes)
     with torch.no_grad():  # a step of training, in place: the passes are stale
         conv_layers(model)["conv1a"].weight.mul_(1.5)
     with pytest.raises(ValueError, match="weights changed since its DensePasses were made"):

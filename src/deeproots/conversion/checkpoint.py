@@ -600,8 +600,8 @@ def _checked(source: Source, prices: Sensitivity, say, propose, batchnorm: str =
             reference = selection_scores(source.trained, source.cal.select)[2]
         passes = source.dense_passes()
         for layer, g in todo:
-            alone, _ = calibrate(source.trained, {layer: g}, passes.batches(), refit="root",
-                                 batchnorm=batchnorm, dense=passes)
+            alone, _ = calibrate(source.trained, {layer: g}, passes, refit="root",
+                                 batchnorm=batchnorm)
             kl = selection_scores(alone, source.cal.select, reference)[1]
             prices.verified[f"{layer}@{g}"] = kl
             priced = next(o.kl for p in prices.layers if p.layer == layer

@@ -406,10 +406,9 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         if not changes:
             raise DeeprootsError(f"schedule {schedule} groups no conv of "
                                  f"{type(model).__name__} here: {_why_nothing(sites, plan)}")
-        dense = calibration if isinstance(calibration, DensePasses) else None
-        new, calibrated = calibrate(model, changes, batches,
-                                    stages=on_stage, grouped=refit_grouped,
-                                    batchnorm=batchnorm, dense=dense)
+        kept = calibration if isinstance(calibration, DensePasses) else batches
+        new, calibrated = calibrate(model, changes, kept, stages=on_stage,
+                                    grouped=refit_grouped, batchnorm=batchnorm)
         init = "calibrated"
     else:
         new = _regrouped(model, changes, init, convs)

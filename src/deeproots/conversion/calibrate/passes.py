@@ -258,7 +258,7 @@ class DensePasses:
     each refit target's outputs, each computed the first time a conversion asks for it and
     kept while they fit in :data:`CACHE_BYTES` in all (past it, computed for that conversion
     alone, as without them). Pass it as the calibration data (``rootify(model, schedule,
-    calibration=passes)``, ``calibrate(model, changes, passes.batches(), dense=passes)``);
+    calibration=passes)``, ``calibrate(model, changes, passes)``);
     it answers for ``model`` alone, as it was when they were made."""
 
     def __init__(self, model: nn.Module, data):

@@ -275,25 +275,23 @@ STAGES = ("block-diagonal", "+ permutation", "+ batch norm", "+ refit")  # those
 
 def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
               stages: Optional[Callable[[str, nn.Module], None]] = None, ridge: float = 1e-4,
-              refit: str = "all", grouped: bool = True, batchnorm: str = "keep",
-              dense: Optional[DensePasses] = None) -> Tuple[nn.Module, CalibrationReport]:
+              refit: str = "all", grouped: bool = True, batchnorm: str = "keep"
+              ) -> Tuple[nn.Module, CalibrationReport]:
     """``model`` (trained, dense in the layers ``changes`` names) converted to those groups
-    by the stages of :data:`PIPELINE`, on the calibration ``batches``; ``model`` itself is
-    not changed. ``stages``, if given, is called with each shown stage's name and model (a
+    by the stages of :data:`PIPELINE`, on the calibration ``batches`` (a list, or the
+    :class:`~.passes.DensePasses` of ``model`` kept from earlier conversions of it: what the
+    trained model computes on them then comes from there); ``model`` itself is not
+    changed. ``stages``, if given, is called with each shown stage's name and model (a
     copy of the conversion so far, to evaluate; its time is not the conversion's).
     ``refit``: ``"all"`` (every ungrouped 1x1 conv from the first grouped conv on) or
     ``"root"`` (the one right after each grouped conv); ``grouped``: refit the grouped convs
     too; ``batchnorm``: ``"keep"`` the trained running statistics or ``"reestimate"`` them
-    (stage 3); ``dense``: the trained model's passes kept from earlier conversions of
-    ``model`` on these ``batches`` (:class:`~.passes.DensePasses`; its ``batches()``).
-    Returns the converted model and its report."""
+    (stage 3). Returns the converted model and its report."""
     check_choice("refit", refit, REFITS)
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     check_trained(model)
-    if dense is not None:
-        dense.check(model)
     started, evaluating = time.perf_counter(), 0.0
-    c = _conversion(model, changes, batches, ridge, refit, grouped, batchnorm, dense)
+    c = _conversion(model, changes, batches, ridge, refit, grouped, batchnorm)
     for stage in PIPELINE:
         if stage.reference and stages is None:
             continue
@@ -306,14 +304,15 @@ def calibrate(model: nn.Module, changes: Dict[str, int], batches, *,
     return c.new, c.report
 
 
-def _conversion(model, changes, batches, ridge, refit, grouped, batchnorm, passes=None
-                ) -> Conversion:
+def _conversion(model, changes, batches, ridge, refit, grouped, batchnorm) -> Conversion:
     """The conversion's start: both models and the batches channels-last (the calibration
     passes run twice as fast so on a CPU), the convs to group, their neighbours (one
-    trace), their inputs' energy and a batch of their inputs. ``passes``: the dense side
-    kept from earlier conversions (its copy of the trained model and its batches used)."""
+    trace), their inputs' energy and a batch of their inputs. ``batches`` a
+    :class:`DensePasses`: the trained model's copy and batches kept there."""
     new = channels_last(copy.deepcopy(model).eval())
+    passes = batches if isinstance(batches, DensePasses) else None
     if passes is not None:
+        passes.check(model)
         dense, batches = passes.dense, passes.batches()
     else:
         dense = channels_last(copy.deepcopy(model).eval())
