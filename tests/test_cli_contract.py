@@ -221,6 +221,8 @@ CASES = [
     ("bench", ["nin", "--device", "tpu"], "device must be cpu, cuda or cuda:N; got 'tpu'"),
     ("bench", ["nin", "--path", "tvm"], "invalid choice: 'tvm'"),
     ("bench", ["nin", "--dtype", "float16"], "invalid choice: 'float16'"),
+    ("bench", ["nin", "--allocator", "tcmalloc"],
+     "invalid choice: 'tcmalloc' (choose from 'auto', 'jemalloc', 'glibc', 'system')"),
     ("bench", ["--paper", "resnet200"], "invalid choice: 'resnet200'"),
     ("bench", ["nin", "--input-size", "2", "--batch-size", "2"], "at least 4"),
     ("bench", ["nin", "--layers", "--plot", "{folder}"], "is a folder; give a file name"),
