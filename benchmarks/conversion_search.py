@@ -253,23 +253,25 @@ def part_finetune(args, given) -> None:
     ckpt, top, converted, steps = _nin_root_8(args, given)
     rows = []
     for variant in args.variants:
-        lr, weight, temperature, warmup = (float(v) for v in variant.split(","))
+        numbers = variant.split(",")
+        opt = numbers.pop() if len(numbers) == 5 else "sgd"
+        lr, weight, temperature, warmup = (float(v) for v in numbers)
         run = args.out / f"finetune-{variant.replace(',', '-')}"
         summary = run / "summary.json"
         if not summary.exists():
-            cfg = TrainConfig(init=str(converted), distill=str(ckpt), lr=lr,
+            cfg = TrainConfig(init=str(converted), distill=str(ckpt), opt=opt, lr=lr,
                               distill_weight=weight, distill_temperature=temperature,
                               warmup_epochs=warmup, limit_train_batches=steps, epochs=1,
                               data="fashion-mnist", device="cpu", progress=False,
                               out=str(run), overwrite=run.exists())
             train(cfg)
         got = json.loads(summary.read_text())["top1"]
-        rows.append([f"{lr:g}", f"{weight:g}", f"{temperature:g}", f"{warmup:g}",
+        rows.append([opt, f"{lr:g}", f"{weight:g}", f"{temperature:g}", f"{warmup:g}",
                      f"{got:.4f}", f"{100 * (got - top):+.2f}"])
     print(f"\n## nin root-8, calibrated, then a distilled fine-tune of {steps} steps "
           f"(dense top-1 {top:.4f}; {_machine()})\n")
-    print(format_table(["lr", "distill weight", "temperature", "warm-up (epochs)", "top-1",
-                        "vs dense (pts)"], rows, align="rrrrrr"))
+    print(format_table(["optimizer", "lr", "distill weight", "temperature", "warm-up (epochs)",
+                        "top-1", "vs dense (pts)"], rows, align="lrrrrrr"))
 
 
 # name: (train which parameters, batch norm statistics, feature weight, at which convs)
@@ -400,10 +402,11 @@ def main() -> None:
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="this script's and each deeproots command's (as deeproots --allocator; "
                         "glibc: a machine without jemalloc)")
-    p.add_argument("--variants", nargs="+", metavar="LR,WEIGHT,T,WARMUP",
-                   default=["0.01,0.5,4,0.005", "0.003,0.5,4,0", "0.01,0.9,4,0",
-                            "0.003,1,1,0", "0.001,0.9,4,0", "0.03,0.9,4,0.005"],
-                   help="fine-tunes to try: lr, distillation weight and temperature, warm-up")
+    p.add_argument("--variants", nargs="+", metavar="LR,WEIGHT,T,WARMUP[,OPT]",
+                   default=["0.01,0.5,4,0.005", "0.0003,0.5,4,0.005,adamw", "0.003,0.5,4,0",
+                            "0.01,0.9,4,0", "0.003,1,1,0", "0.001,0.9,4,0", "0.03,0.9,4,0.005"],
+                   help="fine-tunes to try: lr, distillation weight and temperature, warm-up, "
+                        "and the optimizer (sgd, the default, or adamw)")
     p.add_argument("--feature-lrs", type=float, nargs="+", default=[0.01])
     p.add_argument("--feature-variants", nargs="+", choices=list(FEATURE_VARIANTS),
                    metavar="NAME", help="of the feature part's variants, these alone "

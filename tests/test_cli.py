@@ -86,6 +86,22 @@ def test_errors_are_one_clear_line(capsys, argv, message):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_fine_tunes_defaults_are_its_optimizers():
+    """train --init: 1 epoch by AdamW (SGD if asked) at the optimizer's fine-tune rate (3e-4
+    with AdamW, 0.01 with SGD) unless --lr is given; a training from scratch leaves the
+    optimizer to the run (SGD) and lr to it (the optimizer's default)."""
+    from deeproots.cli import _train_settings, build_parser
+
+    def settings(*argv):
+        return _train_settings(build_parser().parse_args(["train", *argv]))
+
+    tune = settings("--init", "c.pt")
+    assert (tune["opt"], tune["lr"], tune["epochs"]) == ("adamw", 3e-4, 1)
+    assert (settings("--init", "c.pt", "--opt", "sgd")["lr"]) == 0.01
+    assert settings("--init", "c.pt", "--lr", "1e-4")["lr"] == 1e-4
+    assert "lr" not in settings("nin", "--opt", "adamw") and "opt" not in settings("nin")
+
+
 def test_groups_given_twice_are_both_applied(capsys):
     assert main(["profile", "nin", "--groups", "conv2a=8", "--groups", "conv3a=4",
                  "--json"]) == 0

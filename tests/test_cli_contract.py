@@ -233,6 +233,10 @@ CASES = [
     ("bench", ["nin", "--memory-format", "contiguous"], "set the training step: add --mode train"),
     ("bench", ["nin", "--mode", "train", "--memory-format", "nhwc"], "invalid choice: 'nhwc'"),
     ("train", ["nin", "--memory-format", "nhwc"], "invalid choice: 'nhwc'"),
+    ("train", ["nin", "--opt", "adam"], "invalid choice: 'adam' (choose from 'sgd', 'adamw')"),
+    ("train", ["nin", "--opt", "adamw", "--momentum", "0.95", "--out", "{missing}/a"],
+     "momentum = 0.95 sets SGD's momentum, but opt is 'adamw'; give --opt sgd too, or leave "
+     "momentum out"),
     ("train", ["nin", "--log-every", "0", "--out", "{missing}/a"],
      "log_every must be a whole number >= 1; got 0"),
     ("plot-results", ["{bad_summary}", "--curves", "--out", "{fresh}/c.png"],

@@ -34,15 +34,14 @@ from .errors import DeeprootsError
 from . import __version__
 from .checks import check_whole
 from .config import (BATCHNORMS, COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS,
-                     GROUPED_CONV, LAYER_PATHS, MODES, UNVERIFIED,
-                     MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
+                     FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_OPT, GROUPED_CONV, LAYER_PATHS,
+                     MODES, OPTIMIZERS, UNVERIFIED, MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
                      TrainConfig)
 from .reproduction.tables import PAPER_TABLES, TIMED_TABLES
 from .runtime import ALLOCATORS
 
 __all__ = ["main", "build_parser"]
 
-FINETUNE_EPOCHS, FINETUNE_LR = 1, 0.01  # train --init's defaults: a fraction of a training
 OVERWRITE_HELP = "replace the file if it exists (a run's own files are never replaced)"
 
 
@@ -289,10 +288,13 @@ def cmd_table(args) -> int:
 
 def _train_settings(args) -> dict:
     """The settings the command line names (the flags given), with a fine-tune's defaults
-    (``--init``: a fraction of a training, 1 epoch at lr 0.01) where not given."""
+    (``--init``: a fraction of a training, :data:`~deeproots.config.FINETUNE_EPOCHS` by
+    :data:`~deeproots.config.FINETUNE_OPT` at its :data:`~deeproots.config.FINETUNE_LR`)
+    where not given."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume") and given.get("init"):
-        given = {"epochs": FINETUNE_EPOCHS, "lr": FINETUNE_LR, **given}
+        opt = given.get("opt", FINETUNE_OPT)
+        given = {"epochs": FINETUNE_EPOCHS, "opt": opt, "lr": FINETUNE_LR.get(opt), **given}
     return given
 
 
@@ -652,6 +654,12 @@ def _rootify_checkpoint(args, options) -> int:
     if args.finetune_steps and args.frontier is None:
         raise DeeprootsError("--finetune-steps fine-tunes the points of --frontier; for one "
                              "conversion: deeproots train --init FILE.pt --distill CHECKPOINT")
+    for flag, value in (("--finetune-opt", args.finetune_opt),
+                        ("--finetune-lr", args.finetune_lr)):
+        if value is not None and not args.finetune_steps:
+            raise DeeprootsError(f"{flag} sets the fine-tune of --finetune-steps, which is not "
+                                 f"given; add --finetune-steps K (with --frontier), or leave "
+                                 f"{flag} out")
     common = dict(data=args.data, data_dir=args.data_dir, model=args.from_model,
                   calibration_images_n=args.calibration_images, device=args.device,
                   batch_size=args.batch_size, image_size=args.image_size,
@@ -774,6 +782,7 @@ def _rootify_frontier(args, common, options, progress) -> int:
     options = {k: v for k, v in options.items() if k not in ("macs", "params")}
     result = frontier(args.model, out=args.out, budgets=args.frontier or FRONTIER_BUDGETS,
                       finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                      finetune_opt=args.finetune_opt,
                       overwrite=args.overwrite, progress=progress, **common, **options)
     if args.json:
         _print_json(result.to_dict())
@@ -1175,8 +1184,13 @@ def _parser_rootify(sub) -> None:
     p.add_argument("--finetune-steps", type=_whole("--finetune-steps"), default=0,
                    help="with --frontier: fine-tune each point this many steps, distilled "
                         "from the dense model")
-    p.add_argument("--finetune-lr", type=_number, default=0.01,
-                   help="with --finetune-steps: the learning rate (default 0.01)")
+    p.add_argument("--finetune-opt", choices=OPTIMIZERS, default=None,
+                   help=f"with --finetune-steps: the optimizer (default {FINETUNE_OPT}, as "
+                        "train --init's)")
+    p.add_argument("--finetune-lr", type=_number, default=None,
+                   help="with --finetune-steps: the learning rate (default: train --init's "
+                        "for the optimizer, " + ", ".join(f"{v:g} with {k}" for k, v in
+                                                          FINETUNE_LR.items()) + ")")
     p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this file "
                    "(.png, .svg or .pdf)")
     p.add_argument("--no-download", action="store_true", help="never download data")

@@ -14,12 +14,21 @@ from .speed.paths import (GROUPED_CONV, LAYER_PATHS, PATHS, TRITON_PATHS,
 from .checks import (check_choice, check_device, check_number, check_optional_positive,
                      check_positive, check_range, check_seed, check_whole)
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
+__all__ = ["TrainConfig", "LR_SCHEDULES", "OPTIMIZERS", "DEFAULT_LR", "FINETUNE_LR",
+           "FINETUNE_EPOCHS", "FINETUNE_OPT", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
            "LAYER_PATHS", "EXPORT_FORMATS", "TRITON_VERIFIED_ON_GPU", "TRITON_PATHS", "UNVERIFIED",
            "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
            "setting_differences", "given_settings", "STEMS", "BATCHNORMS", "MEMORY_FORMATS"]
 
 LR_SCHEDULES = ("cosine", "step")
+# the optimizers of deeproots train (timm's --opt names): SGD with momentum, the paper's; AdamW
+OPTIMIZERS = ("sgd", "adamw")
+# the peak learning rate where none is given: of a training, and of a fine-tune (--init)
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+FINETUNE_LR = {"sgd": 0.01, "adamw": 3e-4}
+# a fine-tune's defaults: a fraction of a training, by AdamW, which recovers more of what a
+# conversion lost than SGD in as many steps (docs/conversion.md, "closing the gap")
+FINETUNE_EPOCHS, FINETUNE_OPT = 1, "adamw"
 # the inference paths and grouped-conv lowerings: one table, deeproots.speed.paths
 # deployment formats (deeproots.speed.export): torch.export's .pt2, an AOTInductor package,
 # ONNX, TorchScript (deprecated by PyTorch 2.13)
@@ -44,6 +53,10 @@ DISTILL_TEMPERATURES = (0.1, 100.0)
 GROUP_LASSO_MAX = 1.0  # the penalty's weight: 1e-4 to 1e-2 in use; 1 already swamps the loss
 
 
+def _per_opt(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} with {k}" for k, v in values.items())
+
+
 def _opt(default: Any, help: str, **meta) -> Any:
     """A dataclass field with its command-line help (and options) as metadata."""
     if isinstance(default, list):
@@ -64,7 +77,8 @@ class TrainConfig:
     init: Optional[str] = _opt(None, "start from the model and weights of this checkpoint, "
                                "e.g. a converted one (deeproots rootify RUN/best.pt --out "
                                "FILE.pt); the model name is then the checkpoint's. On the "
-                               "command line a fine-tune's defaults are 1 epoch at lr 0.01",
+                               "command line a fine-tune's defaults are 1 epoch by "
+                               f"{FINETUNE_OPT} at a lower learning rate (see --opt, --lr)",
                                metavar="FILE")
     distill: Optional[str] = _opt(None, "a trained checkpoint to distil from: the loss adds "
                                   "the KL divergence to its softened logits", metavar="TEACHER")
@@ -83,9 +97,13 @@ class TrainConfig:
     out: Optional[str] = _opt(None, "output folder (default runs/MODEL-DATA-seedN)")
     epochs: int = _opt(10, "epochs to train")
     batch_size: int = _opt(128, "global batch size, split over torchrun processes")
-    lr: float = _opt(0.1, "peak learning rate")
+    opt: str = _opt("sgd", "optimizer: sgd (with momentum, the paper's) or adamw; a "
+                    f"fine-tune's, with --init, is {FINETUNE_OPT}", choices=OPTIMIZERS)
+    lr: Optional[float] = _opt(None, f"peak learning rate (default {_per_opt(DEFAULT_LR)}; a "
+                               f"fine-tune's, with --init: {_per_opt(FINETUNE_LR)})")
     momentum: float = _opt(0.9, "SGD momentum, from 0 to below 1")
-    weight_decay: float = _opt(5e-4, "L2 weight decay (not on biases and batch norm)")
+    weight_decay: float = _opt(5e-4, "weight decay, not on biases and batch norm (L2 with sgd, "
+                               "decoupled with adamw)")
     schedule: str = _opt("cosine", "learning-rate schedule after the warm-up",
                          choices=LR_SCHEDULES)
     warmup_epochs: Optional[float] = _opt(
@@ -168,10 +186,15 @@ class TrainConfig:
         self._check_folder_reading()
         check_optional_positive("limit_train_batches", self.limit_train_batches)
         check_optional_positive("limit_eval_batches", self.limit_eval_batches)
-        check_number("lr", self.lr, strict=True)
+        check_choice("opt", self.opt, OPTIMIZERS)
+        if self.lr is not None:
+            check_number("lr", self.lr, strict=True)
         check_number("momentum", self.momentum)
         if self.momentum >= 1:
             raise DeeprootsError(f"momentum must be from 0 to below 1; got {self.momentum!r}")
+        if self.opt != "sgd" and self.momentum != _DEFAULTS["momentum"]:
+            raise DeeprootsError(f"momentum = {self.momentum!r} sets SGD's momentum, but opt is "
+                                 f"{self.opt!r}; give --opt sgd too, or leave momentum out")
         check_number("weight_decay", self.weight_decay)
         if self.warmup_epochs is not None:
             check_number("warmup_epochs", self.warmup_epochs)
@@ -218,13 +241,19 @@ class TrainConfig:
                                  f"{self.model!r}")
         return self
 
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate: ``lr``, or where it is not given the optimizer's default
+        (:data:`DEFAULT_LR`; a new run records it as ``lr``)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.opt]
+
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
 
 # the settings that define a run: a resumed run keeps the checkpoint's unless --change names them
 RESUMABLE_SETTINGS = ("model", "rootify", "init", "distill", "distill_temperature",
                       "distill_weight", "learn_groups", "group_lasso", "data", "epochs",
-                      "batch_size", "lr", "momentum", "weight_decay", "schedule",
+                      "batch_size", "opt", "lr", "momentum", "weight_decay", "schedule",
                       "warmup_epochs", "step_milestones", "step_gamma", "aux_weight", "seed",
                       "image_size", "in_channels", "mean", "std", "limit_train_batches",
                       "memory_format")
@@ -279,9 +308,9 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     total = cfg.epochs * steps_per_epoch
     warmup = warmup_steps(cfg, steps_per_epoch)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return cfg.peak_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
     passed = sum(step >= m * total for m in cfg.step_milestones)
-    return cfg.lr * cfg.step_gamma ** passed
+    return cfg.peak_lr * cfg.step_gamma ** passed

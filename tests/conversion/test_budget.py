@@ -211,7 +211,8 @@ def test_a_frontier_converts_at_each_budget_and_to_each_root_n(trained, tmp_path
     out = tmp_path / "f"
     assert main(["rootify", str(v["dense"]), "--frontier", "0.95", "--data-dir",
                  str(v["data"]), "--batch-size", "8", "--calibration-images", "32",
-                 "--finetune-steps", "1", "--out", str(out), "--json"]) == 0
+                 "--finetune-steps", "1", "--finetune-opt", "sgd", "--out", str(out),
+                 "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in out.iterdir()) == ["frontier.json", "frontier.md",
                                                      "frontier.png", "points"]
@@ -222,6 +223,9 @@ def test_a_frontier_converts_at_each_budget_and_to_each_root_n(trained, tmp_path
     for p in result["points"]:
         assert p["latency_fraction"] == pytest.approx(p["ms"] / p["ms_dense"])
         assert 0 <= p["top1"] <= 1 and 0 <= p["top1_finetuned"] <= 1
+        run = json.loads((out / "points" / p["label"].replace(" ", "-") / "summary.json")
+                         .read_text())["config"]  # as asked, at SGD's fine-tune rate
+        assert (run["opt"], run["lr"], run["limit_train_batches"]) == ("sgd", 0.01, 1)
     assert json.loads((out / "frontier.json").read_text()) == result
 
 
@@ -277,6 +281,11 @@ def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(tr
     (["rootify", "{dense}", "--frontier", "1.5", "--out", "{tmp}/f"], "got 1.5"),
     (["rootify", "{dense}", "--schedule", "root-8", "--finetune-steps", "3"],
      "--finetune-steps fine-tunes the points of --frontier"),
+    (["rootify", "{dense}", "--frontier", "--out", "{tmp}/f", "--finetune-lr", "0.01"],
+     "--finetune-lr sets the fine-tune of --finetune-steps, which is not given; add "
+     "--finetune-steps K (with --frontier), or leave --finetune-lr out"),
+    (["rootify", "{dense}", "--frontier", "--out", "{tmp}/f", "--finetune-steps", "2",
+      "--finetune-opt", "adam"], "invalid choice: 'adam' (choose from 'sgd', 'adamw')"),
     (["rootify", "{dense}", "--sensitivity", "--out", "{tmp}/x.pt"], "converts nothing"),
     (["rootify", "{dense}", "--schedule", "root-8", "--plot", "{tmp}/p.png"], "add --sensitivity"),
     (["rootify", "{dense}", "--sensitivity", "--plot", "{tmp}/p.txt", "--data-dir", "{data}"],

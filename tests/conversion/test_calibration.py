@@ -284,7 +284,8 @@ def test_rootify_a_checkpoint_then_fine_tune_it_with_distillation(trained, capsy
                  "cpu", "--no-progress", "--allocator", "system"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["init"] == str(out) and summary["config"]["distill"] == ckpt
-    assert summary["config"]["epochs"] == 1 and summary["config"]["lr"] == 0.01  # a fine-tune
+    assert summary["config"]["epochs"] == 1  # a fine-tune: by AdamW at 3e-4
+    assert (summary["config"]["opt"], summary["config"]["lr"]) == ("adamw", 3e-4)
     assert 0 <= summary["top1"] <= 1
     weights = load_checkpoint(run / "last.pt")
     assert weights["model_cfg"]["groups"] == {"conv2a": 8, "conv3a": 4}

@@ -60,6 +60,26 @@ def test_the_sums_are_the_batches_own_and_read_once_an_epoch(data_dir, tmp_path,
     assert r["loss_sum"] == pytest.approx(6 * loss6.item() + 4 * loss4.item(), rel=1e-6)
 
 
+def test_adamw_takes_the_first_step_of_its_definition_by_hand():
+    """AdamW's first step, by hand (Loshchilov and Hutter): bias-corrected moments are g and
+    g squared, so each weight moves by lr x g / (|g| + eps), and a decayed weight also
+    shrinks by lr x weight_decay before it; biases and batch norm are not decayed."""
+    model = tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, 0.01, weight_decay=0.1, opt="adamw")
+    assert isinstance(opt, torch.optim.AdamW)
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        w, g = before[name], grads[name]
+        decay = 0.1 if w.ndim > 1 else 0.0
+        expected = w * (1 - 0.01 * decay) - 0.01 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="opt must be one of sgd, adamw; got 'adam'"):
+        make_optimizer(model, 0.01, opt="adam")
+
+
 def test_a_non_finite_loss_is_found_at_the_next_read_with_its_step():
     model = tiny()
     step = TrainStep(model, make_optimizer(model, 0.1))

@@ -293,6 +293,29 @@ def test_googlenets_auxiliary_losses_by_hand():
     assert plain.item() == pytest.approx(ce(logits, y).item())
 
 
+def test_an_adamw_run_records_its_learning_rate_and_resumes_exactly(data_dir, tmp_path):
+    """--opt adamw without --lr trains at AdamW's default, recorded as the run's lr; a run
+    killed mid-epoch resumes (both moments and the step count restored) to the weights of
+    the run that was not stopped."""
+    train(_cfg(data_dir, tmp_path / "a", epochs=2, opt="adamw", lr=None))
+    state = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert state["config"]["opt"] == "adamw" and state["config"]["lr"] == 1e-3
+    assert isinstance(state["optimizer"]["state"][0]["exp_avg_sq"], torch.Tensor)
+
+    def crash(info):
+        if info["global_step"] == 2:
+            raise SystemExit("killed")
+
+    every_step = 1e-9  # minutes: a checkpoint after every step
+    with pytest.raises(SystemExit):
+        train(_cfg(data_dir, tmp_path / "b", epochs=2, opt="adamw", lr=None,
+                   checkpoint_every_min=every_step), callbacks=[crash])
+    train(_cfg(data_dir, tmp_path / "b", lr=None, resume=True))
+    assert _same_weights(_weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt"))
+    ran = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["lr"] <= 1e-3 for r in ran)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"epochs": 0}, "epochs must be a whole number >= 1; got 0"),
     ({"batch_size": -2}, "batch_size must be"),
@@ -302,6 +325,9 @@ def test_googlenets_auxiliary_losses_by_hand():
     ({"batch_size": 1000}, "batch size 1000 is larger than the training set"),
     ({"lr": math.inf}, "lr must be a finite number > 0; got inf"),
     ({"momentum": 1.0}, "momentum must be from 0 to below 1; got 1.0"),
+    ({"opt": "adam"}, "opt must be one of sgd, adamw; got 'adam'"),
+    ({"opt": "adamw", "momentum": 0.5},
+     "momentum = 0.5 sets SGD's momentum, but opt is 'adamw'; give --opt sgd too"),
     ({"weight_decay": -1e-4}, "weight_decay must be a finite number >= 0"),
     ({"seed": 2**64}, "seed must be a whole number from 0 to 9223372036854775807"),
     ({"model": "resnet50", "batch_size": 1}, "batch size 1 per process cannot train resnet50"),

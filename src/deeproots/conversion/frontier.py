@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..checks import check_choice
+from ..config import FINETUNE_LR, FINETUNE_OPT, OPTIMIZERS
 from ..errors import DeeprootsError
 from ..outputs import check_new_folder
 from ..runtime import write_json, write_text
@@ -127,14 +129,21 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
              data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
              calibration_images_n: Optional[int] = None, image_size: Optional[int] = None,
              mean=None, std=None,
-             finetune_steps: int = 0, finetune_lr: float = 0.01, overwrite: bool = False,
+             finetune_steps: int = 0, finetune_lr: Optional[float] = None,
+             finetune_opt: Optional[str] = None, overwrite: bool = False,
              download: bool = True, prices: Optional[Sensitivity] = None,
              progress=None, **rootify_options) -> Frontier:
     """The frontier of ``checkpoint``'s trained model (see the module's text), written to the
     folder ``out``. ``budgets``: latency fractions to search at; ``uniform``: the root-N
     counts; ``finetune_steps``: a distilled fine-tune of each point (a deeproots checkpoint:
-    the teacher is the dense model), at ``finetune_lr``."""
+    the teacher is the dense model) by ``finetune_opt`` at ``finetune_lr`` (default: those of
+    ``deeproots train --init``, :data:`~deeproots.config.FINETUNE_OPT` at its
+    :data:`~deeproots.config.FINETUNE_LR`)."""
     started = time.perf_counter()
+    finetune_opt = finetune_opt or FINETUNE_OPT
+    check_choice("finetune_opt", finetune_opt, OPTIMIZERS)
+    if finetune_lr is None:
+        finetune_lr = FINETUNE_LR[finetune_opt]
     for b in budgets:
         check_fraction("a frontier's latency budget", b)
     budgets = list(dict.fromkeys(budgets))  # a budget asked twice is converted once
@@ -190,8 +199,8 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
         result.others = next(iter(timed.values())).get("others")
         reselect(result, seen, prices)
     if finetune_steps:
-        _finetune(result, source, [m for m, _ in seen], folder, finetune_steps, finetune_lr,
-                  device, data_dir, say)
+        _finetune(result, source, [m for m, _ in seen], folder, finetune_steps, finetune_opt,
+                  finetune_lr, device, data_dir, say)
     result.seconds = time.perf_counter() - started
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "frontier.json", result.to_dict())
@@ -235,10 +244,10 @@ def _point(label: str, kind: str, s, timed: dict, budget: Optional[float] = None
                  chosen=won[0] if won else None)
 
 
-def _finetune(result: Frontier, source: Source, models, folder: Path, steps: int, lr: float,
-              device: str, data_dir, say) -> None:
+def _finetune(result: Frontier, source: Source, models, folder: Path, steps: int, opt: str,
+              lr: float, device: str, data_dir, say) -> None:
     """Each point's model written as a checkpoint and fine-tuned, with distillation from
-    the dense checkpoint, for ``steps`` steps at ``lr`` (one epoch cut to ``steps``
+    the dense checkpoint, for ``steps`` steps by ``opt`` at ``lr`` (one epoch cut to ``steps``
     batches: the fine-tune of ``deeproots train --init FILE.pt --distill CHECKPOINT``)."""
     from ..config import TrainConfig
     from ..training.checkpoint import save_model
@@ -251,7 +260,7 @@ def _finetune(result: Frontier, source: Source, models, folder: Path, steps: int
         init = folder / "points" / f"{name}.pt"
         init.parent.mkdir(parents=True, exist_ok=True)
         save_model(init, new, source.fields, converted={"groups": point.groups})
-        cfg = TrainConfig(init=str(init), distill=source.checkpoint, lr=lr, epochs=1,
+        cfg = TrainConfig(init=str(init), distill=source.checkpoint, opt=opt, lr=lr, epochs=1,
                           limit_train_batches=steps, data=source.cal.data,
                           data_dir=data_dir or config.get("data_dir"),
                           image_size=config.get("image_size", 224),

@@ -287,7 +287,8 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None,
     run.model = run.net = built.to(device)
     run.layout = _layout(run)
     run.layout.apply(run.model)  # before DDP wraps the model
-    run.optimizer = make_optimizer(run.model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    run.optimizer = make_optimizer(run.model, cfg.peak_lr, cfg.momentum, cfg.weight_decay,
+                                   cfg.opt)
     if cfg.distill:
         run.distillation = _teacher(run, spec)
     if cfg.learn_groups:
@@ -386,7 +387,8 @@ def _save_last(run: _Run, epoch: int, step: int, best: bool = False) -> dict:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise TrainingDiverged(f"weight {name} is not finite at epoch {epoch + 1}, step "
                                    f"{step}; stopped without saving it. Last good checkpoint: "
-                                   f"{_last_good(run)}. Try a lower --lr (now {run.cfg.lr})")
+                                   f"{_last_good(run)}. Try a lower --lr (now "
+                                   f"{run.cfg.peak_lr:g})")
     state = snapshot(run, epoch, step)
     if run.writer:
         run.folder.write_checkpoint(
@@ -406,7 +408,7 @@ def _check_finite(run: _Run, epoch: int) -> None:
         raise TrainingDiverged(
             f"loss became {r['bad_loss']} at epoch {epoch + 1}, step {r['bad_step']}; "
             f"stopped without saving this state. Last good checkpoint: {_last_good(run)}. "
-            f"Try a lower --lr (now {run.cfg.lr})")
+            f"Try a lower --lr (now {run.cfg.peak_lr:g})")
     run.sums[:3] = [r["loss_sum"], r["correct"], r["seen"]]
 
 
@@ -498,7 +500,7 @@ def _end_epoch(run: _Run, epoch: int, lr: float) -> None:
     if not math.isfinite(metrics.loss):
         raise TrainingDiverged(f"test loss is {metrics.loss} after epoch {epoch + 1}; stopped "
                                f"without saving this state. Last good checkpoint: "
-                               f"{_last_good(run)}. Try a lower --lr (now {run.cfg.lr})")
+                               f"{_last_good(run)}. Try a lower --lr (now {run.cfg.peak_lr:g})")
     epoch_s = max(run.sums[3], 1e-9)
     compile_s = run.step_fn.compile_s if not run.compile_recorded else None
     run.compile_recorded = run.compile_recorded or compile_s is not None

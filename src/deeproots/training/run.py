@@ -116,13 +116,13 @@ def open_run(cfg: TrainConfig, *, given: Optional[Mapping[str, Any]] = None,
         TensorBoard.check_installed()
     init_state = None
     cfg = _files_checked(cfg)
-    if not cfg.resume:  # recorded absolute: the run resumes from any folder
+    if not cfg.resume:  # recorded absolute (the run resumes from any folder) and resolved
         paths = {k: os.path.abspath(getattr(cfg, k)) for k in ("init", "distill")
                  if getattr(cfg, k)}
         if cfg.init:
             init_state = load_checkpoint(cfg.init)
             paths["model"] = _init_model(cfg, init_state, model)
-        cfg = replace(cfg, **paths)
+        cfg = replace(cfg, lr=cfg.peak_lr, **paths)
     if model is None and cfg.model is not None:
         check_model_spec(cfg.model)
     device = resolve_device(cfg.device)

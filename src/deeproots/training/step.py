@@ -1,5 +1,5 @@
 """The training step, one for ``deeproots train`` and ``deeproots bench --mode train``:
-forward, loss, backward and the SGD update, with what keeps a GPU busy.
+forward, loss, backward and the optimizer's update, with what keeps a GPU busy.
 
 * No host synchronisation per step: the running loss and correct count are summed on the
   device and read only when asked (:meth:`TrainStep.read`, once per progress-bar refresh,
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..checks import check_choice
-from ..config import COMPILE_MODES
+from ..config import COMPILE_MODES, OPTIMIZERS
 from ..layout import Layout, choose_layout
 from ..speed.paths import resolve_grouped_conv
 from ..speed.timing import Mark
@@ -36,15 +36,18 @@ __all__ = ["TrainStep", "make_optimizer"]
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
-                   weight_decay: float = 5e-4) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on conv and linear weights, not on biases and batch
-    norm."""
+                   weight_decay: float = 5e-4, opt: str = "sgd") -> torch.optim.Optimizer:
+    """``opt``: SGD with momentum (the paper's recipe) or AdamW (decoupled weight decay, betas
+    0.9 and 0.999); weight decay on conv and linear weights, not on biases and batch norm."""
+    check_choice("opt", opt, OPTIMIZERS)
     decay, no_decay = [], []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
-    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum, nesterov=False)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if opt == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=False)
 
 
 class TrainStep:
