@@ -156,6 +156,9 @@ CASES = [
     ("train", ["--resume", "--out", "{folder}"], "--resume: no checkpoint at"),
     ("train", ["--resume", "--out", "{run}", "--lr", "1"], "this run was started with lr = 0.1"),
     ("train", ["--resume", "--out", "{run}", "--change", "device"], "change takes settings of the run"),
+    ("train", ["--resume", "--out", "{run}", "--opt", "adamw", "--change", "opt"],
+     "resume: this run was started with opt = 'sgd', and its checkpoint holds that "
+     "optimizer's state; it cannot go on by 'adamw'. Fine-tune its weights instead"),
     ("train", ["--resume", "--out", "{run}", "--overwrite"], "give one of them"),
     ("train", ["--data-dir", "{data}"], "name a model to train"),
     ("train", ["nin", "--limit-train-batches", "0", "--out", "{missing}/a"], "limit_train_batches must be"),

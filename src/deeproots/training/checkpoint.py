@@ -262,6 +262,11 @@ def resume_config(out: Path | str, given: Union[None, TrainConfig, Mapping[str, 
         if name not in RESUMABLE_SETTINGS:
             raise DeeprootsError(f"change takes settings of the run "
                                  f"({', '.join(RESUMABLE_SETTINGS)}); got {name!r}")
+    if "opt" in change and given.get("opt", saved["opt"]) != saved["opt"]:
+        raise DeeprootsError(f"resume: this run was started with opt = {saved['opt']!r}, and "
+                             f"its checkpoint holds that optimizer's state; it cannot go on "
+                             f"by {given['opt']!r}. Fine-tune its weights instead: deeproots "
+                             f"train --init {out / 'last.pt'} --opt {given['opt']}")
     for name, old, new in setting_differences(saved, given):
         if name not in change:
             raise DeeprootsError(
