@@ -35,8 +35,8 @@ from . import __version__
 from .checks import check_whole
 from .config import (BATCHNORMS, COMPILE_MODES, DATA_HELP, DTYPES, EXPORT_FORMATS,
                      FINETUNE_EPOCHS, FINETUNE_LR, FINETUNE_OPT, GROUPED_CONV, LAYER_PATHS,
-                     MODES, OPTIMIZERS, UNVERIFIED, MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES, ROOFLINE_DTYPES, STEMS,
-                     TrainConfig)
+                     MODES, OPTIMIZERS, UNVERIFIED, MEMORY_FORMATS, PATHS, ROOFLINE_DEVICES,
+                     ROOFLINE_DTYPES, STEMS, TrainConfig, finetune_optimizer, per_optimizer)
 from .reproduction.tables import PAPER_TABLES, TIMED_TABLES
 from .runtime import ALLOCATORS
 
@@ -293,8 +293,8 @@ def _train_settings(args) -> dict:
     where not given."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if not given.get("resume") and given.get("init"):
-        opt = given.get("opt", FINETUNE_OPT)
-        given = {"epochs": FINETUNE_EPOCHS, "opt": opt, "lr": FINETUNE_LR.get(opt), **given}
+        opt, lr = finetune_optimizer(given.get("opt"), given.get("lr"))
+        given = {"epochs": FINETUNE_EPOCHS, **given, "opt": opt, "lr": lr}
     return given
 
 
@@ -1189,8 +1189,7 @@ def _parser_rootify(sub) -> None:
                         "train --init's)")
     p.add_argument("--finetune-lr", type=_number, default=None,
                    help="with --finetune-steps: the learning rate (default: train --init's "
-                        "for the optimizer, " + ", ".join(f"{v:g} with {k}" for k, v in
-                                                          FINETUNE_LR.items()) + ")")
+                        f"for the optimizer, {per_optimizer(FINETUNE_LR)})")
     p.add_argument("--plot", help="with --sensitivity: draw each layer's price to this file "
                    "(.png, .svg or .pdf)")
     p.add_argument("--no-download", action="store_true", help="never download data")

@@ -15,7 +15,8 @@ from .checks import (check_choice, check_device, check_number, check_optional_po
                      check_positive, check_range, check_seed, check_whole)
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "OPTIMIZERS", "DEFAULT_LR", "FINETUNE_LR",
-           "FINETUNE_EPOCHS", "FINETUNE_OPT", "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
+           "FINETUNE_EPOCHS", "FINETUNE_OPT", "finetune_optimizer", "per_optimizer",
+           "RESUMABLE_SETTINGS", "lr_at", "warmup_steps", "PATHS",
            "LAYER_PATHS", "EXPORT_FORMATS", "TRITON_VERIFIED_ON_GPU", "TRITON_PATHS", "UNVERIFIED",
            "DTYPES", "MODES", "DATA_HELP", "config_defaults", "COMPILE_MODES", "GROUPED_CONV",
            "setting_differences", "given_settings", "STEMS", "BATCHNORMS", "MEMORY_FORMATS"]
@@ -53,8 +54,17 @@ DISTILL_TEMPERATURES = (0.1, 100.0)
 GROUP_LASSO_MAX = 1.0  # the penalty's weight: 1e-4 to 1e-2 in use; 1 already swamps the loss
 
 
-def _per_opt(values: Mapping[str, float]) -> str:
+def per_optimizer(values: Mapping[str, float]) -> str:
+    """``DEFAULT_LR`` or ``FINETUNE_LR`` as help text: "0.1 with sgd, 0.001 with adamw"."""
     return ", ".join(f"{v:g} with {k}" for k, v in values.items())
+
+
+def finetune_optimizer(opt: Optional[str] = None, lr: Optional[float] = None) -> tuple:
+    """A fine-tune's ``(opt, lr)``: those given, else :data:`FINETUNE_OPT` and the
+    optimizer's :data:`FINETUNE_LR` (None for an optimizer not known: refused by the
+    config's check, by name)."""
+    opt = opt or FINETUNE_OPT
+    return opt, (lr if lr is not None else FINETUNE_LR.get(opt))
 
 
 def _opt(default: Any, help: str, **meta) -> Any:
@@ -99,8 +109,8 @@ class TrainConfig:
     batch_size: int = _opt(128, "global batch size, split over torchrun processes")
     opt: str = _opt("sgd", "optimizer: sgd (with momentum, the paper's) or adamw; a "
                     f"fine-tune's, with --init, is {FINETUNE_OPT}", choices=OPTIMIZERS)
-    lr: Optional[float] = _opt(None, f"peak learning rate (default {_per_opt(DEFAULT_LR)}; a "
-                               f"fine-tune's, with --init: {_per_opt(FINETUNE_LR)})")
+    lr: Optional[float] = _opt(None, f"peak learning rate (default {per_optimizer(DEFAULT_LR)}; a "
+                               f"fine-tune's, with --init: {per_optimizer(FINETUNE_LR)})")
     momentum: float = _opt(0.9, "SGD momentum, from 0 to below 1")
     weight_decay: float = _opt(5e-4, "weight decay, not on biases and batch norm (L2 with sgd, "
                                "decoupled with adamw)")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..checks import check_choice
-from ..config import FINETUNE_LR, FINETUNE_OPT, OPTIMIZERS
+from ..config import OPTIMIZERS, finetune_optimizer
 from ..errors import DeeprootsError
 from ..outputs import check_new_folder
 from ..runtime import write_json, write_text
@@ -140,10 +140,8 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
     ``deeproots train --init``, :data:`~deeproots.config.FINETUNE_OPT` at its
     :data:`~deeproots.config.FINETUNE_LR`)."""
     started = time.perf_counter()
-    finetune_opt = finetune_opt or FINETUNE_OPT
+    finetune_opt, finetune_lr = finetune_optimizer(finetune_opt, finetune_lr)
     check_choice("finetune_opt", finetune_opt, OPTIMIZERS)
-    if finetune_lr is None:
-        finetune_lr = FINETUNE_LR[finetune_opt]
     for b in budgets:
         check_fraction("a frontier's latency budget", b)
     budgets = list(dict.fromkeys(budgets))  # a budget asked twice is converted once
