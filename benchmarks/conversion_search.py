@@ -9,8 +9,11 @@ section is printed by one of these parts.
     python benchmarks/conversion_search.py finetune --out runs/search    # nin root-8
     python benchmarks/conversion_search.py features --out runs/search    # feature distillation
     python benchmarks/conversion_search.py finetune --out runs/search3 --nin-epochs 3  # longer
+    python benchmarks/conversion_search.py frontier --out runs/search5 --models resnet50 \
+        --resnet50-epochs 5                                              # a resnet50 trained longer
 
-Dense models are trained by the project's own recipe (``deeproots train MODEL --epochs 1``;
+Dense models are trained by the project's own recipe (``deeproots train MODEL --epochs 1``,
+or ``--nin-epochs`` / ``--resnet50-epochs`` epochs;
 the ResNet-18, defined below, for ``--resnet18-steps`` steps), or reused from ``--out``
 (``--checkpoint nin=PATH`` takes a finished run's). The conversions run one at a time: do
 not time anything else on the machine meanwhile.
@@ -100,6 +103,12 @@ def _dense(name: str, out: Path, given: dict, steps: int, epochs: int = 1) -> Pa
     return run / "best.pt"
 
 
+def _epochs(args, name: str) -> int:
+    """The epochs ``name``'s dense model is trained for here (``--nin-epochs``,
+    ``--resnet50-epochs``; 1 for the others)."""
+    return getattr(args, f"{name}_epochs", 1)
+
+
 def _user(name: str) -> dict:
     return {"model": f"{HERE}:resnet18"} if name == "resnet18" else {}
 
@@ -122,7 +131,7 @@ def part_frontier(args, given) -> None:
 
     say = (lambda text: print("...", text, file=sys.stderr, flush=True))
     for name in args.models:
-        ckpt = _dense(name, args.out, given, args.resnet18_steps)
+        ckpt = _dense(name, args.out, given, args.resnet18_steps, _epochs(args, name))
         folder = args.out / f"{name}-frontier"
         if (folder / "frontier.json").exists():
             raw = json.loads((folder / "frontier.json").read_text())
@@ -204,7 +213,7 @@ def part_walltime(args, given) -> None:
 
     rows = []
     for name in args.depth_models:
-        ckpt = _dense(name, args.out, given, args.resnet18_steps)
+        ckpt = _dense(name, args.out, given, args.resnet18_steps, _epochs(args, name))
         target = args.out / f"{name}-root-8.pt"
         user = ["--model", _user(name)["model"]] if name == "resnet18" else []
         wall = _cli("rootify", str(ckpt), "--schedule", "root-8", "--out", str(target),
@@ -218,10 +227,10 @@ def part_walltime(args, given) -> None:
                        align="lrrr"))
     extra = []
     if "resnet50" in args.models:
-        ckpt = _dense("resnet50", args.out, given, 0)
+        ckpt = _dense("resnet50", args.out, given, 0, args.resnet50_epochs)
         wall = _cli("rootify", str(ckpt), "--sensitivity", "--json")
         extra.append(["resnet50 --sensitivity (whole command)", f"{wall:.0f}", "300"])
-    ckpt = _dense("nin", args.out, given, 0)
+    ckpt = _dense("nin", args.out, given, 0, args.nin_epochs)
     wall = _cli("rootify", str(ckpt), "--latency", "0.7", "--out",
                 str(args.out / "nin-latency-0.7.pt"), "--overwrite")
     extra.append(["nin --latency 0.7 (whole command)", f"{wall:.0f}", "120"])
@@ -229,11 +238,14 @@ def part_walltime(args, given) -> None:
     print(format_table(["command", "wall s", "target s"], extra, align="lrr"))
 
 
+PER_EPOCH = -(-60000 // 128)  # Fashion-MNIST's training batches of 128
+
+
 # --- part 3: the distilled fine-tune --------------------------------------------------------
 def _nin_root_8(args, given):
     """The fine-tunes' start: the dense nin checkpoint, its test top-1, nin converted to
-    root-8 with calibration (made once in ``--out``), and a tenth of the dense model's steps
-    (its epochs of 469 batches of 128: ``--nin-epochs``)."""
+    root-8 with calibration (made once in ``--out``), and ``--fraction`` (a tenth) of the
+    dense model's steps (its epochs of 469 batches of 128: ``--nin-epochs``)."""
     from deeproots.conversion.checkpoint import convert_checkpoint
 
     ckpt = _dense("nin", args.out, given, 0, args.nin_epochs)
@@ -242,7 +254,7 @@ def _nin_root_8(args, given):
     converted = args.out / "nin-root-8.pt"
     if not converted.exists():
         convert_checkpoint(ckpt, "root-8", out=converted)
-    return ckpt, top, converted, max(1, epochs * -(-60000 // 128) // 10)
+    return ckpt, top, converted, max(1, int(epochs * PER_EPOCH * args.fraction + 1e-6))
 
 
 def part_finetune(args, given) -> None:
@@ -251,17 +263,22 @@ def part_finetune(args, given) -> None:
     from deeproots.training.loop import train
 
     ckpt, top, converted, steps = _nin_root_8(args, given)
+    epochs = -(-steps // PER_EPOCH)  # more than an epoch's steps: whole epochs of them
+    per_epoch = -(-steps // epochs)
+    steps = epochs * per_epoch
     rows = []
     for variant in args.variants:
         numbers = variant.split(",")
         opt = numbers.pop() if len(numbers) == 5 else "sgd"
         lr, weight, temperature, warmup = (float(v) for v in numbers)
-        run = args.out / f"finetune-{variant.replace(',', '-')}"
+        run = args.out / (f"finetune-{variant.replace(',', '-')}"
+                          + (f"-x{args.fraction:g}" if args.fraction != 0.1 else ""))
         summary = run / "summary.json"
         if not summary.exists():
             cfg = TrainConfig(init=str(converted), distill=str(ckpt), opt=opt, lr=lr,
                               distill_weight=weight, distill_temperature=temperature,
-                              warmup_epochs=warmup, limit_train_batches=steps, epochs=1,
+                              warmup_epochs=warmup, limit_train_batches=per_epoch,
+                              epochs=epochs,
                               data="fashion-mnist", device="cpu", progress=False,
                               out=str(run), overwrite=run.exists())
             train(cfg)
@@ -374,6 +391,9 @@ def part_features(args, given) -> None:
     from deeproots.text import format_table
 
     ckpt, top, converted, steps = _nin_root_8(args, given)
+    if steps > PER_EPOCH:
+        sys.exit(f"features: the fine-tunes written out here run one epoch at most ({PER_EPOCH} "
+                 f"steps); --fraction {args.fraction:g} asks for {steps}")
     rows = []
     for name, (which, stats, beta, where) in FEATURE_VARIANTS.items():
         if args.feature_variants and name not in args.feature_variants:
@@ -398,6 +418,10 @@ def main() -> None:
     p.add_argument("--resnet18-steps", type=int, default=100)
     p.add_argument("--nin-epochs", type=int, default=1, help="the dense nin's epochs, where "
                    "it is trained here (the fine-tunes take a tenth of its steps)")
+    p.add_argument("--resnet50-epochs", type=int, default=1, help="the dense resnet50's "
+                   "epochs, where it is trained here")
+    p.add_argument("--fraction", type=float, default=0.1, help="the fine-tunes' steps, as a "
+                   "fraction of the dense nin's (issue 30's target: a tenth)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="this script's and each deeproots command's (as deeproots --allocator; "

@@ -401,6 +401,15 @@ def test_a_folder_of_a_users_images_is_read_as_the_model_was_trained(tmp_path, c
     assert cfg["input_size"] == (1, 8, 8) and cfg["crop_pct"] == 1.0
 
 
+def test_a_folders_size_is_the_one_asked_else_the_models_own_else_its_runs_else_224():
+    """One rule for the size an image folder is read at, for the conversion, eval and a
+    fine-tune alike (each had its own copy of it)."""
+    assert D.folder_size({"image_size": 8}, given=12, default=32) == 12
+    assert D.folder_size({"image_size": 8}, default=32) == 8
+    assert D.folder_size({"image_size": None, "in_channels": 1}, default=32) == 32
+    assert D.folder_size(None) == 224
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     """A 16-bit PNG (pixels 0 to 63,000): Pillow's convert, as torchvision's ImageFolder
     reads it, clips every pixel over 255 to white; the folder reads v / 257, rounded, in

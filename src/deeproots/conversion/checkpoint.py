@@ -33,7 +33,8 @@ from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
 from ..training.checkpoint import NEEDED, load_checkpoint, model_from_checkpoint, save_model
 from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits,
-                             check_normalisation, folder_like, head, sample_split)
+                             check_normalisation, folder_like, folder_size, head,
+                             sample_split)
 from ..training.evaluate import evaluate
 from ..weights import fit_weights, load_weights_only, state_dict_of
 from .calibrate import DensePasses
@@ -157,7 +158,7 @@ def calibration_data(source: dict, *, data: Optional[str], data_dir=None,
     trained_on = source.get("data") if isinstance(source.get("data"), dict) else {}
     like = folder_like(trained_on, channels=channels, mean=mean,
                        std=std)  # an image folder read as its images were
-    size = image_size or (like or {}).get("image_size") or config.get("image_size") or 224
+    size = folder_size(like, given=image_size, default=config.get("image_size"))
     train, test, spec = build_loaders(data, data_dir=data_dir or config.get("data_dir"),
                                       batch_size=256, image_size=size, download_ok=download,
                                       workers=0, like=like)

@@ -48,6 +48,7 @@ __all__ = [
     "load_fashion_mnist",
     "ImageFolderDataset",
     "folder_like",
+    "folder_size",
     "check_normalisation",
     "TensorLoader",
     "FolderLoader",
@@ -845,6 +846,14 @@ def folder_like(trained_on: Optional[dict], *, channels: Optional[int] = None,
             "std": None if std_ is None else tuple(std_),
             "image_size": data.get("image_size"),
             "crop_fraction": data.get("crop_fraction", 0.875 if folder or not data else 1.0)}
+
+
+def folder_size(like: Optional[dict], *, given: Optional[int] = None,
+                default: Optional[int] = None) -> int:
+    """The size an image folder is read at: ``given`` (asked for), else the size the model's
+    own images were read at (``like``, from :func:`folder_like`), else ``default`` (its run's
+    configured size), else 224 (ImageNet's crop)."""
+    return given or (like or {}).get("image_size") or default or 224
 
 
 def _folder_loaders(root, batch_size, seed, rank, world_size, workers, image_size,

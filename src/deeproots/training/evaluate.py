@@ -17,7 +17,8 @@ from ..layout import Layout, choose_layout
 from ..models.layers import example_logits, input_channels, main_logits
 from ..runtime import check_batch_fits, resolve_device
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .data import build_loaders, check_data_fits, check_normalisation, folder_like
+from .data import (build_loaders, check_data_fits, check_normalisation, folder_like,
+                   folder_size)
 from .distributed import all_sum
 
 __all__ = ["EvalResult", "evaluate", "load_for_eval"]
@@ -85,8 +86,8 @@ def load_for_eval(checkpoint: Path | str, *, data: Optional[str] = None, data_di
                        std=std)  # an image folder read as its images were
     _, test_loader, spec = build_loaders(
         data, data_dir=data_dir or config.get("data_dir"), batch_size=batch_size, device=dev,
-        workers=workers, image_size=(like or {}).get("image_size")
-        or config.get("image_size", 224), limit_eval_batches=limit_eval_batches,
+        workers=workers, image_size=folder_size(like, default=config.get("image_size")),
+        limit_eval_batches=limit_eval_batches,
         download_ok=download, like=like)
     classes = getattr(model, "num_classes", None)
     if classes is None:  # a model of the user's own: count its outputs

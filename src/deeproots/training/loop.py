@@ -46,7 +46,7 @@ from ..runtime import allocator, check_batch_fits, file_digest, write_json
 from . import distributed
 from .checkpoint import (CheckpointError, load_checkpoint, model_from_checkpoint, restore,
                          save_checkpoint, save_model, snapshot)
-from .data import DataSpec, build_loaders, folder_like, sample_images
+from .data import DataSpec, build_loaders, folder_like, folder_size, sample_images
 from .evaluate import EvalResult, evaluate, load_for_eval
 from .folder import RUN_FILES, RunFolder, read_summary
 from .objectives import Distillation, GroupLasso
@@ -274,7 +274,7 @@ def _setup(cfg: TrainConfig, model: Optional[nn.Module] = None,
     run.train_loader, run.test_loader, run.spec = build_loaders(
         cfg.data, data_dir=cfg.data_dir, batch_size=cfg.batch_size, device=device,
         seed=cfg.seed, rank=run.rank, world_size=run.world, workers=cfg.workers,
-        image_size=(like or {}).get("image_size") or cfg.image_size,
+        image_size=folder_size(like, default=cfg.image_size),
         limit_train_batches=cfg.limit_train_batches,
         limit_eval_batches=cfg.limit_eval_batches, download_ok=cfg.download, like=like)
     if len(run.train_loader) == 0:
