@@ -11,6 +11,9 @@ section is printed by one of these parts.
     python benchmarks/conversion_search.py finetune --out runs/search3 --nin-epochs 3  # longer
     python benchmarks/conversion_search.py frontier --out runs/search5 --models resnet50 \
         --resnet50-epochs 5                                              # a resnet50 trained longer
+    python benchmarks/conversion_search.py finetune --out runs/search10 --nin-epochs 10 \
+        --scratch                                     # + root-8 trained from scratch as long
+    python benchmarks/conversion_search.py exhaustive --models nin   # every schedule of nin
 
 Dense models are trained by the project's own recipe (``deeproots train MODEL --epochs 1``,
 or ``--nin-epochs`` / ``--resnet50-epochs`` epochs;
@@ -289,6 +292,13 @@ def part_finetune(args, given) -> None:
           f"(dense top-1 {top:.4f}; {_machine()})\n")
     print(format_table(["optimizer", "lr", "distill weight", "temperature", "warm-up (epochs)",
                         "top-1", "vs dense (pts)"], rows, align="lrrrrrr"))
+    if args.scratch or "nin-root-8" in given:
+        # the same recipe as the dense nin (its epochs, all its steps), on root-8 itself
+        scratch = _dense("nin-root-8", args.out, given, 0, args.nin_epochs)
+        got = json.loads((scratch.parent / "summary.json").read_text())
+        print(f"\nnin-root-8 trained from scratch by the dense nin's recipe, {got['epochs']} "
+              f"epochs ({got['epochs'] * PER_EPOCH} steps): top-1 {got['top1']:.4f} "
+              f"({100 * (got['top1'] - top):+.2f} points vs dense)")
 
 
 # name: (train which parameters, batch norm statistics, feature weight, at which convs)
@@ -407,9 +417,179 @@ def part_features(args, given) -> None:
     print(format_table(["fine-tune", "lr", "top-1", "vs dense (pts)"], rows, align="lrrr"))
 
 
+# --- part 5: every schedule, where there are few ------------------------------------------
+def part_exhaustive(args, given) -> None:
+    """Every schedule of a model's grouped layers (each at 1 or at a count it is priced at),
+    converted with calibration, no gradient step, and timed side by side with the dense
+    model in one session: at each budget the most accurate schedule of all against the
+    best uniform one, the most any search could gain there."""
+    from deeproots.conversion.frontier import Frontier, Point
+    from deeproots.runtime import write_json
+
+    for name in args.models:
+        ckpt = _dense(name, args.out, given, args.resnet18_steps, _epochs(args, name))
+        record = args.out / f"{name}-exhaustive.json"
+        if record.exists():
+            raw = json.loads(record.read_text())
+            result = Frontier(**{**raw, "points": [Point(**q) for q in raw["points"]]})
+        else:
+            result = _every_schedule(name, ckpt, args)
+            write_json(record, result.to_dict())
+        _exhaustive_report(name, result, args.out / f"{name}-exhaustive.png")
+
+
+def _every_schedule(name: str, ckpt: Path, args):
+    from itertools import product
+
+    from deeproots.conversion.checkpoint import (SELECT_IMAGES, convert_checkpoint,
+                                                 measure_latencies, open_source)
+    from deeproots.conversion.frontier import Frontier, Point
+    from deeproots.conversion.rule import groupable, rootify
+    from deeproots.conversion.sensitivity import ROOT_COUNTS, group_counts
+
+    started = time.perf_counter()
+    source = open_source(ckpt, select_images=SELECT_IMAGES, **_user(name))
+    _, sites = groupable(source.trained, source.cal.fit[:1])
+    uniform = {}
+    for n in ROOT_COUNTS:  # which schedule each root-N is (the rule alone: no calibration)
+        _, report = rootify(source.trained, f"root-{n}", example_input=source.cal.fit[:1])
+        key = tuple(sorted((c.layer, c.groups_after) for c in report.layers
+                           if c.groups_after > c.groups_before))
+        uniform.setdefault(key, f"root-{n}")
+    schedules = [tuple(sorted((s.name, g) for s, g in zip(sites, combo) if g > 1))
+                 for combo in product(*[[1] + group_counts(s) for s in sites])]
+    # every root-N too, where the rule rounds one to a count that is not priced (nin's
+    # root-64: conv2a at 48 groups)
+    schedules = [k for k in dict.fromkeys(schedules + list(uniform)) if k]
+    if len(schedules) > args.max_schedules:
+        sys.exit(f"exhaustive: {name} has {len(schedules)} schedules ({len(sites)} grouped "
+                 f"layers); at most --max-schedules {args.max_schedules} are converted")
+    say = (lambda text: print("...", text, file=sys.stderr, flush=True))
+    common = dict(source=source, stages=False, batch_size=args.batch_size, **_user(name))
+    points, models = [], []
+    for i, key in enumerate(schedules):
+        new, _, s = convert_checkpoint(ckpt, dict(key), **common)
+        label = uniform.get(key, _groups(dict(key)))
+        say(f"{i + 1}/{len(schedules)} {label}: {s.top1_after:.4f}")
+        points.append(Point(label, "uniform" if key in uniform else "other", dict(s.groups),
+                            s.top1_after, 0.0, 0.0, 0.0, s.measured["macs_fraction"],
+                            s.measured["params_fraction"]))
+        models.append(new)
+    say("every schedule timed side by side with the dense model")
+    timed = measure_latencies(source.trained, {str(i): m for i, m in enumerate(models)},
+                              source.cal.fit[:1].shape[1:], args.batch_size, "cpu")
+    for i, p in enumerate(points):
+        t = timed[str(i)]
+        p.ms, p.ms_dense, p.latency_fraction = t["ms"], t["ms_dense"], t["latency_fraction"]
+    return Frontier(source.name, source.cal.data, "cpu", args.batch_size, source.top1_before,
+                    points=points, seconds=time.perf_counter() - started,
+                    others=next(iter(timed.values())).get("others"))
+
+
+def _pareto(points) -> list:
+    """The Pareto front of ``points``: fastest first, each more accurate than every point
+    measured faster."""
+    front, best = [], float("-inf")
+    for p in sorted(points, key=lambda p: p.latency_fraction):
+        if p.top1 > best:
+            front.append(p)
+            best = p.top1
+    return front
+
+
+def _best_within(result, budget: float, tolerance: float):
+    """The most accurate of all ``result``'s points, and the most accurate uniform one, whose
+    measured time is within ``budget`` (``tolerance`` over it allowed, for both), the
+    faster of two as accurate; None where there is none."""
+    top = max((p for p in sorted(result.points, key=lambda p: p.latency_fraction)
+               if p.latency_fraction <= budget * (1 + tolerance)),
+              key=lambda p: p.top1, default=None)
+    return top, result.best_uniform(budget, tolerance)
+
+
+def _exhaustive_report(name: str, result, plot: Path) -> None:
+    from deeproots.conversion.checkpoint import LATENCY_TOLERANCE
+    from deeproots.speed.timing import contention_note
+    from deeproots.text import format_table
+
+    points, front = result.points, _pareto(result.points)
+    print(f"\n## {name}: all {len(points)} schedules, calibrated, no gradient step, "
+          f"in {result.seconds:.0f} s ({_machine()})\n")
+    print(f"dense top-1 {result.top1_dense:.4f}; time in the fold path, batch "
+          f"{result.batch_size}, as a fraction of the dense model's measured beside it; "
+          f"the Pareto front (no faster schedule is as accurate):\n")
+    print(format_table(["schedule", "uniform", "latency (measured)", "MACs", "top-1",
+                        "vs dense"],
+                       [[_groups(p.groups), p.label if p.kind == "uniform" else "",
+                         f"{p.latency_fraction:.3f}", f"{p.macs_fraction:.3f}",
+                         f"{p.top1:.4f}", f"{100 * (p.top1 - result.top1_dense):+.2f}"]
+                        for p in front], align="llrrrr"))
+    rows = []
+    for b in BUDGETS:
+        # the issue's rule (measured time within 5% over the budget, for both), and the
+        # budget itself (at most it, for both)
+        for rule, tolerance in (("within 5%", LATENCY_TOLERANCE), ("at most", 0.0)):
+            top, rival = _best_within(result, b, tolerance)
+            rows.append([f"{b:g}", rule, _groups(top.groups) if top else "none",
+                         f"{top.latency_fraction:.3f}" if top else "",
+                         f"{top.top1:.4f}" if top else "",
+                         f"{rival.label} ({rival.latency_fraction:.3f})" if rival else "none",
+                         f"{rival.top1:.4f}" if rival else "",
+                         f"{100 * (top.top1 - rival.top1):+.2f}" if top and rival else ""])
+    print("\nAt each budget, the measured time within 5% over it (the issue's rule) or at most "
+          "it: the most accurate schedule of all, against the best uniform one\n")
+    print(format_table(["budget", "time", "best schedule", "measured", "top-1",
+                        "best root-N (measured)", "its top-1", "the most a search gains (pts)"],
+                       rows, align="lllrrlrr"))
+    if result.others is not None:
+        print(f"other processes held {100 * result.others:.1f}% of the CPUs while the "
+              f"schedules were timed")
+    note = contention_note(result.others, "the schedules")
+    if note:
+        print(note)
+    _plot_exhaustive(name, result, front, plot)
+    print(f"\nplot: {plot}")
+
+
+def _plot_exhaustive(name: str, result, front, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    other = [p for p in result.points if p.kind != "uniform"]
+    ax.plot([p.latency_fraction for p in other], [p.top1 for p in other], ".", color="0.55",
+            label="every other schedule")
+    ax.plot([p.latency_fraction for p in front], [p.top1 for p in front], "-", color="C0",
+            lw=1, label="Pareto front")
+    for p in result.points:
+        if p.kind == "uniform":
+            ax.plot(p.latency_fraction, p.top1, "s", color="C1")
+            ax.annotate(p.label, (p.latency_fraction, p.top1), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
+    for b in BUDGETS:
+        ax.axvspan(b, b * 1.05, color="C2", alpha=0.12)
+        ax.axvline(b, color="C2", lw=0.8)
+    ax.axhline(result.top1_dense, color="k", lw=0.8, label="dense")
+    ax.plot([], [], "s", color="C1", label="uniform root-N")
+    low = min(p.top1 for p in result.points)
+    ax.set_ylim(max(low, result.top1_dense - 0.06), result.top1_dense + 0.005)
+    ax.set(xlabel="measured time (fraction of dense; budgets and their 5% shaded)",
+           ylabel="test top-1, no gradient step",
+           title=f"{name} on {result.data}: every schedule, batch {result.batch_size} on "
+                 f"{result.device}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["frontier", "walltime", "finetune", "features", "all"])
+    p.add_argument("part", choices=["frontier", "walltime", "finetune", "features", "exhaustive",
+                                    "all"])
     p.add_argument("--out", type=Path, default=Path("runs/search"))
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="a dense model's finished checkpoint (nin, resnet50, resnet18)")
@@ -422,7 +602,12 @@ def main() -> None:
                    "epochs, where it is trained here")
     p.add_argument("--fraction", type=float, default=0.1, help="the fine-tunes' steps, as a "
                    "fraction of the dense nin's (issue 30's target: a tenth)")
+    p.add_argument("--scratch", action="store_true", help="finetune: also nin-root-8 "
+                   "trained from scratch by the dense nin's recipe, all its epochs (or "
+                   "--checkpoint nin-root-8=PATH), printed under the fine-tunes")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-schedules", type=int, default=64, help="exhaustive: a model with "
+                   "more schedules than this is refused (nin has 41)")
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="this script's and each deeproots command's (as deeproots --allocator; "
                         "glibc: a machine without jemalloc)")

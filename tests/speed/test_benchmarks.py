@@ -94,3 +94,30 @@ def test_the_gpu_session_is_one_call_that_always_leaves_its_archive(tmp_path):
     assert "exit 124" in fused and "(limit 3 s)" in fused  # stopped at its limit
     assert "exit 0" in next(line for line in summary if line.startswith("targets"))
     assert summary[-1].startswith("session: ")
+
+
+def test_every_schedule_the_front_and_the_most_a_search_gains_by_hand():
+    """benchmarks/conversion_search.py exhaustive: the Pareto front of hand-made points and,
+    at a budget, the best of all against the best uniform one, with the 5% rule and
+    without."""
+    import conversion_search as cs
+    from deeproots.conversion.frontier import Frontier, Point
+
+    def point(label, kind, time, top1):
+        return Point(label, kind, {}, top1, time, 0.0, 0.0, 0.0, 0.0)
+
+    a, b = point("root-8", "uniform", 0.61, 0.900), point("root-4", "uniform", 0.66, 0.920)
+    c, d = point("c", "other", 0.629, 0.915), point("d", "other", 0.599, 0.905)
+    e, f = point("e", "other", 0.70, 0.910), point("f", "other", 0.64, 0.915)
+    result = Frontier("m", "data", "cpu", 128, 0.93, points=[a, b, c, d, e, f])
+    # fastest first, each more accurate than all faster: d, c, b (a, e under; f ties c)
+    assert cs._pareto(result.points) == [d, c, b]
+    # within 0.6 + 5% (0.63): c (0.915) against a (0.900), +1.5 points
+    assert cs._best_within(result, 0.6, 0.05) == (c, a)
+    # at most 0.6: d alone, and no uniform schedule is that fast
+    assert cs._best_within(result, 0.6, 0.0) == (d, None)
+    # within 0.7 (+5%): b, c and f; the best of all is the uniform b itself
+    assert cs._best_within(result, 0.7, 0.05) == (b, b)
+    # two as accurate: the faster (c at 0.629, not f at 0.64)
+    assert cs._best_within(Frontier("m", "data", "cpu", 128, 0.93, points=[f, c]), 0.65,
+                           0.0)[0] is c
