@@ -554,6 +554,9 @@ def _exhaustive_report(name: str, result, plot: Path) -> None:
 def _plot_exhaustive(name: str, result, front, path: Path) -> None:
     import matplotlib
 
+    from deeproots.conversion.checkpoint import LATENCY_TOLERANCE
+    from deeproots.runtime import atomic_write
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -569,7 +572,7 @@ def _plot_exhaustive(name: str, result, front, path: Path) -> None:
             ax.annotate(p.label, (p.latency_fraction, p.top1), fontsize=7, xytext=(4, -9),
                         textcoords="offset points")
     for b in BUDGETS:
-        ax.axvspan(b, b * 1.05, color="C2", alpha=0.12)
+        ax.axvspan(b, b * (1 + LATENCY_TOLERANCE), color="C2", alpha=0.12)
         ax.axvline(b, color="C2", lw=0.8)
     ax.axhline(result.top1_dense, color="k", lw=0.8, label="dense")
     ax.plot([], [], "s", color="C1", label="uniform root-N")
@@ -582,7 +585,7 @@ def _plot_exhaustive(name: str, result, front, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -607,7 +610,7 @@ def main() -> None:
                    "--checkpoint nin-root-8=PATH), printed under the fine-tunes")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-schedules", type=int, default=64, help="exhaustive: a model with "
-                   "more schedules than this is refused (nin has 41)")
+                   "more schedules than this is refused (nin has 42)")
     p.add_argument("--allocator", choices=ALLOCATORS, default="auto",
                    help="this script's and each deeproots command's (as deeproots --allocator; "
                         "glibc: a machine without jemalloc)")
