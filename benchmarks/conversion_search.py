@@ -431,10 +431,14 @@ def part_exhaustive(args, given) -> None:
         record = args.out / f"{name}-exhaustive.json"
         if record.exists():
             raw = json.loads(record.read_text())
+            held = raw.pop("checkpoint", None)
+            if held not in (None, str(ckpt)):
+                sys.exit(f"exhaustive: {record} holds the schedules of {held}, not of {ckpt}; "
+                         f"give another --out")
             result = Frontier(**{**raw, "points": [Point(**q) for q in raw["points"]]})
         else:
             result = _every_schedule(name, ckpt, args)
-            write_json(record, result.to_dict())
+            write_json(record, {"checkpoint": str(ckpt), **result.to_dict()})
         _exhaustive_report(name, result, args.out / f"{name}-exhaustive.png")
 
 
