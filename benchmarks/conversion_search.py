@@ -130,16 +130,14 @@ def _machine() -> str:
 
 # --- part 1: the searched schedules against the uniform ones --------------------------------
 def part_frontier(args, given) -> None:
-    from deeproots.conversion.frontier import Frontier, Point, frontier
+    from deeproots.conversion.frontier import Frontier, frontier
 
     say = (lambda text: print("...", text, file=sys.stderr, flush=True))
     for name in args.models:
         ckpt = _dense(name, args.out, given, args.resnet18_steps, _epochs(args, name))
         folder = args.out / f"{name}-frontier"
         if (folder / "frontier.json").exists():
-            raw = json.loads((folder / "frontier.json").read_text())
-            points = [Point(**p) for p in raw.pop("points")]
-            result = Frontier(**raw, points=points)
+            result = Frontier.from_dict(json.loads((folder / "frontier.json").read_text()))
         else:
             result = frontier(ckpt, out=folder, budgets=BUDGETS, batch_size=args.batch_size,
                               progress=say, **_user(name))
@@ -423,7 +421,7 @@ def part_exhaustive(args, given) -> None:
     converted with calibration, no gradient step, and timed side by side with the dense
     model in one session: at each budget the most accurate schedule of all against the
     best uniform one, the most any search could gain there."""
-    from deeproots.conversion.frontier import Frontier, Point
+    from deeproots.conversion.frontier import Frontier
     from deeproots.runtime import write_json
 
     for name in args.models:
@@ -435,7 +433,7 @@ def part_exhaustive(args, given) -> None:
             if held not in (None, str(ckpt)):
                 sys.exit(f"exhaustive: {record} holds the schedules of {held}, not of {ckpt}; "
                          f"give another --out")
-            result = Frontier(**{**raw, "points": [Point(**q) for q in raw["points"]]})
+            result = Frontier.from_dict(raw)
         else:
             result = _every_schedule(name, ckpt, args)
             write_json(record, {"checkpoint": str(ckpt), **result.to_dict()})
@@ -457,9 +455,7 @@ def _every_schedule(name: str, ckpt: Path, args):
     uniform = {}
     for n in ROOT_COUNTS:  # which schedule each root-N is (the rule alone: no calibration)
         _, report = rootify(source.trained, f"root-{n}", example_input=source.cal.fit[:1])
-        key = tuple(sorted((c.layer, c.groups_after) for c in report.layers
-                           if c.groups_after > c.groups_before))
-        uniform.setdefault(key, f"root-{n}")
+        uniform.setdefault(tuple(sorted(report.groups.items())), f"root-{n}")
     schedules = [tuple(sorted((s.name, g) for s, g in zip(sites, combo) if g > 1))
                  for combo in product(*[[1] + group_counts(s) for s in sites])]
     # every root-N too, where the rule rounds one to a count that is not priced (nin's

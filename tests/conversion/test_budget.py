@@ -10,6 +10,7 @@ import torch
 import deeproots
 from deeproots.cli import main
 from deeproots.conversion.checkpoint import convert_checkpoint, read_trained
+from deeproots.conversion.frontier import Frontier, Point
 from deeproots.conversion.search import predict
 from deeproots.conversion.sensitivity import LayerPrice, Option, Sensitivity
 from deeproots.errors import CheckpointError, DeeprootsError
@@ -227,6 +228,8 @@ def test_a_frontier_converts_at_each_budget_and_to_each_root_n(trained, tmp_path
                          .read_text())["config"]  # as asked, at SGD's fine-tune rate
         assert (run["opt"], run["lr"], run["limit_train_batches"]) == ("sgd", 0.01, 1)
     assert json.loads((out / "frontier.json").read_text()) == result
+    again = Frontier.from_dict(result)  # read back as written, its points typed
+    assert again.to_dict() == result and all(isinstance(p, Point) for p in again.points)
 
 
 def test_a_frontier_without_finetune_makes_its_folder_and_says_what_it_missed(trained,

@@ -84,6 +84,11 @@ class Frontier:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Frontier":
+        """The frontier :meth:`to_dict` (``frontier.json``) wrote."""
+        return cls(**{**raw, "points": [Point(**p) for p in raw.get("points", [])]})
+
     def best_uniform(self, fraction: float, tolerance: float = LATENCY_TOLERANCE
                      ) -> Optional[Point]:
         """The uniform point of highest top-1 whose measured time is within ``fraction`` of
