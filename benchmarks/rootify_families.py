@@ -11,6 +11,16 @@ torchvision and timm are not dependencies of deeproots (torchvision cannot be in
 the CPU build of torch the project pins): run the real models in an environment that has them,
 e.g. a venv with `pip install torch==2.14.1 torchvision==0.29.1 timm` and deeproots installed
 with `pip install --no-deps -e .`. Every model is built on the meta device: nothing computes.
+
+    python benchmarks/rootify_families.py --torchvision --timm --calibrated
+
+converts each model instead as a trained one is converted (``deeproots.convert_model``: the
+channels assigned to groups, the permutations folded into the neighbouring layers, the convs
+refit on calibration images), on its own random weights (no pretrained weights are fetched)
+and random images: whether each step of the calibrated conversion runs on the architecture.
+A check of structure, not of accuracy: a random network has none of the correlations between
+channels that let a refit take over what the cut dropped (its output error after root-8 is
+near 1 with or without the refit, once its batch norms see the images' statistics).
 """
 import argparse
 import os
@@ -19,8 +29,9 @@ import time
 
 import torch
 
-from deeproots import profile, rootify
+from deeproots import convert_model, profile, rootify
 from deeproots.conversion import trace_convs
+from deeproots.errors import DeeprootsError
 from deeproots.models.layers import conv_layers
 from deeproots.text import format_table
 
@@ -42,6 +53,7 @@ def _zoo():
             "densenet-ish": (zoo.DenseBlockNet, 32), "unet-ish": (zoo.UNetish, 32),
             "deep-stem (resnet-d-ish)": (zoo.DeepStemNet, 32),
             "subclasses (timm-ish)": (zoo.SubclassNet, 32),
+            "norm-act (timm-ish)": (zoo.NormActNet, 32),
             "shared conv": (zoo.SharedConvNet, 32)}
 
 
@@ -89,31 +101,80 @@ def _row(name, build, size, schedule):
             "yes" if classes_kept else "NO", "yes" if resolutions else "NO", f"{seconds:.1f}")
 
 
+CALIBRATION_IMAGES, SIDE = 64, 64  # random images at 64x64 px (--calibrated)
+SIDES = {"tv/inception_v3": 96}  # the least it takes is 75 px
+
+
+def _calibrated_row(name, build, size, schedule):
+    """``name`` converted with calibration on random images: the multiply-adds left, the
+    spatial convs grouped, of those how many were refit within their groups and how many
+    had a side's channels permuted (folded into their neighbours), the 1x1 convs refit,
+    whether torch.fx traced the model (the permutations need its graph), classes kept, the
+    seconds it took."""
+    torch.manual_seed(0)
+    model = build().eval()
+    side = SIDES.get(name, min(size, SIDE))
+    calibration = torch.randn(CALIBRATION_IMAGES, 3, side, side)
+    started = time.perf_counter()
+    new, report, _ = convert_model(model, schedule, calibration=calibration, stages=False,
+                                   name=name)
+    seconds = time.perf_counter() - started
+    cal = report.calibration
+    spatial = [c for c in report.layers if c.kernel != "1x1" and c.macs_before]
+    grouped = [c for c in spatial if c.groups_after != c.groups_before]
+    refit = [c for c in cal.layers if c.grouped_unexplained is not None]
+    permuted = [c for c in cal.layers if c.permuted_in or c.permuted_out]
+    traced = not any("torch.fx could not trace" in c.fixed for c in cal.layers)
+    classes_kept = all(type(a) is type(b) for a, b in zip(conv_layers(model).values(),
+                                                           conv_layers(new).values()))
+    return (name, str(side), f"{report.macs_fraction:.3f}", f"{len(grouped)}/{len(spatial)}",
+            f"{len(refit)}/{len(cal.layers)}", f"{len(permuted)}/{len(cal.layers)}",
+            str(len(cal.refits)), "yes" if traced else "no",
+            "yes" if classes_kept else "NO", f"{seconds:.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", default="root-8")
     parser.add_argument("--torchvision", action="store_true")
     parser.add_argument("--timm", action="store_true")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="convert each model with calibration (random weights and images)")
     args = parser.parse_args()
     models = _zoo()
     if args.torchvision:
         models = _torchvision()
     if args.timm:
         models = {**(models if args.torchvision else {}), **_timm()}
-    rows = []
+    rows, refused = [], {}
+    row, width = (_calibrated_row, 10) if args.calibrated else (_row, 11)
     for name, (build, size) in models.items():
         try:
-            rows.append(_row(name, build, size, args.schedule))
+            rows.append(row(name, build, size, args.schedule))
+        except DeeprootsError as err:  # a refusal (root-N groups nothing): listed under
+            refused.setdefault(str(err).split(" here: ", 1)[-1].split(";")[0].split(
+                " (")[0], []).append(name)
+            print(name, err, file=sys.stderr, flush=True)
+            continue
         except Exception as err:  # noqa: BLE001  (one row says what failed; the rest go on)
             rows.append((name, f"failed: {type(err).__name__}: {str(err)[:80]}",
-                         *[""] * 9))
+                         *[""] * (width - 2)))
         print(rows[-1], file=sys.stderr, flush=True)
-    head = ("model", "GMACs", "in 1x1", f"{args.schedule} MACs", "deep stem",
-            "spatial grouped", "left: grouped", "left: subclass", "classes kept",
-            "resolutions kept", "rootify s")
-    print(f"rootify {args.schedule} on {len(rows)} models (torch {torch.__version__}); "
-          f"fractions are of the model's multiply-adds")
-    print(format_table(head, rows, align="lrrrrrrrlll"))
+    if args.calibrated:
+        head = ("model", "px", f"{args.schedule} MACs", "spatial grouped", "refit in groups",
+                "permuted", "1x1 refit", "fx traced", "classes kept", "convert s")
+        print(f"convert_model {args.schedule} on {len(models)} models, their random weights "
+              f"and {CALIBRATION_IMAGES} random images (torch {torch.__version__})")
+        print(format_table(head, rows, align="lrrrrrrllr"))
+    else:
+        head = ("model", "GMACs", "in 1x1", f"{args.schedule} MACs", "deep stem",
+                "spatial grouped", "left: grouped", "left: subclass", "classes kept",
+                "resolutions kept", "rootify s")
+        print(f"rootify {args.schedule} on {len(models)} models (torch {torch.__version__}); "
+              f"fractions are of the model's multiply-adds")
+        print(format_table(head, rows, align="lrrrrrrrlll"))
+    for why, names in refused.items():
+        print(f"refused, {why}: {', '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -279,3 +279,38 @@ class BottleneckResNet(nn.Module):
 
 def bottleneck_resnet(num_classes=10, in_channels=1):
     return BottleneckResNet(num_classes, in_channels)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's norm-and-activation layer: a batch norm subclass that checks its input's rank,
+    normalises functionally and applies its activation child, all in its own forward
+    (torch.fx traces into it: a getattr and a functional batch norm, no layer)."""
+
+    def __init__(self, channels, act=None):
+        super().__init__(channels)
+        self.act = act if act is not None else nn.SiLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-D input")  # as timm checks it
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                     self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+class NormActNet(nn.Module):
+    """A stem, then conv - BatchNormAct2d - conv - BatchNormAct2d - 1x1 conv, as timm's
+    CSPDarknet and EfficientNetV2 blocks are built; ``act`` the norms' activation."""
+
+    def __init__(self, act=None):
+        super().__init__()
+        self.stem = conv(3, 16)
+        self.conv1 = conv(16, 32)
+        self.bn1 = BatchNormAct2d(32, act)
+        self.conv2 = conv(32, 32)
+        self.bn2 = BatchNormAct2d(32, None if act is None else type(act)(32))
+        self.conv3 = conv(32, 32, k=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn1(self.conv1(torch.relu(self.stem(x))))))
+        return self.fc(self.conv3(x).mean((2, 3)))

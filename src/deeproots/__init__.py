@@ -24,6 +24,7 @@ _EXPORTS = {
     "convert": "models.layers", "apply_groups": "models.layers", "conv_layers": "models.layers",
     "optimize_for_inference": "speed.deploy", "export": "speed.export",
     "TrainConfig": "config", "rootify": "conversion.rule",
+    "convert_model": "conversion.checkpoint",
     "TrainStep": "training.step", "load_weights": "weights",
 }
 # the packages, by concern (docs/architecture.md), and the modules every part shares

@@ -104,12 +104,23 @@ def run_until(forward: Callable[[], object], layer: nn.Module, what: str = "inpu
     return got[0]
 
 
-def fx_graph(model: nn.Module, what: str = "") -> fx.GraphModule:
+def fx_graph(model: nn.Module, what: str = "",
+             leaf: Optional[Callable[[nn.Module], bool]] = None) -> fx.GraphModule:
     """``model`` traced by torch.fx (its graph and submodules); a one-line
     :class:`DeeprootsError` naming what could not be traced and why, for ``what`` (the
-    purpose, e.g. "fold batch norm of")."""
+    purpose, e.g. "fold batch norm of"). ``leaf``: modules besides torch.nn's own to keep
+    as one call each rather than trace into (a library's batch norm subclass)."""
     try:
-        return fx.symbolic_trace(model)
+        if leaf is None:
+            return fx.symbolic_trace(model)
+
+        class Tracer(fx.Tracer):
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return leaf(m) or super().is_leaf_module(m, qualname)
+
+        tracer = Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as err:  # noqa: BLE001  (data-dependent Python, an untraceable op)
         raise DeeprootsError(f"cannot {what or 'trace'} {type(model).__name__}: torch.fx could "
                              f"not trace it ({type(err).__name__}: {first_line(err)})") from err

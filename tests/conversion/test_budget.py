@@ -526,3 +526,113 @@ def test_a_frontier_answers_a_budget_with_the_best_it_measured_within_it():
     assert seen == ["m0.8", "m-root-4", "m-root-2", "m-root-4", "m-root-16"]
     assert result.points[0].groups == r2 and result.points[0].chosen is None
     assert "latency 0.6 (a root-N within it here)" in result.table()
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model in memory (deeproots.convert_model): what a timm or torchvision user holds
+
+
+def _in_memory(trained):
+    """The dense nin as a user holds it (a module, in training mode), its calibration and
+    selection images as convert_checkpoint samples them, and the test split as tensors."""
+    from deeproots.conversion.checkpoint import open_source
+
+    source = open_source(trained / "dense" / "best.pt", data_dir=trained / "data",
+                         calibration_images_n=32, select_images=16)
+    x, y = (torch.cat(t) for t in zip(*source.cal.test.batches()))
+    model = deeproots.create_model("nin", in_channels=1)
+    model.load_state_dict(load_checkpoint(trained / "dense" / "best.pt")["model"])
+    return model.train(), source.cal.fit, source.cal.select, (x, y)
+
+
+def _top1(model, test):
+    was = model.training
+    with torch.no_grad():
+        top1 = (model.eval()(test[0]).argmax(1) == test[1]).float().mean().item()
+    model.train(was)
+    return top1
+
+
+def test_a_model_in_memory_converts_as_its_checkpoint_does_and_is_not_touched(trained):
+    """convert_model on the module, with the images convert_checkpoint samples from the
+    checkpoint's data, gives the same weights as convert_checkpoint; the top-1s are those
+    of the models' own predictions on the test tensors (counted here), each stage's on the
+    first eval_images of a DataLoader of them; the user's module keeps its weights and its
+    training mode."""
+    from deeproots.conversion.checkpoint import convert_model
+
+    model, fit, _, test = _in_memory(trained)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=5)
+    new, report, summary = convert_model(model, "root-4", calibration=fit, test=loader,
+                                         eval_images=8)
+    reference, _, expected = convert_checkpoint(trained / "dense" / "best.pt", "root-4",
+                                                data_dir=trained / "data",
+                                                calibration_images_n=32)
+    assert report.groups == expected.groups and summary.schedule == "root-4"
+    for (k, a), (_, b) in zip(new.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert summary.top1_before == pytest.approx(_top1(model, test))
+    assert summary.top1_after == pytest.approx(_top1(new, test))
+    assert summary.top1_after == pytest.approx(expected.top1_after)
+    head = (test[0][:8], test[1][:8])  # the stages: the loader's first 8 images alone
+    assert summary.stages["+ refit"] == pytest.approx(_top1(new, head))
+    assert all(round(v * 8) == pytest.approx(v * 8) for v in summary.stages.values())
+    assert model.training and all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    assert summary.checkpoint == "nin"
+
+
+def test_a_model_in_memory_to_a_budget_chooses_by_its_selection_images(trained):
+    """A multiply-add budget from Python: the schedule meets it by the rule's own count,
+    the candidates are compared on the selection images given (batches read once, from a
+    generator: they are gathered; their top-1 counted here),
+    and without test images the top-1s are not measured (NaN) and no stage is evaluated."""
+    from deeproots.conversion.checkpoint import convert_model
+
+    model, fit, select, _ = _in_memory(trained)
+    new, _, summary = convert_model(model, macs=0.6, calibration=[fit[:16], fit[16:]],
+                                    select=zip(select[0].split(8), select[1].split(8)))
+    groups = {k: g for k, g in summary.groups.items() if g > 1}
+    grouped = deeproots.create_model("nin", in_channels=1, groups=groups)
+    fraction = (deeproots.profile(grouped, (1, 8, 8)).macs
+                / deeproots.profile(model, (1, 8, 8)).macs)
+    assert groups and fraction <= 0.6
+    assert summary.measured["macs_fraction"] == pytest.approx(fraction)
+    chosen = [c for c in summary.candidates if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["groups"] == groups
+    if len(summary.candidates) > 1:
+        assert chosen[0]["select_top1"] == pytest.approx(_top1(new, select))
+        assert chosen[0]["select_top1"] == max(c["select_top1"] for c in summary.candidates)
+    assert summary.top1_after != summary.top1_after and not summary.stages
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (dict(select=None), "a macs budget compares its candidates by their top-1 on labelled"),
+    (dict(select="sel"), "select must be labelled images: (images, labels) tensors, or "
+                         "batches of them (a DataLoader yielding (images, labels)); got str"),
+    (dict(test="images"), "test must be labelled images: (images, labels) tensors, or "
+                          "batches of them (a DataLoader yielding (images, labels)); got Tensor"),
+    (dict(select="float labels"), "select: labels must be class indices, a 1-D integer "
+                                  "tensor; got torch.float32 of shape (16,)"),
+    (dict(select="label 10"), "select: label 10 is not a class of the model's 10 (0..9)"),
+    (dict(select="short"), "select: 16 images but 15 labels"),
+    (dict(test="3-d"), "test: images must be a batch (N, C, H, W); got shape (1, 8, 8)"),
+    (dict(test="once"), "test is read more than once (before, at each stage, after): give a "
+                        "DataLoader, a list of batches or (images, labels), not a "
+                        "list_iterator that is read once"),
+    (dict(model=None), "convert_model converts an nn.Module; got NoneType (for a "
+                       "checkpoint file: convert_checkpoint)"),
+    (dict(latency=0.7, macs=None, device="tpu"), "device 'tpu' is not a device name"),
+])
+def test_bad_input_to_a_model_in_memory_is_one_line(trained, change, phrase):
+    from deeproots.conversion.checkpoint import convert_model
+
+    model, fit, (sx, sy), (tx, ty) = _in_memory(trained)
+    forms = {"sel": "sel", "images": tx, "float labels": (sx, sy.float()),
+             "label 10": (sx, torch.full_like(sy, 10)), "short": (sx, sy[1:]),
+             "3-d": [(tx[0], ty[:1])], "once": iter([(tx, ty)])}
+    kwargs = dict(model=model, calibration=fit, select=(sx, sy), test=(tx, ty), macs=0.6)
+    kwargs.update({k: forms.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    with pytest.raises(DeeprootsError) as e:
+        convert_model(kwargs.pop("model"), **kwargs)
+    assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)

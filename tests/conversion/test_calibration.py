@@ -536,3 +536,52 @@ def test_a_calibrated_conversion_counts_its_costs_at_the_calibration_images_size
     new, report = deeproots.rootify(mine, "root-2", calibration=images)
     assert report.groups["3"] == 2 and new[3].groups == 2
     assert report.macs_after == deeproots.profile(new, (1, 16, 16)).macs
+
+
+def test_a_conv_subclass_grouped_but_not_refit_is_named_and_keeps_its_diagonal_blocks():
+    """tests/zoo.py's SubclassNet: a conv that pads in its own forward and one that rescales
+    its output are grouped (what they compute is their block-diagonal form) but not refit
+    (the plain conv's fit is not theirs): the report names both, its table says so, and
+    their weights are the dense ones' diagonal blocks (no permutation either: torch.fx
+    cannot trace the padding's arithmetic on shapes)."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.SubclassNet().eval()
+    new, report = deeproots.rootify(model, "root-8", calibration=torch.randn(16, 3, 32, 32))
+    assert report.calibration.not_refit == ["same", "gained"]
+    assert "not refit within their groups" in report.calibration.table()
+    for name in ("same", "gained"):
+        conv = getattr(new, name)
+        assert type(conv) is type(getattr(model, name)) and conv.groups == 8
+        assert torch.equal(conv.weight, block_diagonal_weight(getattr(model, name).weight, 8))
+
+
+def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
+    """timm's BatchNormAct2d (tests/zoo.py's stand-in): kept whole in the trace, so conv2's
+    input comes from conv1 through bn1 and its output goes to the 1x1 conv3 through bn2; random
+    permutations folded on both sides leave what the model computes unchanged (its batch
+    norms given statistics of their own first). With a PReLU as the activation (a weight per
+    channel, which the fold would not permute) the norm is traced into and the orders are
+    kept, as before."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.NormActNet().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    site = root_sites(model, ["conv2"])["conv2"]
+    assert (site.producer, site.before, site.consumer, site.after) == (
+        "conv1", ["bn1"], "conv3", ["bn2"])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        fold_permutations(model, site, torch.randperm(32), torch.randperm(32))
+        assert torch.allclose(model(x), want, atol=1e-5)
+        assert not torch.equal(model.conv1.weight, zoo.NormActNet().conv1.weight)
+    prelu = root_sites(zoo.NormActNet(nn.PReLU(32)).eval(), ["conv2"])["conv2"]
+    assert prelu.producer is None and prelu.consumer is None
+    assert "batch_norm" in prelu.fixed_in + prelu.fixed_out

@@ -368,3 +368,25 @@ def test_the_command_builds_a_named_model_for_the_channels_of_its_input_size(cap
     for stage, (side, groups) in enumerate([(7, 8), (4, 4), (2, 2), (1, 1)], 1):
         row = rows[f"layer{stage}.0.conv2"]
         assert (row["resolution"], row["groups_after"]) == (f"{side}x{side}", groups)
+
+
+def test_a_schedule_that_groups_nothing_names_the_convs_it_leaves_first():
+    """Every spatial conv after the stem weight-standardised (timm's NF-ResNet): root-N groups
+    nothing, and the reason is theirs (another N would not group them), not the rule's."""
+    import zoo
+
+    class AllStandardised(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = zoo.StdGainConv2d(16, 32)
+            self.b = zoo.StdGainConv2d(32, 32)
+
+        def forward(self, x):
+            return self.b(self.a(self.stem(x))).mean((2, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"groups no conv of AllStandardised here: 2 of its "
+                                         r"spatial convs would compute something else grouped "
+                                         r"\(StdGainConv2d, e.g. a: "):
+        rootify(AllStandardised(), "root-4", example_input=x[:1], calibration=x)

@@ -13,6 +13,8 @@ module reads the trained model (a deeproots checkpoint, or a plain ``state_dict`
 model named), takes the calibration images from the training split, evaluates each stage on
 a subset of the test split and the converted model on all of it, and writes the converted
 model as a checkpoint that ``deeproots eval``, ``export`` and ``train --init`` take.
+:func:`convert_model` does the same for a trained module in memory (timm's, torchvision's,
+yours) on images given in Python, returning the converted module.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits,
                              sample_split)
 from ..training.evaluate import evaluate
 from ..weights import fit_weights, load_weights_only, state_dict_of
-from .calibrate import DensePasses
+from .calibrate import DensePasses, calibration_batches
 from .calibrate.pipeline import calibrate, check_trained
 from .rule import RootifyReport, rootify
 from .search import (Plan, check_fraction, check_reachable, cheapest, choose, latency_scale,
@@ -45,7 +47,8 @@ from .search import (Plan, check_fraction, check_reachable, cheapest, choose, la
 from .sensitivity import (ROOT_COUNTS, Sensitivity, layer_prices, model_ms, most_saved,
                           select_top1, selection_scores)
 
-__all__ = ["ConvertedCheckpoint", "convert_checkpoint", "read_trained", "Calibration",
+__all__ = ["ConvertedCheckpoint", "convert_checkpoint", "convert_model", "model_source",
+           "LabelledImages", "read_trained", "Calibration",
            "calibration_data", "Source", "open_source", "CALIBRATION_IMAGES", "EVAL_IMAGES",
            "measure_latency", "measure_latencies", "check_device", "as_mapping", "price_checkpoint"]
 
@@ -270,7 +273,174 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
                              image_size=image_size, calibration_images_n=calibration_images_n,
                              select_images=SELECT_IMAGES if budget else 0,
                              eval_images=eval_images, download=download, mean=mean, std=std)
+    new, report, summary = _convert(source, schedule, budget, started, eval_images=eval_images,
+                                    stages=stages, device=device, batch_size=batch_size,
+                                    prices=prices, progress=progress,
+                                    rootify_options=rootify_options)
+    if out is not None:
+        save_model(out, new, _with_data(source.fields, source.cal, data_dir),
+                   converted=summary.to_dict())
+        summary.out = str(out)
+    return new, report, summary
+
+
+def convert_model(model: nn.Module, schedule=None, *, calibration, select=None, test=None,
+                  latency: Optional[float] = None, eval_images: Optional[int] = EVAL_IMAGES,
+                  stages: bool = True, device: str = "cpu", batch_size: int = 128,
+                  prices: Optional[Sensitivity] = None, progress=None, name: Optional[str] = None,
+                  **rootify_options) -> Tuple[nn.Module, RootifyReport, ConvertedCheckpoint]:
+    """A trained model in memory (yours, timm's, torchvision's; not changed) converted with
+    calibration, as :func:`convert_checkpoint` converts a checkpoint's: to ``schedule``
+    (root-N, tree-N, col-N, or ``{layer: groups}``), or to the best schedule a budget allows,
+    ``latency`` (the converted model's time as a fraction of the trained one's, measured on
+    ``device`` at ``batch_size``) or ``macs``/``params``, the search's candidates compared by
+    their top-1 on ``select``.
+
+    Args:
+        calibration: training images, normalised as the model reads them: a tensor
+            (N, C, H, W), or batches of them (a DataLoader yielding images or
+            ``(images, labels)``); a thousand or so is enough.
+        select: for a budget, labelled training images apart from the calibration ones,
+            ``(images, labels)`` tensors or batches of them.
+        test: labelled test images, the same forms: the top-1 before and after (and each
+            stage's on its first ``eval_images``; None: all); without it they are NaN.
+        name: what the summary and the messages call the model (default: its class).
+
+    Returns the converted model (on the CPU), the :class:`RootifyReport` and the summary
+    (:class:`ConvertedCheckpoint`, its ``checkpoint`` the model's name).
+
+        >>> new, report, summary = convert_model(model, latency=0.7, calibration=images,
+        ...                                      select=(x, y), test=test_loader)
+        >>> summary.groups, summary.measured["latency_fraction"], summary.top1_after
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise DeeprootsError(f"convert_model converts an nn.Module; got "
+                             f"{type(model).__name__} (for a checkpoint file: "
+                             f"convert_checkpoint)")
+    budget = _budget(schedule, latency, rootify_options)
+    if budget and budget[0] == "latency":
+        check_device(device, "latency")
+    if budget and select is None:
+        raise DeeprootsError(f"a {budget[0]} budget compares its candidates by their top-1 on "
+                             f"labelled training images apart from the calibration ones: give "
+                             f"select=(images, labels)")
+    if eval_images is not None:
+        check_whole("eval_images", eval_images, 1)
+    source = model_source(model, calibration, select=select, test=test,
+                          eval_images=eval_images, name=name)
+    return _convert(source, schedule, budget, started, eval_images=eval_images, stages=stages,
+                    device=device, batch_size=batch_size, prices=prices, progress=progress,
+                    rootify_options=rootify_options)
+
+
+def model_source(model: nn.Module, calibration, *, select=None, test=None,
+                 eval_images: Optional[int] = EVAL_IMAGES, name: Optional[str] = None
+                 ) -> Source:
+    """A :class:`Source` of a model in memory: a copy of it on the CPU in eval mode (the
+    model itself is not changed), its calibration images, the labelled ``select`` and
+    ``test`` images (as :func:`convert_model` takes them) and its test top-1 (NaN without
+    ``test``)."""
+    name = name or getattr(model, "name", None) or type(model).__name__
+    trained = copy.deepcopy(model).cpu().eval()
+    check_trained(trained, name)
+    fit = torch.cat([b.cpu() for b in calibration_batches(calibration)])
+    # class scores are asked of a model only where labels are given (a U-Net converts too)
+    classes = (None if select is None and test is None
+               else example_logits(trained, fit[:1], name).shape[1])
+    chosen = None if select is None else _gathered(select, "select", classes)
+    tests = None if test is None else LabelledImages(test, "test", classes)
+    subset = None if tests is None else LabelledImages(test, "test", classes, eval_images)
+    cal = Calibration(fit, chosen, tests, subset, None, "given images")
+    before = float("nan") if tests is None else evaluate(trained, tests).top1
+    return Source(name, trained, {}, name, cal, before)
+
+
+class LabelledImages:
+    """Labelled images given in Python as a conversion evaluates them: ``(images, labels)``
+    tensors, or batches of them (a DataLoader yielding ``(images, labels)``); :meth:`batches`
+    yields them as deeproots' own loaders do, the first ``limit`` images alone where given,
+    each checked (images (N, C, H, W), labels N class indices below ``classes``); data read
+    more than once (``reread``) must be more than a generator."""
+
+    def __init__(self, data, what: str, classes: int, limit: Optional[int] = None,
+                 reread: bool = True):
+        self.data, self.what, self.classes, self.limit = data, what, classes, limit
+        if _is_pair(data):
+            _check_labelled(*data, what, classes)
+        elif isinstance(data, (torch.Tensor, str, bytes)) or not hasattr(data, "__iter__"):
+            raise DeeprootsError(_labelled_needed(what, data))
+        elif reread and iter(data) is data:  # a generator: empty the second time
+            raise DeeprootsError(f"{what} is read more than once (before, at each stage, "
+                                 f"after): give a DataLoader, a list of batches or (images, "
+                                 f"labels), not a {type(data).__name__} that is read once")
+
+    def batches(self):
+        """``(images, labels)`` batches, the first ``limit`` images alone where given."""
+        pairs = (((self.data[0][i:i + 256], self.data[1][i:i + 256])
+                  for i in range(0, len(self.data[0]), 256)) if _is_pair(self.data)
+                 else self.data)
+        seen = 0
+        for item in pairs:
+            if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+                raise DeeprootsError(_labelled_needed(self.what, item, "a batch of "))
+            x, y = item[0], item[1]
+            _check_labelled(x, y, self.what, self.classes)
+            if self.limit is not None:
+                x, y = x[:self.limit - seen], y[:self.limit - seen]
+            yield x.float(), y.long()
+            seen += len(y)
+            if self.limit is not None and seen >= self.limit:
+                return
+
+
+def _is_pair(data) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data))
+
+
+def _labelled_needed(what: str, got, part: str = "") -> str:
+    return (f"{what} must be labelled images: (images, labels) tensors, or batches of them (a "
+            f"DataLoader yielding (images, labels)); got {part}{type(got).__name__}")
+
+
+def _check_labelled(images, labels, what: str, classes: int) -> None:
+    """A one-line error unless ``images`` (N, C, H, W) and ``labels`` (N class indices, each
+    below ``classes``) are a labelled batch."""
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise DeeprootsError(_labelled_needed(what, images if not isinstance(
+            images, torch.Tensor) else labels, "a batch holding "))
+    if images.dim() != 4:
+        raise DeeprootsError(f"{what}: images must be a batch (N, C, H, W); got shape "
+                             f"{tuple(images.shape)}")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise DeeprootsError(f"{what}: labels must be class indices, a 1-D integer tensor; got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+    if len(labels) != len(images):
+        raise DeeprootsError(f"{what}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise DeeprootsError(f"{what}: label {bad} is not a class of the model's {classes} "
+                             f"(0..{classes - 1})")
+
+
+def _gathered(data, what: str, classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labelled images (:class:`LabelledImages`' forms) as one ``(images, labels)`` pair on
+    the CPU."""
+    pairs = list(LabelledImages(data, what, classes, reread=False).batches())
+    if not pairs or not sum(len(y) for _, y in pairs):
+        raise DeeprootsError(f"{what}: no images")
+    return (torch.cat([x.cpu() for x, _ in pairs]), torch.cat([y.cpu() for _, y in pairs]))
+
+
+def _convert(source: Source, schedule, budget, started: float, *, eval_images, stages: bool,
+             device: str, batch_size: int, prices, progress, rootify_options
+             ) -> Tuple[nn.Module, RootifyReport, ConvertedCheckpoint]:
+    """What :func:`convert_checkpoint` and :func:`convert_model` share: ``source`` converted
+    to ``schedule`` or ``budget``, its stages and the result evaluated where it has test
+    images; ``started``: when the command began (its wall time counts from there)."""
     cal = source.cal
+    stages = stages and cal.test is not None
     measured: Dict[str, float] = {}
     evaluating = [0.0]  # seconds spent evaluating stages, not converting
 
@@ -297,10 +467,10 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
                               **rootify_options)
         plan, timed = None, {}
     seconds = time.perf_counter() - started - evaluating[0]
-    after = evaluate(new.eval(), cal.test).top1
+    after = float("nan") if cal.test is None else evaluate(new.eval(), cal.test).top1
     report.calibration.stages = dict(measured)
     summary = ConvertedCheckpoint(
-        str(checkpoint), report.schedule, cal.data, source.top1_before, after, measured,
+        source.checkpoint, report.schedule, cal.data, source.top1_before, after, measured,
         seconds, eval_images=eval_images, groups=report.groups,
         budget=dict(zip(("kind", "fraction"), budget)) if budget else None,
         predicted=plan.predicted if plan else {},
@@ -309,10 +479,6 @@ def convert_checkpoint(checkpoint: Union[str, Path], schedule=None, *,
                   "params_fraction": report.params_fraction, **timed},
         candidates=candidates, report=report.to_dict())
     summary.wall_s = time.perf_counter() - started
-    if out is not None:
-        save_model(out, new, _with_data(source.fields, cal, data_dir),
-                   converted=summary.to_dict())
-        summary.out = str(out)
     return new, report, summary
 
 

@@ -488,6 +488,19 @@ def _why_nothing(sites: Sequence[ConvSite], plan: Dict[str, Tuple[int, str]]) ->
     spatial = [s for s in sites if s.calls and s.spatial]
     note = {s.name: plan[s.name][1] for s in spatial}
     same = [s for s in spatial if not note[s.name] or note[s.name].startswith("the rule's")]
+    # a subclass that would compute something else grouped (a weight-standardised conv):
+    # another N does not group it, so it is named first
+    left = [s for s in spatial if "computes something else" in note[s.name]]
+    if left:
+        kind = note[left[0].name].split(" ", 1)[0]
+        why = (f"{len(left)} of its spatial convs would compute something else grouped "
+               f"({kind}, e.g. {left[0].name}: it standardises or rescales its weight over the "
+               f"whole filter), so are left as they were; build the model with the groups "
+               f"you want instead")
+        if same:
+            why += (f"; the others it gives the groups they have already ({same[0].name}: "
+                    f"{same[0].groups})")
+        return why
     if same:
         s = same[0]
         return (f"it gives each conv it reaches the groups it has already ({s.name}: "

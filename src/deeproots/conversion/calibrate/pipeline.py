@@ -212,6 +212,8 @@ def refit(c: Conversion) -> nn.Module:
             rows[name].grouped_unexplained = refit_grouped(
                 c.dense, c.new, name, c.batches, c.ridge, c.out_orders.get(name),
                 cached.get(name))
+            if rows[name].grouped_unexplained is None:
+                c.report.not_refit.append(name)
             continue
         unexplained = refit_pointwise(c.dense, c.new, name, c.batches, c.ridge,
                                       c.out_orders.get(name), cached.get(name),

@@ -18,13 +18,30 @@ from ...models.layers import conv_layers, layer_name
 __all__ = ["RootSite", "root_sites", "fold_permutations"]
 
 # modules that act on each channel alone: a permutation of the channels passes through them
-_PER_CHANNEL = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU,
+_PER_CHANNEL = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU,
                 nn.Hardswish, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Dropout2d,
                 nn.Identity)
 _PER_CHANNEL_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu,
                           F.max_pool2d, F.avg_pool2d, F.dropout, torch.flatten)
 _STATELESS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d,
               nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
+
+
+_NORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _norm_leaf(m: nn.Module) -> bool:
+    """A batch norm subclass to keep whole in the trace (timm's ``BatchNormAct2d``: the norm,
+    then dropout and an activation, in its own forward, which torch.fx would trace into a
+    functional batch norm that is no layer): one whose state is a batch norm's alone and
+    whose submodules hold none (an activation, a dropout). It acts on each channel alone,
+    and a permutation of its channels is one of its weights and statistics."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    own = {n for n, _ in m.named_parameters(recurse=False)} | {
+        n for n, _ in m.named_buffers(recurse=False)}
+    children = any(True for c in m.children() for _ in (*c.parameters(), *c.buffers()))
+    return own <= _NORM_STATE and not children
 
 
 @dataclass
@@ -81,7 +98,7 @@ def root_sites(model: nn.Module, layers: Iterable[str]) -> Dict[str, RootSite]:
     ``model``; a model FX cannot trace keeps every order (the reason in each site)."""
     layers = list(layers)
     try:
-        gm = fx_graph(model, "fold channel permutations of")
+        gm = fx_graph(model, "fold channel permutations of", leaf=_norm_leaf)
     except DeeprootsError as err:  # data-dependent Python: nothing to fold
         why = str(err)
         return {n: RootSite(n, fixed_in=why, fixed_out=why) for n in layers}
