@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import deeproots
 from deeproots.cli import main
@@ -636,3 +637,68 @@ def test_bad_input_to_a_model_in_memory_is_one_line(trained, change, phrase):
     with pytest.raises(DeeprootsError) as e:
         convert_model(kwargs.pop("model"), **kwargs)
     assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_frontier_of_a_model_in_memory(trained, tmp_path):
+    """frontier(module, calibration=, select=, test=): the folder's three files, each
+    root-N point's top-1 that of the model convert_model makes (counted here on the test
+    tensors), the module untouched; without its images, or asked to fine-tune, one line."""
+    from deeproots.conversion.checkpoint import convert_model
+    from deeproots.conversion.frontier import frontier
+
+    model, fit, select, test = _in_memory(trained)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    result = frontier(model, out=tmp_path / "f", budgets=[0.95], uniform=(2, 4),
+                      calibration=fit, select=select, test=test, batch_size=8)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "frontier.json", "frontier.md", "frontier.png"]
+    assert result.top1_dense == pytest.approx(_top1(model, test))
+    for p in (p for p in result.points if p.kind == "uniform"):
+        new, _, _ = convert_model(model, p.label, calibration=fit)
+        assert p.top1 == pytest.approx(_top1(new, test)), p.label
+    assert model.training and all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(DeeprootsError, match=r"^a frontier of a model in memory needs its "
+                                             r"images: give select, test \(as convert_model"):
+        frontier(model, out=tmp_path / "g", calibration=fit)
+    with pytest.raises(DeeprootsError, match="finetune_steps distils from a deeproots "
+                                             "checkpoint"):
+        frontier(model, out=tmp_path / "g", calibration=fit, select=select, test=test,
+                 finetune_steps=2)
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_model_with_a_strided_same_padded_conv_is_priced_timed_and_refit():
+    """A conv that pads in its own forward (timm's Conv2dSame: stride 2 on 8 px writes 4x4
+    from a 9x9 padded input; unfolded without that padding, 3x3 patches, and pricing it
+    failed inside torch), in a model torch.fx cannot trace (so its time is taken with its
+    batch norm unfolded, dense and converted alike): a budget prices it, converts and refits
+    it within its groups, and the refit explains more of its output than the cut."""
+    import zoo
+    from deeproots.conversion.checkpoint import convert_model
+    from deeproots.conversion.sensitivity import layer_prices
+
+    class StridedSame(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 16, 3, padding=1)
+            self.down = zoo.SamePadConv2d(16, 32, 3, stride=2)
+            self.bn = nn.BatchNorm2d(32)
+            self.mix = nn.Conv2d(32, 32, 1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.down(torch.relu(self.stem(x)))))
+            return self.fc(self.mix(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = StridedSame().eval()
+    images, labels = torch.randn(48, 1, 8, 8), torch.randint(0, 10, (48,))
+    fit, select = images[:32], (images[32:], labels[32:])
+    prices = layer_prices(model, fit, select, batch_size=4, repeats=1)
+    assert [p.layer for p in prices.layers] == ["down"]
+    assert [o.groups for o in prices.layers[0].options][:2] == [2, 4]
+    new, report, summary = convert_model(model, macs=0.8, calibration=fit, select=select,
+                                         prices=prices)
+    assert report.groups["down"] > 1 and not report.calibration.not_refit
+    layer = report.calibration.layers[0]
+    assert 1 - layer.grouped_unexplained > layer.output_kept  # the refit beats the cut

@@ -539,22 +539,66 @@ def test_a_calibrated_conversion_counts_its_costs_at_the_calibration_images_size
 
 
 def test_a_conv_subclass_grouped_but_not_refit_is_named_and_keeps_its_diagonal_blocks():
-    """tests/zoo.py's SubclassNet: a conv that pads in its own forward and one that rescales
-    its output are grouped (what they compute is their block-diagonal form) but not refit
-    (the plain conv's fit is not theirs): the report names both, its table says so, and
-    their weights are the dense ones' diagonal blocks (no permutation either: torch.fx
-    cannot trace the padding's arithmetic on shapes)."""
+    """tests/zoo.py's SubclassNet: a conv that rescales its output by a gain after its
+    F.conv2d call is grouped (what it computes is its block-diagonal form) but not refit
+    (no fit of its weight alone gives its output): the report names it, its table says so,
+    and its weight is the dense one's diagonal blocks (no permutation either: torch.fx
+    cannot trace the model, whose SAME padding is arithmetic on shapes). The SAME-padded
+    conv is refit: its weight is no longer its diagonal blocks."""
     import zoo
 
     torch.manual_seed(0)
     model = zoo.SubclassNet().eval()
     new, report = deeproots.rootify(model, "root-8", calibration=torch.randn(16, 3, 32, 32))
-    assert report.calibration.not_refit == ["same", "gained"]
+    assert report.calibration.not_refit == ["gained"]
     assert "not refit within their groups" in report.calibration.table()
-    for name in ("same", "gained"):
-        conv = getattr(new, name)
-        assert type(conv) is type(getattr(model, name)) and conv.groups == 8
-        assert torch.equal(conv.weight, block_diagonal_weight(getattr(model, name).weight, 8))
+    assert type(new.gained) is zoo.GainConv2d and new.gained.groups == 8
+    assert torch.equal(new.gained.weight, block_diagonal_weight(model.gained.weight, 8))
+    assert type(new.same) is zoo.SamePadConv2d and new.same.groups == 8
+    assert not torch.equal(new.same.weight, block_diagonal_weight(model.same.weight, 8))
+
+
+def test_the_patches_a_conv_reads_wherever_it_pads():
+    """conv_patches against F.unfold of the input padded by hand: a conv that pads in its
+    own forward (SAME, stride 2 on 8 px: (2 - 1) * 2 + 3 - 8 = 1 pixel, at the end), one with
+    padding="same", one that pads by reflection; None for one that rescales its output."""
+    import zoo
+    from deeproots.conversion.calibrate import conv_patches
+
+    x = torch.randn(2, 4, 8, 8)
+    same = zoo.SamePadConv2d(4, 8, 3, stride=2)
+    assert torch.equal(conv_patches(same, x), F.unfold(F.pad(x, [0, 1, 0, 1]), 3, stride=2))
+    with torch.no_grad():  # the patches are what it convolves
+        assert torch.allclose(same(x).flatten(2),
+                              same.weight.flatten(1) @ conv_patches(same, x), atol=1e-5)
+    assert torch.equal(conv_patches(nn.Conv2d(4, 8, 3, padding="same"), x),
+                       F.unfold(x, 3, padding=1))
+    assert torch.equal(conv_patches(nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"), x),
+                       F.unfold(F.pad(x, [1, 1, 1, 1], mode="reflect"), 3))
+    assert conv_patches(zoo.GainConv2d(4, 8), x) is None
+
+
+def test_a_same_padded_conv_is_refit_as_the_plain_conv_it_equals():
+    """At stride 1 a SAME-padded 3x3 conv is a conv with padding 1: refit within 4 groups to
+    the same dense outputs from the same inputs, both get the same weight."""
+    import zoo
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.ReLU(),
+                          nn.Conv2d(16, 5, 1)).eval()
+    padded = copy.deepcopy(plain)
+    padded[2] = zoo.SamePadConv2d(8, 16, 3)
+    padded[2].weight.data.copy_(plain[2].weight)
+    x = [torch.randn(8, 3, 10, 10)]
+    fits = []
+    for dense in (plain, padded):
+        new = copy.deepcopy(dense)
+        regroup(new[2], 4, reinit=False)
+        new[2].weight.data.copy_(block_diagonal_weight(dense[2].weight, 4))
+        assert refit_grouped(dense, new, "2", x) is not None
+        fits.append(new[2].weight)
+    assert torch.allclose(fits[0], fits[1], atol=1e-5)
 
 
 def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from torch import nn
+
 from ..checks import check_choice
 from ..config import OPTIMIZERS, finetune_optimizer
 from ..errors import DeeprootsError
@@ -30,7 +32,8 @@ from ..runtime import write_json, write_text
 from ..speed.timing import contention_note
 from ..text import format_table
 from .checkpoint import (LATENCY_TOLERANCE, SELECT_IMAGES, Source, check_device,
-                         convert_checkpoint, measure_latencies, measure_latency, open_source)
+                         convert_checkpoint, measure_latencies, measure_latency, model_source,
+                         open_source)
 from .search import check_fraction
 from .sensitivity import ROOT_COUNTS, Sensitivity, layer_prices
 
@@ -128,7 +131,7 @@ class Frontier:
         return "\n".join(lines)
 
 
-def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
+def frontier(checkpoint: Union[str, Path, nn.Module], *, out: Union[str, Path],
              budgets: Sequence[float] = FRONTIER_BUDGETS,
              uniform: Sequence[int] = ROOT_COUNTS, data: Optional[str] = None,
              data_dir=None, model=None, device: str = "cpu", batch_size: int = 128,
@@ -137,13 +140,19 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
              finetune_steps: int = 0, finetune_lr: Optional[float] = None,
              finetune_opt: Optional[str] = None, overwrite: bool = False,
              download: bool = True, prices: Optional[Sensitivity] = None,
-             progress=None, **rootify_options) -> Frontier:
+             progress=None, calibration=None, select=None, test=None,
+             **rootify_options) -> Frontier:
     """The frontier of ``checkpoint``'s trained model (see the module's text), written to the
     folder ``out``. ``budgets``: latency fractions to search at; ``uniform``: the root-N
     counts; ``finetune_steps``: a distilled fine-tune of each point (a deeproots checkpoint:
     the teacher is the dense model) by ``finetune_opt`` at ``finetune_lr`` (default: those of
     ``deeproots train --init``, :data:`~deeproots.config.FINETUNE_OPT` at its
-    :data:`~deeproots.config.FINETUNE_LR`)."""
+    :data:`~deeproots.config.FINETUNE_LR`).
+
+    ``checkpoint`` may be a trained module in memory instead (timm's, yours; not changed), with
+    its images given as :func:`~deeproots.conversion.checkpoint.convert_model` takes them:
+    ``calibration``, labelled ``select`` images (each budget's candidates are compared on
+    them) and labelled ``test`` images (each point's top-1)."""
     started = time.perf_counter()
     finetune_opt, finetune_lr = finetune_optimizer(finetune_opt, finetune_lr)
     check_choice("finetune_opt", finetune_opt, OPTIMIZERS)
@@ -153,10 +162,22 @@ def frontier(checkpoint: Union[str, Path], *, out: Union[str, Path],
     check_device(device, "--frontier")
     folder = check_new_folder(out, FRONTIER_FILES + ("points",), overwrite=overwrite)
     say = progress or (lambda text: None)
-    source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
-                         image_size=image_size, calibration_images_n=calibration_images_n,
-                         mean=mean, std=std,
-                         select_images=SELECT_IMAGES)
+    if isinstance(checkpoint, nn.Module):
+        missing = [k for k, v in (("calibration", calibration), ("select", select),
+                                  ("test", test)) if v is None]
+        if missing:
+            raise DeeprootsError(f"a frontier of a model in memory needs its images: give "
+                                 f"{', '.join(missing)} (as convert_model takes them)")
+        if finetune_steps:
+            raise DeeprootsError("finetune_steps distils from a deeproots checkpoint of the "
+                                 "dense model on its data; for a model in memory, convert "
+                                 "each point (convert_model) and fine-tune it yourself")
+        source = model_source(checkpoint, calibration, select=select, test=test)
+    else:
+        source = open_source(checkpoint, model=model, data=data, data_dir=data_dir,
+                             image_size=image_size, calibration_images_n=calibration_images_n,
+                             mean=mean, std=std,
+                             select_images=SELECT_IMAGES)
     if finetune_steps and not source.fields.get("config"):
         raise DeeprootsError(f"--finetune-steps distils from the dense model's deeproots "
                              f"checkpoint; {checkpoint} holds weights only: convert it, then "

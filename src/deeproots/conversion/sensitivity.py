@@ -48,7 +48,7 @@ from ..speed.timing import contention_note, interleaved
 from ..text import format_table
 from .calibrate.assignment import assign_groups
 from .calibrate.passes import calibration_batches, forward, prefixed
-from .calibrate.refit import constant_home, place_constant, ridge_solve
+from .calibrate.refit import constant_home, conv_patches, place_constant, ridge_solve
 from .calibrate.sites import root_sites
 from .rule import ConvSite, groupable
 
@@ -204,8 +204,8 @@ class _Equations:
     ones column: the constant term), against its dense outputs, summed in float64 over at
     most :data:`FIT_ROWS` patches; each input channel's energy; the outputs' energy."""
 
-    def __init__(self, conv: nn.Conv2d, rows_per_batch: int):
-        self.conv, self.rows = conv, rows_per_batch
+    def __init__(self, conv: nn.Conv2d, rows_per_batch: int, name: str = "the conv"):
+        self.conv, self.rows, self.name = conv, rows_per_batch, name
         self.d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         self.xtx = torch.zeros(self.d + 1, self.d + 1, dtype=torch.float64)
         self.xty = torch.zeros(self.d + 1, conv.out_channels, dtype=torch.float64)
@@ -220,9 +220,17 @@ class _Equations:
         x, y = x.float().contiguous(), y.float()
         self.energy += x.pow(2).sum((0, 2, 3)).double()
         self.pixels += x.shape[0] * x.shape[2] * x.shape[3]
-        cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # (N, d, L)
+        cols = conv_patches(c, x)  # (N, d, L): padded as the conv pads, wherever it does
+        if cols is None:  # more than one call with its weight (a gain after it): as written
+            cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)
         a = cols.transpose(1, 2).reshape(-1, self.d)
         b = y.permute(0, 2, 3, 1).reshape(-1, c.out_channels)
+        if len(a) != len(b):
+            raise DeeprootsError(f"{self.name}: {type(c).__name__} writes {len(b) // len(x)} "
+                                 f"pixels an image from {len(a) // len(x)} patches of its "
+                                 f"input; its forward convolves something deeproots does not "
+                                 f"see, so it cannot be priced: leave it out (--ignore "
+                                 f"{self.name})")
         if len(a) > self.rows:  # a random sample of the patches: the fit's statistics
             pick = torch.randperm(len(a), generator=self.generator)[:self.rows]
             a, b = a[pick], b[pick]
@@ -369,7 +377,7 @@ def most_saved(model: nn.Module, example: torch.Tensor, *, ignore: Sequence[str]
 def _equations(model, convs, layers, batches) -> Dict[str, _Equations]:
     """Every layer's normal equations from one dense pass over the calibration batches."""
     per_batch = max(1, FIT_ROWS // max(1, len(batches)))
-    eqs = {s.name: _Equations(convs[s.name], per_batch) for s in layers}
+    eqs = {s.name: _Equations(convs[s.name], per_batch, s.name) for s in layers}
     watched = {s.name: convs[s.name] for s in layers}
     with torch.no_grad():
         for x in batches:
@@ -492,10 +500,25 @@ def _no_grad(layer, x):
 
 def _folded(model: nn.Module, x: torch.Tensor):
     """A copy of ``model`` on ``x``'s device as the ``fold`` path runs it (batch norm folded,
-    channels-last): what a converted model is timed as."""
+    channels-last): what a converted model is timed as. A model torch.fx cannot trace (its
+    Python looks at shapes: timm's ``Conv2dSame``) has no batch norm folded: it is timed in
+    eval mode, channels-last, with its batch norms, the dense model and each converted one
+    alike."""
+    from ..capture import fx_graph
     from ..speed.deploy import build_path  # (the inference paths use this package's rule)
 
-    return build_path(copy.deepcopy(model).to(x.device), x, "fold")
+    copied = copy.deepcopy(model).to(x.device).eval()
+    try:
+        fx_graph(copied)
+    except DeeprootsError:
+        copied = channels_last(copied)
+
+        def unfolded(inp):
+            with torch.inference_mode():
+                return copied(channels_last(inp))
+
+        return unfolded
+    return build_path(copied, x, "fold")
 
 
 def model_ms(models: Dict[str, nn.Module], size, batch_size: int, device: str,

@@ -6,11 +6,11 @@ from .assignment import assign_groups
 from .batchnorm import reestimate_batchnorm
 from .passes import DensePasses, calibration_batches
 from .pipeline import PIPELINE, REFITS, STAGES, Conversion, Stage, calibrate, check_trained
-from .refit import refit_grouped, refit_pointwise
+from .refit import conv_patches, refit_grouped, refit_pointwise
 from .report import CalibrationReport, LayerCalibration
 from .sites import RootSite, fold_permutations, root_sites
 
 __all__ = ["assign_groups", "fold_permutations", "RootSite", "root_sites", "calibrate",
            "CalibrationReport", "LayerCalibration", "refit_pointwise", "refit_grouped",
            "reestimate_batchnorm", "calibration_batches", "STAGES", "PIPELINE", "Stage",
-           "Conversion", "REFITS", "check_trained", "DensePasses"]
+           "Conversion", "REFITS", "check_trained", "DensePasses", "conv_patches"]

@@ -15,7 +15,7 @@ from ...models.layers import conv_layers
 from .passes import input_of, norm_after, output_of
 
 __all__ = ["refit_pointwise", "refit_grouped", "constant_home", "place_constant",
-           "MIN_PIXELS_PER_WEIGHT"]
+           "conv_patches", "MIN_PIXELS_PER_WEIGHT"]
 
 # A 1x1 conv downstream of the grouped ones, which the conversion did not change, is refit
 # only where the calibration images give it this many pixels (rows of the fit) for each
@@ -44,6 +44,45 @@ def _pairs(dense: nn.Module, new: nn.Module, layer: str, batches,
             yield got, (y if target_order is None else y[:, target_order])
     finally:
         new.train(was[0]), dense.train(was[1])
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The patches ``conv`` convolves for its input ``x``, (N, in_channels x kh x kw, L): the
+    rows of a least-squares fit of its weight. A plain conv pads with zeros as its
+    ``padding`` says; any other (a subclass that pads in its own ``forward``, timm's
+    ``Conv2dSame``; a ``padding_mode`` other than zeros; ``padding="same"``) is run once with
+    ``F.conv2d`` watched, and its patches are those of the tensor that call read, padded as
+    the call asked. None for a conv whose output is more than that one call with its own
+    weight (a gain applied after it, two calls): no fit of its weight alone reproduces it."""
+    if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(
+            conv.padding, str):
+        return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    calls = []
+    real = F.conv2d
+
+    def watched(inp, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        out = real(inp, weight, bias, stride, padding, dilation, groups)
+        calls.append((inp, weight, padding, out))
+        return out
+
+    F.conv2d = watched
+    try:
+        with torch.no_grad():
+            out = conv(x)
+    finally:
+        F.conv2d = real
+    if len(calls) != 1 or calls[0][1] is not conv.weight or calls[0][3] is not out:
+        return None
+    inp, _, padding, _ = calls[0]
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":  # as F.conv2d pads for it: the odd pixel at the end
+        sides = []
+        for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
+            total = d * (k - 1)
+            sides += [total // 2, total - total // 2]
+        inp, padding = F.pad(inp, sides), (0, 0)
+    return F.unfold(inp, conv.kernel_size, conv.dilation, padding, conv.stride)
 
 
 def _with_ones(a: torch.Tensor) -> torch.Tensor:
@@ -150,10 +189,12 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
     off-diagonal blocks contributed. A constant term as :func:`refit_pointwise` has it.
     Returns the energy the fit leaves unexplained as a fraction of the dense filters' output
     energy without their bias (the measure of the cut's ``output_kept``), or None for a conv
-    it does not refit (one that pads other than with zeros in its own forward)."""
+    it does not refit (its output is more than one ``F.conv2d`` call with its own weight: a
+    gain applied after it; :func:`conv_patches`)."""
     target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
-    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(
-            conv.padding, str):
+    side = max(8, *(k * d for k, d in zip(conv.kernel_size, conv.dilation)))
+    probe = torch.zeros(1, conv.in_channels, side, side, dtype=conv.weight.dtype)
+    if conv_patches(conv, probe) is None:
         return None
     batches = list(batches)
     intercept, norm = constant_home(new, conv, batches[0])
@@ -172,9 +213,9 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
         else:
             centred = y
         yty_c += centred.double().pow(2).sum()
+        patches = conv_patches(conv, xs.contiguous())  # (N, g x d, L), group by group
         for k in range(g):
-            cols = F.unfold(xs[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
-                            conv.dilation, conv.padding, conv.stride)  # (N, d, L)
+            cols = patches[:, k * d:(k + 1) * d]
             a = _with_ones(cols.transpose(1, 2).reshape(-1, d))
             b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
             xtx[k] += (a.T @ a).double()

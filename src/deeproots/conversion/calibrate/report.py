@@ -42,8 +42,8 @@ class CalibrationReport:
     batchnorm: str = "keep"  # the trained statistics kept, or "reestimate"
     refits: Dict[str, float] = field(default_factory=dict)  # 1x1 conv -> unexplained energy
     kept: List[str] = field(default_factory=list)  # 1x1 convs too few pixels left as they were
-    # grouped convs not refit within their groups: a conv subclass computing in its own
-    # forward (padding there, rescaling its output), whose fit the plain conv's is not
+    # grouped convs not refit within their groups: a conv subclass whose output is more
+    # than its F.conv2d call with its weight (a gain after it), which no fit of it gives
     not_refit: List[str] = field(default_factory=list)
     # conv -> (calibration pixels, weights a filter fits, images that give 8 pixels a weight)
     # where the pixels are fewer than the weights (refit all the same)
@@ -75,8 +75,8 @@ class CalibrationReport:
                          f"calibration images to refit them): {', '.join(self.kept)}")
         if self.not_refit:
             lines.append(f"grouped but not refit within their groups, the diagonal blocks "
-                         f"kept (a conv subclass that computes in its own forward, e.g. pads "
-                         f"there): {', '.join(self.not_refit)}")
+                         f"kept (a conv subclass whose output is more than its F.conv2d "
+                         f"call, e.g. a gain after it): {', '.join(self.not_refit)}")
         if self.underdetermined:
             worst = max(n for _, _, n in self.underdetermined.values())
             lines.append(
