@@ -581,6 +581,12 @@ def test_a_model_in_memory_converts_as_its_checkpoint_does_and_is_not_touched(tr
     assert all(round(v * 8) == pytest.approx(v * 8) for v in summary.stages.values())
     assert model.training and all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
     assert summary.checkpoint == "nin"
+    # saved as a state_dict and rebuilt: the model's builder, its groups, the weights
+    rebuilt = deeproots.create_model("nin", in_channels=1)
+    deeproots.apply_groups(rebuilt, summary.groups, reinit=False)
+    rebuilt.load_state_dict(new.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(test[0]), new.eval()(test[0]), atol=1e-5)
 
 
 def test_a_model_in_memory_to_a_budget_chooses_by_its_selection_images(trained):
