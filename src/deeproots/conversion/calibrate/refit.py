@@ -15,7 +15,7 @@ from ...models.layers import conv_layers
 from .passes import input_of, norm_after, output_of
 
 __all__ = ["refit_pointwise", "refit_grouped", "constant_home", "place_constant",
-           "conv_patches", "MIN_PIXELS_PER_WEIGHT"]
+           "conv_input", "conv_patches", "MIN_PIXELS_PER_WEIGHT"]
 
 # A 1x1 conv downstream of the grouped ones, which the conversion did not change, is refit
 # only where the calibration images give it this many pixels (rows of the fit) for each
@@ -46,17 +46,18 @@ def _pairs(dense: nn.Module, new: nn.Module, layer: str, batches,
         new.train(was[0]), dense.train(was[1])
 
 
-def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The patches ``conv`` convolves for its input ``x``, (N, in_channels x kh x kw, L): the
-    rows of a least-squares fit of its weight. A plain conv pads with zeros as its
-    ``padding`` says; any other (a subclass that pads in its own ``forward``, timm's
-    ``Conv2dSame``; a ``padding_mode`` other than zeros; ``padding="same"``) is run once with
-    ``F.conv2d`` watched, and its patches are those of the tensor that call read, padded as
-    the call asked. None for a conv whose output is more than that one call with its own
-    weight (a gain applied after it, two calls): no fit of its weight alone reproduces it."""
+def conv_input(conv: nn.Conv2d, x: torch.Tensor
+               ) -> Optional[Tuple[torch.Tensor, Tuple[int, int]]]:
+    """What ``conv`` convolves for its input ``x``: the tensor its ``F.conv2d`` call reads and
+    the zero padding that call adds, so that ``F.unfold`` of the two gives the rows of a
+    least-squares fit of its weight. A plain conv reads ``x`` padded as its ``padding``
+    says; any other (a subclass that pads in its own ``forward``, timm's ``Conv2dSame``; a
+    ``padding_mode`` other than zeros; ``padding="same"``) is run once with ``F.conv2d``
+    watched. None for a conv whose output is more than that one call with its own weight (a
+    gain applied after it, two calls): no fit of its weight alone reproduces it."""
     if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(
             conv.padding, str):
-        return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        return x, conv.padding
     calls = []
     real = F.conv2d
 
@@ -75,13 +76,24 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     inp, _, padding, _ = calls[0]
     if padding == "valid":
-        padding = (0, 0)
-    elif padding == "same":  # as F.conv2d pads for it: the odd pixel at the end
+        return inp, (0, 0)
+    if padding == "same":  # as F.conv2d pads for it: the odd pixel at the end
         sides = []
         for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation)):
             total = d * (k - 1)
             sides += [total // 2, total - total // 2]
-        inp, padding = F.pad(inp, sides), (0, 0)
+        return F.pad(inp, sides), (0, 0)
+    return inp, padding
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The patches ``conv`` convolves for its input ``x``, (N, in_channels x kh x kw, L),
+    wherever it pads (:func:`conv_input`); None where no fit of its weight gives its
+    output."""
+    got = conv_input(conv, x)
+    if got is None:
+        return None
+    inp, padding = got
     return F.unfold(inp, conv.kernel_size, conv.dilation, padding, conv.stride)
 
 
@@ -190,11 +202,11 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
     Returns the energy the fit leaves unexplained as a fraction of the dense filters' output
     energy without their bias (the measure of the cut's ``output_kept``), or None for a conv
     it does not refit (its output is more than one ``F.conv2d`` call with its own weight: a
-    gain applied after it; :func:`conv_patches`)."""
+    gain applied after it; :func:`conv_input`)."""
     target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
     side = max(8, *(k * d for k, d in zip(conv.kernel_size, conv.dilation)))
     probe = torch.zeros(1, conv.in_channels, side, side, dtype=conv.weight.dtype)
-    if conv_patches(conv, probe) is None:
+    if conv_input(conv, probe) is None:
         return None
     batches = list(batches)
     intercept, norm = constant_home(new, conv, batches[0])
@@ -213,9 +225,10 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
         else:
             centred = y
         yty_c += centred.double().pow(2).sum()
-        patches = conv_patches(conv, xs.contiguous())  # (N, g x d, L), group by group
-        for k in range(g):
-            cols = patches[:, k * d:(k + 1) * d]
+        read, padding = conv_input(conv, xs)  # what its F.conv2d call reads, padded
+        for k in range(g):  # one group's patches at a time: (N, d, L)
+            cols = F.unfold(read[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
+                            conv.dilation, padding, conv.stride)
             a = _with_ones(cols.transpose(1, 2).reshape(-1, d))
             b = y[:, k * cout:(k + 1) * cout].permute(0, 2, 3, 1).reshape(-1, cout)
             xtx[k] += (a.T @ a).double()
