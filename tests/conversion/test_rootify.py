@@ -390,3 +390,13 @@ def test_a_schedule_that_groups_nothing_names_the_convs_it_leaves_first():
                                          r"spatial convs would compute something else grouped "
                                          r"\(StdGainConv2d, e.g. a: "):
         rootify(AllStandardised(), "root-4", example_input=x[:1], calibration=x)
+
+
+def test_a_latency_budget_asked_of_rootify_points_to_convert_model():
+    """rootify counts its budgets; a latency budget is one line naming the call that
+    measures one, before the model runs."""
+    with pytest.raises(ValueError, match=r"^rootify's budgets are counted \(macs, params\); a "
+                                         r"latency budget \(0.7\) is measured and searched, "
+                                         r"layer by layer: deeproots.convert_model\(model, "
+                                         r"latency=0.7, calibration=images, select=\(x, y\)\)$"):
+        rootify(_NeverRun(), latency=0.7, example_input=torch.zeros(1, 3, 8, 8))

@@ -335,8 +335,8 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             init: str = "reinit", regroup: bool = False, stem: str = "input",
             allow_depthwise: bool = False, calibration=None,
             on_stage: Optional[Callable[[str, nn.Module], None]] = None,
-            refit_grouped: bool = True, batchnorm: str = "keep"
-            ) -> Tuple[nn.Module, RootifyReport]:
+            refit_grouped: bool = True, batchnorm: str = "keep",
+            latency: Optional[float] = None) -> Tuple[nn.Module, RootifyReport]:
     """A root network made from ``model``, and the :class:`RootifyReport` of what changed.
     ``model`` itself is not modified.
 
@@ -350,6 +350,8 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
         ignore: layer names or patterns to leave as they are.
         macs, params: instead of a schedule, a budget: the smallest ``root-N`` that brings the
             model to at most this fraction of its multiply-adds (or parameters).
+        latency: not here: a budget of measured time is searched per layer by
+            :func:`deeproots.convert_model` (a one-line error says so).
         init: ``"reinit"`` (He initialisation, to train from scratch as the paper does) or
             ``"block-diagonal"`` (keep the diagonal blocks of the trained dense weights, to
             fine-tune).
@@ -381,6 +383,11 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     (a weight-standardised conv) is left as it was, the reason in the report. A conv the
     model reaches by several paths stays one module, grouped once.
     """
+    if latency is not None:  # measured, not counted: the search of convert_model
+        raise DeeprootsError(f"rootify's budgets are counted (macs, params); a latency budget "
+                             f"({latency!r}) is measured and searched, layer by layer: "
+                             f"deeproots.convert_model(model, latency={latency!r}, "
+                             f"calibration=images, select=(x, y))")
     _check_options(model, schedule, init, calibration, stem, macs, params)
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     _check_arguments(model, schedule, ignore, macs, params)  # before any forward pass
