@@ -15,6 +15,7 @@ reused by a second run.
 import argparse
 import contextlib
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,14 +32,7 @@ from deeproots.training.loop import train
 
 def _kept_in_order():
     """The trace as it was before 2026-12-06: torch.fx goes into a batch norm subclass."""
-    class Before:
-        def __enter__(self):
-            self.leaf, sites._norm_leaf = sites._norm_leaf, lambda m: False
-
-        def __exit__(self, *exc):
-            sites._norm_leaf = self.leaf
-
-    return Before()
+    return mock.patch.object(sites, "_norm_leaf", lambda m: False)
 
 
 def _row(how, report, summary, dense_top1, time):

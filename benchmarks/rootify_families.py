@@ -72,6 +72,16 @@ def _timm():
             for n in TIMM}
 
 
+def _changed(model, new, report):
+    """The spatial convs the report counts, those it grouped, and whether every conv of
+    ``new`` kept the class it had in ``model``."""
+    spatial = [c for c in report.layers if c.kernel != "1x1" and c.macs_before]
+    grouped = [c for c in spatial if c.groups_after != c.groups_before]
+    kept = all(type(a) is type(b) for a, b in zip(conv_layers(model).values(),
+                                                   conv_layers(new).values()))
+    return spatial, grouped, kept
+
+
 def _row(name, build, size, schedule):
     try:
         with torch.device("meta"):
@@ -86,12 +96,9 @@ def _row(name, build, size, schedule):
     new, report = rootify(model, schedule, example_input=x)
     seconds = time.perf_counter() - started
     _, deep = rootify(model, schedule, example_input=x, stem="resolution")
-    spatial = [c for c in report.layers if c.kernel != "1x1" and c.macs_before]
-    grouped = [c for c in spatial if c.groups_after != c.groups_before]
+    spatial, grouped, classes_kept = _changed(model, new, report)
     left_grouped = [c for c in spatial if "depthwise" in c.note or "already in" in c.note]
     left_subclass = [c for c in spatial if "computes something else" in c.note]
-    classes_kept = all(type(a) is type(b) for a, b in zip(conv_layers(model).values(),
-                                                           conv_layers(new).values()))
     # every conv writes the resolution it wrote before (a SAME-padding conv still pads)
     resolutions = [s.resolution for s in trace_convs(model, x)] == \
         [s.resolution for s in trace_convs(new, x)]
@@ -120,13 +127,10 @@ def _calibrated_row(name, build, size, schedule):
                                    name=name)
     seconds = time.perf_counter() - started
     cal = report.calibration
-    spatial = [c for c in report.layers if c.kernel != "1x1" and c.macs_before]
-    grouped = [c for c in spatial if c.groups_after != c.groups_before]
+    spatial, grouped, classes_kept = _changed(model, new, report)
     refit = [c for c in cal.layers if c.grouped_unexplained is not None]
     permuted = [c for c in cal.layers if c.permuted_in or c.permuted_out]
     traced = not any("torch.fx could not trace" in c.fixed for c in cal.layers)
-    classes_kept = all(type(a) is type(b) for a, b in zip(conv_layers(model).values(),
-                                                           conv_layers(new).values()))
     return (name, str(side), f"{report.macs_fraction:.3f}", f"{len(grouped)}/{len(spatial)}",
             f"{len(refit)}/{len(cal.layers)}", f"{len(permuted)}/{len(cal.layers)}",
             str(len(cal.refits)), "yes" if traced else "no",

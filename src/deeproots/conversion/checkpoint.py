@@ -377,15 +377,16 @@ class LabelledImages:
 
     def batches(self):
         """``(images, labels)`` batches, the first ``limit`` images alone where given."""
+        pair = _is_pair(self.data)  # checked whole when given; batches each time they come
         pairs = (((self.data[0][i:i + 256], self.data[1][i:i + 256])
-                  for i in range(0, len(self.data[0]), 256)) if _is_pair(self.data)
-                 else self.data)
+                  for i in range(0, len(self.data[0]), 256)) if pair else self.data)
         seen = 0
         for item in pairs:
             if not (isinstance(item, (tuple, list)) and len(item) >= 2):
                 raise DeeprootsError(_labelled_needed(self.what, item, "a batch of "))
             x, y = item[0], item[1]
-            _check_labelled(x, y, self.what, self.classes)
+            if not pair:
+                _check_labelled(x, y, self.what, self.classes)
             if self.limit is not None:
                 x, y = x[:self.limit - seen], y[:self.limit - seen]
             yield x.float(), y.long()

@@ -509,16 +509,21 @@ def _folded(model: nn.Module, x: torch.Tensor):
 
     copied = copy.deepcopy(model).to(x.device).eval()
     try:
-        fx_graph(copied)
+        return build_path(copied, x, "fold")
     except DeeprootsError:
-        copied = channels_last(copied)
+        try:  # traced again only where the fold failed: was it the trace?
+            fx_graph(copied)
+        except DeeprootsError:
+            pass
+        else:
+            raise
+    copied = channels_last(copied)
 
-        def unfolded(inp):
-            with torch.inference_mode():
-                return copied(channels_last(inp))
+    def unfolded(inp):
+        with torch.inference_mode():
+            return copied(channels_last(inp))
 
-        return unfolded
-    return build_path(copied, x, "fold")
+    return unfolded
 
 
 def model_ms(models: Dict[str, nn.Module], size, batch_size: int, device: str,

@@ -204,10 +204,6 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
     it does not refit (its output is more than one ``F.conv2d`` call with its own weight: a
     gain applied after it; :func:`conv_input`)."""
     target_conv, conv = conv_layers(dense)[layer], conv_layers(new)[layer]
-    side = max(8, *(k * d for k, d in zip(conv.kernel_size, conv.dilation)))
-    probe = torch.zeros(1, conv.in_channels, side, side, dtype=conv.weight.dtype)
-    if conv_input(conv, probe) is None:
-        return None
     batches = list(batches)
     intercept, norm = constant_home(new, conv, batches[0])
     g = conv.groups
@@ -219,13 +215,16 @@ def refit_grouped(dense: nn.Module, new: nn.Module, layer: str, batches,
     yty_c = torch.zeros((), dtype=torch.float64)
     for xs, y in _pairs(dense, new, layer, batches, target_order, targets):
         xs, y = xs.float(), y.float()
+        got = conv_input(conv, xs)  # what its F.conv2d call reads, and that call's padding
+        if got is None:  # more than that one call (a gain after it): nothing changed yet
+            return None
+        read, padding = got
         if target_conv.bias is not None:  # the energy the cut's "output kept" counts
             b = target_conv.bias.detach().view(1, -1, 1, 1)
             centred = y - (b if target_order is None else b[:, target_order])
         else:
             centred = y
         yty_c += centred.double().pow(2).sum()
-        read, padding = conv_input(conv, xs)  # what its F.conv2d call reads, padded
         for k in range(g):  # one group's patches at a time: (N, d, L)
             cols = F.unfold(read[:, k * cin:(k + 1) * cin].contiguous(), conv.kernel_size,
                             conv.dilation, padding, conv.stride)
