@@ -19,8 +19,7 @@ channels assigned to groups, the permutations folded into the neighbouring layer
 refit on calibration images), on its own random weights (no pretrained weights are fetched)
 and random images: whether each step of the calibrated conversion runs on the architecture.
 A check of structure, not of accuracy: a random network has none of the correlations between
-channels that let a refit take over what the cut dropped (its output error after root-8 is
-near 1 with or without the refit, once its batch norms see the images' statistics).
+channels that let a refit take over what the cut dropped.
 """
 import argparse
 import os
