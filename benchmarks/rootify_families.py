@@ -13,6 +13,7 @@ e.g. a venv with `pip install torch==2.14.1 torchvision==0.29.1 timm` and deepro
 with `pip install --no-deps -e .`. Every model is built on the meta device: nothing computes.
 
     python benchmarks/rootify_families.py --torchvision --timm --calibrated
+    python benchmarks/rootify_families.py --torchvision --calibrated --models "tv/resnet50*"
 
 converts each model instead as a trained one is converted (``deeproots.convert_model``: the
 channels assigned to groups, the permutations folded into the neighbouring layers, the convs
@@ -22,6 +23,7 @@ A check of structure, not of accuracy: a random network has none of the correlat
 channels that let a refit take over what the cut dropped.
 """
 import argparse
+import fnmatch
 import os
 import sys
 import time
@@ -53,6 +55,8 @@ def _zoo():
             "deep-stem (resnet-d-ish)": (zoo.DeepStemNet, 32),
             "subclasses (timm-ish)": (zoo.SubclassNet, 32),
             "norm-act (timm-ish)": (zoo.NormActNet, 32),
+            "frozen-norm (detection-ish)": (
+                lambda: zoo.NormActNet(norm=zoo.FrozenBatchNorm2d), 32),
             "shared conv": (zoo.SharedConvNet, 32)}
 
 
@@ -60,8 +64,14 @@ def _torchvision():
     import torchvision
 
     sizes = {"inception_v3": 299}
-    return {f"tv/{n}": (lambda n=n: torchvision.models.get_model(n, weights=None),
-                        sizes.get(n, 224)) for n in TORCHVISION}
+    models = {f"tv/{n}": (lambda n=n: torchvision.models.get_model(n, weights=None),
+                          sizes.get(n, 224)) for n in TORCHVISION}
+    # as torchvision's detection models build their backbone: batch norms frozen, in a
+    # class of their own (FrozenBatchNorm2d: four buffers, no batch norm subclass)
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d
+    models["tv/resnet50 (frozen BN)"] = (
+        lambda: torchvision.models.resnet50(weights=None, norm_layer=frozen), 224)
+    return models
 
 
 def _timm():
@@ -143,12 +153,22 @@ def main():
     parser.add_argument("--timm", action="store_true")
     parser.add_argument("--calibrated", action="store_true",
                         help="convert each model with calibration (random weights and images)")
+    parser.add_argument("--models", nargs="+", metavar="PATTERN",
+                        help="only the models whose names match one of these (wildcards, as "
+                             "timm.list_models: 'tv/resnet50*')")
     args = parser.parse_args()
     models = _zoo()
     if args.torchvision:
         models = _torchvision()
     if args.timm:
         models = {**(models if args.torchvision else {}), **_timm()}
+    if args.models:
+        chosen = {n: m for n, m in models.items()
+                  if any(fnmatch.fnmatchcase(n, p) for p in args.models)}
+        if not chosen:
+            parser.error(f"--models {' '.join(args.models)} matches none of the "
+                         f"{len(models)} models: {', '.join(models)}")
+        models = chosen
     rows, refused = [], {}
     row, width = (_calibrated_row, 10) if args.calibrated else (_row, 11)
     for name, (build, size) in models.items():

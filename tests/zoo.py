@@ -297,17 +297,47 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(x)
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's FrozenBatchNorm2d (detection backbones), no batch norm subclass: four
+    buffers and an affine map computed in its own forward; with ``act``, timm's
+    FrozenBatchNormAct2d (an activation child after it)."""
+
+    def __init__(self, channels, act=None, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                            ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * (
+            self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        return self.act(x * scale + self.bias.reshape(1, -1, 1, 1)
+                        - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class MixingNorm2d(FrozenBatchNorm2d):
+    """A frozen batch norm's four buffers, but each channel's neighbour (the next in order)
+    added to it: the order of its channels matters, so no permutation passes through it."""
+
+    def forward(self, x):
+        return super().forward(x) + x.roll(1, 1)
+
+
 class NormActNet(nn.Module):
     """A stem, then conv - BatchNormAct2d - conv - BatchNormAct2d - 1x1 conv, as timm's
-    CSPDarknet and EfficientNetV2 blocks are built; ``act`` the norms' activation."""
+    CSPDarknet and EfficientNetV2 blocks are built; ``act`` the norms' activation, ``norm``
+    their class (tests/zoo.py's BatchNormAct2d, or another taking (channels, act))."""
 
-    def __init__(self, act=None):
+    def __init__(self, act=None, norm=None):
         super().__init__()
+        norm = norm or BatchNormAct2d
         self.stem = conv(3, 16)
         self.conv1 = conv(16, 32)
-        self.bn1 = BatchNormAct2d(32, act)
+        self.bn1 = norm(32, act)
         self.conv2 = conv(32, 32)
-        self.bn2 = BatchNormAct2d(32, None if act is None else type(act)(32))
+        self.bn2 = norm(32, None if act is None else type(act)(32))
         self.conv3 = conv(32, 32, k=1)
         self.fc = nn.Linear(32, 10)
 

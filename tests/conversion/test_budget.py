@@ -621,7 +621,7 @@ def test_a_model_in_memory_to_a_budget_chooses_by_its_selection_images(trained):
                           "batches of them (a DataLoader yielding (images, labels)); got Tensor"),
     (dict(select="float labels"), "select: labels must be class indices, a 1-D integer "
                                   "tensor; got torch.float32 of shape (16,)"),
-    (dict(select="label 10"), "select: label 10 is not a class of the model's 10 (0..9)"),
+    (dict(select="label 10"), "select has labels from 10 to 10; 10 classes take labels 0 to 9"),
     (dict(select="short"), "select: 16 images but 15 labels"),
     (dict(test="3-d"), "test: images must be a batch (N, C, H, W); got shape (1, 8, 8)"),
     (dict(test="once"), "test is read more than once (before, at each stage, after): give a "
@@ -630,6 +630,7 @@ def test_a_model_in_memory_to_a_budget_chooses_by_its_selection_images(trained):
     (dict(model=None), "convert_model converts an nn.Module; got NoneType (for a "
                        "checkpoint file: convert_checkpoint)"),
     (dict(latency=0.7, macs=None, device="tpu"), "device 'tpu' is not a device name"),
+    (dict(latency=0.7, macs=None, device="cuda:99"), "; time on device='cpu'"),
 ])
 def test_bad_input_to_a_model_in_memory_is_one_line(trained, change, phrase):
     from deeproots.conversion.checkpoint import convert_model

@@ -578,6 +578,39 @@ def test_the_patches_a_conv_reads_wherever_it_pads():
     assert conv_patches(zoo.GainConv2d(4, 8), x) is None
 
 
+def test_the_patches_of_a_conv_that_calls_torch_conv2d_itself_while_another_thread_convolves():
+    """A conv whose forward pads and calls ``torch.conv2d`` directly (no ``F.conv2d``), run
+    while another thread convolves in the middle of its forward: its patches are still the
+    input padded by hand, unfolded (the other thread's conv is not taken for its own)."""
+    import threading
+
+    from deeproots.conversion.calibrate import conv_patches
+
+    started, other_done = threading.Event(), threading.Event()
+
+    class Direct(nn.Conv2d):
+        def forward(self, x):
+            x = F.pad(x, [0, 1, 0, 1])
+            started.set()
+            assert other_done.wait(10)
+            return torch.conv2d(x, self.weight, self.bias, self.stride)
+
+    def other():
+        assert started.wait(10)
+        F.conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3))
+        other_done.set()
+
+    conv, x = Direct(4, 8, 3, stride=2), torch.randn(2, 4, 8, 8)
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        got = conv_patches(conv, x)
+    finally:
+        other_done.set()
+        thread.join()
+    assert got is not None and torch.equal(got, F.unfold(F.pad(x, [0, 1, 0, 1]), 3, stride=2))
+
+
 def test_a_same_padded_conv_is_refit_as_the_plain_conv_it_equals():
     """At stride 1 a SAME-padded 3x3 conv is a conv with padding 1: refit within 4 groups to
     the same dense outputs from the same inputs, both get the same weight."""
@@ -601,6 +634,16 @@ def test_a_same_padded_conv_is_refit_as_the_plain_conv_it_equals():
     assert torch.allclose(fits[0], fits[1], atol=1e-5)
 
 
+def _with_statistics(model):
+    """Its batch norms given statistics and weights of their own (not the identity)."""
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.normal_()
+    return model
+
+
 def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
     """timm's BatchNormAct2d (tests/zoo.py's stand-in): kept whole in the trace, so conv2's
     input comes from conv1 through bn1 and its output goes to the 1x1 conv3 through bn2; random
@@ -611,12 +654,7 @@ def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
     import zoo
 
     torch.manual_seed(0)
-    model = zoo.NormActNet().eval()
-    for bn in (model.bn1, model.bn2):
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.normal_()
+    model = _with_statistics(zoo.NormActNet().eval())
     site = root_sites(model, ["conv2"])["conv2"]
     assert (site.producer, site.before, site.consumer, site.after) == (
         "conv1", ["bn1"], "conv3", ["bn2"])
@@ -629,3 +667,63 @@ def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
     prelu = root_sites(zoo.NormActNet(nn.PReLU(32)).eval(), ["conv2"])["conv2"]
     assert prelu.producer is None and prelu.consumer is None
     assert "batch_norm" in prelu.fixed_in + prelu.fixed_out
+
+
+@pytest.mark.parametrize("act", [None, nn.ReLU()], ids=["FrozenBatchNorm2d", "with-act"])
+def test_permutations_fold_through_a_frozen_batch_norm(act):
+    """torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d (no batch norm
+    subclass: four buffers and an affine map in its own forward, which torch.fx traced into:
+    the orders were kept) fold as a batch norm does: random permutations on both sides of
+    conv2 leave what the model computes unchanged. A layer with the same four buffers that
+    mixes its channels is traced into, and the orders are kept."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = _with_statistics(zoo.NormActNet(act, norm=zoo.FrozenBatchNorm2d).eval())
+    site = root_sites(model, ["conv2"])["conv2"]
+    assert (site.producer, site.before, site.consumer, site.after) == (
+        "conv1", ["bn1"], "conv3", ["bn2"])
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        fold_permutations(model, site, torch.randperm(32), torch.randperm(32))
+        assert torch.allclose(model(x), want, atol=1e-5)
+    mixing = root_sites(zoo.NormActNet(act, norm=zoo.MixingNorm2d).eval(), ["conv2"])["conv2"]
+    assert mixing.producer is None and mixing.consumer is None
+
+
+def test_a_refit_conv_without_bias_puts_its_constant_in_the_frozen_batch_norm_after_it():
+    """A 1x1 conv without a bias refit to a dense conv's output that has one: the fit takes
+    the constant off the running mean of the frozen batch norm that reads it, as off a batch
+    norm's, so the model computes the dense model's output (without the frozen batch norm
+    taken for one there was no constant term, and it did not)."""
+    import zoo
+    from deeproots.conversion.calibrate import refit_pointwise
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 1), zoo.FrozenBatchNorm2d(8)).eval()
+    with torch.no_grad():
+        dense[0].bias.copy_(torch.linspace(-1, 1, 8))
+    new = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), zoo.FrozenBatchNorm2d(8)).eval()
+    x = [torch.randn(64, 3, 6, 6)]
+    assert refit_pointwise(dense, new, "0", x, ridge=0.0, min_pixels_per_weight=0) < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(new(x[0]), dense(x[0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["BatchNormAct2d", "FrozenBatchNorm2d"])
+def test_the_norm_after_a_conv_is_found_on_passes_that_start_past_the_first_layers(norm):
+    """A calibration pass that starts at the first conv being grouped (a Prefixed batch, a
+    torch.fx trace) finds the norm that reads a conv's output, where the norm computes in its
+    own forward (timm's BatchNormAct2d, torchvision's FrozenBatchNorm2d): the trace keeps it
+    one layer, so a bias-less conv's fit keeps its constant there (the trace went into it
+    before, and the fit had none)."""
+    import zoo
+    from deeproots.conversion.calibrate.passes import norm_after, prefixed
+
+    model = zoo.NormActNet(norm=getattr(zoo, norm)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    batch = prefixed([model], "conv1", [x])[0]
+    assert norm_after(model, model.conv1, batch) is model.bn1
+    assert norm_after(model, model.conv2, batch) is model.bn2
+    assert norm_after(model, model.conv3, batch) is None  # the head follows it

@@ -58,7 +58,8 @@ def test_the_calibrated_family_table_of_the_stand_ins():
     is refit within its groups but SubclassNet's that rescales its output after its conv
     (its SAME-padded one is), and torch.fx cannot trace SubclassNet (the padding's
     arithmetic on shapes); the U-Net, which returns a map, not class scores, converts too;
-    permutations fold through a batch norm subclass with its activation (timm's)."""
+    permutations fold through a batch norm subclass with its activation (timm's) and
+    through a frozen batch norm (torchvision's)."""
     import rootify_families
 
     rows = {r[0]: r for r in (rootify_families._calibrated_row(name, build, size, "root-8")
@@ -69,8 +70,28 @@ def test_the_calibrated_family_table_of_the_stand_ins():
     # timm's BatchNormAct2d kept whole in the trace: conv1 permuted on its input side (from
     # the stem), conv2 on its output side (to the 1x1 conv3, which is refit)
     assert rows["norm-act (timm-ish)"][3:8] == ("2/3", "2/2", "2/2", "1", "yes")
+    # the same through a frozen batch norm (torchvision's detection backbones), no subclass
+    assert rows["frozen-norm (detection-ish)"][3:8] == ("2/3", "2/2", "2/2", "1", "yes")
     assert all(r[8] == "yes" for r in rows.values())
     assert all(r[7] == "yes" for n, r in rows.items() if n != "subclasses (timm-ish)")
+
+
+def test_the_family_table_takes_the_models_named(monkeypatch, capsys):
+    """--models: only the stand-ins whose names match a pattern are in the table; a pattern
+    that matches none is one line naming the models there are."""
+    import rootify_families
+
+    monkeypatch.setattr(sys, "argv", ["rootify_families.py", "--models", "vgg-ish", "unet*"])
+    rootify_families.main()
+    out = capsys.readouterr().out
+    assert "rootify root-8 on 2 models" in out
+    rows = [line.split()[0] for line in out.splitlines()[3:]]
+    assert rows == ["vgg-ish", "unet-ish"]
+    monkeypatch.setattr(sys, "argv", ["rootify_families.py", "--models", "tv/*"])
+    with pytest.raises(SystemExit):
+        rootify_families.main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--models tv/* matches none of the 11 models: vgg-ish, resnet18-ish" in err
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash

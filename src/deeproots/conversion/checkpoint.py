@@ -34,7 +34,7 @@ from ..models.layers import example_logits, input_channels
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
 from ..training.checkpoint import NEEDED, load_checkpoint, model_from_checkpoint, save_model
-from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits,
+from ..training.data import (CALIBRATION_IMAGES, build_loaders, check_data_fits, check_labels,
                              check_normalisation, folder_like, folder_size, head,
                              sample_split)
 from ..training.evaluate import evaluate
@@ -407,7 +407,8 @@ def _labelled_needed(what: str, got, part: str = "") -> str:
 
 def _check_labelled(images, labels, what: str, classes: int) -> None:
     """A one-line error unless ``images`` (N, C, H, W) and ``labels`` (N class indices, each
-    below ``classes``) are a labelled batch."""
+    below ``classes``: :func:`~deeproots.training.data.check_labels`) are a labelled
+    batch."""
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise DeeprootsError(_labelled_needed(what, images if not isinstance(
             images, torch.Tensor) else labels, "a batch holding "))
@@ -419,10 +420,7 @@ def _check_labelled(images, labels, what: str, classes: int) -> None:
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
     if len(labels) != len(images):
         raise DeeprootsError(f"{what}: {len(images)} images but {len(labels)} labels")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-        raise DeeprootsError(f"{what}: label {bad} is not a class of the model's {classes} "
-                             f"(0..{classes - 1})")
+    check_labels(labels, classes, what)
 
 
 def _gathered(data, what: str, classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -509,10 +507,13 @@ def check_device(device: str, flag: str) -> None:
         raise DeeprootsError(f"{flag} times on cpu or cuda; got device {device!r}")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0 or (dev.index or 0) >= count:
+        there = ["cpu"] + ([f"cuda:0..{count - 1}"] if count else [])
+        # an option on the command line (--latency), a keyword from Python (latency)
+        how = ("--device " + " or ".join(there) if flag.startswith("--")
+               else " or ".join(f"device={d!r}" for d in there))
         raise DeeprootsError(f"{flag} on {device}: this machine has "
                              f"{count or 'no'} CUDA device{'s' if count != 1 else ''}; "
-                             f"time on --device cpu" + (f" or cuda:0..{count - 1}"
-                                                        if count else ""))
+                             f"time on {how}")
 
 
 def _budget(schedule, latency, options) -> Optional[Tuple[str, float]]:

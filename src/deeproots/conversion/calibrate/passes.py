@@ -7,7 +7,8 @@ that start at the first grouped conv, the trained layers before it computed once
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -19,7 +20,84 @@ from ...models.layers import conv_layers, layer_name
 
 __all__ = ["calibration_batches", "activation_energy", "Prefixed", "prefixed", "forward",
            "input_of", "output_of", "norm_after", "forward_order", "reached_convs",
-           "first_reached", "norms_before", "sampled_inputs", "dense_outputs", "DensePasses"]
+           "first_reached", "norms_before", "sampled_inputs", "dense_outputs", "DensePasses",
+           "frozen_batch_norm", "is_batch_norm", "norm_leaves"]
+
+_NORM_BUFFERS = {"weight", "bias", "running_mean", "running_var"}
+_NORM_STATE = _NORM_BUFFERS | {"num_batches_tracked"}
+
+
+def _norm_subclass(m: nn.Module) -> bool:
+    """A batch norm subclass to keep whole in a trace (timm's ``BatchNormAct2d``: the norm,
+    then dropout and an activation, in its own forward, which torch.fx would trace into a
+    functional batch norm that is no layer): one whose state is a batch norm's alone and
+    whose submodules hold none (an activation, a dropout). It acts on each channel alone,
+    and a permutation of its channels is one of its weights and statistics."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    own = {n for n, _ in m.named_parameters(recurse=False)} | {
+        n for n, _ in m.named_buffers(recurse=False)}
+    children = any(True for c in m.children() for _ in (*c.parameters(), *c.buffers()))
+    return own <= _NORM_STATE and not children
+
+
+def norm_leaves(model: nn.Module) -> Callable[[nn.Module], bool]:
+    """Which modules of ``model`` a torch.fx trace keeps whole (``fx_graph(leaf=)``), so that
+    each is one layer of the graph, as a batch norm is: a batch norm subclass that computes
+    in its own forward (:func:`_norm_subclass`) and a frozen batch norm
+    (:func:`frozen_batch_norm`), found before the trace (telling one runs it on a probe)."""
+    frozen = {id(m) for m in model.modules() if frozen_batch_norm(m)}
+    return lambda m: _norm_subclass(m) or id(m) in frozen
+
+
+_FROZEN: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def frozen_batch_norm(m: nn.Module) -> bool:
+    """A batch norm that is no ``_BatchNorm`` (torchvision's and timm's
+    ``FrozenBatchNorm2d``, timm's ``FrozenBatchNormAct2d``, as detection backbones use): its
+    state is a batch norm's four buffers, one value a channel, its submodules hold none (an
+    activation, a dropout), and it acts on each channel alone, checked on a probe: its
+    channels and its buffers permuted together permute its output."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) or any(True for _ in m.parameters()):
+        return False
+    state = dict(m.named_buffers(recurse=False))
+    if set(state) != _NORM_BUFFERS or any(True for c in m.children() for _ in c.buffers()):
+        return False
+    shapes = {t.shape for t in state.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] < 2:
+        return False
+    if m not in _FROZEN:  # the probe runs once a module
+        _FROZEN[m] = _acts_per_channel(m, state)
+    return _FROZEN[m]
+
+
+def _acts_per_channel(m: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``m``'s channels and its per-channel buffers ``state``, permuted together
+    on a probe, permute its output."""
+    t = state["weight"]
+    if not t.is_floating_point() or t.is_meta:  # nothing to run a probe on
+        return False
+    probe = torch.Generator().manual_seed(0)
+    x = torch.randn(2, t.numel(), 3, 3, generator=probe).to(t)
+    perm = torch.randperm(t.numel(), generator=probe).to(t.device)
+    # copies in eval mode (a dropout child off): the module itself is not run, its hooks
+    # not called
+    kept, permuted = copy.deepcopy(m).eval(), copy.deepcopy(m).eval()
+    with torch.no_grad():
+        for buf in permuted.buffers(recurse=False):
+            buf.copy_(buf[perm])
+        try:
+            want, got = kept.forward(x)[:, perm], permuted.forward(x[:, perm])
+        except Exception:  # any module that cannot run a probe: not one to fold through
+            return False
+    return isinstance(got, torch.Tensor) and got.shape == x.shape and torch.allclose(
+        got, want, rtol=1e-4, atol=1e-5)
+
+
+def is_batch_norm(m: nn.Module) -> bool:
+    """A batch norm: torch's, or a frozen one (:func:`frozen_batch_norm`)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or frozen_batch_norm(m)
 
 
 def calibration_batches(data, batch_size: int = 256) -> List[torch.Tensor]:
@@ -100,8 +178,8 @@ def prefixed(models: Sequence[nn.Module], first: str, batches) -> Optional[list]
     being every node before conv ``first``; None when a model cannot be traced."""
     out = [Prefixed(x) for x in batches]
     for model in models:
-        try:
-            gm = fx_graph(model)
+        try:  # the norms whole: a hook on one (norm_after) sees it run
+            gm = fx_graph(model, leaf=norm_leaves(model))
         except DeeprootsError:  # data-dependent Python: full passes instead
             return None
         nodes = list(gm.graph.nodes)
@@ -143,7 +221,7 @@ def output_of(model: nn.Module, x, layer: nn.Module) -> torch.Tensor:
 
 def norm_after(model: nn.Module, layer: nn.Module, x) -> Optional[nn.Module]:
     """The batch norm that reads the output of ``layer`` directly when ``model`` runs ``x``
-    (the pass stops at the first batch norm after it), or None: a constant the layer adds
+    (the pass stops at the first batch norm after it; a frozen one too), or None: a constant the layer adds
     is then one that batch norm's running mean can take."""
     out: list = []
     found: List[Optional[nn.Module]] = []
@@ -153,8 +231,7 @@ def norm_after(model: nn.Module, layer: nn.Module, x) -> Optional[nn.Module]:
             found.append(module if args[0] is out[-1] else None)
             raise Stop
 
-    norms = [(str(i), m) for i, m in enumerate(model.modules())
-             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [(str(i), m) for i, m in enumerate(model.modules()) if is_batch_norm(m)]
     was = model.training
     model.eval()  # no running statistics change
     try:

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ...errors import DeeprootsError
 from ...models.layers import conv_layers
@@ -46,32 +47,42 @@ def _pairs(dense: nn.Module, new: nn.Module, layer: str, batches,
         new.train(was[0]), dense.train(was[1])
 
 
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class _Conv2dCalls(TorchFunctionMode):
+    """Records each 2-d convolution run while it is entered (``F.conv2d`` is
+    ``torch.conv2d``), as (input, weight, padding, output). A torch function mode: it sees
+    only the thread that entered it, and a conv that calls ``torch.conv2d`` itself too."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.conv2d:
+            call = {"padding": 0, **dict(zip(_CONV2D_ARGS, args)), **(kwargs or {})}
+            self.calls.append((call["input"], call["weight"], call["padding"], out))
+        return out
+
+
 def conv_input(conv: nn.Conv2d, x: torch.Tensor
                ) -> Optional[Tuple[torch.Tensor, Tuple[int, int]]]:
     """What ``conv`` convolves for its input ``x``: the tensor its ``F.conv2d`` call reads and
     the zero padding that call adds, so that ``F.unfold`` of the two gives the rows of a
     least-squares fit of its weight. A plain conv reads ``x`` padded as its ``padding``
     says; any other (a subclass that pads in its own ``forward``, timm's ``Conv2dSame``; a
-    ``padding_mode`` other than zeros; ``padding="same"``) is run once with ``F.conv2d``
-    watched. None for a conv whose output is more than that one call with its own weight (a
+    ``padding_mode`` other than zeros; ``padding="same"``) is run once with its conv calls
+    watched (:class:`_Conv2dCalls`: this thread's alone, ``torch.conv2d`` called directly
+    too). None for a conv whose output is more than that one call with its own weight (a
     gain applied after it, two calls): no fit of its weight alone reproduces it."""
     if type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(
             conv.padding, str):
         return x, conv.padding
-    calls = []
-    real = F.conv2d
-
-    def watched(inp, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        out = real(inp, weight, bias, stride, padding, dilation, groups)
-        calls.append((inp, weight, padding, out))
-        return out
-
-    F.conv2d = watched
-    try:
-        with torch.no_grad():
-            out = conv(x)
-    finally:
-        F.conv2d = real
+    with _Conv2dCalls() as watched, torch.no_grad():
+        out = conv(x)
+    calls = watched.calls
     if len(calls) != 1 or calls[0][1] is not conv.weight or calls[0][3] is not out:
         return None
     inp, _, padding, _ = calls[0]

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from ...capture import fx_graph
 from ...errors import DeeprootsError
 from ...models.layers import conv_layers, layer_name
+from .passes import frozen_batch_norm, is_batch_norm, norm_leaves
 
 __all__ = ["RootSite", "root_sites", "fold_permutations"]
 
@@ -25,23 +26,6 @@ _PER_CHANNEL_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu6, F.silu, F.ge
                           F.max_pool2d, F.avg_pool2d, F.dropout, torch.flatten)
 _STATELESS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.MaxPool2d,
               nn.AvgPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
-
-
-_NORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-
-
-def _norm_leaf(m: nn.Module) -> bool:
-    """A batch norm subclass to keep whole in the trace (timm's ``BatchNormAct2d``: the norm,
-    then dropout and an activation, in its own forward, which torch.fx would trace into a
-    functional batch norm that is no layer): one whose state is a batch norm's alone and
-    whose submodules hold none (an activation, a dropout). It acts on each channel alone,
-    and a permutation of its channels is one of its weights and statistics."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return False
-    own = {n for n, _ in m.named_parameters(recurse=False)} | {
-        n for n, _ in m.named_buffers(recurse=False)}
-    children = any(True for c in m.children() for _ in (*c.parameters(), *c.buffers()))
-    return own <= _NORM_STATE and not children
 
 
 @dataclass
@@ -62,7 +46,8 @@ class RootSite:
 
 def _per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PER_CHANNEL)
+        m = gm.get_submodule(node.target)
+        return isinstance(m, _PER_CHANNEL) or frozen_batch_norm(m)
     if node.op == "call_function":
         return node.target in _PER_CHANNEL_FUNCTIONS and node.target is not torch.flatten
     return node.op == "call_method" and node.target in ("relu", "relu_")
@@ -98,7 +83,7 @@ def root_sites(model: nn.Module, layers: Iterable[str]) -> Dict[str, RootSite]:
     ``model``; a model FX cannot trace keeps every order (the reason in each site)."""
     layers = list(layers)
     try:
-        gm = fx_graph(model, "fold channel permutations of", leaf=_norm_leaf)
+        gm = fx_graph(model, "fold channel permutations of", leaf=norm_leaves(model))
     except DeeprootsError as err:  # data-dependent Python: nothing to fold
         why = str(err)
         return {n: RootSite(n, fixed_in=why, fixed_out=why) for n in layers}
@@ -163,9 +148,10 @@ def _modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _permute_channels(module: nn.Module, perm: torch.Tensor, dim: str) -> None:
-    """Permute a conv's output (``dim="out"``) or input channels, or a batch norm's."""
+    """Permute a conv's output (``dim="out"``) or input channels, or a batch norm's (a
+    frozen one's too)."""
     with torch.no_grad():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(module):
             for t in (module.weight, module.bias, module.running_mean, module.running_var):
                 if t is not None:
                     t.copy_(t[perm])
