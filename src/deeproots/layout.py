@@ -9,8 +9,9 @@ passes, the benchmarks), never set again by hand.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
-from typing import Optional, TypeVar
+from typing import Dict, Iterator, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from .checks import check_choice
 from .config import MEMORY_FORMATS
 
-__all__ = ["Layout", "choose_layout", "channels_last"]
+__all__ = ["Layout", "choose_layout", "channels_last", "Placement"]
 
 T = TypeVar("T", torch.Tensor, nn.Module)
 
@@ -84,3 +85,61 @@ def choose_layout(device: torch.device, memory_format: str = "auto") -> Layout:
     device = torch.device(device)
     fmt = "channels-last" if memory_format == "auto" else memory_format
     return Layout(device, fmt, _autocast_dtype(device))
+
+
+def _tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Held channels-last and not also plainly contiguous (a 1x1 conv's weight can be both)."""
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous())
+
+
+class Placement:
+    """How a user's model holds each of its tensors (by name): its device, its dtype, and
+    whether it is channels-last. A conversion computes on a float32 CPU copy
+    (:meth:`working_copy`), in its own layout; what it returns is held as the model was
+    (:meth:`restore`): a half-precision model on a GPU comes back in half precision on that
+    GPU, a contiguous one contiguous."""
+
+    def __init__(self, model: nn.Module):
+        self.held: Dict[str, Tuple[torch.device, torch.dtype, bool]] = {
+            name: (t.device, t.dtype, _is_channels_last(t)) for name, t in _tensors(model)}
+
+    @property
+    def moved(self) -> bool:
+        """Whether a float32 CPU copy differs from the model (a tensor elsewhere, or a
+        floating one in another precision)."""
+        return any(dev.type != "cpu" or (dtype.is_floating_point and dtype != torch.float32)
+                   for dev, dtype, _ in self.held.values())
+
+    def working_copy(self, model: nn.Module) -> nn.Module:
+        """A float32 CPU copy of ``model`` (its floating tensors cast; ``model`` unchanged)."""
+        return copy.deepcopy(model).to("cpu", torch.float32)
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        """``model`` (a conversion of the placed one: the same names) held, in place, as the
+        placed model held each tensor of the same name; tensors of other names as they are.
+        As ``Module.to`` moves them: a parameter stays the same object (shared ones stay
+        shared) wherever torch can swap its data."""
+        names: Dict[int, str] = {}
+        for name, t in _tensors(model):
+            names.setdefault(id(t), name)
+
+        def place(t: torch.Tensor) -> torch.Tensor:
+            held = self.held.get(names.get(id(t), ""))
+            if held is None:
+                return t
+            dev, dtype, last = held
+            out = t.to(dev, dtype if t.is_floating_point() else t.dtype)
+            if out.dim() == 4:
+                out = out.contiguous(memory_format=torch.channels_last if last
+                                     else torch.contiguous_format)
+            return out
+
+        with torch.no_grad():
+            model._apply(place)  # torch's own walk (Module.to's): parameters swapped in place
+        return model

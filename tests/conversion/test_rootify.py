@@ -1,5 +1,7 @@
 """rootify: the paper's rule on deeproots' own networks (must give the registered variants)
 and on CNNs written here by hand, cost budgets, block-diagonal weights, and bad input."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -400,3 +402,51 @@ def test_a_latency_budget_asked_of_rootify_points_to_convert_model():
                                          r"layer by layer: deeproots.convert_model\(model, "
                                          r"latency=0.7, calibration=images, select=\(x, y\)\)$"):
         rootify(_NeverRun(), latency=0.7, example_input=torch.zeros(1, 3, 8, 8))
+
+
+def _channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["structural", "calibrated"])
+def test_the_root_network_is_held_as_the_model_is(calibrated):
+    """A channels-last model gives a channels-last root network (its grouped convs' new
+    weights too), a contiguous one a contiguous network, with or without calibration (the
+    calibration passes run channels-last)."""
+    x = torch.randn(16, 3, 16, 16)
+    options = dict(calibration=x) if calibrated else dict(example_input=x[:1])
+    for fmt, want in ((torch.channels_last, True), (torch.contiguous_format, False)):
+        model = zoo.NormActNet().eval().to(memory_format=fmt)
+        new, _ = rootify(model, "root-4", **options)
+        assert new.conv2.groups == 4
+        assert [_channels_last(c.weight) for c in (new.stem, new.conv1, new.conv2)] == \
+            [want] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_is_calibrated_in_float32_and_returned_in_its_own(dtype):
+    """A calibrated conversion of a float16 or bfloat16 model (one line from inside torch
+    before: float images against half weights) computes on a float32 copy: its weights are
+    those of the same conversion of the float32 model it holds, cast to its dtype; the
+    model is unchanged; convert_model alike."""
+    from deeproots.conversion.checkpoint import convert_model
+
+    torch.manual_seed(0)
+    model = zoo.NormActNet().eval().to(dtype)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(32, 3, 16, 16)
+    new, _ = rootify(model, "root-4", calibration=x)
+    held = copy.deepcopy(model).float()  # the float32 model it holds
+    want, _ = rootify(held, "root-4", calibration=x)
+    for name, t in new.state_dict().items():
+        assert t.dtype == kept[name].dtype, name
+        assert torch.equal(t, want.state_dict()[name].to(t.dtype)), name
+    assert all(model.state_dict()[k].dtype == dtype and torch.equal(model.state_dict()[k], v)
+               for k, v in kept.items() if v.is_floating_point())
+    with torch.no_grad():
+        assert new(x[:2].to(dtype)).dtype == dtype
+    converted, _, _ = convert_model(model, "root-4", calibration=x)
+    want, _, _ = convert_model(held, "root-4", calibration=x)
+    for name, t in converted.state_dict().items():
+        assert t.dtype == kept[name].dtype, name
+        assert torch.equal(t, want.state_dict()[name].to(t.dtype)), name

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..checks import check_whole
 from ..errors import CheckpointError, DeeprootsError
+from ..layout import Placement
 from ..models.layers import example_logits, input_channels
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
@@ -306,7 +307,8 @@ def convert_model(model: nn.Module, schedule=None, *, calibration, select=None, 
             stage's on its first ``eval_images``; None: all); without it they are NaN.
         name: what the summary and the messages call the model (default: its class).
 
-    Returns the converted model (on the CPU), the :class:`RootifyReport` and the summary
+    Returns the converted model (held as ``model`` is: its device, dtype and memory format;
+    converted in float32 on the CPU), the :class:`RootifyReport` and the summary
     (:class:`ConvertedCheckpoint`, its ``checkpoint`` the model's name).
 
         >>> new, report, summary = convert_model(model, latency=0.7, calibration=images,
@@ -329,20 +331,22 @@ def convert_model(model: nn.Module, schedule=None, *, calibration, select=None, 
         check_whole("eval_images", eval_images, 1)
     source = model_source(model, calibration, select=select, test=test,
                           eval_images=eval_images, name=name)
-    return _convert(source, schedule, budget, started, eval_images=eval_images, stages=stages,
-                    device=device, batch_size=batch_size, prices=prices, progress=progress,
-                    rootify_options=rootify_options)
+    new, report, summary = _convert(source, schedule, budget, started,
+                                    eval_images=eval_images, stages=stages, device=device,
+                                    batch_size=batch_size, prices=prices, progress=progress,
+                                    rootify_options=rootify_options)
+    return Placement(model).restore(new), report, summary
 
 
 def model_source(model: nn.Module, calibration, *, select=None, test=None,
                  eval_images: Optional[int] = EVAL_IMAGES, name: Optional[str] = None
                  ) -> Source:
-    """A :class:`Source` of a model in memory: a copy of it on the CPU in eval mode (the
-    model itself is not changed), its calibration images, the labelled ``select`` and
+    """A :class:`Source` of a model in memory: a float32 copy of it on the CPU in eval mode
+    (the model itself is not changed, whatever its precision and device), its calibration images, the labelled ``select`` and
     ``test`` images (as :func:`convert_model` takes them) and its test top-1 (NaN without
     ``test``)."""
     name = name or getattr(model, "name", None) or type(model).__name__
-    trained = copy.deepcopy(model).cpu().eval()
+    trained = Placement(model).working_copy(model).eval()
     check_trained(trained, name)
     fit = torch.cat([b.cpu() for b in calibration_batches(calibration)])
     # class scores are asked of a model only where labels are given (a U-Net converts too)

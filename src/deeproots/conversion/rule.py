@@ -30,6 +30,7 @@ from torch import nn
 
 from ..capture import hooks
 from ..errors import DeeprootsError
+from ..layout import Placement
 from ..checks import check_choice, check_groups_mapping, check_number
 from .calibrate import CalibrationReport, DensePasses, calibrate, calibration_batches
 from ..config import BATCHNORMS, STEMS
@@ -378,8 +379,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
             ``DensePasses(model, images)`` (:mod:`deeproots.conversion.calibrate`),
             and what the trained model computes on them is computed once for all.
 
-    Every conv keeps its class: a subclass (a conv that pads in ``forward``, one with a
-    gain, ...) is regrouped in place, and one that would compute something else regrouped
+    The model returned holds each tensor as ``model`` does (device, dtype, memory format:
+    :class:`deeproots.layout.Placement`); a calibrated conversion computes in float32 on
+    the CPU whatever the model's precision and device. Every conv keeps its class: a
+    subclass (a conv that pads in ``forward``, one with a gain, ...) is regrouped in place, and one that would compute something else regrouped
     (a weight-standardised conv) is left as it was, the reason in the report. A conv the
     model reaches by several paths stays one module, grouped once.
     """
@@ -392,6 +395,11 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     check_choice("batchnorm", batchnorm, BATCHNORMS)
     _check_arguments(model, schedule, ignore, macs, params)  # before any forward pass
     batches = None if calibration is None else calibration_batches(calibration)
+    placement = Placement(model)  # what is returned is held as the model is
+    if calibration is not None and placement.moved:  # calibrated in float32 on the CPU
+        model = placement.working_copy(model)
+        example_input = None if example_input is None else example_input.to("cpu", torch.float32)
+        batches = [b.to("cpu", torch.float32) for b in batches]
     if example_input is None and batches is not None:  # counted at the images' size
         example_input = batches[0][:1]
     example_input = _example(model, example_input)
@@ -423,7 +431,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
               for ps in module_paths(model).values() if len(ps) > 1}
     report = _report(schedule, size, sites, plan, before, profile(new, size), init, shared)
     report.calibration = calibrated
-    return new, report
+    return placement.restore(new), report
 
 
 def _check_options(model, schedule, init, calibration, stem, macs, params) -> None:
