@@ -644,17 +644,22 @@ def _with_statistics(model):
     return model
 
 
-def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
-    """timm's BatchNormAct2d (tests/zoo.py's stand-in): kept whole in the trace, so conv2's
-    input comes from conv1 through bn1 and its output goes to the 1x1 conv3 through bn2; random
-    permutations folded on both sides leave what the model computes unchanged (its batch
-    norms given statistics of their own first). With a PReLU as the activation (a weight per
-    channel, which the fold would not permute) the norm is traced into and the orders are
-    kept, as before."""
+@pytest.mark.parametrize("norm, act", [("BatchNormAct2d", None), ("FrozenBatchNorm2d", None),
+                                       ("FrozenBatchNorm2d", nn.ReLU())],
+                         ids=["BatchNormAct2d", "FrozenBatchNorm2d", "FrozenBatchNormAct2d"])
+def test_permutations_fold_through_a_norm_that_computes_in_its_own_forward(norm, act):
+    """timm's BatchNormAct2d (a batch norm subclass that applies its activation itself),
+    torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d (no batch norm subclass:
+    four buffers and an affine map in its own forward), tests/zoo.py's stand-ins: each kept
+    whole in the trace (torch.fx traced into them before: the orders were kept), so conv2's
+    input comes from conv1 through bn1 and its output goes to the 1x1 conv3 through bn2;
+    random permutations folded on both sides leave what the model computes unchanged (its
+    norms given statistics of their own first)."""
     import zoo
 
     torch.manual_seed(0)
-    model = _with_statistics(zoo.NormActNet().eval())
+    model = _with_statistics(zoo.NormActNet(act, norm=getattr(zoo, norm)).eval())
+    before = model.conv1.weight.clone()
     site = root_sites(model, ["conv2"])["conv2"]
     assert (site.producer, site.before, site.consumer, site.after) == (
         "conv1", ["bn1"], "conv3", ["bn2"])
@@ -663,32 +668,19 @@ def test_permutations_fold_through_a_batch_norm_subclass_with_its_activation():
         want = model(x)
         fold_permutations(model, site, torch.randperm(32), torch.randperm(32))
         assert torch.allclose(model(x), want, atol=1e-5)
-        assert not torch.equal(model.conv1.weight, zoo.NormActNet().conv1.weight)
+        assert not torch.equal(model.conv1.weight, before)
+
+
+def test_the_orders_are_kept_through_a_norm_whose_channels_are_not_independent():
+    """A BatchNormAct2d with a PReLU as its activation (a weight per channel, which the fold
+    would not permute), and a layer with a frozen batch norm's four buffers that adds each
+    channel's neighbour: traced into, and both orders of conv2 kept."""
+    import zoo
+
     prelu = root_sites(zoo.NormActNet(nn.PReLU(32)).eval(), ["conv2"])["conv2"]
     assert prelu.producer is None and prelu.consumer is None
     assert "batch_norm" in prelu.fixed_in + prelu.fixed_out
-
-
-@pytest.mark.parametrize("act", [None, nn.ReLU()], ids=["FrozenBatchNorm2d", "with-act"])
-def test_permutations_fold_through_a_frozen_batch_norm(act):
-    """torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d (no batch norm
-    subclass: four buffers and an affine map in its own forward, which torch.fx traced into:
-    the orders were kept) fold as a batch norm does: random permutations on both sides of
-    conv2 leave what the model computes unchanged. A layer with the same four buffers that
-    mixes its channels is traced into, and the orders are kept."""
-    import zoo
-
-    torch.manual_seed(0)
-    model = _with_statistics(zoo.NormActNet(act, norm=zoo.FrozenBatchNorm2d).eval())
-    site = root_sites(model, ["conv2"])["conv2"]
-    assert (site.producer, site.before, site.consumer, site.after) == (
-        "conv1", ["bn1"], "conv3", ["bn2"])
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        want = model(x)
-        fold_permutations(model, site, torch.randperm(32), torch.randperm(32))
-        assert torch.allclose(model(x), want, atol=1e-5)
-    mixing = root_sites(zoo.NormActNet(act, norm=zoo.MixingNorm2d).eval(), ["conv2"])["conv2"]
+    mixing = root_sites(zoo.NormActNet(norm=zoo.MixingNorm2d).eval(), ["conv2"])["conv2"]
     assert mixing.producer is None and mixing.consumer is None
 
 
