@@ -342,9 +342,9 @@ def model_source(model: nn.Module, calibration, *, select=None, test=None,
                  eval_images: Optional[int] = EVAL_IMAGES, name: Optional[str] = None
                  ) -> Source:
     """A :class:`Source` of a model in memory: a float32 copy of it on the CPU in eval mode
-    (the model itself is not changed, whatever its precision and device), its calibration images, the labelled ``select`` and
-    ``test`` images (as :func:`convert_model` takes them) and its test top-1 (NaN without
-    ``test``)."""
+    (the model itself is not changed, whatever its precision and device), its calibration
+    images, the labelled ``select`` and ``test`` images (as :func:`convert_model` takes
+    them) and its test top-1 (NaN without ``test``)."""
     name = name or getattr(model, "name", None) or type(model).__name__
     trained = Placement(model).working_copy(model).eval()
     check_trained(trained, name)

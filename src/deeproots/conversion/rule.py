@@ -382,9 +382,10 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     The model returned holds each tensor as ``model`` does (device, dtype, memory format:
     :class:`deeproots.layout.Placement`); a calibrated conversion computes in float32 on
     the CPU whatever the model's precision and device. Every conv keeps its class: a
-    subclass (a conv that pads in ``forward``, one with a gain, ...) is regrouped in place, and one that would compute something else regrouped
-    (a weight-standardised conv) is left as it was, the reason in the report. A conv the
-    model reaches by several paths stays one module, grouped once.
+    subclass (a conv that pads in ``forward``, one with a gain, ...) is regrouped in place,
+    and one that would compute something else regrouped (a weight-standardised conv) is
+    left as it was, the reason in the report. A conv the model reaches by several paths
+    stays one module, grouped once.
     """
     if latency is not None:  # measured, not counted: the search of convert_model
         raise DeeprootsError(f"rootify's budgets are counted (macs, params); a latency budget "

@@ -220,9 +220,9 @@ def output_of(model: nn.Module, x, layer: nn.Module) -> torch.Tensor:
 
 
 def norm_after(model: nn.Module, layer: nn.Module, x) -> Optional[nn.Module]:
-    """The batch norm that reads the output of ``layer`` directly when ``model`` runs ``x``
-    (the pass stops at the first batch norm after it; a frozen one too), or None: a constant the layer adds
-    is then one that batch norm's running mean can take."""
+    """The batch norm (a frozen one too) that reads the output of ``layer`` directly when
+    ``model`` runs ``x`` (the pass stops at the first batch norm after it), or None: a
+    constant the layer adds is then one that batch norm's running mean can take."""
     out: list = []
     found: List[Optional[nn.Module]] = []
 
