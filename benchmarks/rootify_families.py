@@ -71,6 +71,11 @@ def _torchvision():
     frozen = torchvision.ops.misc.FrozenBatchNorm2d
     models["tv/resnet50 (frozen BN)"] = (
         lambda: torchvision.models.resnet50(weights=None, norm_layer=frozen), 224)
+    # and a detection model's whole backbone: that ResNet-50 and its feature pyramid, which
+    # returns a dict of feature maps, not class scores
+    models["tv/fasterrcnn_resnet50_fpn.backbone"] = (
+        lambda: torchvision.models.detection.fasterrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None).backbone, 224)
     return models
 
 
