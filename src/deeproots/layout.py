@@ -19,7 +19,7 @@ from torch import nn
 from .checks import check_choice
 from .config import MEMORY_FORMATS
 
-__all__ = ["Layout", "choose_layout", "channels_last", "Placement"]
+__all__ = ["Layout", "choose_layout", "channels_last", "Placement", "float32_cpu_copy"]
 
 T = TypeVar("T", torch.Tensor, nn.Module)
 
@@ -98,10 +98,16 @@ def _is_channels_last(t: torch.Tensor) -> bool:
             and not t.is_contiguous())
 
 
+def float32_cpu_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` on the CPU (its floating tensors cast; ``model``
+    unchanged): what a conversion computes on, whatever the model's precision and device."""
+    return copy.deepcopy(model).to("cpu", torch.float32)
+
+
 class Placement:
     """How a user's model holds each of its tensors (by name): its device, its dtype, and
     whether it is channels-last. A conversion computes on a float32 CPU copy
-    (:meth:`working_copy`), in its own layout; what it returns is held as the model was
+    (:func:`float32_cpu_copy`), in its own layout; what it returns is held as the model was
     (:meth:`restore`): a half-precision model on a GPU comes back in half precision on that
     GPU, a contiguous one contiguous."""
 
@@ -115,10 +121,6 @@ class Placement:
         floating one in another precision)."""
         return any(dev.type != "cpu" or (dtype.is_floating_point and dtype != torch.float32)
                    for dev, dtype, _ in self.held.values())
-
-    def working_copy(self, model: nn.Module) -> nn.Module:
-        """A float32 CPU copy of ``model`` (its floating tensors cast; ``model`` unchanged)."""
-        return copy.deepcopy(model).to("cpu", torch.float32)
 
     def restore(self, model: nn.Module) -> nn.Module:
         """``model`` (a conversion of the placed one: the same names) held, in place, as the

@@ -15,6 +15,6 @@ from .frontier import frontier
 from .search import choose
 from .sensitivity import layer_prices
 
-__all__ = ["rootify", "convert_checkpoint", "convert_model", "price_checkpoint", "layer_prices", "choose",
-           "frontier", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs",
+__all__ = ["rootify", "convert_checkpoint", "convert_model", "price_checkpoint", "layer_prices",
+           "choose", "frontier", "RootifyReport", "LayerChange", "parse_schedule", "trace_convs",
            "ConvSite", "block_diagonal_weight", "INITS", "STEMS"]

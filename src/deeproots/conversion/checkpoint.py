@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checks import check_whole
 from ..errors import CheckpointError, DeeprootsError
-from ..layout import Placement
+from ..layout import Placement, float32_cpu_copy
 from ..models.layers import example_logits, input_channels
 from ..models.registry import build_model, resolve_model_spec
 from ..outputs import check_new_file
@@ -346,7 +346,7 @@ def model_source(model: nn.Module, calibration, *, select=None, test=None,
     images, the labelled ``select`` and ``test`` images (as :func:`convert_model` takes
     them) and its test top-1 (NaN without ``test``)."""
     name = name or getattr(model, "name", None) or type(model).__name__
-    trained = Placement(model).working_copy(model).eval()
+    trained = float32_cpu_copy(model).eval()
     check_trained(trained, name)
     fit = torch.cat([b.cpu() for b in calibration_batches(calibration)])
     # class scores are asked of a model only where labels are given (a U-Net converts too)

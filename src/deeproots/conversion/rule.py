@@ -30,7 +30,7 @@ from torch import nn
 
 from ..capture import hooks
 from ..errors import DeeprootsError
-from ..layout import Placement
+from ..layout import Placement, float32_cpu_copy
 from ..checks import check_choice, check_groups_mapping, check_number
 from .calibrate import CalibrationReport, DensePasses, calibrate, calibration_batches
 from ..config import BATCHNORMS, STEMS
@@ -398,7 +398,7 @@ def rootify(model: nn.Module, schedule: Union[str, Mapping[str, int], None] = No
     batches = None if calibration is None else calibration_batches(calibration)
     placement = Placement(model)  # what is returned is held as the model is
     if calibration is not None and placement.moved:  # calibrated in float32 on the CPU
-        model = placement.working_copy(model)
+        model = float32_cpu_copy(model)
         example_input = None if example_input is None else example_input.to("cpu", torch.float32)
         batches = [b.to("cpu", torch.float32) for b in batches]
     if example_input is None and batches is not None:  # counted at the images' size
